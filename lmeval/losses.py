@@ -1,0 +1,201 @@
+"""Cross-entropy and the per-token statistics built on it. Pure math: no model here.
+
+Cross-entropy H(P, Q) = -sum_x P(x) log Q(x) is the average cost, in nats, of coding
+outcomes drawn from the true distribution P with a code built for the model's Q. It splits
+as H(P, Q) = H(P) + KL(P || Q): the entropy of the truth, which no model can remove, plus the
+divergence, which a better model can. For a language model P is one-hot on the next token,
+so H(P) = 0 and the cross-entropy is the token's negative log-likelihood ``nll = -log q_y``.
+
+All logs are natural (nats). `nats_to_bits` converts; perplexity is exp of a pooled mean.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+LN2 = math.log(2.0)
+
+
+# --------------------------------------------------------------------------------------
+# The article's functions, on probability vectors (numpy, last axis = outcomes)
+# --------------------------------------------------------------------------------------
+
+
+def _log_probabilities(x, name: str) -> np.ndarray:
+    """log of a probability vector, normalised to sum to 1 along the last axis.
+
+    Normalising (as `scipy.stats.entropy` does) lets rounded inputs such as
+    [0.333, 0.333, 0.333] mean the uniform distribution they stand for.
+    """
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim == 0 or arr.shape[-1] == 0:
+        raise ValueError(f"{name}: must be a non-empty probability vector (got shape {arr.shape}).")
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ValueError(f"{name}: entries must be finite and >= 0 (got {arr.tolist()}).")
+    total = arr.sum(axis=-1, keepdims=True)
+    if np.any(total <= 0):
+        raise ValueError(f"{name}: entries must not all be 0. Pass a probability vector.")
+    with np.errstate(divide="ignore"):
+        return np.log(arr) - np.log(total)
+
+
+def _p_times_log(p_log: np.ndarray, q_log: np.ndarray) -> np.ndarray:
+    """sum_x P(x) log Q(x), with the convention 0 * log 0 = 0 (terms where P(x) = 0 vanish)."""
+    p = np.exp(p_log)
+    safe_q = np.where(p > 0, q_log, 0.0)
+    return np.sum(p * safe_q, axis=-1)
+
+
+def cross_entropy(p, q) -> np.ndarray | float:
+    """H(P, Q) = -sum_x P(x) log Q(x), in nats.
+
+    The cost of coding P with Q's code. Infinite when Q gives zero probability to an
+    outcome P can produce: that is the true value, so it is not clipped away.
+    """
+    return _as_float(-_p_times_log(_log_probabilities(p, "p"), _log_probabilities(q, "q")))
+
+
+def entropy(p) -> np.ndarray | float:
+    """H(P) = -sum_x P(x) log P(x), in nats: the floor no model of P can beat."""
+    p_log = _log_probabilities(p, "p")
+    return _as_float(-_p_times_log(p_log, p_log))
+
+
+def kl_divergence(p, q) -> np.ndarray | float:
+    """KL(P || Q) = sum_x P(x) (log P(x) - log Q(x)) >= 0, in nats.
+
+    The part of H(P, Q) that is the model's fault: H(P, Q) = H(P) + KL(P || Q).
+    """
+    p_log = _log_probabilities(p, "p")
+    q_log = _log_probabilities(q, "q")
+    return _as_float(_p_times_log(p_log, p_log) - _p_times_log(p_log, q_log))
+
+
+def binary_cross_entropy(y, y_hat) -> np.ndarray | float:
+    """BCE = -(y log y_hat + (1 - y) log(1 - y_hat)), in nats.
+
+    The two-outcome cross-entropy of a label (or soft label) ``y`` in [0, 1] against a
+    predicted probability ``y_hat``. ``log1p`` keeps ``log(1 - y_hat)`` exact near 0.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    y_hat = np.asarray(y_hat, dtype=np.float64)
+    for name, arr in (("y", y), ("y_hat", y_hat)):
+        if not np.all(np.isfinite(arr)) or np.any((arr < 0) | (arr > 1)):
+            raise ValueError(f"binary_cross_entropy: {name} must be in [0, 1] (got {arr.tolist()}).")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pos = np.where(y > 0, y * np.log(y_hat), 0.0)
+        neg = np.where(y < 1, (1 - y) * np.log1p(-y_hat), 0.0)
+    return _as_float(-(pos + neg))
+
+
+def _as_float(x: np.ndarray) -> np.ndarray | float:
+    return float(x) if np.ndim(x) == 0 else x
+
+
+# --------------------------------------------------------------------------------------
+# Units
+# --------------------------------------------------------------------------------------
+
+
+def nats_to_bits(nats):
+    """Convert nats (natural-log units) to bits (base-2 units): divide by ln 2."""
+    return nats / LN2
+
+
+def perplexity(nll_sum: float, count: int) -> float:
+    """Pooled perplexity exp(sum nll / count): the effective number of equally likely
+    choices per unit. NaN when nothing was counted (never a silent 1.0)."""
+    return math.exp(nll_sum / count) if count > 0 else float("nan")
+
+
+def bits_per(nll_sum: float, count: int) -> float:
+    """Pooled bits per unit (token, byte, ...): sum nll / ln 2 / count. NaN when count is 0."""
+    return nll_sum / LN2 / count if count > 0 else float("nan")
+
+
+# --------------------------------------------------------------------------------------
+# Per-token statistics from one chunk of logits
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Everything lmeval needs per scored token, from one pass over the logits. All (N,)
+    float32 unless noted; every log is natural.
+
+    - ``nll``: -log q_y, nats.
+    - ``entropy``: H(q) = -sum_v q_v log q_v, nats: the model's own uncertainty.
+    - ``max_prob``: max_v q_v, the top-1 confidence.
+    - ``is_top1``: bool, the target is the argmax (ties count as top-1).
+    - ``rank``: int64, 1 + the number of tokens strictly more likely than the target.
+    - ``sum_q2``: sum_v q_v^2, for the Brier score 1 - 2 q_y + sum q^2.
+    - ``mean_neg_logq``: mean_v(-log q_v), for label-smoothed CE.
+    - ``nll_t`` / ``max_prob_t``: (N, K) the same at each temperature T (logits / T).
+    - ``topk_ids`` / ``topk_probs``: (N, k) the k most likely tokens, most likely first.
+    """
+
+    nll: torch.Tensor
+    entropy: torch.Tensor
+    max_prob: torch.Tensor
+    is_top1: torch.Tensor
+    rank: torch.Tensor
+    sum_q2: torch.Tensor
+    mean_neg_logq: torch.Tensor
+    nll_t: torch.Tensor
+    max_prob_t: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_probs: torch.Tensor
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name).cpu().numpy() for name in self.__dataclass_fields__}
+
+
+def token_statistics(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperatures: tuple[float, ...] = (),
+    top_k: int = 0,
+) -> TokenStats:
+    """Per-token statistics for ``logits`` (N, V) and ``targets`` (N,), in one pass.
+
+    The logits are upcast to float32 here, one chunk at a time, and log-probabilities are
+    ``z - logsumexp(z)``; never ``softmax().log()``, which underflows to -inf.
+    """
+    z = logits.float()  # (N, V)
+    targets = targets.long()
+    z_y = z.gather(1, targets[:, None]).squeeze(1)  # (N,)
+    lse = torch.logsumexp(z, dim=1)  # (N,)
+    z_max = z.max(dim=1).values
+    log_q = z - lse[:, None]  # (N, V)
+    q = log_q.exp()
+    rank = (z > z_y[:, None]).sum(dim=1) + 1
+    n_t = len(temperatures)
+    nll_t = z.new_empty((z.shape[0], n_t))
+    max_prob_t = z.new_empty((z.shape[0], n_t))
+    for k, temperature in enumerate(temperatures):
+        lse_t = torch.logsumexp(z / temperature, dim=1)
+        nll_t[:, k] = lse_t - z_y / temperature
+        max_prob_t[:, k] = torch.exp(z_max / temperature - lse_t)
+    if top_k > 0:
+        top = torch.topk(log_q, min(top_k, z.shape[1]), dim=1)
+        topk_ids, topk_probs = top.indices, top.values.exp()
+    else:
+        topk_ids = targets.new_empty((z.shape[0], 0))
+        topk_probs = z.new_empty((z.shape[0], 0))
+    return TokenStats(
+        nll=lse - z_y,
+        entropy=-torch.where(q > 0, q * log_q, 0.0).sum(dim=1),  # 0 log 0 = 0
+        max_prob=torch.exp(z_max - lse),
+        is_top1=rank == 1,
+        rank=rank,
+        sum_q2=(q * q).sum(dim=1),
+        mean_neg_logq=lse - z.mean(dim=1),
+        nll_t=nll_t,
+        max_prob_t=max_prob_t,
+        topk_ids=topk_ids,
+        topk_probs=topk_probs,
+    )

@@ -1,0 +1,138 @@
+"""Losses against the seed article's worked values, closed forms and float64 / torch oracles."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmeval.losses import (
+    binary_cross_entropy,
+    bits_per,
+    cross_entropy,
+    entropy,
+    kl_divergence,
+    nats_to_bits,
+    perplexity,
+    token_statistics,
+)
+
+ONE_HOT = [1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "q, expected",
+    [([0.9, 0.07, 0.03], 0.1054), ([0.05, 0.90, 0.05], 2.9957), ([0.333, 0.333, 0.333], 1.0986)],
+)
+def test_article_cross_entropy(q, expected):
+    # [0.333]*3 stands for the uniform distribution: q is normalised, giving ln 3 = 1.0986.
+    assert cross_entropy(ONE_HOT, q) == pytest.approx(expected, abs=5e-5)
+
+
+@pytest.mark.parametrize("y_hat, expected", [(0.95, 0.0513), (0.50, 0.6931), (0.05, 2.9957)])
+def test_article_binary_cross_entropy(y_hat, expected):
+    assert binary_cross_entropy(1, y_hat) == pytest.approx(expected, abs=5e-5)
+
+
+def test_article_pytorch_example():
+    logits = torch.tensor([[2.0, 0.5, -1.0]])
+    q = torch.softmax(logits.double(), dim=1)[0].numpy()
+    # The exact value is 0.241311...; the issue quotes it as 0.2414, so allow 1e-4.
+    assert cross_entropy(ONE_HOT, q) == pytest.approx(0.2414, abs=1e-4)
+    assert cross_entropy(ONE_HOT, q) == pytest.approx(math.log1p(math.exp(-1.5) + math.exp(-3.0)), abs=1e-12)
+    stats = token_statistics(logits, torch.tensor([0]))
+    assert stats.nll.item() == pytest.approx(0.2414, abs=1e-4)
+    assert stats.nll.item() == pytest.approx(F.cross_entropy(logits, torch.tensor([0])).item(), abs=1e-6)
+
+
+def test_article_properties():
+    assert cross_entropy(ONE_HOT, [0.99, 0.005, 0.005]) == pytest.approx(-math.log(0.99))
+    assert cross_entropy(ONE_HOT, [0.01, 0.495, 0.495]) == pytest.approx(4.6052, abs=1e-4)
+
+
+def test_cross_entropy_is_entropy_plus_kl():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        p = rng.dirichlet(np.ones(7))
+        q = rng.dirichlet(np.ones(7))
+        assert cross_entropy(p, q) == pytest.approx(entropy(p) + kl_divergence(p, q), abs=1e-12)
+        assert kl_divergence(p, q) >= 0
+        assert cross_entropy(p, q) >= entropy(p)
+    assert kl_divergence(p, p) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_zero_probability_is_infinite_not_clipped():
+    assert cross_entropy(ONE_HOT, [0.0, 0.5, 0.5]) == math.inf
+    assert binary_cross_entropy(1, 0.0) == math.inf
+    assert binary_cross_entropy(0, 0.0) == 0.0
+
+
+@pytest.mark.parametrize("bad", [[], [-0.1, 1.1], [0.0, 0.0], [math.nan, 1.0]])
+def test_bad_probability_vectors(bad):
+    with pytest.raises(ValueError, match="q"):
+        cross_entropy([1.0] + [0.0] * (max(len(bad), 1) - 1), bad)
+
+
+def test_units():
+    assert nats_to_bits(math.log(2)) == pytest.approx(1.0)
+    assert perplexity(10 * math.log(50), 10) == pytest.approx(50.0)
+    assert bits_per(8 * math.log(2), 4) == pytest.approx(2.0)
+    assert math.isnan(perplexity(0.0, 0)) and math.isnan(bits_per(0.0, 0))
+
+
+def reference_stats(logits: torch.Tensor, targets: torch.Tensor, temperatures=()):
+    """A float64 log-softmax of the full logits: the oracle every statistic is checked against."""
+    z = logits.double()
+    log_q = torch.log_softmax(z, dim=1)
+    q = log_q.exp()
+    nll = -log_q.gather(1, targets[:, None]).squeeze(1)
+    return {
+        "nll": nll,
+        "entropy": -(q * log_q).sum(1),
+        "max_prob": q.max(1).values,
+        # rank = 1 + how many tokens are strictly more probable than the target (ties share)
+        "rank": 1 + (q > q.gather(1, targets[:, None])).sum(1),
+        "sum_q2": (q * q).sum(1),
+        "mean_neg_logq": -log_q.mean(1),
+        "nll_t": torch.stack([-torch.log_softmax(z / t, 1).gather(1, targets[:, None]).squeeze(1) for t in temperatures], 1)
+        if temperatures
+        else None,
+        "max_prob_t": torch.stack([torch.softmax(z / t, 1).max(1).values for t in temperatures], 1) if temperatures else None,
+    }
+
+
+@pytest.mark.parametrize("vocab", [5, 1000, 50257])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_statistics_match_float64(vocab, dtype):
+    torch.manual_seed(vocab)
+    logits = (torch.randn(64, vocab) * 4).to(dtype)
+    targets = torch.randint(0, vocab, (64,))
+    temps = (0.7, 1.0, 1.3)
+    ours = token_statistics(logits, targets, temps, top_k=5)
+    ref = reference_stats(logits.float(), targets, temps)
+    for key in ("nll", "entropy", "max_prob", "sum_q2", "mean_neg_logq", "nll_t", "max_prob_t"):
+        torch.testing.assert_close(getattr(ours, key).double(), ref[key], atol=1e-5, rtol=1e-5, msg=key)
+    assert torch.equal(ours.rank, ref["rank"])
+    assert torch.equal(ours.is_top1, ref["rank"] == 1)
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")
+    torch.testing.assert_close(ours.nll, ce, atol=1e-5, rtol=1e-6)
+    assert torch.all(ours.topk_probs[:, :-1] >= ours.topk_probs[:, 1:])
+    torch.testing.assert_close(ours.nll_t[:, 1], ours.nll)
+
+
+def test_uniform_logits_give_perplexity_v():
+    vocab = 4096
+    stats = token_statistics(torch.zeros(10, vocab), torch.arange(10))
+    nll_sum = stats.nll.double().sum().item()
+    assert perplexity(nll_sum, 10) == pytest.approx(vocab, rel=1e-6)
+    assert stats.entropy.double().mean().item() == pytest.approx(math.log(vocab), rel=1e-6)
+    assert bits_per(nll_sum, 10) == pytest.approx(12.0, rel=1e-6)
+
+
+def test_extreme_logits_stay_finite():
+    logits = torch.tensor([[1e4, 0.0, -1e4], [-1e4, 0.0, 1e4]])
+    stats = token_statistics(logits, torch.tensor([0, 0]))
+    assert stats.nll[0].item() == pytest.approx(0.0, abs=1e-6)
+    assert stats.nll[1].item() == pytest.approx(2e4, rel=1e-6)
+    assert torch.isfinite(stats.entropy).all()
