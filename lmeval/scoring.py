@@ -266,6 +266,18 @@ class ScoreOptions:
     temperatures: tuple[float, ...] = ()
     top_k: int = 0
     chunk_bytes: int = 256 * 2**20  # float32 budget for one chunk of logits and its temporaries
+    compile: str | bool = "auto"  # fuse the per-token reductions with torch.compile
+
+
+# Below this many logits (tokens x vocabulary) a CPU run does not repay the compile time.
+_COMPILE_MIN_LOGITS_CPU = 4e9
+
+
+def use_compiled(lm: LoadedModel, options: ScoreOptions, n_tokens: int) -> bool:
+    """Whether to fuse the reductions: always on request, by size under ``auto``."""
+    if options.compile == "auto":
+        return lm.device.type == "cuda" or n_tokens * lm.vocab_size >= _COMPILE_MIN_LOGITS_CPU
+    return bool(options.compile)
 
 
 def pack_batches(windows: list[Window], batch_tokens: int) -> list[list[int]]:
@@ -316,7 +328,7 @@ def _chunk_rows(vocab_size: int, chunk_bytes: int) -> int:
 
 
 @torch.inference_mode()
-def score_batch(lm: LoadedModel, windows: list[Window], options: ScoreOptions) -> dict[str, np.ndarray]:
+def score_batch(lm: LoadedModel, windows: list[Window], options: ScoreOptions, compiled: bool = False) -> dict[str, np.ndarray]:
     """Per-token statistics for the scored outputs of ``windows``, in window order."""
     ids, mask = _pad(windows, lm.device)
     rows, cols, targets = (t.to(lm.device) for t in _scored_index(windows))
@@ -330,7 +342,7 @@ def score_batch(lm: LoadedModel, windows: list[Window], options: ScoreOptions) -
     parts = []
     for begin in range(0, len(targets), step):
         sl = slice(begin, begin + step)
-        stats = token_statistics(source(sl), targets[sl], options.temperatures, options.top_k)
+        stats = token_statistics(source(sl), targets[sl], options.temperatures, options.top_k, compiled)
         parts.append(stats.to_numpy())
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
@@ -345,9 +357,10 @@ def score_windows(lm: LoadedModel, windows: list[Window], options: ScoreOptions,
     starts = np.concatenate([[0], np.cumsum(counts)])
     total = int(starts[-1])
     out: dict[str, np.ndarray] = {}
+    compiled = use_compiled(lm, options, total)
     for batch in pack_batches(windows, options.batch_tokens):
         batch_windows = [windows[i] for i in batch]
-        stats = score_batch(lm, batch_windows, options)
+        stats, compiled = _score_batch_safely(lm, batch_windows, options, compiled)
         _check_finite(lm, batch_windows, stats)
         offset = 0
         for i, w in zip(batch, batch_windows):
@@ -360,6 +373,18 @@ def score_windows(lm: LoadedModel, windows: list[Window], options: ScoreOptions,
             progress(offset)
     out.update(_window_columns(windows, total))
     return out
+
+
+def _score_batch_safely(lm, windows, options, compiled):
+    """Score a batch, dropping to the eager reductions if compiling fails (no C++ compiler,
+    an unsupported backend). Returns the stats and whether to keep compiling."""
+    if not compiled:
+        return score_batch(lm, windows, options), False
+    try:
+        return score_batch(lm, windows, options, compiled=True), True
+    except Exception as exc:  # torch.compile raises backend-specific errors
+        log.warning("torch.compile of the token statistics failed (%s); using eager mode.", type(exc).__name__)
+        return score_batch(lm, windows, options), False
 
 
 def _window_columns(windows: list[Window], total: int) -> dict[str, np.ndarray]:
