@@ -7,8 +7,11 @@ nothing is truncated.
 
 from __future__ import annotations
 
+import glob as globlib
+import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -21,8 +24,112 @@ _WORD_SPLIT = re.compile(r"\s+")
 class Document:
     """One text to score. ``doc_id`` is the user's id (or the row number)."""
 
-    doc_id: str
+    doc_id: str | int
     text: str
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The documents to score, how many were skipped as empty, and a content fingerprint."""
+
+    documents: list[Document]
+    n_skipped: int
+    fingerprint: str
+
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def _local_files(path: str) -> list[str] | None:
+    """The files a local path or glob names, or None when it is not local (a hub id)."""
+    if any(c in path for c in "*?["):
+        return sorted(globlib.glob(path))
+    p = Path(path)
+    if p.is_dir():
+        return sorted(str(f) for f in p.iterdir() if f.suffix in BUILDERS)
+    if p.exists():
+        return [str(p)]
+    if path.startswith((".", "/", "~")) or Path(path).suffix in BUILDERS:
+        raise DataError(f"data.path: {path} does not exist. Check the path (relative paths start at the config's folder).")
+    return None
+
+
+def _load_dataset(config):
+    """Open the corpus with Hugging Face `datasets` (local files, a glob, or a hub id)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    files = _local_files(config.path)
+    try:
+        if files is None:
+            return datasets.load_dataset(config.path, config.name, split=config.split)
+        if not files:
+            raise DataError(f"data.path: {config.path} matched no files. Check the pattern.")
+        suffixes = {Path(f).suffix for f in files}
+        if len(suffixes) != 1 or next(iter(suffixes)) not in BUILDERS:
+            raise DataError(
+                f"data.path: files must share one of the extensions {', '.join(BUILDERS)} (got {sorted(suffixes)})."
+            )
+        builder = BUILDERS[suffixes.pop()]
+        extra = {"sample_by": config.sample_by} if builder == "text" else {}
+        return datasets.load_dataset(builder, data_files=files, split="train", **extra)
+    except DataError:
+        raise
+    except Exception as exc:  # datasets wraps parser errors in several types
+        cause = exc.__cause__ or exc
+        raise DataError(f"data.path: cannot read {config.path}: {type(cause).__name__}: {cause}. "
+                        "Check that the file is valid UTF-8 in the format its extension says.") from exc
+
+
+def load_documents(config) -> Corpus:
+    """Read documents from ``config`` (a `DataConfig`); empty or whitespace-only texts are
+    skipped and counted, never scored as zero."""
+    table = _load_dataset(config)
+    columns = list(table.column_names)
+    if config.text_field not in columns:
+        raise DataError(
+            f"data.text_field: {config.text_field!r} is not a column of {config.path}. "
+            f"Available columns: {', '.join(columns)}."
+        )
+    if config.id_field is not None and config.id_field not in columns:
+        raise DataError(
+            f"data.id_field: {config.id_field!r} is not a column of {config.path}. Available columns: {', '.join(columns)}."
+        )
+    texts = table[config.text_field]
+    ids = table[config.id_field] if config.id_field else list(range(len(texts)))
+    documents, n_skipped, seen = [], 0, {}
+    for row, (doc_id, text) in enumerate(zip(ids, texts)):
+        if config.max_documents is not None and len(documents) >= config.max_documents:
+            break
+        if text is None or not isinstance(text, str):
+            kind = "null" if text is None else type(text).__name__
+            raise DataError(
+                f"{config.path}: row {row} (id {doc_id!r}) has a {kind} `{config.text_field}`; it must be text. "
+                "Fix or remove that row."
+            )
+        if doc_id in seen:
+            raise DataError(
+                f"data.id_field: id {doc_id!r} appears in rows {seen[doc_id]} and {row}; ids must be unique. "
+                "Deduplicate the corpus or drop `id_field` to use row numbers."
+            )
+        seen[doc_id] = row
+        if not text.strip():
+            n_skipped += 1
+            continue
+        documents.append(Document(doc_id if isinstance(doc_id, int) else str(doc_id), text))
+    if not documents:
+        raise DataError(f"data.path: {config.path} holds no non-empty documents ({n_skipped} empty). Nothing to score.")
+    return Corpus(documents, n_skipped, fingerprint_documents(documents))
+
+
+def fingerprint_documents(documents: list[Document]) -> str:
+    """sha256 over ids and texts, in order: changes whenever what is scored changes."""
+    digest = hashlib.sha256()
+    for doc in documents:
+        for part in (str(doc.doc_id), doc.text):
+            data = part.encode("utf-8")
+            digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -121,3 +228,50 @@ def check_texts(texts) -> list[str]:
         if not isinstance(text, str):
             raise DataError(f"texts[{i}]: must be a str (got {type(text).__name__}). Convert or drop it.")
     return texts
+
+
+SEPARATOR_ID = "<separator>"
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Documents joined into one text for concatenated scoring, with each document's span."""
+
+    document: Document
+    starts: np.ndarray  # (D,) char offset of each document in the joined text
+    ends: np.ndarray  # (D,)
+
+
+def join_documents(documents: list[Document], separator: str) -> Stream:
+    """Join documents with ``separator`` into one stream, as papers score wikitext."""
+    starts, ends, cursor = [], [], 0
+    for i, doc in enumerate(documents):
+        if i:
+            cursor += len(separator)
+        starts.append(cursor)
+        cursor += len(doc.text)
+        ends.append(cursor)
+    text = separator.join(d.text for d in documents)
+    return Stream(Document("<stream>", text), np.array(starts, np.int64), np.array(ends, np.int64))
+
+
+def split_stream(stream: Stream, char_start: np.ndarray, char_end: np.ndarray):
+    """Give each stream token back to the document its first character comes from.
+
+    Returns ``(doc_index, char_start, char_end, position)`` per token: tokens in a separator
+    go to index ``D`` (reported as `SEPARATOR_ID`); spans become relative to the document;
+    ``position`` counts tokens within their document (or the separator group).
+    """
+    n_docs = len(stream.starts)
+    # A token belongs to the last document starting at or before its first character...
+    doc = np.searchsorted(stream.starts, char_start, side="right") - 1
+    # ...unless that character lies past the document's end, i.e. in a separator.
+    inside = (doc >= 0) & (char_start < stream.ends[np.clip(doc, 0, None)])
+    doc_index = np.where(inside, doc, n_docs)
+    base = np.where(inside, stream.starts[np.clip(doc, 0, None)], 0)
+    position = np.zeros(len(doc_index), dtype=np.int64)
+    order = np.argsort(doc_index, kind="stable")
+    sorted_docs = doc_index[order]
+    first = np.searchsorted(sorted_docs, sorted_docs, side="left")
+    position[order] = np.arange(len(order)) - first
+    return doc_index, char_start - base, char_end - base, position

@@ -7,12 +7,16 @@ the end (``ppl = exp(sum nll / sum tokens)``), never a mean of per-document rati
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .data import TokenizedDocument, count_bytes, count_words
+from .errors import OutputError
 from .losses import LN2, bits_per, perplexity
 
 TOKEN_COLUMNS = [
@@ -24,14 +28,13 @@ DOCUMENT_COLUMNS = [
 ]  # fmt: skip
 
 
-def _flat_offsets(docs: list[TokenizedDocument], doc_index: np.ndarray, position: np.ndarray) -> np.ndarray:
+def char_spans(docs: list[TokenizedDocument], doc_index: np.ndarray, position: np.ndarray) -> np.ndarray:
     """(N, 2) character spans of scored tokens, gathered from every document's offsets."""
-    if not docs:
+    if not docs or len(doc_index) == 0:
         return np.zeros((0, 2), dtype=np.int64)
     lengths = np.array([len(d.token_ids) for d in docs], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    all_offsets = np.concatenate([d.offsets for d in docs]) if lengths.sum() else np.zeros((0, 2), np.int64)
-    return all_offsets[starts[doc_index] + position]
+    return np.concatenate([d.offsets for d in docs])[starts[doc_index] + position]
 
 
 def token_strings(tokenizer, token_ids: np.ndarray) -> np.ndarray:
@@ -41,20 +44,19 @@ def token_strings(tokenizer, token_ids: np.ndarray) -> np.ndarray:
     return pieces[inverse] if len(unique) else np.array([], dtype=object)
 
 
-def tokens_frame(model_name: str, docs: list[TokenizedDocument], columns: dict[str, np.ndarray], tokenizer) -> pd.DataFrame:
-    """One row per scored token, in document then position order."""
+def tokens_frame(model_name: str, doc_ids: list, columns: dict[str, np.ndarray], tokenizer) -> pd.DataFrame:
+    """One row per scored token, in document then position order. ``columns`` holds the
+    scorer's arrays plus ``char_start``/``char_end``; ``doc_index`` indexes ``doc_ids``."""
     doc_index = columns["doc_index"]
-    offsets = _flat_offsets(docs, doc_index, columns["position"])
-    doc_ids = np.array([d.doc_id for d in docs], dtype=object)
     frame = pd.DataFrame(
         {
             "model": model_name,
-            "doc_id": doc_ids[doc_index] if len(doc_index) else np.array([], dtype=object),
+            "doc_id": np.array(doc_ids, dtype=object)[doc_index] if len(doc_index) else np.array([], dtype=object),
             "position": columns["position"],
             "token_id": columns["token_id"],
             "token": token_strings(tokenizer, columns["token_id"]),
-            "char_start": offsets[:, 0],
-            "char_end": offsets[:, 1],
+            "char_start": columns["char_start"],
+            "char_end": columns["char_end"],
             "context_len": columns["context_len"],
             "nll": columns["nll"],
             "surprisal_bits": columns["nll"] / LN2,
@@ -74,19 +76,19 @@ def tokens_frame(model_name: str, docs: list[TokenizedDocument], columns: dict[s
     return frame.iloc[order].reset_index(drop=True)
 
 
-def documents_frame(model_name: str, docs: list[TokenizedDocument], columns: dict[str, np.ndarray]) -> pd.DataFrame:
-    """One row per document: its sums and counts, and ratios pooled within it."""
-    n_docs = len(docs)
+def documents_frame(model_name: str, doc_ids: list, texts: list[str], columns: dict[str, np.ndarray]) -> pd.DataFrame:
+    """One row per document: its sums and counts, and ratios pooled within it. ``texts`` are
+    the scored texts (their bytes and words are the normalisers)."""
+    n_docs = len(doc_ids)
     doc_index = columns["doc_index"]
     nll_sum = np.bincount(doc_index, weights=columns["nll"].astype(np.float64), minlength=n_docs)
     n_tokens = np.bincount(doc_index, minlength=n_docs).astype(np.int64)
-    scored = [d.scored_text() for d in docs]
-    n_bytes = np.array([count_bytes(t) for t in scored], dtype=np.int64)
-    n_words = np.array([count_words(t) for t in scored], dtype=np.int64)
+    n_bytes = np.array([count_bytes(t) for t in texts], dtype=np.int64)
+    n_words = np.array([count_words(t) if t.strip() else 0 for t in texts], dtype=np.int64)
     rows = pd.DataFrame(
         {
             "model": model_name,
-            "doc_id": [d.doc_id for d in docs],
+            "doc_id": pd.Series(doc_ids, dtype=object),
             "n_tokens": n_tokens,
             "n_bytes": n_bytes,
             "n_words": n_words,
@@ -123,3 +125,81 @@ def summary_row(model_name: str, documents: pd.DataFrame, n_skipped: int = 0, se
     if seconds is not None:
         row["tokens_per_second"] = n_tokens / seconds if seconds > 0 else math.nan
     return row
+
+
+# --------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------
+
+# Every file `lmeval run` may write; --overwrite removes exactly these, nothing else.
+OUTPUT_FILES = (
+    "tokens.parquet", "documents.parquet", "documents.csv", "summary.csv", "calibration.csv",
+    "temperature.csv", "compare.csv", "compare_tokens.csv", "reliability.png", "checkpoints.png", "run.json",
+)  # fmt: skip
+
+
+def prepare_output_dir(path: str, overwrite: bool) -> Path:
+    """Create the run dir; refuse to reuse one that holds results unless ``overwrite``."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output.dir: {out} is a file, not a folder. Choose another `output.dir`.")
+    existing = [name for name in OUTPUT_FILES if (out / name).exists()]
+    if existing and not overwrite:
+        raise OutputError(
+            f"output.dir: {out} already holds results ({', '.join(existing)}). "
+            "Pass --overwrite to replace them, or choose another `output.dir`."
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in existing:
+            (out / name).unlink()
+        probe = out / ".lmeval-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"output.dir: cannot write to {out} ({exc.strerror}). Check its permissions.") from exc
+    return out
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through ``write(tmp_path)`` to a temporary name, then rename: a crash or a full
+    disk never leaves a half-written file under the real name."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: could not be written ({exc.strerror or exc}). Free disk space or fix permissions.") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_table(frame: pd.DataFrame, path: Path) -> None:
+    if path.suffix == ".parquet":
+        atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+    else:
+        atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def write_json(data: dict, path: Path) -> None:
+    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default)
+    atomic_write(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (Path, tuple, set)):
+        return str(value) if isinstance(value, Path) else list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    """The summary as an aligned text table for the terminal."""
+    shown = [c for c in ("model", "n_documents", "n_tokens", "ppl", "bits_per_token", "bits_per_byte", "word_ppl",
+                         "ece", "brier", "top1_accuracy", "best_temperature", "tokens_per_second") if c in summary]
+    return summary[shown].to_string(index=False, float_format=lambda x: f"{x:.4g}")

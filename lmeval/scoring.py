@@ -112,6 +112,9 @@ def _check_local_weights(path: Path, allow_pickle: bool) -> None:
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Load a causal LM and its fast tokenizer from a local folder or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # lmeval shows its own progress
 
     path = Path(spec.path).expanduser()
     is_local = path.exists()
@@ -351,7 +354,7 @@ def score_windows(lm: LoadedModel, windows: list[Window], options: ScoreOptions,
     """Score every window; return per-token columns in window order (not batch order).
 
     Columns: ``doc_index, position, token_id, context_len`` and the `TokenStats` fields.
-    ``progress``, if given, is called with the number of tokens scored after each batch.
+    ``progress``, if given, is called as ``progress(tokens_in_batch, tokens_in_total)`` after each batch.
     """
     counts = np.array([w.n_scored for w in windows], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)])
@@ -370,7 +373,7 @@ def score_windows(lm: LoadedModel, windows: list[Window], options: ScoreOptions,
                 out[key][starts[i] : starts[i + 1]] = values[offset : offset + w.n_scored]
             offset += w.n_scored
         if progress is not None:
-            progress(offset)
+            progress(offset, total)
     out.update(_window_columns(windows, total))
     return out
 

@@ -69,6 +69,8 @@ def build_model(arch: str, vocab_size: int, n_positions: int = 64, seed: int = 0
     torch.manual_seed(seed)
     config = tiny_config(arch, vocab_size, n_positions)
     config.tie_word_embeddings = False
+    config.bos_token_id = config.eos_token_id = 0  # the BPE fixture's <|endoftext|>
+    config.pad_token_id = None
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     # Larger weights than the default init, so that distributions are far from uniform.
     with torch.no_grad():

@@ -1,0 +1,62 @@
+"""The `lmeval` command: parse arguments, call `run`, print. User errors exit 2 without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import LmevalError
+
+
+def _run(args) -> int:
+    from .report import format_summary
+    from .run import run
+
+    tables = run(args.config, args.overrides, overwrite=args.overwrite, show_progress=not args.quiet)
+    print(format_summary(tables["summary"]))
+    print(f"\nwrote {tables['run']['config']['output']['dir']}")
+    return 0
+
+
+def _validate(args) -> int:
+    from .config import load_config
+
+    config = load_config(args.config, args.overrides)
+    print(f"{args.config}: ok ({len(config.models)} model(s), data {config.data.path})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmeval", description="Exact per-token cross-entropy for causal LMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="score the models of a YAML config and write tables")
+    run_p.add_argument("config", help="YAML config file")
+    run_p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. scoring.stride=128")
+    run_p.add_argument("--overwrite", action="store_true", help="replace results already in output.dir")
+    run_p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    run_p.set_defaults(func=_run)
+    val_p = sub.add_parser("validate", help="check a config without loading any model")
+    val_p.add_argument("config")
+    val_p.add_argument("overrides", nargs="*")
+    val_p.set_defaults(func=_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except LmevalError as exc:
+        print(f"lmeval: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmeval: interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""Load and validate a YAML run config into frozen dataclasses; report every problem at once.
+
+The YAML key, the dataclass field, the override path and the column name are one word.
+Paths written in the YAML resolve against the config file's folder; paths given as
+command-line overrides resolve against the current directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import glob as globlib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str
+    name: Optional[str] = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = "auto"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str
+    name: Optional[str] = None  # a hub dataset's configuration
+    split: str = "train"
+    text_field: str = "text"
+    id_field: Optional[str] = None
+    max_documents: Optional[int] = None
+    sample_by: Literal["document", "paragraph", "line"] = "document"  # for .txt files
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    max_length: Optional[int] = None
+    stride: Optional[int] = None
+    bos: typing.Union[int, str] = "auto"
+    batch_tokens: int = 16384
+    documents: Literal["independent", "concatenated"] = "independent"
+    separator: str = "\n\n"
+    compile: typing.Union[bool, str] = "auto"
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/lmeval"
+    per_token: bool = True
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    bins: int = 15
+    binning: Literal["width", "mass"] = "width"
+    label_smoothing: tuple[float, ...] = (0.0, 0.05, 0.1)
+    temperatures: tuple[float, ...] = (0.7, 0.85, 1.0, 1.15, 1.3)
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    baseline: Optional[str] = None
+    bootstrap: int = 1000
+    seed: int = 0
+    top_k: int = 20
+
+
+@dataclass(frozen=True)
+class Config:
+    models: tuple[ModelConfig, ...]
+    data: DataConfig
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    source: Optional[str] = None  # the YAML file this came from
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "scoring": ScoringConfig,
+    "output": OutputConfig,
+    "calibration": CalibrationConfig,
+    "compare": CompareConfig,
+}
+_REQUIRED = object()
+
+
+# --------------------------------------------------------------------------------------
+# Reading YAML and overrides
+# --------------------------------------------------------------------------------------
+
+
+def read_yaml(path: Path) -> dict:
+    """Parse a YAML file safely (no Python tags); its root must be a mapping."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found. Check the path (got {str(path)!r}).", source=str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"must be UTF-8 text ({exc.reason} at byte {exc.start}).", source=str(path)) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"malformed YAML: {exc}", source=str(path)) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"the YAML root must be a mapping of sections (models, data, ...) (got {type(raw).__name__}).",
+            source=str(path),
+        )
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: list[str], cwd: Path) -> dict:
+    """Apply ``section.key=value`` overrides (values parsed as YAML); the command line wins.
+
+    ``models.0.path=...`` indexes into a list. Path values are resolved against ``cwd`` here.
+    """
+    problems = []
+    for item in overrides:
+        key, sep, value_text = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override {item!r}: must look like section.key=value, e.g. scoring.stride=128.")
+            continue
+        try:
+            value = yaml.safe_load(value_text) if value_text else ""
+        except yaml.YAMLError:
+            value = value_text
+        if key.split(".")[-1] in ("path", "dir") and isinstance(value, str) and _looks_local(value, cwd):
+            value = str((cwd / value).resolve())
+        try:
+            _set_path(raw, key.split("."), value)
+        except (KeyError, IndexError, TypeError) as exc:
+            problems.append(f"override {item!r}: cannot set {key} ({exc}).")
+    if problems:
+        raise ConfigError(problems, source="command line")
+    return raw
+
+
+def _set_path(node, parts: list[str], value) -> None:
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            index = int(part)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise TypeError(f"{'.'.join(parts[:i])} is not a section")
+
+
+def _looks_local(value: str, base: Path) -> bool:
+    """A path that points at the file system rather than a hub id."""
+    return value.startswith((".", "/", "~")) or (base / value).exists() or any(c in value for c in "*?[")
+
+
+# --------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------
+
+
+def _type_problem(where: str, value, hint) -> str | None:
+    """A message if ``value`` does not fit the annotation ``hint``, else None."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        messages = [_type_problem(where, value, a) for a in args if a is not type(None)]
+        if any(m is None for m in messages):
+            return None
+        names = " or ".join(_type_name(a) for a in args)
+        return f"{where}: must be {names} (got {value!r})."
+    if origin is Literal:
+        if value in args:
+            return None
+        return f"{where}: must be one of {', '.join(map(str, args))} (got {value!r})."
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return f"{where}: must be a list of numbers (got {value!r})."
+        for i, item in enumerate(value):
+            message = _type_problem(f"{where}[{i}]", item, args[0])
+            if message:
+                return message
+        return None
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, hint)
+    return None if ok else f"{where}: must be {_type_name(hint)} (got {value!r})."
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}.get(
+        hint, str(hint)
+    )
+
+
+def _build(cls, raw, where: str, problems: list[str]):
+    """Construct dataclass ``cls`` from mapping ``raw``, collecting problems instead of raising."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: must be a mapping of keys (got {raw!r}).")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            guess = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" Did you mean {guess[0]!r}?" if guess else f" Known keys: {', '.join(fields)}."
+            problems.append(f"{where}.{key}: unknown key.{hint}")
+            continue
+        message = _type_problem(f"{where}.{key}", value, hints[key])
+        if message:
+            problems.append(message)
+            continue
+        values[key] = tuple(value) if typing.get_origin(hints[key]) is tuple else value
+    for name, f in fields.items():
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in raw:
+            problems.append(f"{where}.{name}: is required.")
+    try:
+        return cls(**values)
+    except TypeError:
+        return None
+
+
+def _check_values(config: Config, problems: list[str]) -> None:
+    """Rules beyond types: ranges and cross-field consistency."""
+    from .calibration import validate_calibration_options
+
+    s = config.scoring
+    if s.batch_tokens < 1:
+        problems.append(f"scoring.batch_tokens: must be >= 1 (got {s.batch_tokens}). A typical budget is 16384.")
+    if s.max_length is not None and s.max_length < 1:
+        problems.append(f"scoring.max_length: must be >= 1 or null (got {s.max_length}).")
+    if s.stride is not None and (s.stride < 1 or (s.max_length is not None and s.stride > s.max_length)):
+        problems.append(f"scoring.stride: must be in [1, max_length] (got {s.stride}).")
+    if isinstance(s.bos, str) and s.bos not in ("auto", "none"):
+        problems.append(f"scoring.bos: must be auto, none or a token id (got {s.bos!r}).")
+    if isinstance(s.bos, int) and s.bos < 0:
+        problems.append(f"scoring.bos: a token id must be >= 0 (got {s.bos}).")
+    if isinstance(s.compile, str) and s.compile != "auto":
+        problems.append(f"scoring.compile: must be auto, true or false (got {s.compile!r}).")
+    if config.data.max_documents is not None and config.data.max_documents < 1:
+        problems.append(f"data.max_documents: must be >= 1 or null (got {config.data.max_documents}).")
+    c = config.calibration
+    problems.extend(validate_calibration_options(c.bins, list(c.label_smoothing), list(c.temperatures)))
+    cmp = config.compare
+    if cmp.bootstrap < 0:
+        problems.append(f"compare.bootstrap: must be >= 0 (got {cmp.bootstrap}).")
+    if cmp.top_k < 0:
+        problems.append(f"compare.top_k: must be >= 0 (got {cmp.top_k}).")
+    names = [m.name for m in config.models]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        problems.append(f"models: names must be unique (got {', '.join(duplicates)} twice). Set `name:` on each.")
+    if cmp.baseline is not None and cmp.baseline not in names:
+        problems.append(f"compare.baseline: must name one of the models ({', '.join(names)}) (got {cmp.baseline!r}).")
+
+
+def step_number(path: str) -> tuple:
+    """Sort key that orders checkpoint folders by the last number in their name (step-2 < step-10)."""
+    numbers = re.findall(r"\d+", Path(path).name)
+    return (int(numbers[-1]) if numbers else -1, path)
+
+
+def _expand_models(raw_models, base: Path, problems: list[str]) -> list[dict]:
+    """Normalise ``models``: a list of mappings, where ``{glob: pattern}`` expands to checkpoints."""
+    if isinstance(raw_models, (str, dict)):
+        raw_models = [raw_models]
+    if not isinstance(raw_models, list) or not raw_models:
+        problems.append("models: must be a non-empty list of {path: ...} entries (got %r)." % (raw_models,))
+        return []
+    out = []
+    for i, entry in enumerate(raw_models):
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict):
+            problems.append(f"models[{i}]: must be a mapping with a `path` (got {entry!r}).")
+            continue
+        entry = dict(entry)
+        if "glob" in entry:
+            pattern = str(entry.pop("glob"))
+            full = pattern if Path(pattern).is_absolute() else str(base / pattern)
+            matches = sorted((p for p in globlib.glob(full) if Path(p).is_dir()), key=step_number)
+            if not matches:
+                problems.append(f"models[{i}].glob: matched no folders (got {pattern!r}). Check the pattern.")
+            out.extend({**entry, "path": m, "name": Path(m).name} for m in matches)
+            continue
+        if isinstance(entry.get("path"), str) and _looks_local(entry["path"], base):
+            entry["path"] = str((base / Path(entry["path"]).expanduser()).resolve())
+        out.append(entry)
+    return out
+
+
+def _check_model_paths(models: list[ModelConfig], problems: list[str]) -> None:
+    for i, m in enumerate(models):
+        p = Path(m.path)
+        if p.is_absolute() and not p.exists():
+            problems.append(f"models[{i}].path: {m.path} does not exist. Fix the path, or give a hub id such as 'gpt2'.")
+
+
+def build_config(raw: dict, base: Path, source: str | None = None) -> Config:
+    """Validate a raw mapping into a `Config`; raise one `ConfigError` listing every problem."""
+    problems: list[str] = []
+    known = {"models", *SECTIONS}
+    for key in raw:
+        if key not in known:
+            guess = difflib.get_close_matches(str(key), known, n=1)
+            problems.append(f"{key}: unknown section." + (f" Did you mean {guess[0]!r}?" if guess else ""))
+    if "models" not in raw:
+        problems.append("models: is required: list at least one {path: ...}.")
+    models = []
+    for i, entry in enumerate(_expand_models(raw.get("models", []), base, problems) if "models" in raw else []):
+        model = _build(ModelConfig, entry, f"models[{i}]", problems)
+        if model is not None:
+            from .scoring import default_name
+
+            models.append(dataclasses.replace(model, name=model.name or default_name(model.path)))
+    _check_model_paths(models, problems)
+    data_raw = raw.get("data")
+    if isinstance(data_raw, dict) and isinstance(data_raw.get("path"), str) and _looks_local(data_raw["path"], base):
+        data_raw = {**data_raw, "path": str((base / data_raw["path"]).resolve())}
+    if data_raw is None:
+        problems.append("data: is required: give at least `data.path`.")
+    sections = {name: _build(cls, data_raw if name == "data" else raw.get(name), name, problems) for name, cls in SECTIONS.items()}
+    output = sections["output"]
+    if output is not None and not Path(output.dir).is_absolute():
+        sections["output"] = dataclasses.replace(output, dir=str((base / output.dir).resolve()))
+    config = None
+    if models and all(v is not None for v in sections.values()):
+        config = Config(models=tuple(models), source=source, **sections)
+        _check_values(config, problems)
+    if problems:
+        raise ConfigError(problems, source=source)
+    return config
+
+
+def load_config(path, overrides: list[str] | None = None) -> Config:
+    """Read ``path`` (YAML), apply ``key=value`` overrides, validate, return a frozen `Config`."""
+    path = Path(path)
+    raw = read_yaml(path)
+    raw = apply_overrides(raw, list(overrides or []), Path.cwd())
+    return build_config(raw, path.resolve().parent, source=str(path))

@@ -1,0 +1,66 @@
+"""What a result was computed from: package versions and fingerprints of models and data.
+
+Written into run.json so that a number can be traced to the exact weights, texts and code,
+and so that a resumed or compared run can refuse to mix different inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("lmeval", "torch", "transformers", "tokenizers", "datasets", "numpy", "pandas", "pyarrow", "accelerate")
+# Weight files above this size are fingerprinted by size plus their first and last bytes;
+# hashing tens of GB on every run would cost more than the scoring of a small corpus.
+_FULL_HASH_LIMIT = 2**30
+_EDGE_BYTES = 16 * 2**20
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt")
+
+
+def versions() -> dict[str, str | None]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _hash_file(path: Path) -> tuple[str, str]:
+    """(sha256, how): the full hash, or for very large files size + first/last 16 MB."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        if size <= _FULL_HASH_LIMIT:
+            for block in iter(lambda: f.read(2**22), b""):
+                digest.update(block)
+            return digest.hexdigest(), "sha256"
+        digest.update(size.to_bytes(8, "little"))
+        digest.update(f.read(_EDGE_BYTES))
+        f.seek(size - _EDGE_BYTES)
+        digest.update(f.read(_EDGE_BYTES))
+    return digest.hexdigest(), "sha256(size, first 16 MB, last 16 MB)"
+
+
+def fingerprint_model(path: str, revision: str | None, model_config: dict) -> dict:
+    """Config hash plus, for a local folder, each weight and tokenizer file's size and hash;
+    for a hub id, the requested revision and the resolved commit."""
+    config_text = json.dumps(model_config, sort_keys=True, default=str)
+    out = {"path": path, "config_sha256": hashlib.sha256(config_text.encode()).hexdigest()}
+    folder = Path(path)
+    if folder.is_dir():
+        files = {}
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and f.suffix in WEIGHT_SUFFIXES:
+                digest, how = _hash_file(f)
+                files[f.name] = {"bytes": f.stat().st_size, "hash": digest, "method": how}
+        out["files"] = files
+    else:
+        out["revision"] = revision
+        out["commit"] = model_config.get("_commit_hash")
+    out["fingerprint"] = hashlib.sha256(json.dumps(out, sort_keys=True).encode()).hexdigest()
+    return out

@@ -1,0 +1,132 @@
+"""`lmeval surprisal`: per-token (or per-word) surprisal of some texts, for a terminal, CSV,
+JSON or an HTML page. Parses arguments and prints; the work is `lmeval.surprisal`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import DataError
+from .render import render_html, render_terminal, write_html
+from .surprisal import surprisal_table
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("table", "csv", "json")
+
+
+def parse_bos(value: str):
+    """``auto``, ``none`` or a token id, as `score_texts` takes them."""
+    if value in ("auto", "none"):
+        return value
+    try:
+        token_id = int(value)
+    except ValueError:
+        token_id = -1
+    if token_id < 0:
+        raise argparse.ArgumentTypeError(f"must be auto, none or a token id >= 0 (got {value!r})")
+    return token_id
+
+
+def _count(minimum: int):
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum} (got {value!r})")
+        return number
+
+    return parse
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``surprisal`` on an argparse subparsers object; returns its parser."""
+    parser = subparsers.add_parser(
+        "surprisal",
+        help="show where a model is surprised: per-token or per-word surprisal in bits",
+        description="Score texts with a causal LM and show each token's (or word's) surprisal in bits.",
+    )
+    parser.add_argument("text", nargs="*", help="texts to score; each is one document")
+    parser.add_argument("--model", default=None, help="local folder or hub id (default: the bundled demo model)")
+    parser.add_argument(
+        "--file", action="append", default=[], metavar="F",
+        help="a UTF-8 text file scored as one document; '-' reads stdin; may be repeated",
+    )  # fmt: skip
+    parser.add_argument("--words", action="store_true", help="sum token surprisal into whitespace-separated words")
+    parser.add_argument("--top-k", type=_count(0), default=0, metavar="K", help="also list the K likeliest tokens")
+    parser.add_argument("--format", choices=FORMATS, default="table", help="output on stdout (default: table)")
+    parser.add_argument("--html", default=None, metavar="OUT.html", help="also write a self-contained HTML page")
+    parser.add_argument(
+        "--bos", type=parse_bos, default="auto", metavar="auto|none|ID",
+        help="conditioning token before each text: auto (BOS, else EOS), none (first token unscored) or an id",
+    )  # fmt: skip
+    parser.add_argument("--max-length", type=_count(2), default=None, metavar="L", help="window length in tokens")
+    return parser
+
+
+def read_texts(texts: list[str], files: list[str]) -> list[str]:
+    """The documents: each TEXT argument, then each file's whole contents."""
+    out = list(texts)
+    for name in files:
+        try:
+            out.append(sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"--file {name}: must be UTF-8 text (got an undecodable byte at {exc.start}). Re-encode it as UTF-8."
+            ) from exc
+        except OSError as exc:
+            raise DataError(f"--file {name}: must be a readable file (got {exc.strerror}). Check the path.") from exc
+    if not out:
+        raise DataError("surprisal: at least one text must be given (got none). Pass TEXT arguments or --file F.")
+    return out
+
+
+def _records(table: pd.DataFrame) -> list[dict]:
+    """JSON-ready rows with full float precision; NaN becomes null."""
+    def plain(value):
+        value = value.item() if hasattr(value, "item") else value
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    return [{k: plain(v) for k, v in row.items()} for row in table.to_dict(orient="records")]
+
+
+def _csv(table: pd.DataFrame) -> str:
+    if "topk" in table.columns:
+        table = table.assign(topk=[json.dumps(t, ensure_ascii=False) for t in table["topk"]])
+    return table.to_csv(index=False, lineterminator="\n")
+
+
+def _terminal(table: pd.DataFrame, texts: list[str], color: bool) -> str:
+    blocks = []
+    for doc_id, text in enumerate(texts):
+        rows = table[table["doc_id"] == doc_id].reset_index(drop=True)
+        blocks.append(f"== document {doc_id} ==\n" + render_terminal(rows, text, color=color))
+    return "\n".join(blocks)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``lmeval surprisal``; returns the exit code. User errors raise `LmevalError`."""
+    texts = read_texts(args.text, args.file)
+    table = surprisal_table(
+        texts, args.model, words=args.words, top_k=args.top_k, bos=args.bos, max_length=args.max_length
+    )
+    if args.format == "json":
+        sys.stdout.write(json.dumps(_records(table), ensure_ascii=False, indent=1) + "\n")
+    elif args.format == "csv":
+        sys.stdout.write(_csv(table))
+    else:
+        sys.stdout.write(_terminal(table, texts, color=sys.stdout.isatty()))
+    if args.html:
+        tables = {i: table[table["doc_id"] == i] for i in range(len(texts))}
+        title = f"lmeval surprisal: {args.model or 'demo model'}"
+        path = write_html(args.html, render_html(tables, texts, title=title))
+        log.info("wrote %s", path)
+    return 0
