@@ -158,6 +158,10 @@ def check_spans(frame: pd.DataFrame, texts: list[str]) -> None:
 def aggregate_words(tokens_df: pd.DataFrame, texts) -> pd.DataFrame:
     """Sum token surprisal into words; each document's word total equals its token total.
 
+    ``tokens_df`` is a token table of `surprisal_table` or `score_texts` (it needs doc_id,
+    position, char_start, char_end, nll, entropy and rank), and ``texts`` the scored texts,
+    indexed by doc_id.
+
     Words are the ``\\S+`` runs of each text (punctuation stays with its word, as in
     lm-eval's ``re.split(r"\\s+", text)`` word count). Each token goes to exactly ONE word,
     chosen by its anchor character:
