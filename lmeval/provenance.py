@@ -64,3 +64,10 @@ def fingerprint_model(path: str, revision: str | None, model_config: dict) -> di
         out["commit"] = model_config.get("_commit_hash")
     out["fingerprint"] = hashlib.sha256(json.dumps(out, sort_keys=True).encode()).hexdigest()
     return out
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary (piece -> id): equal exactly when two models share token ids,
+    so that per-token comparisons between them are meaningful."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()

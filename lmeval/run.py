@@ -26,7 +26,7 @@ from .data import (
     tokenize_documents,
 )
 from .errors import DataError
-from .provenance import fingerprint_model, versions
+from .provenance import fingerprint_model, tokenizer_fingerprint, versions
 from .report import char_spans, documents_frame, summary_row, tokens_frame
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,7 @@ def score_model(model: ModelConfig, corpus: Corpus, config: Config, show_progres
         "max_length": length, "stride": stride, "bos": s.bos,
         "bos_token_id": (resolve_prefix(lm.tokenizer, s.bos) or [None])[0],
         "documents": s.documents, "separator": s.separator if s.documents == "concatenated" else None,
+        "tokenizer_sha256": tokenizer_fingerprint(lm.tokenizer),
     }  # fmt: skip
     fingerprint = fingerprint_model(model.path, model.revision, lm.model.config.to_dict())
     result = ModelResult(
