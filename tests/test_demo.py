@@ -1,0 +1,74 @@
+"""The bundled offline demo: `lmeval run configs/demo.yaml` on a fresh machine, no hub."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "lmeval" / "assets" / "demo"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "lmeval", "run", str(REPO / "configs" / "demo.yaml"), f"output.dir={out}", "-q"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return out, done.stdout
+
+
+def test_demo_writes_every_file(demo_run):
+    out, stdout = demo_run
+    for name in ("tokens.parquet", "documents.parquet", "summary.csv", "calibration.csv", "temperature.csv",
+                 "reliability.png", "run.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert "final" in stdout and "ppl" in stdout
+
+
+def test_final_checkpoint_beats_early_and_learned_something(demo_run):
+    out, _ = demo_run
+    summary = pd.read_csv(out / "summary.csv").set_index("model")
+    vocab = json.loads((ASSETS / "final" / "config.json").read_text())["vocab_size"]
+    assert summary.loc["final", "ppl"] < summary.loc["early", "ppl"]
+    assert summary.loc["final", "bits_per_byte"] < summary.loc["early", "bits_per_byte"]
+    assert summary.loc["final", "ppl"] < vocab / 20  # far below uniform guessing over the vocabulary
+
+
+def test_matches_the_training_scripts_float64_reference(demo_run):
+    """train_log.json holds each book's nll_sum from a float64 log-softmax of the full logits,
+    computed by the training script itself: an independent oracle for the whole pipeline."""
+    out, _ = demo_run
+    reference = json.loads((ASSETS / "train_log.json").read_text())["heldout_eval"]
+    documents = pd.read_parquet(out / "documents.parquet")
+    for model in ("early", "final"):
+        ours = documents[documents.model == model].set_index("doc_id")
+        for book, ref in reference[model]["per_doc"].items():
+            assert ours.loc[book, "n_tokens"] == ref["tokens"]
+            assert ours.loc[book, "nll_sum"] == pytest.approx(ref["nll_sum"], rel=1e-5)
+
+
+def test_bundled_models_load_offline():
+    code = (
+        "from lmeval.scoring import ModelSpec, load_model;"
+        f"lm = load_model(ModelSpec(path={str(ASSETS / 'final')!r}));"
+        "print(lm.vocab_size, lm.max_positions)"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["4096", "256"]
+
+
+def test_assets_fit_their_budgets():
+    for checkpoint in ("early", "final"):
+        size = sum(f.stat().st_size for f in (ASSETS / checkpoint).iterdir())
+        assert size <= 4 * 2**20, checkpoint
+    assert (ASSETS / "heldout.jsonl").stat().st_size <= 300 * 1024
