@@ -13,7 +13,10 @@ def _run(args) -> int:
     from .report import format_summary
     from .run import run
 
-    tables = run(args.config, args.overrides, overwrite=args.overwrite, show_progress=not args.quiet)
+    tables = run(
+        args.config, args.overrides, overwrite=args.overwrite, fresh=args.fresh,
+        show_progress=not args.quiet, return_tokens=False,
+    )  # fmt: skip
     print(format_summary(tables["summary"]))
     print(f"\nwrote {tables['run']['config']['output']['dir']}")
     return 0
@@ -35,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("config", help="YAML config file")
     run_p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. scoring.stride=128")
     run_p.add_argument("--overwrite", action="store_true", help="replace results already in output.dir")
+    run_p.add_argument("--fresh", action="store_true", help="discard the finished parts of an interrupted run")
     run_p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     run_p.set_defaults(func=_run)
     val_p = sub.add_parser("validate", help="check a config without loading any model")
@@ -57,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmeval: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lmeval: interrupted.", file=sys.stderr)
+        hint = ""
+        if args.command == "run":
+            hint = f" Finished parts are kept; rerun `lmeval run {args.config}` with the same overrides to resume."
+        print(f"lmeval: interrupted.{hint}", file=sys.stderr)
         return 130
 
 

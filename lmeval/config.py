@@ -58,6 +58,7 @@ class ScoringConfig:
 class OutputConfig:
     dir: str = "runs/lmeval"
     per_token: bool = True
+    part_chars: int = 262144  # characters of documents per result part (the unit of resume)
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,8 @@ def _check_values(config: Config, problems: list[str]) -> None:
         problems.append(f"scoring.bos: a token id must be >= 0 (got {s.bos}).")
     if isinstance(s.compile, str) and s.compile != "auto":
         problems.append(f"scoring.compile: must be auto, true or false (got {s.compile!r}).")
+    if config.output.part_chars < 1:
+        problems.append(f"output.part_chars: must be >= 1 (got {config.output.part_chars}).")
     if config.data.max_documents is not None and config.data.max_documents < 1:
         problems.append(f"data.max_documents: must be >= 1 or null (got {config.data.max_documents}).")
     c = config.calibration

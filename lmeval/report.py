@@ -44,9 +44,9 @@ def token_strings(tokenizer, token_ids: np.ndarray) -> np.ndarray:
     return pieces[inverse] if len(unique) else np.array([], dtype=object)
 
 
-def tokens_frame(model_name: str, doc_ids: list, columns: dict[str, np.ndarray], tokenizer) -> pd.DataFrame:
+def tokens_frame(model_name: str, doc_ids: list, columns: dict[str, np.ndarray]) -> pd.DataFrame:
     """One row per scored token, in document then position order. ``columns`` holds the
-    scorer's arrays plus ``char_start``/``char_end``; ``doc_index`` indexes ``doc_ids``."""
+    scorer's arrays plus ``token``, ``char_start``, ``char_end``; ``doc_index`` indexes ``doc_ids``."""
     doc_index = columns["doc_index"]
     frame = pd.DataFrame(
         {
@@ -54,7 +54,7 @@ def tokens_frame(model_name: str, doc_ids: list, columns: dict[str, np.ndarray],
             "doc_id": np.array(doc_ids, dtype=object)[doc_index] if len(doc_index) else np.array([], dtype=object),
             "position": columns["position"],
             "token_id": columns["token_id"],
-            "token": token_strings(tokenizer, columns["token_id"]),
+            "token": columns["token"],
             "char_start": columns["char_start"],
             "char_end": columns["char_end"],
             "context_len": columns["context_len"],
@@ -69,35 +69,40 @@ def tokens_frame(model_name: str, doc_ids: list, columns: dict[str, np.ndarray],
             "mean_neg_logq": columns["mean_neg_logq"],
         }
     )
-    if columns["topk_ids"].shape[1]:
+    if "topk_ids" in columns and columns["topk_ids"].shape[1]:
         frame["topk_token_ids"] = list(columns["topk_ids"])
         frame["topk_probs"] = list(columns["topk_probs"])
     order = np.lexsort((columns["position"], doc_index))
     return frame.iloc[order].reset_index(drop=True)
 
 
-def documents_frame(model_name: str, doc_ids: list, texts: list[str], columns: dict[str, np.ndarray]) -> pd.DataFrame:
-    """One row per document: its sums and counts, and ratios pooled within it. ``texts`` are
-    the scored texts (their bytes and words are the normalisers)."""
-    n_docs = len(doc_ids)
-    doc_index = columns["doc_index"]
-    nll_sum = np.bincount(doc_index, weights=columns["nll"].astype(np.float64), minlength=n_docs)
+def document_sums(doc_index: np.ndarray, nll: np.ndarray, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-document (n_tokens, nll_sum), the sum in float64."""
     n_tokens = np.bincount(doc_index, minlength=n_docs).astype(np.int64)
-    n_bytes = np.array([count_bytes(t) for t in texts], dtype=np.int64)
-    n_words = np.array([count_words(t) if t.strip() else 0 for t in texts], dtype=np.int64)
+    nll_sum = np.bincount(doc_index, weights=nll.astype(np.float64), minlength=n_docs)
+    return n_tokens, nll_sum
+
+
+def normalisers(texts: list[str]) -> tuple[list[int], list[int]]:
+    """UTF-8 bytes and lm-eval words of each scored text (a blank text has no words)."""
+    return [count_bytes(t) for t in texts], [count_words(t) if t.strip() else 0 for t in texts]
+
+
+def documents_frame(model_name: str, doc_ids: list, n_tokens, n_bytes, n_words, nll_sum) -> pd.DataFrame:
+    """One row per document: its sums and counts, and ratios pooled within it."""
     rows = pd.DataFrame(
         {
             "model": model_name,
             "doc_id": pd.Series(doc_ids, dtype=object),
-            "n_tokens": n_tokens,
-            "n_bytes": n_bytes,
-            "n_words": n_words,
-            "nll_sum": nll_sum,
+            "n_tokens": np.asarray(n_tokens, dtype=np.int64),
+            "n_bytes": np.asarray(n_bytes, dtype=np.int64),
+            "n_words": np.asarray(n_words, dtype=np.int64),
+            "nll_sum": np.asarray(nll_sum, dtype=np.float64),
         }
     )
-    rows["ppl"] = [perplexity(s, n) for s, n in zip(nll_sum, n_tokens)]
-    rows["bits_per_token"] = [bits_per(s, n) for s, n in zip(nll_sum, n_tokens)]
-    rows["bits_per_byte"] = [bits_per(s, n) for s, n in zip(nll_sum, n_bytes)]
+    rows["ppl"] = [perplexity(s, n) for s, n in zip(rows.nll_sum, rows.n_tokens)]
+    rows["bits_per_token"] = [bits_per(s, n) for s, n in zip(rows.nll_sum, rows.n_tokens)]
+    rows["bits_per_byte"] = [bits_per(s, n) for s, n in zip(rows.nll_sum, rows.n_bytes)]
     return rows
 
 
@@ -139,19 +144,21 @@ OUTPUT_FILES = (
 
 
 def prepare_output_dir(path: str, overwrite: bool) -> Path:
-    """Create the run dir; refuse to reuse one that holds results unless ``overwrite``."""
+    """Create the run dir. A finished run (it has run.json) is never replaced unless
+    ``overwrite``; an interrupted one (it has parts/) is left for `run` to resume."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output.dir: {out} is a file, not a folder. Choose another `output.dir`.")
     existing = [name for name in OUTPUT_FILES if (out / name).exists()]
-    if existing and not overwrite:
+    interrupted = (out / "parts").is_dir() and not (out / "run.json").exists()
+    if existing and not (overwrite or interrupted):
         raise OutputError(
             f"output.dir: {out} already holds results ({', '.join(existing)}). "
             "Pass --overwrite to replace them, or choose another `output.dir`."
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for name in existing:
+        for name in existing:  # replaced on request, or left half-done by an interrupted run
             (out / name).unlink()
         probe = out / ".lmeval-write-test"
         probe.write_bytes(b"")
@@ -203,3 +210,31 @@ def format_summary(summary: pd.DataFrame) -> str:
     shown = [c for c in ("model", "n_documents", "n_tokens", "ppl", "bits_per_token", "bits_per_byte", "word_ppl",
                          "ece", "brier", "top1_accuracy", "best_temperature", "tokens_per_second") if c in summary]
     return summary[shown].to_string(index=False, float_format=lambda x: f"{x:.4g}")
+
+
+class TokenWriter:
+    """Streams token tables into one parquet file, a row group per call, so the per-token
+    rows of a large corpus never sit in memory together. Renamed into place on close."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.writer = None
+
+    def write(self, frame: pd.DataFrame) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.tmp, table.schema)
+        self.writer.write_table(table.cast(self.writer.schema))
+
+    def close(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        try:
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: could not be written ({exc.strerror}).") from exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,21 @@ from .data import (
     tokenize_documents,
 )
 from .errors import DataError
+from .parts import finished_keys, model_dirname, open_parts, part_key, plan_groups, read_columns, read_meta, write_part
 from .provenance import fingerprint_model, tokenizer_fingerprint, versions
-from .report import char_spans, documents_frame, summary_row, tokens_frame
+from .report import (
+    TokenWriter,
+    char_spans,
+    document_sums,
+    documents_frame,
+    normalisers,
+    prepare_output_dir,
+    summary_row,
+    token_strings,
+    tokens_frame,
+    write_json,
+    write_table,
+)
 
 log = logging.getLogger(__name__)
 from .scoring import LoadedModel, ModelSpec, ScoreOptions, check_vocabulary, load_model, prepare_model, resolve_window, score_windows
@@ -102,7 +116,8 @@ def score_texts(
     columns = score_documents(lm, docs, max_length, stride, options)
     spans = char_spans(docs, columns["doc_index"], columns["position"])
     columns["char_start"], columns["char_end"] = spans[:, 0], spans[:, 1]
-    frame = tokens_frame(lm.name, [d.doc_id for d in docs], columns, lm.tokenizer)
+    columns["token"] = token_strings(lm.tokenizer, columns["token_id"])
+    frame = tokens_frame(lm.name, [d.doc_id for d in docs], columns)
     frame.attrs["n_documents"] = len(texts)
     frame.attrs["n_empty"] = sum(d.n_scored == 0 for d in docs)
     return frame
@@ -113,21 +128,6 @@ def score_texts(
 # --------------------------------------------------------------------------------------
 
 
-@dataclass
-class ModelResult:
-    """Everything one model's pass produced."""
-
-    tokens: pd.DataFrame
-    documents: pd.DataFrame
-    summary: dict
-    calibration: pd.DataFrame
-    temperature: pd.DataFrame
-    bins: cal.ReliabilityBins
-    protocol: dict
-    fingerprint: dict
-    vocab_size: int
-
-
 def _spec(model: ModelConfig) -> ModelSpec:
     return ModelSpec(
         path=model.path, name=model.name, dtype=model.dtype, device=model.device, revision=model.revision,
@@ -135,88 +135,132 @@ def _spec(model: ModelConfig) -> ModelSpec:
     )  # fmt: skip
 
 
-def _score_independent(lm, corpus: Corpus, config: Config, options, progress):
-    docs = tokenize_documents(corpus.documents, lm.tokenizer, config.scoring.bos)
-    columns = score_documents(lm, docs, config.scoring.max_length, config.scoring.stride, options, progress)
+def _finish_columns(lm, columns: dict, docs: list[TokenizedDocument]) -> dict:
     spans = char_spans(docs, columns["doc_index"], columns["position"])
     columns["char_start"], columns["char_end"] = spans[:, 0], spans[:, 1]
-    return columns, [d.doc_id for d in docs], [d.scored_text() for d in docs]
+    columns["token"] = token_strings(lm.tokenizer, columns["token_id"])
+    del columns["topk_ids"], columns["topk_probs"]
+    return columns
 
 
-def _score_concatenated(lm, corpus: Corpus, config: Config, options, progress):
-    stream = join_documents(corpus.documents, config.scoring.separator)
+def _score_group(lm, documents: list[Document], config: Config, options, progress):
+    """Score documents independently; columns' ``doc_index`` indexes ``documents``."""
+    docs = tokenize_documents(documents, lm.tokenizer, config.scoring.bos)
+    columns = score_documents(lm, docs, config.scoring.max_length, config.scoring.stride, options, progress)
+    return _finish_columns(lm, columns, docs), [d.scored_text() for d in docs]
+
+
+def _score_stream(lm, documents: list[Document], config: Config, options, progress):
+    """Score documents joined into one stream; ``doc_index`` D marks separator tokens."""
+    stream = join_documents(documents, config.scoring.separator)
     (doc,) = tokenize_documents([stream.document], lm.tokenizer, config.scoring.bos)
-    columns = score_documents(lm, [doc], config.scoring.max_length, config.scoring.stride, options, progress)
-    spans = char_spans([doc], columns["doc_index"], columns["position"])
-    index, start, end, position = split_stream(stream, spans[:, 0], spans[:, 1])
+    columns = _finish_columns(lm, score_documents(lm, [doc], config.scoring.max_length, config.scoring.stride, options, progress), [doc])
+    index, start, end, position = split_stream(stream, columns["char_start"], columns["char_end"])
     columns.update(doc_index=index, char_start=start, char_end=end, position=position)
-    texts = [d.text for d in corpus.documents]
+    texts = [d.text for d in documents]
     if not doc.prefix and len(doc.token_ids):  # the stream's first token only conditions
         texts[0] = texts[0][int(doc.offsets[0, 1]) :]
-    texts.append(config.scoring.separator * (len(texts) - 1))
-    return columns, [d.doc_id for d in corpus.documents] + [SEPARATOR_ID], texts
+    return columns, texts + [config.scoring.separator * (len(texts) - 1)]
 
 
-def _calibration(name: str, columns: dict, config: Config, vocab_size: int):
-    """Calibration summary, reliability bins and temperature curve from the token arrays."""
-    c = config.calibration
-    sums = cal.calibration_sums(
-        columns["nll"], columns["max_prob"], columns["is_top1"], columns["sum_q2"], columns["mean_neg_logq"],
-        columns["entropy"], eps_grid=c.label_smoothing, nll_t=columns["nll_t"], max_prob_t=columns["max_prob_t"],
-        temperatures=c.temperatures, n_bins=c.bins,
-    )  # fmt: skip
-    metrics = cal.summarize(sums, vocab_size=vocab_size)
-    bins = sums.bins
-    if c.binning == "mass":
-        bins = cal.reliability_bins(columns["max_prob"], columns["is_top1"], c.bins, scheme="mass")
-        metrics.update(ece=cal.expected_calibration_error(bins), mce=cal.max_calibration_error(bins))
-    table = bins.to_frame()
-    table.insert(0, "model", name)
-    temperature = cal.temperature_table(sums, c.temperatures)
-    temperature.insert(0, "model", name)
-    return metrics, table, temperature, bins
+def plan_parts(corpus: Corpus, config: Config) -> list[list[int]]:
+    """Groups of corpus indices, one part each; concatenated scoring is one stream, one part."""
+    if config.scoring.documents == "concatenated":
+        return [list(range(len(corpus.documents)))]
+    return plan_groups([len(d.text) for d in corpus.documents], config.output.part_chars)
 
 
-def score_model(model: ModelConfig, corpus: Corpus, config: Config, show_progress: bool = True) -> ModelResult:
-    """Load one model, score the corpus under the config's protocol, build its tables."""
-    from tqdm.auto import tqdm
+def _group_ids(corpus: Corpus, group: list[int], config: Config) -> list:
+    ids = [corpus.documents[i].doc_id for i in group]
+    return ids + [SEPARATOR_ID] if config.scoring.documents == "concatenated" else ids
 
+
+def score_parts(model: ModelConfig, corpus: Corpus, config: Config, folder: Path, groups, bar) -> None:
+    """Score every group of ``groups`` whose part is missing, writing each part as it finishes."""
+    done = finished_keys(folder)
+    todo = [g for g in groups if part_key(_group_ids(corpus, g, config)) not in done]
+    if not todo:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
     lm = as_loaded_model(_spec(model))
     s = config.scoring
-    options = ScoreOptions(
-        batch_tokens=check_batch_tokens(s.batch_tokens), temperatures=config.calibration.temperatures, compile=s.compile
-    )
-    length, stride = resolve_window(lm, s.max_length, s.stride)
-    bar = tqdm(desc=f"scoring {lm.name}", unit="tok", disable=not show_progress, dynamic_ncols=True)
-    started = time.perf_counter()
-    score = _score_concatenated if s.documents == "concatenated" else _score_independent
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done)
+    options = ScoreOptions(batch_tokens=check_batch_tokens(s.batch_tokens), temperatures=config.calibration.temperatures, compile=s.compile)
+    resolve_window(lm, s.max_length, s.stride)
+    score = _score_stream if s.documents == "concatenated" else _score_group
+    for group in todo:
+        started = time.perf_counter()
+        columns, texts = score(lm, [corpus.documents[i] for i in group], config, options, bar.progress)
+        n_tokens, nll_sum = document_sums(columns["doc_index"], columns["nll"], len(texts))
+        n_bytes, n_words = normalisers(texts)
+        ids = _group_ids(corpus, group, config)
+        meta = {
+            "doc_ids": ids, "n_tokens": n_tokens.tolist(), "nll_sum": nll_sum.tolist(), "n_bytes": n_bytes,
+            "n_words": n_words, "seconds": time.perf_counter() - started, "protocol": _protocol(lm, config),
+        }  # fmt: skip
+        write_part(folder / f"{part_key(ids)}.parquet", columns, meta)
+    del lm
+    gc.collect()
 
-    columns, doc_ids, texts = score(lm, corpus, config, options, progress)
-    seconds = time.perf_counter() - started
-    bar.close()
-    documents = documents_frame(lm.name, doc_ids, texts, columns)
-    summary = summary_row(lm.name, documents, n_skipped=corpus.n_skipped, seconds=seconds)
-    summary["n_documents"] = len(corpus.documents)
-    metrics, calibration, temperature, bins = _calibration(lm.name, columns, config, lm.vocab_size)
-    summary.update(metrics)
-    protocol = {
+
+def _protocol(lm, config: Config) -> dict:
+    s = config.scoring
+    length, stride = resolve_window(lm, s.max_length, s.stride)
+    return {
         "max_length": length, "stride": stride, "bos": s.bos,
         "bos_token_id": (resolve_prefix(lm.tokenizer, s.bos) or [None])[0],
         "documents": s.documents, "separator": s.separator if s.documents == "concatenated" else None,
-        "tokenizer_sha256": tokenizer_fingerprint(lm.tokenizer),
+        "tokenizer_sha256": tokenizer_fingerprint(lm.tokenizer), "vocab_size": lm.vocab_size,
     }  # fmt: skip
-    fingerprint = fingerprint_model(model.path, model.revision, lm.model.config.to_dict())
-    result = ModelResult(
-        tokens=tokens_frame(lm.name, doc_ids, columns, lm.tokenizer),
-        documents=documents, summary=summary, calibration=calibration, temperature=temperature, bins=bins,
-        protocol=protocol, fingerprint=fingerprint, vocab_size=lm.vocab_size,
-    )  # fmt: skip
-    del lm
-    gc.collect()
-    return result
+
+
+CALIBRATION_INPUTS = ["nll", "max_prob", "is_top1", "sum_q2", "mean_neg_logq", "entropy", "nll_t", "max_prob_t"]
+
+
+@dataclass
+class ModelTables:
+    """One model's collected results (per-token rows stay on disk)."""
+
+    documents: pd.DataFrame
+    summary: dict
+    calibration: pd.DataFrame
+    temperature: pd.DataFrame
+    bins: cal.ReliabilityBins
+    protocol: dict
+
+
+def collect_model(name: str, corpus: Corpus, config: Config, paths: list[Path], token_sink) -> ModelTables:
+    """Merge a model's parts, in corpus order: documents, pooled summary, calibration; each
+    part's token rows go to ``token_sink`` so they never all sit in memory at once."""
+    c = config.calibration
+    metas = [read_meta(p) for p in paths]
+    sums, confidences, seconds = None, [], 0.0
+    for path, meta in zip(paths, metas):
+        columns = read_columns(path)
+        part_sums = cal.calibration_sums(
+            *(columns[k] for k in CALIBRATION_INPUTS[:6]), eps_grid=c.label_smoothing, nll_t=columns.get("nll_t"),
+            max_prob_t=columns.get("max_prob_t"), temperatures=c.temperatures, n_bins=c.bins,
+        )  # fmt: skip
+        sums = part_sums if sums is None else cal.merge_sums(sums, part_sums)
+        if c.binning == "mass":
+            confidences.append((columns["max_prob"], columns["is_top1"]))
+        if token_sink is not None:
+            token_sink(tokens_frame(name, meta["doc_ids"], columns))
+        seconds += meta["seconds"]
+    documents = documents_frame(name, *(sum((m[k] for m in metas), []) for k in ("doc_ids", "n_tokens", "n_bytes", "n_words", "nll_sum")))
+    summary = summary_row(name, documents, n_skipped=corpus.n_skipped, seconds=seconds)
+    summary["n_documents"] = len(corpus.documents)
+    protocol = metas[0]["protocol"]
+    metrics = cal.summarize(sums, vocab_size=protocol["vocab_size"])
+    bins = sums.bins
+    if c.binning == "mass":
+        conf, top1 = (np.concatenate(x) for x in zip(*confidences))
+        bins = cal.reliability_bins(conf, top1, c.bins, scheme="mass")
+        metrics.update(ece=cal.expected_calibration_error(bins), mce=cal.max_calibration_error(bins))
+    summary.update(metrics)
+    calibration, temperature = bins.to_frame(), cal.temperature_table(sums, c.temperatures)
+    calibration.insert(0, "model", name)
+    temperature.insert(0, "model", name)
+    return ModelTables(documents, summary, calibration, temperature, bins, protocol)
 
 
 PROTOCOL_NOTES = {
@@ -233,45 +277,101 @@ PROTOCOL_NOTES = {
 }
 
 
-def run(config, overrides: list[str] | None = None, *, overwrite: bool = False, show_progress: bool = True) -> dict:
+class _Progress:
+    """A tqdm bar over scored tokens; its total grows as groups are tokenized."""
+
+    def __init__(self, show: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(desc="scoring", unit="tok", disable=not show, dynamic_ncols=True)
+        self._base = 0
+
+    def progress(self, done: int, total: int) -> None:
+        if self.bar.total is None or self.bar.n + done > self.bar.total:
+            self.bar.total = self.bar.n + total
+        self.bar.update(done)
+
+    def close(self):
+        self.bar.close()
+
+
+def _identity(config: Config, corpus: Corpus) -> dict:
+    """What the parts depend on: changing any of it makes earlier parts invalid."""
+    raw = config.to_dict()
+    scoring_models = [{k: m[k] for k in ("name", "path", "revision", "dtype")} for m in raw["models"]]
+    return {
+        "config": {"models": scoring_models, "data": raw["data"], "scoring": raw["scoring"],
+                   "temperatures": raw["calibration"]["temperatures"], "part_chars": raw["output"]["part_chars"]},
+        "data": corpus.fingerprint,
+        "models": {m.name: fingerprint_model(m.path, m.revision, {})["fingerprint"] for m in config.models},
+    }  # fmt: skip
+
+
+def run(
+    config, overrides: list[str] | None = None, *, overwrite: bool = False, fresh: bool = False,
+    show_progress: bool = True, return_tokens: bool = True,
+) -> dict:  # fmt: skip
     """Run a config end to end; write the tables to ``output.dir`` and return them as DataFrames.
 
-    ``config`` is a `Config` or a path to a YAML file (then ``overrides`` apply). Returns a
-    dict with ``tokens``, ``documents``, ``summary``, ``calibration``, ``temperature`` and
-    the ``run`` record written to run.json.
+    ``config`` is a `Config` or a path to a YAML file (then ``overrides`` apply). Finished
+    parts of an interrupted run in the same dir are reused (``fresh`` discards them).
+    Returns ``tokens`` (unless ``return_tokens`` is false), ``documents``, ``summary``,
+    ``calibration``, ``temperature``, and ``run``, the record written to run.json.
     """
-    from .report import format_summary, prepare_output_dir, write_json, write_table
-
     if not isinstance(config, Config):
         config = load_config(config, overrides)
     out = prepare_output_dir(config.output.dir, overwrite)
     started = time.time()
     corpus = load_documents(config.data)
-    results = [score_model(m, corpus, config, show_progress) for m in config.models]
+    parts = open_parts(out, _identity(config, corpus), fresh=fresh or overwrite)
+    groups = plan_parts(corpus, config)
+    bar = _Progress(show_progress)
+    try:
+        for model in config.models:
+            score_parts(model, corpus, config, parts / model_dirname(model.name), groups, bar)
+    finally:
+        bar.close()
+    tables = _write_tables(out, config, corpus, parts, groups, return_tokens)
+    record = _record(config, corpus, tables, time.time() - started)
+    write_json(record, out / "run.json")
+    shutil.rmtree(parts)  # run.json marks the run complete; the tables now hold every row
+    tables["run"] = record
+    return tables
+
+
+def _write_tables(out: Path, config: Config, corpus: Corpus, parts: Path, groups, return_tokens: bool) -> dict:
+    writer = TokenWriter(out / "tokens.parquet") if config.output.per_token else None
+    results = []
+    for model in config.models:
+        paths = [parts / model_dirname(model.name) / f"{part_key(_group_ids(corpus, g, config))}.parquet" for g in groups]
+        results.append((model.name, collect_model(model.name, corpus, config, paths, writer.write if writer else None)))
+    if writer is not None:
+        writer.close()
     tables = {
-        "tokens": pd.concat([r.tokens for r in results], ignore_index=True),
-        "documents": pd.concat([r.documents for r in results], ignore_index=True),
-        "summary": pd.DataFrame([r.summary for r in results]),
-        "calibration": pd.concat([r.calibration for r in results], ignore_index=True),
-        "temperature": pd.concat([r.temperature for r in results], ignore_index=True),
+        "documents": pd.concat([r.documents for _, r in results], ignore_index=True),
+        "summary": pd.DataFrame([r.summary for _, r in results]),
+        "calibration": pd.concat([r.calibration for _, r in results], ignore_index=True),
+        "temperature": pd.concat([r.temperature for _, r in results], ignore_index=True),
+        "protocol": {name: r.protocol for name, r in results},
     }
-    if config.output.per_token:
-        write_table(tables["tokens"], out / "tokens.parquet")
     write_table(tables["documents"], out / "documents.parquet")
     for name in ("summary", "calibration", "temperature"):
         write_table(tables[name], out / f"{name}.csv")
-    cal.plot_reliability({r.summary["model"]: r.bins for r in results}, out / "reliability.png")
-    record = {
+    cal.plot_reliability({name: r.bins for name, r in results}, out / "reliability.png")
+    if return_tokens and config.output.per_token:
+        tables["tokens"] = pd.read_parquet(out / "tokens.parquet")
+    return tables
+
+
+def _record(config: Config, corpus: Corpus, tables: dict, seconds: float) -> dict:
+    summary = tables["summary"]
+    return {
         "config": config.to_dict(),
-        "protocol": {**PROTOCOL_NOTES, "models": {r.summary["model"]: r.protocol for r in results}},
+        "protocol": {**PROTOCOL_NOTES, "models": tables.pop("protocol")},
         "versions": versions(),
-        "models": {r.summary["model"]: r.fingerprint for r in results},
+        "models": {m.name: fingerprint_model(m.path, m.revision, {}) for m in config.models},
         "data": {"path": config.data.path, "fingerprint": corpus.fingerprint,
                  "n_documents": len(corpus.documents), "n_skipped": corpus.n_skipped},
-        "seconds": time.time() - started,
-        "tokens_per_second": {r.summary["model"]: r.summary["tokens_per_second"] for r in results},
+        "seconds": seconds,
+        "tokens_per_second": dict(zip(summary.model, summary.tokens_per_second)),
     }  # fmt: skip
-    write_json(record, out / "run.json")
-    tables["run"] = record
-    log.info("wrote %s\n%s", out, format_summary(tables["summary"]))
-    return tables

@@ -1,0 +1,486 @@
+"""Is model B really better than model A? Paired, pooled deltas with bootstrap intervals.
+
+Why: two perplexities side by side do not say whether their difference would survive a
+different draw of the corpus. Documents, not tokens, are the independent units (tokens of
+one document share its topic and style), so the bootstrap resamples *documents*, and it is
+*paired*: both models get the same resampled documents, which cancels the difficulty the
+two share. Each resample recomputes the pooled metric from resampled sums and counts, with
+one division at the end (``bits_per_token = sum nll_sum / ln 2 / sum n_tokens``), exactly
+as the summary pools it; never a mean of per-document ratios.
+
+Per-token metrics (bits per token, token perplexity) are compared only when the two models
+share a tokenizer: otherwise a "token" is a different unit for each, and the delta mixes
+model quality with segmentation. Bits per byte and word perplexity are pooled over the
+identical raw text, so they are always compared.
+
+Units: ``nll`` and ``nll_sum`` are nats; ``bits_per_*`` are base 2; deltas are model minus
+baseline in the metric's own unit (negative = the model predicts the text better).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import CompareConfig, step_number
+from .errors import ConfigError, DataError
+from .losses import LN2
+from .report import atomic_write, write_table
+
+COMPARE_COLUMNS = ["model", "baseline", "metric", "delta", "ci_low", "ci_high", "p_value", "unit"]
+EXTRA_COLUMNS = ["value", "baseline_value", "n_documents", "n_resamples", "note"]
+TOKEN_DIFF_COLUMNS = [
+    "model", "baseline", "doc_id", "position", "token", "delta_nll", "nll", "nll_baseline", "char_start", "char_end",
+]  # fmt: skip
+# The resolved protocol keys two models must share for their numbers to be comparable.
+PROTOCOL_KEYS = ("max_length", "stride", "bos", "documents", "separator")
+TOKENIZERS_DIFFER = (
+    "tokenizers differ (sha256 {model} vs {baseline}): per-token deltas refused; "
+    "compared in bits per byte and word perplexity on the identical raw text"
+)
+# Rows of the (n_resamples, n_docs) index matrix drawn at a time: bounds memory, same stream.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A pooled metric: ``nll_sum`` [nats] over the ``count`` column, as bits or a perplexity."""
+
+    name: str
+    count: str
+    unit: str
+    kind: str  # "bits": sum nll / ln 2 / count;  "ppl": exp(sum nll / count)
+
+    @property
+    def per_token(self) -> bool:
+        return self.count == "n_tokens"
+
+    def pooled(self, nll_sum, count) -> np.ndarray:
+        """The metric from sums and counts (arrays broadcast); NaN where nothing was counted."""
+        nll_sum = np.asarray(nll_sum, dtype=np.float64)
+        count = np.asarray(count, dtype=np.float64)
+        safe = np.where(count > 0, count, 1.0)
+        if self.kind == "bits":
+            value = nll_sum / LN2 / safe
+        else:
+            with np.errstate(over="ignore"):
+                value = np.exp(nll_sum / safe)
+        return np.where(count > 0, value, np.nan)
+
+
+METRICS = {
+    m.name: m
+    for m in (
+        Metric("bits_per_token", "n_tokens", "bits/token", "bits"),
+        Metric("ppl", "n_tokens", "ppl (tokens)", "ppl"),
+        Metric("bits_per_byte", "n_bytes", "bits/byte", "bits"),
+        Metric("word_ppl", "n_words", "ppl (words)", "ppl"),
+    )
+}
+TOKEN_FREE_METRICS = tuple(name for name, m in METRICS.items() if not m.per_token)
+
+
+# --------------------------------------------------------------------------------------
+# The paired document bootstrap
+# --------------------------------------------------------------------------------------
+
+
+def resampled_sums(columns, n_resamples: int, seed: int) -> np.ndarray:
+    """Column sums over bootstrap resamples of the rows (documents): shape (n_resamples, k).
+
+    The draw is exactly ``np.random.default_rng(seed).integers(0, n_docs, size=(n_resamples,
+    n_docs))``: row r lists the documents (with repetition) of resample r. It is drawn in
+    blocks of rows to bound memory; numpy's generator yields the identical stream either way.
+    """
+    columns = np.asarray(columns, dtype=np.float64)  # (D, k)
+    n_docs, k = columns.shape
+    out = np.empty((n_resamples, k))
+    rng = np.random.default_rng(seed)
+    rows = max(1, _CHUNK_ELEMENTS // max(n_docs * k, 1))
+    for start in range(0, n_resamples, rows):
+        stop = min(start + rows, n_resamples)
+        index = rng.integers(0, n_docs, size=(stop - start, n_docs))  # (b, D)
+        out[start:stop] = columns[index].sum(axis=1)  # (b, D, k) -> (b, k)
+    return out
+
+
+def bootstrap_interval(deltas: np.ndarray) -> tuple[float, float, float]:
+    """95% percentile interval and two-sided bootstrap p-value of resampled deltas.
+
+    ``ci_low, ci_high`` are ``np.percentile(deltas, [2.5, 97.5])`` (linear interpolation).
+    ``p = min(1, 2 * min((1 + #{delta* <= 0}) / (B + 1), (1 + #{delta* >= 0}) / (B + 1)))``:
+    the smallest two-sided level at which the percentile interval excludes 0, with the +1
+    correction so that p is never 0 from a finite B (its floor is 2 / (B + 1)). All deltas 0
+    (a model against itself) gives p = 1. NaN everywhere when B = 0.
+    """
+    deltas = np.asarray(deltas, dtype=np.float64)
+    if len(deltas) == 0:
+        return float("nan"), float("nan"), float("nan")
+    low, high = np.percentile(deltas, [2.5, 97.5])
+    b = len(deltas)
+    below = (1 + np.count_nonzero(deltas <= 0)) / (b + 1)
+    above = (1 + np.count_nonzero(deltas >= 0)) / (b + 1)
+    return float(low), float(high), float(min(1.0, 2 * min(below, above)))
+
+
+def paired_bootstrap(
+    model: pd.DataFrame, baseline: pd.DataFrame, metrics=tuple(METRICS), n_resamples: int = 1000, seed: int = 0
+) -> pd.DataFrame:
+    """Pooled metrics of two models on the same documents, their delta and its bootstrap CI.
+
+    ``model`` and ``baseline`` hold per-document sums aligned row by row (same documents,
+    same order): ``nll_sum`` [nats] and the counts the metrics need (``n_tokens``,
+    ``n_bytes``, ``n_words``). One index matrix (see `resampled_sums`) serves every metric,
+    and each resample pools both models over the same documents. Returns one row per metric:
+    metric, value, baseline_value, delta (= value - baseline_value), ci_low, ci_high,
+    p_value (see `bootstrap_interval`), unit.
+    """
+    specs = [METRICS[name] for name in metrics]
+    names = ["nll_sum", *dict.fromkeys(s.count for s in specs)]
+    k = len(names)
+    columns = np.column_stack([model[c].to_numpy(np.float64) for c in names] +
+                              [baseline[c].to_numpy(np.float64) for c in names])  # (D, 2k)  # fmt: skip
+    total = columns.sum(axis=0)[None]  # (1, 2k)
+    boot = resampled_sums(columns, n_resamples, seed)  # (B, 2k)
+    rows = []
+    for spec in specs:
+        j = names.index(spec.count)
+        value = spec.pooled(total[:, 0], total[:, j])[0]
+        base = spec.pooled(total[:, k], total[:, k + j])[0]
+        deltas = spec.pooled(boot[:, 0], boot[:, j]) - spec.pooled(boot[:, k], boot[:, k + j])
+        low, high, p = bootstrap_interval(deltas)
+        rows.append({"metric": spec.name, "value": value, "baseline_value": base, "delta": value - base,
+                     "ci_low": low, "ci_high": high, "p_value": p, "unit": spec.unit})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------
+# Comparing the models of a run
+# --------------------------------------------------------------------------------------
+
+
+def shared_tokenizer(run_record: dict, names=None) -> bool:
+    """True when all models (or the ``names`` given) have the same tokenizer_sha256, i.e.
+    share one vocabulary, so that a token is the same unit for each. A missing fingerprint
+    counts as different."""
+    protocols = run_record["protocol"]["models"]
+    shas = [protocols[n].get("tokenizer_sha256") for n in (names if names is not None else protocols)]
+    return bool(shas) and None not in shas and len(set(shas)) == 1
+
+
+def protocol_differences(protocol: dict, reference: dict) -> list[str]:
+    """``"key: value vs reference"`` for each of `PROTOCOL_KEYS` on which two models differ."""
+    return [
+        f"{key}: {protocol.get(key)!r} vs {reference.get(key)!r}"
+        for key in PROTOCOL_KEYS
+        if protocol.get(key) != reference.get(key)
+    ]
+
+
+def _model_names(tables: dict) -> list[str]:
+    return list(pd.unique(tables["documents"]["model"]))
+
+
+def _baseline(names: list[str], baseline, where: str) -> str:
+    if baseline is None:
+        return names[0]
+    if baseline not in names:
+        raise ConfigError(f"{where}: must name one of the models ({', '.join(names)}) (got {baseline!r}).")
+    return baseline
+
+
+def aligned_documents(documents: pd.DataFrame, model: str, baseline: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The two models' document rows in the baseline's order; refuses different document sets."""
+    base = documents[documents["model"] == baseline].reset_index(drop=True)
+    other = documents[documents["model"] == model]
+    only_model = set(other["doc_id"]) - set(base["doc_id"])
+    only_base = set(base["doc_id"]) - set(other["doc_id"])
+    if only_model or only_base:
+        example = sorted(map(repr, only_model or only_base))[:3]
+        raise DataError(
+            f"compare: model {model!r} must be scored on the same documents as the baseline {baseline!r} "
+            f"(got {len(only_model)} documents only in {model!r} and {len(only_base)} only in {baseline!r}, "
+            f"e.g. {', '.join(example)}). Score both models on the same data and data.max_documents."
+        )
+    other = other.set_index("doc_id").loc[base["doc_id"]].reset_index()
+    return other, base
+
+
+def _pair_note(record: dict, model: str, baseline: str, docs: pd.DataFrame, base: pd.DataFrame) -> str:
+    """Why some rows are absent, or what to keep in mind reading them; '' when nothing."""
+    protocols = record["protocol"]["models"]
+    notes = []
+    if not shared_tokenizer(record, [model, baseline]):
+        short = [str(protocols[n].get("tokenizer_sha256"))[:12] + "…" for n in (model, baseline)]
+        notes.append(TOKENIZERS_DIFFER.format(model=short[0], baseline=short[1]))
+    differences = protocol_differences(protocols[model], protocols[baseline])
+    if differences:
+        notes.append("scoring protocol differs from the baseline (" + "; ".join(differences) + ")")
+    n_bytes_differ = int((docs["n_bytes"].to_numpy() != base["n_bytes"].to_numpy()).sum())
+    if n_bytes_differ:
+        notes.append(f"scored bytes differ in {n_bytes_differ} documents (bos: none leaves each tokenizer's own "
+                     "first token unscored), so bits per byte is not on identical text")  # fmt: skip
+    return "; ".join(notes)
+
+
+def document_differences(docs: pd.DataFrame, base: pd.DataFrame, model: str, baseline: str, shared: bool):
+    """Per-document ranking: where the model gains or loses, in nats and in bits per unit,
+    largest |delta_nll_sum| first. ``delta_bits_per_token`` is NaN without a shared tokenizer."""
+    bpt = METRICS["bits_per_token"]
+    bpb = METRICS["bits_per_byte"]
+    frame = pd.DataFrame(
+        {
+            "model": model,
+            "baseline": baseline,
+            "doc_id": base["doc_id"].to_numpy(),
+            "n_tokens": docs["n_tokens"].to_numpy(),
+            "n_bytes": base["n_bytes"].to_numpy(),
+            "nll_sum": docs["nll_sum"].to_numpy(np.float64),
+            "nll_sum_baseline": base["nll_sum"].to_numpy(np.float64),
+        }
+    )
+    frame["delta_nll_sum"] = frame["nll_sum"] - frame["nll_sum_baseline"]
+    frame["delta_bits_per_token"] = (
+        bpt.pooled(docs["nll_sum"], docs["n_tokens"]) - bpt.pooled(base["nll_sum"], base["n_tokens"])
+        if shared else np.nan
+    )  # fmt: skip
+    frame["delta_bits_per_byte"] = bpb.pooled(docs["nll_sum"], docs["n_bytes"]) - bpb.pooled(base["nll_sum"], base["n_bytes"])
+    order = np.argsort(-frame["delta_nll_sum"].abs().to_numpy(), kind="stable")
+    return frame.iloc[order].reset_index(drop=True)
+
+
+def token_differences(tokens: pd.DataFrame, model: str, baseline: str, top_k: int) -> pd.DataFrame:
+    """The ``top_k`` tokens whose nll [nats] moved most between baseline and model, aligned
+    by (doc_id, position); refuses tokens that do not align (another text or protocol)."""
+    keys = ["doc_id", "position"]
+    mine = tokens.loc[tokens["model"] == model, keys + ["token_id", "token", "nll", "char_start", "char_end"]]
+    theirs = tokens.loc[tokens["model"] == baseline, keys + ["token_id", "nll"]]
+    merged = mine.merge(theirs, on=keys, how="outer", suffixes=("", "_baseline"), indicator=True)
+    unmatched = int((merged["_merge"] != "both").sum())
+    mismatched = int((merged["token_id"] != merged["token_id_baseline"]).sum()) - unmatched
+    if unmatched or mismatched:
+        raise DataError(
+            f"compare: the tokens of {model!r} must align with the baseline {baseline!r} by (doc_id, position) "
+            f"(got {unmatched} unmatched positions and {mismatched} different token ids). "
+            "Score both models with the same tokenizer, data and scoring protocol."
+        )
+    merged["delta_nll"] = merged["nll"].astype(np.float64) - merged["nll_baseline"].astype(np.float64)
+    top = merged.loc[merged["delta_nll"].abs().nlargest(top_k, keep="first").index]
+    return top.assign(model=model, baseline=baseline)[TOKEN_DIFF_COLUMNS].reset_index(drop=True)
+
+
+def compare_tables(tables: dict, run_record: dict, compare_config=None) -> dict:
+    """Compare every model with the baseline on the run's documents.
+
+    ``tables`` holds ``documents`` (and ``tokens`` for the per-token diff); ``run_record`` is
+    the run.json dict; ``compare_config`` a `CompareConfig` or its dict (baseline null = the
+    first model). Returns ``compare`` (columns `COMPARE_COLUMNS`, then `EXTRA_COLUMNS`),
+    ``compare_tokens`` (top_k largest |delta_nll| per model; None without a shared tokenizer
+    or token table) and ``compare_documents`` (per-document ranking). Each pair gets its own
+    ``default_rng(seed)``, so a pair's numbers do not depend on which other models ran.
+    """
+    cfg = CompareConfig(**compare_config) if isinstance(compare_config, dict) else compare_config or CompareConfig()
+    names = _model_names(tables)
+    baseline = _baseline(names, cfg.baseline, "compare.baseline")
+    tokens = tables.get("tokens")
+    rows, token_rows, document_rows = [], [], []
+    for model in (n for n in names if n != baseline):
+        docs, base = aligned_documents(tables["documents"], model, baseline)
+        shared = shared_tokenizer(run_record, [model, baseline])
+        metrics = tuple(METRICS) if shared else TOKEN_FREE_METRICS
+        table = paired_bootstrap(docs, base, metrics, cfg.bootstrap, cfg.seed)
+        note = _pair_note(run_record, model, baseline, docs, base)
+        rows.append(table.assign(model=model, baseline=baseline, n_documents=len(base), n_resamples=cfg.bootstrap, note=note))
+        document_rows.append(document_differences(docs, base, model, baseline, shared))
+        if shared and tokens is not None:
+            token_rows.append(token_differences(tokens, model, baseline, cfg.top_k))
+    compare = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=COMPARE_COLUMNS + EXTRA_COLUMNS)
+    return {
+        "compare": compare[COMPARE_COLUMNS + EXTRA_COLUMNS],
+        "compare_tokens": pd.concat(token_rows, ignore_index=True) if token_rows else None,
+        "compare_documents": pd.concat(document_rows, ignore_index=True) if document_rows else None,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Comparing earlier runs without rescoring
+# --------------------------------------------------------------------------------------
+
+
+def read_run(run_dir) -> dict:
+    """A finished run folder's record (run.json) and tables; ``tokens`` is None when the run
+    wrote no tokens.parquet (output.per_token: false)."""
+    folder = Path(run_dir)
+    needed = [folder / "run.json", folder / "documents.parquet", folder / "summary.csv"]
+    missing = [p.name for p in needed if not p.is_file()]
+    if missing:
+        raise DataError(
+            f"compare: {folder} must be a finished lmeval run folder (got no {', '.join(missing)}). "
+            "Pass the output.dir of an `lmeval run`."
+        )
+    try:
+        record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"compare: {folder / 'run.json'} must be valid JSON (got {exc}). Rerun `lmeval run`.") from None
+    tokens_path = folder / "tokens.parquet"
+    return {
+        "dir": str(folder),
+        "record": record,
+        "documents": pd.read_parquet(folder / "documents.parquet"),
+        "summary": pd.read_csv(folder / "summary.csv"),
+        "tokens": pd.read_parquet(tokens_path) if tokens_path.is_file() else None,
+    }
+
+
+def check_runs_comparable(runs: list[dict]) -> None:
+    """Refuse runs that scored different data, under different protocols, or reuse a name."""
+    owner = {}
+    for run in runs:
+        for name in run["record"]["protocol"]["models"]:
+            if name in owner:
+                raise DataError(
+                    f"compare: model names must be unique across runs (got {name!r} in {owner[name]} and {run['dir']}). "
+                    "Give the models distinct `name:` values in their configs and rerun one of them."
+                )
+            owner[name] = run["dir"]
+    first = runs[0]
+    fingerprint = first["record"]["data"].get("fingerprint")
+    ids = set(first["documents"]["doc_id"])
+    ref_name, ref = next(iter(first["record"]["protocol"]["models"].items()))
+    for run in runs[1:]:
+        other = run["record"]["data"].get("fingerprint")
+        if other != fingerprint:
+            raise DataError(
+                f"compare: data fingerprint must be equal across runs (got {str(fingerprint)[:12]}… in {first['dir']} "
+                f"vs {str(other)[:12]}… in {run['dir']}). Score every model on the same corpus."
+            )
+        if set(run["documents"]["doc_id"]) != ids:
+            raise DataError(
+                f"compare: document ids must be equal across runs (got {len(ids)} in {first['dir']} vs "
+                f"{run['documents']['doc_id'].nunique()} in {run['dir']}). Score every model on the same documents."
+            )
+    for run in runs:
+        for name, protocol in run["record"]["protocol"]["models"].items():
+            differences = protocol_differences(protocol, ref)
+            if differences:
+                raise DataError(
+                    f"compare: the scoring protocol must match across runs, but model {name!r} in {run['dir']} differs "
+                    f"from {ref_name!r} in {first['dir']} ({'; '.join(differences)}). Rerun one of them with the "
+                    f"same scoring.{differences[0].split(':')[0]}."
+                )
+
+
+def merge_runs(runs: list[dict]) -> tuple[dict, dict]:
+    """One set of tables and one record holding every run's models, as if scored together."""
+    tokens = [r["tokens"] for r in runs]
+    tables = {
+        "documents": pd.concat([r["documents"] for r in runs], ignore_index=True),
+        "summary": pd.concat([r["summary"] for r in runs], ignore_index=True),
+        "tokens": None if any(t is None for t in tokens) else pd.concat(tokens, ignore_index=True),
+    }
+    first = runs[0]["record"]
+    record = {
+        "config": {**first.get("config", {}), "models": [m for r in runs for m in r["record"].get("config", {}).get("models", [])]},
+        "protocol": {**first["protocol"], "models": {k: v for r in runs for k, v in r["record"]["protocol"]["models"].items()}},
+        "data": first["data"],
+        "models": {k: v for r in runs for k, v in r["record"].get("models", {}).items()},
+        "runs": [r["dir"] for r in runs],
+    }  # fmt: skip
+    return tables, record
+
+
+def compare_runs(run_dirs: list, baseline: str | None = None, compare_config: CompareConfig | None = None) -> dict:
+    """Compare the models of earlier runs without rescoring: read each run folder, refuse
+    differing data or protocols (`check_runs_comparable`), and compare as `compare_tables`
+    does. ``baseline`` None = the first model of the first run. Returns `compare_tables`'
+    frames plus the merged ``summary``."""
+    if not run_dirs:
+        raise DataError("compare: at least one run folder must be given (got none). Pass RUN_DIR arguments.")
+    runs = [read_run(d) for d in run_dirs]
+    check_runs_comparable(runs)
+    tables, record = merge_runs(runs)
+    names = _model_names(tables)
+    if len(names) < 2:
+        raise DataError(f"compare: at least two models must be given (got {', '.join(names)}). Pass more run folders.")
+    cfg = dataclasses.replace(compare_config or CompareConfig(), baseline=_baseline(names, baseline, "--baseline"))
+    frames = compare_tables(tables, record, cfg)
+    frames["summary"] = tables["summary"]
+    return frames
+
+
+# --------------------------------------------------------------------------------------
+# Files and the checkpoint plot
+# --------------------------------------------------------------------------------------
+
+
+def checkpoint_points(summary: pd.DataFrame, compare: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One point per model for `plot_checkpoints`: x (its step, or its index when some name
+    carries no number), value, and the 95% interval ``baseline_value + [ci_low, ci_high]``.
+
+    The interval is the paired bootstrap CI of the delta from the baseline, moved to the
+    model's scale: it says whether a checkpoint differs from the baseline, not how uncertain
+    its absolute value is. The baseline itself has none (NaN)."""
+    steps = [step_number(str(name))[0] for name in summary["model"]]
+    by_step = all(s >= 0 for s in steps)
+    points = pd.DataFrame({"model": summary["model"].astype(str), "step": steps, "value": summary[metric].to_numpy()})
+    if by_step:
+        points = points.sort_values("step", kind="stable").reset_index(drop=True)
+    points["x"] = points["step"] if by_step else np.arange(len(points))
+    rows = compare[compare["metric"] == metric].set_index("model")
+    points["low"] = points["model"].map(rows["baseline_value"] + rows["ci_low"])
+    points["high"] = points["model"].map(rows["baseline_value"] + rows["ci_high"])
+    points["is_baseline"] = points["model"].isin(set(compare["baseline"]))
+    points.attrs["by_step"] = by_step
+    return points
+
+
+def plot_checkpoints(summary: pd.DataFrame, compare: pd.DataFrame, path) -> None:
+    """PNG with two panels, perplexity and bits per byte against the checkpoint step (or the
+    model, when names carry no step), with 95% paired-bootstrap error bars (`checkpoint_points`).
+    Token perplexity when every model shares the baseline's tokenizer, else word perplexity.
+    Written atomically."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    has_ppl = "ppl" in set(compare["metric"]) and compare.loc[compare["metric"] == "ppl", "model"].nunique() == compare["model"].nunique()
+    panels = [("ppl" if has_ppl else "word_ppl", "perplexity (tokens)" if has_ppl else "word perplexity"),
+              ("bits_per_byte", "bits per byte")]  # fmt: skip
+    fig = Figure(figsize=(10, 4), dpi=110, layout="constrained")
+    baseline = ", ".join(map(str, pd.unique(compare["baseline"])))
+    for ax, (metric, label) in zip(fig.subplots(1, 2), panels):
+        p = checkpoint_points(summary, compare, metric)
+        below = (p["value"] - p["low"]).clip(lower=0).fillna(0)
+        above = (p["high"] - p["value"]).clip(lower=0).fillna(0)
+        ax.errorbar(p["x"], p["value"], yerr=[below, above], fmt="o-", ms=5, lw=1.2, capsize=4, label="model (95% CI vs baseline)")
+        base = p[p["is_baseline"]]
+        ax.plot(base["x"], base["value"], "s", ms=10, mfc="none", mec="crimson", mew=1.5, label=f"baseline ({baseline})")
+        by_step = p.attrs["by_step"]
+        if by_step and p["x"].min() > 0 and p["x"].max() / p["x"].min() >= 50:
+            ax.set_xscale("log")
+        if not by_step:
+            ax.set_xticks(p["x"], p["model"], rotation=30, ha="right")
+        ax.set(xlabel="step" if by_step else "model", ylabel=label, title=f"{label} vs {'step' if by_step else 'model'}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("error bars: 95% paired document-bootstrap CI of the difference from the baseline", fontsize=9)
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def write_compare(out_dir, frames: dict, summary: pd.DataFrame | None = None) -> list[Path]:
+    """Write compare.csv, compare_documents.csv and compare_tokens.csv (when present), and
+    checkpoints.png when ``summary`` holds two or more models; atomically. Returns the paths."""
+    out = Path(out_dir)
+    written = []
+    for name in ("compare", "compare_tokens", "compare_documents"):
+        if frames.get(name) is not None:
+            write_table(frames[name], out / f"{name}.csv")
+            written.append(out / f"{name}.csv")
+    if summary is not None and len(summary) >= 2 and len(frames["compare"]):
+        plot_checkpoints(summary, frames["compare"], out / "checkpoints.png")
+        written.append(out / "checkpoints.png")
+    return written

@@ -1,0 +1,93 @@
+"""`lmeval compare`: compare the models of earlier runs without rescoring them. Parses
+arguments and prints; the work is `lmeval.compare`.
+
+It prints the comparison table; files are written only when ``--out DIR`` is given, so a
+run folder is never modified by looking at it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from .config import CompareConfig
+from .errors import OutputError
+
+log = logging.getLogger(__name__)
+
+SHOWN = ["model", "baseline", "metric", "value", "baseline_value", "delta", "ci_low", "ci_high", "p_value", "unit"]
+DEFAULTS = CompareConfig()
+
+
+def _at_least(minimum: int):
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum} (got {value!r})")
+        return number
+
+    return parse
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``compare`` on an argparse subparsers object; returns its parser."""
+    parser = subparsers.add_parser(
+        "compare",
+        help="compare the models of earlier runs: pooled deltas with paired bootstrap CIs",
+        description="Merge the models of finished run folders (same data, same scoring protocol) into one "
+        "comparison against a baseline, without rescoring. Prints the table; writes files with --out.",
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output.dir of an earlier `lmeval run`")
+    parser.add_argument("--baseline", default=None, metavar="NAME", help="model to compare against (default: the first)")
+    parser.add_argument("--out", default=None, metavar="DIR", help="write compare.csv, compare_tokens.csv, "
+                        "compare_documents.csv and checkpoints.png here (default: print only)")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help="replace compare files already in --out")
+    parser.add_argument("--bootstrap", type=_at_least(0), default=DEFAULTS.bootstrap, metavar="N",
+                        help=f"document resamples (default: {DEFAULTS.bootstrap}; 0 = no intervals)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, metavar="S", help="bootstrap seed (default: 0)")
+    parser.add_argument("--top-k", type=_at_least(0), default=DEFAULTS.top_k, metavar="K",
+                        help=f"tokens with the largest nll change to list (default: {DEFAULTS.top_k})")  # fmt: skip
+    return parser
+
+
+def format_compare(compare: pd.DataFrame) -> str:
+    """The comparison as an aligned text table, then its notes, each once."""
+    text = compare[SHOWN].to_string(index=False, float_format=lambda x: f"{x:.4g}")
+    notes = [f"note ({row.model} vs {row.baseline}): {row.note}" for row in
+             compare.drop_duplicates(["model", "baseline"]).itertuples() if row.note]  # fmt: skip
+    return "\n".join([text, *notes])
+
+
+def _output_dir(path: str, overwrite: bool) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out: must be a folder (got the file {out}). Choose another --out.")
+    taken = [n for n in ("compare.csv", "compare_tokens.csv", "compare_documents.csv", "checkpoints.png") if (out / n).exists()]
+    if taken and not overwrite:
+        raise OutputError(f"--out: {out} must not already hold a comparison (got {', '.join(taken)}). "
+                          "Pass --overwrite to replace it, or choose another --out.")  # fmt: skip
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"--out: cannot create {out} ({exc.strerror}). Check its permissions.") from exc
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``lmeval compare``; returns the exit code. User errors raise `LmevalError`."""
+    from .compare import compare_runs, write_compare
+
+    config = CompareConfig(baseline=args.baseline, bootstrap=args.bootstrap, seed=args.seed, top_k=args.top_k)
+    out = _output_dir(args.out, args.overwrite) if args.out else None
+    frames = compare_runs(args.run_dirs, args.baseline, config)
+    print(format_compare(frames["compare"]))
+    if out is not None:
+        write_compare(out, frames, frames["summary"])
+        print(f"\nwrote {out}")
+    return 0

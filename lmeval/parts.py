@@ -1,0 +1,121 @@
+"""Result parts: the per-token arrays of a group of documents, written as soon as they exist.
+
+A run dir holds ``parts/<model>/<key>.parquet``. Each part covers a fixed group of
+documents, planned from the corpus alone (so it does not depend on batch size or on how many
+processes score), and its key is a hash of the group's document ids: a part name never comes
+from a document id, so no id can escape the run dir. Parts are written atomically, so a
+killed run keeps every finished part and a rerun scores only the missing groups.
+``parts/manifest.json`` records what the parts were computed from; resuming with a different
+config, model or corpus is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import OutputError
+from .report import atomic_write, write_json
+
+META_KEY = b"lmeval"
+
+
+def plan_groups(texts_chars: list[int], part_chars: int) -> list[list[int]]:
+    """Consecutive document indices grouped until each group holds >= ``part_chars`` characters."""
+    groups, current, size = [], [], 0
+    for i, n_chars in enumerate(texts_chars):
+        current.append(i)
+        size += n_chars
+        if size >= part_chars:
+            groups.append(current)
+            current, size = [], 0
+    if current:
+        groups.append(current)
+    return groups
+
+
+def part_key(doc_ids: list) -> str:
+    """A file-safe name for a group: a hash of its document ids (never the ids themselves)."""
+    text = json.dumps([str(d) for d in doc_ids], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+def model_dirname(name: str) -> str:
+    """A model's folder under parts/: its name made file-safe, plus a hash to keep it unique."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+    return f"{safe[:48]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def write_part(path: Path, columns: dict[str, np.ndarray], meta: dict) -> None:
+    """Write one part: 1-D columns as they are, (N, K) columns as ``name.k``, ``meta`` in the schema."""
+    arrays = {}
+    for name, values in columns.items():
+        if values.ndim == 2:
+            for k in range(values.shape[1]):
+                arrays[f"{name}.{k}"] = values[:, k]
+        else:
+            arrays[name] = values
+    table = pa.table(arrays).replace_schema_metadata({META_KEY: json.dumps(meta, default=_plain).encode("utf-8")})
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(type(value).__name__)
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads(pq.read_schema(path).metadata[META_KEY])
+
+
+def read_columns(path: Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Read a part's columns back, re-stacking ``name.k`` columns into (N, K) arrays."""
+    table = pq.read_table(path)
+    flat = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    out: dict[str, list] = {}
+    for name, values in flat.items():
+        base, _, k = name.rpartition(".")
+        if base and k.isdigit():
+            out.setdefault(base, []).append(values)
+        else:
+            out[name] = values
+    stacked = {k: (np.stack(v, axis=1) if isinstance(v, list) else v) for k, v in out.items()}
+    return stacked if names is None else {k: stacked[k] for k in names if k in stacked}
+
+
+def open_parts(run_dir: Path, identity: dict, fresh: bool) -> Path:
+    """The parts folder of a run, checked against (or stamped with) the run's identity."""
+    parts = run_dir / "parts"
+    manifest = parts / "manifest.json"
+    if fresh and parts.exists():
+        shutil.rmtree(parts)
+    if manifest.exists():
+        previous = json.loads(manifest.read_text(encoding="utf-8"))
+        changed = [key for key in identity if previous.get(key) != _roundtrip(identity[key])]
+        if changed:
+            raise OutputError(
+                f"output.dir: {run_dir} holds a partial run made with a different {', '.join(changed)}. "
+                "Rerun with --fresh to discard it and start over, or choose another `output.dir`."
+            )
+    else:
+        parts.mkdir(parents=True, exist_ok=True)
+        write_json(identity, manifest)
+    return parts
+
+
+def _roundtrip(value):
+    """The value as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value, default=_plain))
+
+
+def finished_keys(folder: Path) -> set[str]:
+    """Keys of parts already written completely (temporary files are ignored)."""
+    return {p.stem for p in folder.glob("*.parquet")} if folder.exists() else set()
