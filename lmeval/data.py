@@ -71,6 +71,9 @@ def _load_dataset(config):
                 f"data.path: files must share one of the extensions {', '.join(BUILDERS)} (got {sorted(suffixes)})."
             )
         builder = BUILDERS[suffixes.pop()]
+        if builder != "parquet":
+            for name in files:
+                check_utf8(name)
         extra = {"sample_by": config.sample_by} if builder == "text" else {}
         return datasets.load_dataset(builder, data_files=files, split="train", **extra)
     except DataError:
@@ -79,6 +82,28 @@ def _load_dataset(config):
         cause = exc.__cause__ or exc
         raise DataError(f"data.path: cannot read {config.path}: {type(cause).__name__}: {cause}. "
                         "Check that the file is valid UTF-8 in the format its extension says.") from exc
+
+
+def check_utf8(path: str) -> None:
+    """Text corpora must be UTF-8; say where they are not (the JSON/CSV readers would not)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path}: must be UTF-8 text, but byte {offset + exc.start} is not ({exc.reason}). "
+                    "Re-encode the file, e.g. `iconv -f latin1 -t utf-8`."
+                ) from None
+            offset += len(block)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: must be UTF-8 text; it ends inside a character ({exc.reason}).") from None
 
 
 def load_documents(config) -> Corpus:
