@@ -33,7 +33,7 @@ from .losses import LN2
 from .report import atomic_write, write_table
 
 COMPARE_COLUMNS = ["model", "baseline", "metric", "delta", "ci_low", "ci_high", "p_value", "unit"]
-EXTRA_COLUMNS = ["value", "baseline_value", "n_documents", "n_resamples", "note"]
+EXTRA_COLUMNS = ["value", "baseline_value", "ratio", "ratio_ci_low", "ratio_ci_high", "n_documents", "n_resamples", "note"]
 TOKEN_DIFF_COLUMNS = [
     "model", "baseline", "doc_id", "position", "token", "delta_nll", "nll", "nll_baseline", "char_start", "char_end",
 ]  # fmt: skip
@@ -138,7 +138,8 @@ def paired_bootstrap(
     ``n_bytes``, ``n_words``). One index matrix (see `resampled_sums`) serves every metric,
     and each resample pools both models over the same documents. Returns one row per metric:
     metric, value, baseline_value, delta (= value - baseline_value), ci_low, ci_high,
-    p_value (see `bootstrap_interval`), unit.
+    p_value (see `bootstrap_interval`), unit, and ratio (= value / baseline_value) with its
+    percentile interval ratio_ci_low, ratio_ci_high from the same resamples.
     """
     specs = [METRICS[name] for name in metrics]
     names = ["nll_sum", *dict.fromkeys(s.count for s in specs)]
@@ -152,10 +153,12 @@ def paired_bootstrap(
         j = names.index(spec.count)
         value = spec.pooled(total[:, 0], total[:, j])[0]
         base = spec.pooled(total[:, k], total[:, k + j])[0]
-        deltas = spec.pooled(boot[:, 0], boot[:, j]) - spec.pooled(boot[:, k], boot[:, k + j])
-        low, high, p = bootstrap_interval(deltas)
+        mine, theirs = spec.pooled(boot[:, 0], boot[:, j]), spec.pooled(boot[:, k], boot[:, k + j])  # (B,)
+        low, high, p = bootstrap_interval(mine - theirs)
+        ratio_low, ratio_high, _ = bootstrap_interval(mine / theirs)
         rows.append({"metric": spec.name, "value": value, "baseline_value": base, "delta": value - base,
-                     "ci_low": low, "ci_high": high, "p_value": p, "unit": spec.unit})  # fmt: skip
+                     "ci_low": low, "ci_high": high, "p_value": p, "unit": spec.unit, "ratio": value / base,
+                     "ratio_ci_low": ratio_low, "ratio_ci_high": ratio_high})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -249,7 +252,9 @@ def document_differences(docs: pd.DataFrame, base: pd.DataFrame, model: str, bas
         bpt.pooled(docs["nll_sum"], docs["n_tokens"]) - bpt.pooled(base["nll_sum"], base["n_tokens"])
         if shared else np.nan
     )  # fmt: skip
-    frame["delta_bits_per_byte"] = bpb.pooled(docs["nll_sum"], docs["n_bytes"]) - bpb.pooled(base["nll_sum"], base["n_bytes"])
+    frame["delta_bits_per_byte"] = (
+        bpb.pooled(docs["nll_sum"], docs["n_bytes"]) - bpb.pooled(base["nll_sum"], base["n_bytes"])
+    )
     order = np.argsort(-frame["delta_nll_sum"].abs().to_numpy(), kind="stable")
     return frame.iloc[order].reset_index(drop=True)
 
@@ -282,7 +287,8 @@ def compare_tables(tables: dict, run_record: dict, compare_config=None) -> dict:
     first model). Returns ``compare`` (columns `COMPARE_COLUMNS`, then `EXTRA_COLUMNS`),
     ``compare_tokens`` (top_k largest |delta_nll| per model; None without a shared tokenizer
     or token table) and ``compare_documents`` (per-document ranking). Each pair gets its own
-    ``default_rng(seed)``, so a pair's numbers do not depend on which other models ran.
+    ``default_rng(seed)``, so a pair's numbers do not depend on which other models ran, and
+    its resampled indices point into the baseline's documents in their table order.
     """
     cfg = CompareConfig(**compare_config) if isinstance(compare_config, dict) else compare_config or CompareConfig()
     names = _model_names(tables)
@@ -383,12 +389,12 @@ def merge_runs(runs: list[dict]) -> tuple[dict, dict]:
         "summary": pd.concat([r["summary"] for r in runs], ignore_index=True),
         "tokens": None if any(t is None for t in tokens) else pd.concat(tokens, ignore_index=True),
     }
-    first = runs[0]["record"]
+    records = [r["record"] for r in runs]
     record = {
-        "config": {**first.get("config", {}), "models": [m for r in runs for m in r["record"].get("config", {}).get("models", [])]},
-        "protocol": {**first["protocol"], "models": {k: v for r in runs for k, v in r["record"]["protocol"]["models"].items()}},
-        "data": first["data"],
-        "models": {k: v for r in runs for k, v in r["record"].get("models", {}).items()},
+        "config": {**records[0].get("config", {}), "models": [m for r in records for m in r.get("config", {}).get("models", [])]},
+        "protocol": {**records[0]["protocol"], "models": {k: v for r in records for k, v in r["protocol"]["models"].items()}},
+        "data": records[0]["data"],
+        "models": {k: v for r in records for k, v in r.get("models", {}).items()},
         "runs": [r["dir"] for r in runs],
     }  # fmt: skip
     return tables, record
@@ -420,11 +426,14 @@ def compare_runs(run_dirs: list, baseline: str | None = None, compare_config: Co
 
 def checkpoint_points(summary: pd.DataFrame, compare: pd.DataFrame, metric: str) -> pd.DataFrame:
     """One point per model for `plot_checkpoints`: x (its step, or its index when some name
-    carries no number), value, and the 95% interval ``baseline_value + [ci_low, ci_high]``.
+    carries no number), value, and the 95% interval ``baseline_value * [ratio_ci_low,
+    ratio_ci_high]``.
 
-    The interval is the paired bootstrap CI of the delta from the baseline, moved to the
-    model's scale: it says whether a checkpoint differs from the baseline, not how uncertain
-    its absolute value is. The baseline itself has none (NaN)."""
+    The interval is the paired bootstrap CI of the model/baseline ratio, put on the metric's
+    scale: it says whether a checkpoint differs from the baseline, not how uncertain its
+    absolute value is. A ratio (not ``baseline_value + [ci_low, ci_high]``) because the
+    additive interval of a perplexity can reach below 0 when the baseline's own resampled
+    perplexity swings widely. The baseline itself has none (NaN)."""
     steps = [step_number(str(name))[0] for name in summary["model"]]
     by_step = all(s >= 0 for s in steps)
     points = pd.DataFrame({"model": summary["model"].astype(str), "step": steps, "value": summary[metric].to_numpy()})
@@ -432,8 +441,8 @@ def checkpoint_points(summary: pd.DataFrame, compare: pd.DataFrame, metric: str)
         points = points.sort_values("step", kind="stable").reset_index(drop=True)
     points["x"] = points["step"] if by_step else np.arange(len(points))
     rows = compare[compare["metric"] == metric].set_index("model")
-    points["low"] = points["model"].map(rows["baseline_value"] + rows["ci_low"])
-    points["high"] = points["model"].map(rows["baseline_value"] + rows["ci_high"])
+    points["low"] = points["model"].map(rows["baseline_value"] * rows["ratio_ci_low"])
+    points["high"] = points["model"].map(rows["baseline_value"] * rows["ratio_ci_high"])
     points["is_baseline"] = points["model"].isin(set(compare["baseline"]))
     points.attrs["by_step"] = by_step
     return points
@@ -446,29 +455,34 @@ def plot_checkpoints(summary: pd.DataFrame, compare: pd.DataFrame, path) -> None
     Written atomically."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-    has_ppl = "ppl" in set(compare["metric"]) and compare.loc[compare["metric"] == "ppl", "model"].nunique() == compare["model"].nunique()
-    panels = [("ppl" if has_ppl else "word_ppl", "perplexity (tokens)" if has_ppl else "word perplexity"),
+    with_ppl = set(compare.loc[compare["metric"] == "ppl", "model"]) == set(compare["model"])
+    panels = [("ppl", "perplexity (tokens)") if with_ppl else ("word_ppl", "word perplexity"),
               ("bits_per_byte", "bits per byte")]  # fmt: skip
-    fig = Figure(figsize=(10, 4), dpi=110, layout="constrained")
     baseline = ", ".join(map(str, pd.unique(compare["baseline"])))
+    fig = Figure(figsize=(10, 4), dpi=110, layout="constrained")
     for ax, (metric, label) in zip(fig.subplots(1, 2), panels):
-        p = checkpoint_points(summary, compare, metric)
-        below = (p["value"] - p["low"]).clip(lower=0).fillna(0)
-        above = (p["high"] - p["value"]).clip(lower=0).fillna(0)
-        ax.errorbar(p["x"], p["value"], yerr=[below, above], fmt="o-", ms=5, lw=1.2, capsize=4, label="model (95% CI vs baseline)")
-        base = p[p["is_baseline"]]
-        ax.plot(base["x"], base["value"], "s", ms=10, mfc="none", mec="crimson", mew=1.5, label=f"baseline ({baseline})")
-        by_step = p.attrs["by_step"]
-        if by_step and p["x"].min() > 0 and p["x"].max() / p["x"].min() >= 50:
-            ax.set_xscale("log")
-        if not by_step:
-            ax.set_xticks(p["x"], p["model"], rotation=30, ha="right")
-        ax.set(xlabel="step" if by_step else "model", ylabel=label, title=f"{label} vs {'step' if by_step else 'model'}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("error bars: 95% paired document-bootstrap CI of the difference from the baseline", fontsize=9)
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+        _draw_panel(ax, checkpoint_points(summary, compare, metric), label, baseline)
+    fig.suptitle("error bars: 95% paired document-bootstrap CI of the ratio to the baseline, "
+                 "times the baseline's value", fontsize=9)  # fmt: skip
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def _draw_panel(ax, points: pd.DataFrame, label: str, baseline: str) -> None:
+    below = (points["value"] - points["low"]).clip(lower=0).fillna(0)
+    above = (points["high"] - points["value"]).clip(lower=0).fillna(0)
+    ax.errorbar(points["x"], points["value"], yerr=[below, above], fmt="o-", ms=5, lw=1.2, capsize=4,
+                label="model (95% CI vs baseline)")  # fmt: skip
+    base = points[points["is_baseline"]]
+    ax.plot(base["x"], base["value"], "s", ms=10, mfc="none", mec="crimson", mew=1.5, label=f"baseline ({baseline})")
+    by_step = points.attrs["by_step"]
+    if by_step and points["x"].min() > 0 and points["x"].max() / points["x"].min() >= 50:
+        ax.set_xscale("log")  # checkpoints are often saved at geometric steps
+    if not by_step:
+        ax.set_xticks(points["x"], points["model"], rotation=30, ha="right")
+    axis = "step" if by_step else "model"
+    ax.set(xlabel=axis, ylabel=label, title=f"{label} vs {axis}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def write_compare(out_dir, frames: dict, summary: pd.DataFrame | None = None) -> list[Path]:
