@@ -45,9 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     val_p.add_argument("config")
     val_p.add_argument("overrides", nargs="*")
     val_p.set_defaults(func=_validate)
-    from . import surprisal_cli
+    from . import compare_cli, surprisal_cli
 
     surprisal_cli.add_parser(sub).set_defaults(func=surprisal_cli.main)
+    compare_cli.add_parser(sub).set_defaults(func=compare_cli.main)
     return parser
 
 

@@ -139,7 +139,7 @@ def summary_row(model_name: str, documents: pd.DataFrame, n_skipped: int = 0, se
 # Every file `lmeval run` may write; --overwrite removes exactly these, nothing else.
 OUTPUT_FILES = (
     "tokens.parquet", "documents.parquet", "documents.csv", "summary.csv", "calibration.csv",
-    "temperature.csv", "compare.csv", "compare_tokens.csv", "reliability.png", "checkpoints.png", "run.json",
+    "temperature.csv", "compare.csv", "compare_tokens.csv", "compare_documents.csv", "reliability.png", "checkpoints.png", "run.json",
 )  # fmt: skip
 
 
