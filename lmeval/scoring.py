@@ -345,9 +345,10 @@ def score_batch(lm: LoadedModel, windows: list[Window], options: ScoreOptions, c
     parts = []
     for begin in range(0, len(targets), step):
         sl = slice(begin, begin + step)
-        stats = token_statistics(source(sl), targets[sl], options.temperatures, options.top_k, compiled)
-        parts.append(stats.to_numpy())
-    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        parts.append(token_statistics(source(sl), targets[sl], options.temperatures, options.top_k, compiled))
+    # One device-to-host copy per batch, not one per chunk and statistic.
+    fields = parts[0].__dataclass_fields__
+    return {key: torch.cat([getattr(p, key) for p in parts]).cpu().numpy() for key in fields}
 
 
 def score_windows(lm: LoadedModel, windows: list[Window], options: ScoreOptions, progress=None) -> dict[str, np.ndarray]:
@@ -361,9 +362,15 @@ def score_windows(lm: LoadedModel, windows: list[Window], options: ScoreOptions,
     total = int(starts[-1])
     out: dict[str, np.ndarray] = {}
     compiled = use_compiled(lm, options, total)
-    for batch in pack_batches(windows, options.batch_tokens):
+    pending = [(batch, options.batch_tokens) for batch in pack_batches(windows, options.batch_tokens)]
+    while pending:
+        batch, budget = pending.pop(0)
         batch_windows = [windows[i] for i in batch]
-        stats, compiled = _score_batch_safely(lm, batch_windows, options, compiled)
+        try:
+            stats, compiled = _score_batch_safely(lm, batch_windows, options, compiled)
+        except torch.OutOfMemoryError:
+            pending[:0] = _split_after_oom(lm, windows, batch, budget)
+            continue
         _check_finite(lm, batch_windows, stats)
         offset = 0
         for i, w in zip(batch, batch_windows):
@@ -374,8 +381,27 @@ def score_windows(lm: LoadedModel, windows: list[Window], options: ScoreOptions,
             offset += w.n_scored
         if progress is not None:
             progress(offset, total)
-    out.update(_window_columns(windows, total))
+    out.update(_window_columns(windows, counts, total))
     return out
+
+
+def _split_after_oom(lm: LoadedModel, windows: list[Window], batch: list[int], budget: int) -> list[tuple[list[int], int]]:
+    """Out of memory: halve the batch's token budget and re-pack the same windows, so the
+    batch is retried in smaller pieces and nothing is lost or scored twice."""
+    if lm.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if len(batch) == 1:
+        w = windows[batch[0]]
+        raise ModelError(
+            f"model {lm.name}: out of memory on a single window of {len(w.input_ids)} tokens "
+            f"(document {w.doc_id}). Lower `scoring.max_length`, or use a smaller dtype or a larger device."
+        )
+    half = max(1, budget // 2)
+    log.warning("out of memory at batch_tokens=%d; retrying this batch at %d", budget, half)
+    sub = pack_batches([windows[i] for i in batch], half)
+    if len(sub) == 1:  # the budget allows them all in one row group: split by rows instead
+        sub = [list(range(len(batch) // 2)), list(range(len(batch) // 2, len(batch)))]
+    return [([batch[j] for j in group], half) for group in sub]
 
 
 def _score_batch_safely(lm, windows, options, compiled):
@@ -390,15 +416,18 @@ def _score_batch_safely(lm, windows, options, compiled):
         return score_batch(lm, windows, options), False
 
 
-def _window_columns(windows: list[Window], total: int) -> dict[str, np.ndarray]:
-    def flat(get, dtype):
-        return np.fromiter((x for w in windows for x in get(w)), dtype=dtype, count=total)
-
+def _window_columns(windows: list[Window], counts: np.ndarray, total: int) -> dict[str, np.ndarray]:
+    """Per-token document index, position, target id and context length, in window order."""
+    if total == 0:
+        return {k: np.zeros(0, dtype=np.int64) for k in ("doc_index", "position", "token_id", "context_len")}
+    first_position = np.array([w.positions[0] if w.positions else 0 for w in windows], dtype=np.int64)
+    first_context = np.array([w.first_scored + 1 for w in windows], dtype=np.int64)
+    within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)  # 0.. inside each window
     return {
-        "doc_index": flat(lambda w: [w.doc_id] * w.n_scored, np.int64),
-        "position": flat(lambda w: w.positions, np.int64),
-        "token_id": flat(lambda w: w.targets, np.int64),
-        "context_len": flat(lambda w: w.context_len, np.int64),
+        "doc_index": np.repeat(np.array([w.doc_id for w in windows], dtype=np.int64), counts),
+        "position": np.repeat(first_position, counts) + within,
+        "token_id": np.fromiter((t for w in windows for t in w.targets), dtype=np.int64, count=total),
+        "context_len": np.repeat(first_context, counts) + within,
     }
 
 

@@ -207,3 +207,34 @@ def test_tokenizer_without_bos_or_eos(tmp_path, tiny_models):
     with pytest.raises(ModelError, match="neither"):
         lmeval.score_texts(["ok"], (model, tokenizer))
     assert len(lmeval.score_texts(["ok then"], (model, tokenizer), bos="none")) > 0
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(gpt2_pair, monkeypatch, caplog):
+    import lmeval.scoring as scoring
+
+    texts = TEXTS + [" ".join(CORPUS)]
+    reference = lmeval.score_texts(texts, gpt2_pair, max_length=16, batch_tokens=4096)
+    real = scoring.score_batch
+    sizes = []
+
+    def tight_memory(lm, windows, options, compiled=False):
+        sizes.append(len(windows))
+        if len(windows) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(lm, windows, options, compiled)
+
+    monkeypatch.setattr(scoring, "score_batch", tight_memory)
+    with caplog.at_level("WARNING"):
+        retried = lmeval.score_texts(texts, gpt2_pair, max_length=16, batch_tokens=4096)
+    assert sizes[0] > 3 and max(sizes[1:]) <= 3  # the first batch failed, smaller ones succeeded
+    assert "out of memory" in caplog.text
+    pd_equal = retried[["doc_id", "position", "token_id"]].equals(reference[["doc_id", "position", "token_id"]])
+    assert pd_equal
+    np.testing.assert_allclose(retried.nll, reference.nll, rtol=1e-6)
+
+    def no_memory(lm, windows, options, compiled=False):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(scoring, "score_batch", no_memory)
+    with pytest.raises(ModelError, match="single window"):
+        lmeval.score_texts(texts[:1], gpt2_pair, max_length=16)

@@ -1,0 +1,251 @@
+"""Benchmark lmeval against a bare forward and lm-evaluation-harness, side by side in one run.
+
+Methods, over the same documents and the same windows (L = S = max_length), each in its own
+subprocess so that peak RSS is its own:
+  bare     model(input_ids).logits over lmeval's batches: the cost of the forward pass alone
+  lmeval   lmeval.score_texts end to end (tokenize, window, score, per-token table)
+  lm-eval  lm-evaluation-harness HFLM.loglikelihood_rolling (if `lm-eval` is installed:
+           pip install -e ".[bench]")
+Models: the bundled demo checkpoint; a random GPT-2-style model with a 50k vocabulary; a
+random Llama-style model with a 128k vocabulary at max_length 1024 (the memory case). All
+read the demo's held-out books through the demo tokenizer (only the logits' width differs).
+
+    python scripts/bench.py                          # every model, every method
+    python scripts/bench.py --models demo --tokens 60000
+    python scripts/bench.py --scaling                # lmeval run at 20k, 200k, 1M tokens
+
+Reports tokens/second, peak RSS rise (and peak CUDA memory on GPU) and their ratios, and the
+largest per-document relative difference in sum NLL between lmeval and lm-eval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "lmeval" / "assets" / "demo"
+MODELS = {
+    # name: (max_length, batch_tokens)
+    "demo": (256, 8192),
+    "gpt2-50k": (256, 8192),
+    "llama-128k": (1024, 8192),
+}
+METHODS = ("bare", "lmeval", "lm-eval")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_texts(n_tokens: int, tokenizer) -> list[str]:
+    """Held-out books, repeated with a marker if needed, until about ``n_tokens`` tokens."""
+    books = [json.loads(line)["text"] for line in (DEMO / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    texts, total, round_ = [], 0, 0
+    while total < n_tokens:
+        for book in books:
+            text = book if round_ == 0 else f"({round_}) {book}"
+            texts.append(text)
+            total += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if total >= n_tokens:
+                break
+        round_ += 1
+    return texts
+
+
+def build_model(name: str, dtype: torch.dtype, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO / "final")
+    torch.manual_seed(0)
+    if name == "demo":
+        model = AutoModelForCausalLM.from_pretrained(DEMO / "final", dtype=dtype)
+    elif name == "gpt2-50k":
+        config = GPT2Config(vocab_size=50257, n_positions=256, n_embd=128, n_layer=4, n_head=4)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        config = LlamaConfig(
+            vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+        )  # fmt: skip
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def run_bare(model, tokenizer, texts, max_length, batch_tokens) -> list[float] | None:
+    from lmeval.scoring import pack_batches
+    from lmeval.windows import make_windows
+
+    prefix = [tokenizer.eos_token_id]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    windows = [w for i, t in enumerate(ids) for w in make_windows(i, t, prefix, max_length, max_length)]
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for batch in pack_batches(windows, batch_tokens):
+            rows = [windows[i].input_ids for i in batch]
+            width = max(map(len, rows))
+            input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for r, row in enumerate(rows):
+                input_ids[r, : len(row)] = torch.tensor(row)
+                mask[r, : len(row)] = 1
+            model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    return None
+
+
+def run_lmeval(model, tokenizer, texts, max_length, batch_tokens) -> list[float]:
+    import lmeval
+
+    table = lmeval.score_texts(texts, (model, tokenizer), max_length=max_length, batch_tokens=batch_tokens)
+    sums = table.groupby("doc_id").nll.apply(lambda s: s.astype("float64").sum())
+    return [float(sums.get(i, 0.0)) for i in range(len(texts))]
+
+
+def run_lm_eval(model, tokenizer, texts, max_length, batch_tokens) -> list[float]:
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    device = str(next(model.parameters()).device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, device=device,
+              batch_size=max(1, batch_tokens // max_length))  # fmt: skip
+    requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    return [-ll for ll in lm.loglikelihood_rolling(requests, disable_tqdm=True)]
+
+
+RUNNERS = {"bare": run_bare, "lmeval": run_lmeval, "lm-eval": run_lm_eval}
+
+
+def child(args) -> dict:
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if (device == "cuda" and args.bf16) else torch.float32
+    model, tokenizer = build_model(args.model, dtype, device)
+    max_length, batch_tokens = MODELS[args.model]
+    batch_tokens = args.batch_tokens or batch_tokens
+    texts = load_texts(args.tokens, tokenizer)
+    n_tokens = sum(len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base = rss_mb()
+    cuda_base = torch.cuda.memory_allocated() if device == "cuda" else 0
+    started = time.perf_counter()
+    doc_nll = RUNNERS[args.method](model, tokenizer, texts, max_length, batch_tokens)
+    seconds = time.perf_counter() - started
+    out = {"tokens": n_tokens, "seconds": seconds, "peak_rise_mb": peak_rss_mb() - base, "doc_nll": doc_nll}
+    if device == "cuda":
+        out["cuda_peak_mb"] = (torch.cuda.max_memory_allocated() - cuda_base) / 2**20
+    return out
+
+
+def compare_models(args) -> None:
+    try:
+        import lm_eval  # noqa: F401
+
+        methods = METHODS
+    except ImportError:
+        methods = METHODS[:2]
+        print("lm-eval is not installed: skipping it (pip install -e '.[bench]')")
+    for model in args.models:
+        results = {}
+        for method in methods:
+            cmd = [sys.executable, __file__, "--child", "--model", model, "--method", method,
+                   "--tokens", str(args.tokens), "--threads", str(args.threads)]  # fmt: skip
+            cmd += ["--bf16"] if args.bf16 else []
+            cmd += ["--batch-tokens", str(args.batch_tokens)] if args.batch_tokens else []
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                print(f"{model}/{method} failed:\n{done.stderr[-2000:]}")
+                continue
+            results[method] = json.loads(done.stdout.strip().splitlines()[-1])
+        report(model, results, args)
+
+
+def report(model: str, results: dict, args) -> None:
+    max_length, batch_tokens = MODELS[model]
+    print(f"\n== {model}: L = S = {max_length}, batch_tokens = {args.batch_tokens or batch_tokens}, "
+          f"threads = {args.threads}, device = {'cuda' if torch.cuda.is_available() else 'cpu'}")  # fmt: skip
+    print(f"{'method':<8} {'tokens':>8} {'seconds':>9} {'tok/s':>9} {'peak RSS rise MB':>17} {'CUDA peak MB':>13}")
+    for name, r in results.items():
+        cuda = f"{r['cuda_peak_mb']:.0f}" if "cuda_peak_mb" in r else "-"
+        print(f"{name:<8} {r['tokens']:>8} {r['seconds']:>9.2f} {r['tokens'] / r['seconds']:>9.0f} "
+              f"{r['peak_rise_mb']:>17.1f} {cuda:>13}")  # fmt: skip
+    ours = results.get("lmeval")
+    for other in ("bare", "lm-eval"):
+        if ours and other in results:
+            theirs = results[other]
+            print(f"lmeval vs {other}: throughput {theirs['seconds'] / ours['seconds']:.2f}x, "
+                  f"peak RSS {ours['peak_rise_mb'] / max(theirs['peak_rise_mb'], 1e-9):.2f}x", end="")
+            if "cuda_peak_mb" in ours and "cuda_peak_mb" in theirs:
+                print(f", CUDA peak {ours['cuda_peak_mb'] / max(theirs['cuda_peak_mb'], 1e-9):.2f}x", end="")
+            print()
+    if ours and "lm-eval" in results:
+        rel = [abs(a - b) / abs(b) for a, b in zip(ours["doc_nll"], results["lm-eval"]["doc_nll"]) if b]
+        print(f"per-document agreement lmeval vs lm-eval: max relative difference {max(rel):.2e} over {len(rel)} documents")
+
+
+def scaling(args) -> None:
+    """`lmeval run` on the demo model at growing corpus sizes: time per token and peak RSS."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO / "final")
+    print(f"{'tokens':>9} {'wall s':>8} {'scoring tok/s':>14} {'us/token (wall)':>16} {'peak RSS MB':>12}")
+    for n_tokens in args.scaling_tokens:
+        with tempfile.TemporaryDirectory() as tmp:
+            texts = load_texts(n_tokens, tokenizer)
+            with open(f"{tmp}/docs.jsonl", "w", encoding="utf-8") as f:
+                for i, text in enumerate(texts):
+                    f.write(json.dumps({"id": f"doc-{i}", "text": text}) + "\n")
+            Path(f"{tmp}/cfg.yaml").write_text(
+                f"models: [{{name: final, path: {DEMO / 'final'}, dtype: float32}}]\n"
+                f"data: {{path: docs.jsonl, id_field: id}}\nscoring: {{max_length: 256, batch_tokens: 8192, compile: false}}\n"
+                "output: {dir: out}\n"
+            )  # fmt: skip
+            started = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-m", "lmeval", "run", f"{tmp}/cfg.yaml", "-q"],
+                                    stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})  # fmt: skip
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - started
+            import pandas as pd
+
+            summary = pd.read_csv(f"{tmp}/out/summary.csv").iloc[0]
+            print(f"{int(summary.n_tokens):>9} {wall:>8.1f} {summary.tokens_per_second:>14.0f} "
+                  f"{1e6 * wall / summary.n_tokens:>16.1f} {usage.ru_maxrss / 1024:>12.0f}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--tokens", type=int, default=20000, help="approximate tokens per model")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-tokens", type=int, default=None)
+    parser.add_argument("--bf16", action="store_true", help="bf16 weights on CUDA")
+    parser.add_argument("--scaling", action="store_true", help="time per token and RSS against corpus size")
+    parser.add_argument("--scaling-tokens", type=int, nargs="+", default=[20_000, 200_000, 1_000_000])
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+    elif args.scaling:
+        scaling(args)
+    else:
+        compare_models(args)
+
+
+if __name__ == "__main__":
+    main()
