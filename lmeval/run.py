@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from . import calibration as cal
+from . import distributed
 from .config import Config, ModelConfig, load_config
 from .data import (
     SEPARATOR_ID,
@@ -26,7 +27,7 @@ from .data import (
     split_stream,
     tokenize_documents,
 )
-from .errors import DataError
+from .errors import DataError, OutputError
 from .parts import finished_keys, model_dirname, open_parts, part_key, plan_groups, read_columns, read_meta, write_part
 from .provenance import fingerprint_model, tokenizer_fingerprint, versions
 from .report import (
@@ -317,26 +318,80 @@ def run(
     parts of an interrupted run in the same dir are reused (``fresh`` discards them).
     Returns ``tokens`` (unless ``return_tokens`` is false), ``documents``, ``summary``,
     ``calibration``, ``temperature``, and ``run``, the record written to run.json.
+
+    Under ``torchrun`` or ``accelerate launch`` every process calls this. Rank 0 prepares
+    ``output.dir``; each rank scores its share of the unfinished part groups; rank 0 merges
+    the parts and returns the tables once they are written, and every other rank returns an
+    empty dict at the same moment. An error on any rank is raised on every rank.
     """
     if not isinstance(config, Config):
         config = load_config(config, overrides)
+    with distributed.launched() as ctx:
+        started = time.time()
+        opened = ctx.call(lambda: _open_run(config, overwrite, fresh), main_only=True)  # rank 0 first
+        out, corpus, parts = ctx.call(lambda: opened if ctx.is_main else _join_run(config))
+        groups = plan_parts(corpus, config)
+        todo = ctx.broadcast(_unfinished(corpus, config, parts, groups) if ctx.is_main else None)
+        bar = _Progress(show_progress and ctx.is_main)
+        try:
+            ctx.call(lambda: _score_share(config, corpus, parts, groups, todo, ctx, bar))
+        finally:
+            bar.close()
+        tables = ctx.call(lambda: _finish(out, config, corpus, parts, groups, return_tokens, started), main_only=True)
+    return tables if ctx.is_main else {}
+
+
+def _open_run(config: Config, overwrite: bool, fresh: bool):
+    """Rank 0's start: the run dir, the corpus, and the parts folder stamped with the run's identity."""
     out = prepare_output_dir(config.output.dir, overwrite)
-    started = time.time()
     corpus = load_documents(config.data)
-    parts = open_parts(out, _identity(config, corpus), fresh=fresh or overwrite)
-    groups = plan_parts(corpus, config)
-    bar = _Progress(show_progress)
-    try:
-        for model in config.models:
-            score_parts(model, corpus, config, parts / model_dirname(model.name), groups, bar)
-    finally:
-        bar.close()
+    return out, corpus, open_parts(out, _identity(config, corpus), fresh=fresh or overwrite)
+
+
+def _join_run(config: Config):
+    """Another rank's start, once rank 0's is done: the same corpus, checked against the manifest."""
+    out = Path(config.output.dir)
+    corpus = load_documents(config.data)
+    return out, corpus, open_parts(out, _identity(config, corpus), fresh=False)
+
+
+def _unfinished(corpus: Corpus, config: Config, parts: Path, groups) -> dict[str, list[int]]:
+    """Per model, the indices of the groups whose part is not written yet (listed once, by rank 0)."""
+    todo = {}
+    for model in config.models:
+        done = finished_keys(parts / model_dirname(model.name))
+        todo[model.name] = [i for i, g in enumerate(groups) if part_key(_group_ids(corpus, g, config)) not in done]
+    return todo
+
+
+def _score_share(config: Config, corpus: Corpus, parts: Path, groups, todo: dict, ctx, bar) -> None:
+    """Score this rank's share of each model's unfinished groups, balanced by characters."""
+    weights = [sum(len(corpus.documents[i].text) for i in g) for g in groups]
+    for model in config.models:
+        left = todo[model.name]
+        share = distributed.assign([groups[i] for i in left], [weights[i] for i in left], ctx.world_size)[ctx.rank]
+        score_parts(model, corpus, config, parts / model_dirname(model.name), [groups[left[j]] for j in share], bar)
+
+
+def _finish(out: Path, config: Config, corpus: Corpus, parts: Path, groups, return_tokens: bool, started: float) -> dict:
+    """Merge every part into the tables, write run.json, and drop the parts (rank 0 only)."""
+    _check_parts(config, corpus, parts, groups)
     tables = _write_tables(out, config, corpus, parts, groups, return_tokens)
     record = _record(config, corpus, tables, time.time() - started)
     write_json(record, out / "run.json")
     shutil.rmtree(parts)  # run.json marks the run complete; the tables now hold every row
     tables["run"] = record
     return tables
+
+
+def _check_parts(config: Config, corpus: Corpus, parts: Path, groups) -> None:
+    keys = [part_key(_group_ids(corpus, g, config)) for g in groups]
+    missing = [m.name for m in config.models if set(keys) - finished_keys(parts / model_dirname(m.name))]
+    if missing:
+        raise OutputError(
+            f"output.dir: every result part must be in {parts} before the merge (parts of {', '.join(missing)} are missing). "
+            "Every rank writes there: put `output.dir` on a file system all nodes share, then rerun to resume."
+        )
 
 
 def _write_tables(out: Path, config: Config, corpus: Corpus, parts: Path, groups, return_tokens: bool) -> dict:
