@@ -9,6 +9,21 @@ import sys
 from .errors import LmevalError
 
 
+def int_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``, with a message that says so."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum} (got {value!r})")
+        return number
+
+    return parse
+
+
 def _run(args) -> int:
     from .report import format_summary
     from .run import run

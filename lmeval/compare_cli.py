@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .cli import int_at_least
 from .config import CompareConfig
 from .errors import OutputError
 
@@ -20,19 +21,6 @@ log = logging.getLogger(__name__)
 
 SHOWN = ["model", "baseline", "metric", "value", "baseline_value", "delta", "ci_low", "ci_high", "p_value", "unit"]
 DEFAULTS = CompareConfig()
-
-
-def _at_least(minimum: int):
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            number = minimum - 1
-        if number < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum} (got {value!r})")
-        return number
-
-    return parse
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -48,10 +36,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, metavar="DIR", help="write compare.csv, compare_tokens.csv, "
                         "compare_documents.csv and checkpoints.png here (default: print only)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace compare files already in --out")
-    parser.add_argument("--bootstrap", type=_at_least(0), default=DEFAULTS.bootstrap, metavar="N",
+    parser.add_argument("--bootstrap", type=int_at_least(0), default=DEFAULTS.bootstrap, metavar="N",
                         help=f"document resamples (default: {DEFAULTS.bootstrap}; 0 = no intervals)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, metavar="S", help="bootstrap seed (default: 0)")
-    parser.add_argument("--top-k", type=_at_least(0), default=DEFAULTS.top_k, metavar="K",
+    parser.add_argument("--top-k", type=int_at_least(0), default=DEFAULTS.top_k, metavar="K",
                         help=f"tokens with the largest nll change to list (default: {DEFAULTS.top_k})")  # fmt: skip
     return parser
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .cli import int_at_least
 from .errors import DataError
 from .render import render_html, render_terminal, write_html
 from .surprisal import surprisal_table
@@ -34,19 +35,6 @@ def parse_bos(value: str):
     return token_id
 
 
-def _count(minimum: int):
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            number = minimum - 1
-        if number < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum} (got {value!r})")
-        return number
-
-    return parse
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``surprisal`` on an argparse subparsers object; returns its parser."""
     parser = subparsers.add_parser(
@@ -61,14 +49,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="a UTF-8 text file scored as one document; '-' reads stdin; may be repeated",
     )  # fmt: skip
     parser.add_argument("--words", action="store_true", help="sum token surprisal into whitespace-separated words")
-    parser.add_argument("--top-k", type=_count(0), default=0, metavar="K", help="also list the K likeliest tokens")
+    parser.add_argument("--top-k", type=int_at_least(0), default=0, metavar="K", help="also list the K likeliest tokens")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output on stdout (default: table)")
     parser.add_argument("--html", default=None, metavar="OUT.html", help="also write a self-contained HTML page")
     parser.add_argument(
         "--bos", type=parse_bos, default="auto", metavar="auto|none|ID",
         help="conditioning token before each text: auto (BOS, else EOS), none (first token unscored) or an id",
     )  # fmt: skip
-    parser.add_argument("--max-length", type=_count(2), default=None, metavar="L", help="window length in tokens")
+    parser.add_argument("--max-length", type=int_at_least(2), default=None, metavar="L", help="window length in tokens")
     return parser
 
 
