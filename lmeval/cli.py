@@ -32,6 +32,8 @@ def _run(args) -> int:
         args.config, args.overrides, overwrite=args.overwrite, fresh=args.fresh,
         show_progress=not args.quiet, return_tokens=False,
     )  # fmt: skip
+    if not tables:  # another rank of a torchrun / accelerate launch job; rank 0 prints
+        return 0
     print(format_summary(tables["summary"]))
     print(f"\nwrote {tables['run']['config']['output']['dir']}")
     return 0

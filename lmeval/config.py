@@ -30,6 +30,8 @@ class ModelConfig:
     revision: Optional[str] = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    device_map: Optional[str] = None  # auto, balanced, balanced_low_0 or sequential: one model over several devices
+    max_memory: Optional[dict] = None  # with device_map, e.g. {0: 20GiB, 1: 20GiB, cpu: 64GiB}
 
 
 @dataclass(frozen=True)
@@ -281,12 +283,34 @@ def _check_values(config: Config, problems: list[str]) -> None:
         problems.append(f"compare.bootstrap: must be >= 0 (got {cmp.bootstrap}).")
     if cmp.top_k < 0:
         problems.append(f"compare.top_k: must be >= 0 (got {cmp.top_k}).")
+    for i, m in enumerate(config.models):
+        _check_device_map(m, f"models[{i}]", problems)
     names = [m.name for m in config.models]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         problems.append(f"models: names must be unique (got {', '.join(duplicates)} twice). Set `name:` on each.")
     if cmp.baseline is not None and cmp.baseline not in names:
         problems.append(f"compare.baseline: must name one of the models ({', '.join(names)}) (got {cmp.baseline!r}).")
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _check_device_map(model: ModelConfig, where: str, problems: list[str]) -> None:
+    if model.device_map is not None and model.device_map not in DEVICE_MAPS:
+        problems.append(f"{where}.device_map: must be one of {', '.join(DEVICE_MAPS)} or null (got {model.device_map!r}).")
+    if model.device_map is not None and model.device != "auto":
+        problems.append(
+            f"{where}.device: must be auto when device_map is set (got {model.device!r}). "
+            "device_map places the layers itself; use max_memory to steer it."
+        )
+    if model.max_memory is not None and model.device_map is None:
+        problems.append(f"{where}.max_memory: needs device_map (got device_map null). Set device_map: auto.")
+    for key, value in (model.max_memory or {}).items():
+        if not (isinstance(key, int) and key >= 0 or key in ("cpu", "disk", "mps")):
+            problems.append(f"{where}.max_memory: keys must be GPU indices, cpu or disk (got {key!r}).")
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            problems.append(f"{where}.max_memory.{key}: must be a size such as 20GiB or a number of bytes (got {value!r}).")
 
 
 def step_number(path: str) -> tuple:

@@ -150,8 +150,6 @@ class TokenStats:
     topk_ids: torch.Tensor
     topk_probs: torch.Tensor
 
-    def to_numpy(self) -> dict[str, np.ndarray]:
-        return {name: getattr(self, name).cpu().numpy() for name in self.__dataclass_fields__}
 
 
 def _reductions(z: torch.Tensor, targets: torch.Tensor, temperatures: tuple[float, ...]):

@@ -133,6 +133,7 @@ def _spec(model: ModelConfig) -> ModelSpec:
     return ModelSpec(
         path=model.path, name=model.name, dtype=model.dtype, device=model.device, revision=model.revision,
         trust_remote_code=model.trust_remote_code, allow_pickle=model.allow_pickle,
+        device_map=model.device_map, max_memory=model.max_memory,
     )  # fmt: skip
 
 
@@ -378,10 +379,25 @@ def _finish(out: Path, config: Config, corpus: Corpus, parts: Path, groups, retu
     _check_parts(config, corpus, parts, groups)
     tables = _write_tables(out, config, corpus, parts, groups, return_tokens)
     record = _record(config, corpus, tables, time.time() - started)
+    if len(config.models) >= 2:
+        tables.update(_compare(out, config, tables, record))
     write_json(record, out / "run.json")
     shutil.rmtree(parts)  # run.json marks the run complete; the tables now hold every row
     tables["run"] = record
     return tables
+
+
+def _compare(out: Path, config: Config, tables: dict, record: dict) -> dict:
+    """compare.csv (and the per-token diff) of every model against the baseline."""
+    from .compare import compare_tables, write_compare
+
+    with_tokens = dict(tables)
+    if "tokens" not in tables and (out / "tokens.parquet").exists():
+        columns = ["model", "doc_id", "position", "token_id", "token", "nll", "char_start", "char_end"]
+        with_tokens["tokens"] = pd.read_parquet(out / "tokens.parquet", columns=columns)
+    frames = compare_tables(with_tokens, record, config.compare)
+    write_compare(out, frames, tables["summary"])
+    return frames
 
 
 def _check_parts(config: Config, corpus: Corpus, parts: Path, groups) -> None:

@@ -49,6 +49,8 @@ class ModelSpec:
     revision: str | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    device_map: str | None = None  # spread one model over several devices (accelerate)
+    max_memory: dict | None = None
 
 
 @dataclass
@@ -135,8 +137,9 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        placed = dict(device_map=spec.device_map, max_memory=spec.max_memory) if spec.device_map else {}
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, use_safetensors=None if spec.allow_pickle else True, **common
+            source, dtype=dtype, use_safetensors=None if spec.allow_pickle else True, **common, **placed
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.path: cannot load {source!r}: {exc}".strip()) from exc
@@ -145,7 +148,9 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             f"{source}: lmeval needs a fast (Rust) tokenizer for character offsets; "
             "save one with `tokenizers`/`PreTrainedTokenizerFast`."
         )
-    model.to(device).eval()
+    if not spec.device_map:  # with a device_map, accelerate has placed (and hooked) every layer
+        model.to(device)
+    model.eval()
     return prepare_model(model, tokenizer, name=spec.name or default_name(spec.path), spec=spec)
 
 
@@ -167,7 +172,7 @@ def max_positions(config) -> int | None:
 def prepare_model(model, tokenizer, name: str = "model", spec: ModelSpec | None = None) -> LoadedModel:
     """Wrap an already loaded ``(model, tokenizer)`` pair for scoring."""
     model.eval()
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device  # where input ids go, also under a device_map
     head = OutputHead.for_model(model)
     return LoadedModel(
         name=name,
@@ -336,16 +341,19 @@ def score_batch(lm: LoadedModel, windows: list[Window], options: ScoreOptions, c
     ids, mask = _pad(windows, lm.device)
     rows, cols, targets = (t.to(lm.device) for t in _scored_index(windows))
     if lm.head.fast:
-        hidden = lm.head.body(ids, mask)  # (B, T, H)
+        hidden = lm.head.body(ids, mask)  # (B, T, H), on the last layer's device under a device_map
+        rows, cols = rows.to(hidden.device), cols.to(hidden.device)
         source = lambda sl: lm.head.project(hidden[rows[sl], cols[sl]])  # noqa: E731  (n, V)
     else:
         logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
+        rows, cols = rows.to(logits.device), cols.to(logits.device)
         source = lambda sl: logits[rows[sl], cols[sl]]  # noqa: E731
     step = _chunk_rows(lm.vocab_size, options.chunk_bytes)
     parts = []
     for begin in range(0, len(targets), step):
         sl = slice(begin, begin + step)
-        parts.append(token_statistics(source(sl), targets[sl], options.temperatures, options.top_k, compiled))
+        chunk = source(sl)  # (n, V), on the output head's device
+        parts.append(token_statistics(chunk, targets[sl].to(chunk.device), options.temperatures, options.top_k, compiled))
     # One device-to-host copy per batch, not one per chunk and statistic.
     fields = parts[0].__dataclass_fields__
     return {key: torch.cat([getattr(p, key) for p in parts]).cpu().numpy() for key in fields}

@@ -8,10 +8,10 @@ DOM is read back with ``--dump-dom`` after the scripts ran."""
 
 from __future__ import annotations
 
-import os
 import base64
 import hashlib
 import json
+import os
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
