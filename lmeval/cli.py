@@ -35,6 +35,9 @@ def _run(args) -> int:
     if not tables:  # another rank of a torchrun / accelerate launch job; rank 0 prints
         return 0
     print(format_summary(tables["summary"]))
+    if tables.get("compare") is not None and len(tables["compare"]):
+        shown = ["model", "baseline", "metric", "delta", "ci_low", "ci_high", "p_value", "unit"]
+        print("\n" + tables["compare"][shown].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     print(f"\nwrote {tables['run']['config']['output']['dir']}")
     return 0
 

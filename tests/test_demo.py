@@ -42,6 +42,16 @@ def test_final_checkpoint_beats_early_and_learned_something(demo_run):
     assert summary.loc["final", "ppl"] < vocab / 20  # far below uniform guessing over the vocabulary
 
 
+def test_comparison_finds_final_better(demo_run):
+    out, stdout = demo_run
+    compare = pd.read_csv(out / "compare.csv").set_index("metric")
+    for metric in ("bits_per_token", "bits_per_byte"):
+        row = compare.loc[metric]
+        assert row.model == "final" and row.baseline == "early"
+        assert row.delta < 0 and row.ci_high < 0  # better, with a CI that excludes 0
+    assert "bits_per_byte" in stdout and (out / "checkpoints.png").is_file()
+
+
 def test_matches_the_training_scripts_float64_reference(demo_run):
     """train_log.json holds each book's nll_sum from a float64 log-softmax of the full logits,
     computed by the training script itself: an independent oracle for the whole pipeline."""
