@@ -239,3 +239,13 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(gpt2_pair, monkeypatch
     monkeypatch.setattr(scoring, "score_batch", no_memory)
     with pytest.raises(ModelError, match="single window"):
         lmeval.score_texts(texts[:1], gpt2_pair, max_length=16)
+
+
+def test_device_map_loading_gives_the_same_numbers(saved_gpt2):
+    """accelerate's big-model loading (here onto the CPU) must not change any number."""
+    from lmeval.scoring import ModelSpec, load_model
+
+    plain = lmeval.score_texts(TEXTS[:3], str(saved_gpt2))
+    spec = ModelSpec(path=str(saved_gpt2), device_map="auto", max_memory={"cpu": "2GiB"})
+    mapped = lmeval.score_texts(TEXTS[:3], load_model(spec))
+    np.testing.assert_allclose(mapped.nll, plain.nll, atol=1e-6)
