@@ -161,7 +161,7 @@ def _reductions(z: torch.Tensor, targets: torch.Tensor, temperatures: tuple[floa
     """
     z_y = z.gather(1, targets[:, None]).squeeze(1)
     z_max = z.amax(dim=1)
-    e = torch.exp(z - z_max[:, None])  # (N, V)
+    e = (z - z_max[:, None]).exp_()  # (N, V), the one full-size temporary
     s = e.sum(dim=1)
     lse = z_max + torch.log(s)
     rank = (z > z_y[:, None]).sum(dim=1, dtype=torch.int32) + 1
@@ -169,10 +169,10 @@ def _reductions(z: torch.Tensor, targets: torch.Tensor, temperatures: tuple[floa
     max_prob_t = [torch.exp((z_max - z_y) / t - nll_t[k]) for k, t in enumerate(temperatures)]
     return (
         lse - z_y,
-        lse - (e * z).sum(dim=1) / s,
+        lse - torch.linalg.vecdot(e, z) / s,  # dot products: no (N, V) product is stored
         1.0 / s,
         rank,
-        (e * e).sum(dim=1) / (s * s),
+        torch.linalg.vecdot(e, e) / (s * s),
         lse - z.mean(dim=1),
         torch.stack(nll_t, dim=1) if temperatures else z.new_empty((z.shape[0], 0)),
         torch.stack(max_prob_t, dim=1) if temperatures else z.new_empty((z.shape[0], 0)),
