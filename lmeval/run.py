@@ -191,6 +191,7 @@ def score_parts(model: ModelConfig, corpus: Corpus, config: Config, folder: Path
     score = _score_stream if s.documents == "concatenated" else _score_group
     for group in todo:
         started = time.perf_counter()
+        bar.group(sum(len(corpus.documents[i].text) for i in group))
         columns, texts = score(lm, [corpus.documents[i] for i in group], config, options, bar.progress)
         n_tokens, nll_sum = document_sums(columns["doc_index"], columns["nll"], len(texts))
         n_bytes, n_words = normalisers(texts)
@@ -280,17 +281,31 @@ PROTOCOL_NOTES = {
 
 
 class _Progress:
-    """A tqdm bar over scored tokens; its total grows as groups are tokenized."""
+    """A tqdm bar over scored tokens. Its total is estimated from the characters still to
+    score and the tokens per character seen so far, so the ETA holds across groups."""
 
     def __init__(self, show: bool):
         from tqdm.auto import tqdm
 
         self.bar = tqdm(desc="scoring", unit="tok", disable=not show, dynamic_ncols=True)
-        self._base = 0
+        self.chars_left = 0  # planned characters not yet started
+        self.chars_seen = 0  # characters of the groups started so far
+        self.group_tokens = 0  # tokens of the current group (known once it is windowed)
+        self.done_before = 0  # tokens of the groups finished before the current one
+
+    def plan(self, n_chars: int) -> None:
+        self.chars_left += n_chars
+
+    def group(self, n_chars: int) -> None:
+        self.done_before = self.bar.n
+        self.group_tokens = 0
+        self.chars_left -= n_chars
+        self.chars_seen += n_chars
 
     def progress(self, done: int, total: int) -> None:
-        if self.bar.total is None or self.bar.n + done > self.bar.total:
-            self.bar.total = self.bar.n + total
+        self.group_tokens = total
+        known = self.done_before + total
+        self.bar.total = known + round(self.chars_left * known / max(self.chars_seen, 1))
         self.bar.update(done)
 
     def close(self):
@@ -368,10 +383,14 @@ def _unfinished(corpus: Corpus, config: Config, parts: Path, groups) -> dict[str
 def _score_share(config: Config, corpus: Corpus, parts: Path, groups, todo: dict, ctx, bar) -> None:
     """Score this rank's share of each model's unfinished groups, balanced by characters."""
     weights = [sum(len(corpus.documents[i].text) for i in g) for g in groups]
+    shares = {}
     for model in config.models:
         left = todo[model.name]
         share = distributed.assign([groups[i] for i in left], [weights[i] for i in left], ctx.world_size)[ctx.rank]
-        score_parts(model, corpus, config, parts / model_dirname(model.name), [groups[left[j]] for j in share], bar)
+        shares[model.name] = [left[j] for j in share]
+        bar.plan(sum(weights[i] for i in shares[model.name]))
+    for model in config.models:
+        score_parts(model, corpus, config, parts / model_dirname(model.name), [groups[i] for i in shares[model.name]], bar)
 
 
 def _finish(out: Path, config: Config, corpus: Corpus, parts: Path, groups, return_tokens: bool, started: float) -> dict:
