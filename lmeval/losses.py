@@ -152,30 +152,67 @@ class TokenStats:
 
 
 
-def _reductions(z: torch.Tensor, targets: torch.Tensor, temperatures: tuple[float, ...]):
-    """The per-token reductions over the vocabulary, written so `torch.compile` can fuse
-    them into one loop over each row. ``z`` is (N, V) float32; every output is (N,) or (N, K).
+class Workspace:
+    """Reusable (N, V) scratch buffers. On CPU a fresh tensor of this size is paid for in page
+    faults that cost more than the arithmetic done on it, so the eager path reuses them."""
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        size = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < size or buf.dtype != dtype or buf.device != torch.device(device):
+            buf = self._buffers[name] = torch.empty(size, dtype=dtype, device=device)
+        return buf[:size].view(shape)
+
+
+def _scratch(workspace: Workspace | None, name: str, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    if workspace is None:
+        return torch.empty_like(like, dtype=dtype or like.dtype)
+    return workspace.get(name, tuple(like.shape), dtype or like.dtype, like.device)
+
+
+def _shifted_lse(z, shift, scale, scratch):
+    """log sum_v exp(scale * (z_v - shift)) per row, through ``scratch`` (N, V)."""
+    torch.sub(z, shift[:, None], out=scratch)
+    return torch.log(scratch.mul_(scale).exp_().sum(dim=1))
+
+
+def _reductions(z: torch.Tensor, targets: torch.Tensor, temperatures: tuple[float, ...], workspace=None):
+    """The per-token reductions over the vocabulary. ``z`` is (N, V) float32; every output is
+    (N,) or (N, K). Written with explicit scratch buffers so that eager mode allocates no
+    (N, V) tensor per call, and `torch.compile` can still fuse it into one loop per row.
 
     With ``e = exp(z - max z)`` and ``s = sum e``: ``lse = max z + log s``, ``q = e / s``,
     ``H(q) = lse - sum(e z) / s`` and ``sum q^2 = sum(e^2) / s^2``; no (N, V) log q is kept.
     """
     z_y = z.gather(1, targets[:, None]).squeeze(1)
     z_max = z.amax(dim=1)
-    e = (z - z_max[:, None]).exp_()  # (N, V), the one full-size temporary
+    e = _scratch(workspace, "e", z)
+    torch.sub(z, z_max[:, None], out=e).exp_()  # (N, V)
     s = e.sum(dim=1)
     lse = z_max + torch.log(s)
-    rank = (z > z_y[:, None]).sum(dim=1, dtype=torch.int32) + 1
-    nll_t = [torch.logsumexp(z / t, dim=1) - z_y / t for t in temperatures]
-    max_prob_t = [torch.exp((z_max - z_y) / t - nll_t[k]) for k, t in enumerate(temperatures)]
+    above = torch.gt(z, z_y[:, None], out=_scratch(workspace, "above", z, torch.bool))
+    rank = above.sum(dim=1, dtype=torch.int32) + 1
+    product = _scratch(workspace, "product", z)
+    e_dot_z = torch.mul(e, z, out=product).sum(dim=1)
+    e_dot_e = torch.mul(e, e, out=product).sum(dim=1)
+    nll_t, max_prob_t = [], []
+    for t in temperatures:  # log-sum-exp of z / T, shifted by max z for stability
+        lse_t = z_max / t + _shifted_lse(z, z_max, 1.0 / t, product)
+        nll_t.append(lse_t - z_y / t)
+        max_prob_t.append(torch.exp(z_max / t - lse_t))
+    empty = z.new_empty((z.shape[0], 0))
     return (
         lse - z_y,
-        lse - torch.linalg.vecdot(e, z) / s,  # dot products: no (N, V) product is stored
+        lse - e_dot_z / s,
         1.0 / s,
         rank,
-        torch.linalg.vecdot(e, e) / (s * s),
+        e_dot_e / (s * s),
         lse - z.mean(dim=1),
-        torch.stack(nll_t, dim=1) if temperatures else z.new_empty((z.shape[0], 0)),
-        torch.stack(max_prob_t, dim=1) if temperatures else z.new_empty((z.shape[0], 0)),
+        torch.stack(nll_t, dim=1) if temperatures else empty,
+        torch.stack(max_prob_t, dim=1) if temperatures else empty,
         lse,
     )
 
@@ -197,16 +234,23 @@ def token_statistics(
     temperatures: tuple[float, ...] = (),
     top_k: int = 0,
     compiled: bool = False,
+    workspace: Workspace | None = None,
 ) -> TokenStats:
     """Per-token statistics for ``logits`` (N, V) and ``targets`` (N,), in one pass.
 
     The logits are upcast to float32 here, one chunk at a time, and log-probabilities are
     ``z - logsumexp(z)``; never ``softmax().log()``, which underflows to -inf.
     """
-    z = logits.float()  # (N, V)
+    if logits.dtype == torch.float32 or compiled or workspace is None:
+        z = logits.float()  # (N, V)
+    else:  # upcast half-precision logits into a reused float32 buffer
+        z = _scratch(workspace, "z32", logits, torch.float32).copy_(logits)
     targets = targets.long()
-    reduce = _compiled_reductions() if compiled else _reductions
-    nll, ent, max_prob, rank, sum_q2, mean_neg_logq, nll_t, max_prob_t, lse = reduce(z, targets, tuple(temperatures))
+    if compiled:
+        reduced = _compiled_reductions()(z, targets, tuple(temperatures))
+    else:
+        reduced = _reductions(z, targets, tuple(temperatures), workspace)
+    nll, ent, max_prob, rank, sum_q2, mean_neg_logq, nll_t, max_prob_t, lse = reduced
     if top_k > 0:
         top = torch.topk(z, min(top_k, z.shape[1]), dim=1)
         topk_ids, topk_probs = top.indices, torch.exp(top.values - lse[:, None])

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import ModelError
-from .losses import token_statistics
+from .losses import Workspace, token_statistics
 from .windows import Window
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class LoadedModel:
     max_positions: int | None
     head: "OutputHead"
     spec: ModelSpec | None = None
+    workspace: Workspace = field(default_factory=Workspace)  # scratch reused across batches
 
 
 # --------------------------------------------------------------------------------------
@@ -225,15 +226,27 @@ class OutputHead:
             head.fast = False
         return head
 
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, H) final hidden states -> (N, V) logits, with the model's post-processing."""
-        logits = self.model.get_output_embeddings()(hidden)
+    def project(self, hidden: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+        """(N, H) final hidden states -> (N, V) logits, with the model's post-processing.
+
+        With a workspace, a plain linear head writes into a reused buffer (no page faults
+        for a fresh (N, V) tensor on every chunk), and the post-processing works in place.
+        """
+        head = self.model.get_output_embeddings()
+        if workspace is not None and type(head) is torch.nn.Linear:
+            shape = (hidden.shape[0], head.weight.shape[0])
+            out = workspace.get("logits", shape, head.weight.dtype, hidden.device)
+            logits = torch.matmul(hidden, head.weight.t(), out=out)
+            if head.bias is not None:
+                logits.add_(head.bias)
+        else:
+            logits = head(hidden)
         if self.scale is not None:
-            logits = logits * self.scale
+            logits = logits.mul_(self.scale)
         if self.divisor is not None:
-            logits = logits / self.divisor
+            logits = logits.div_(self.divisor)
         if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
+            logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits
 
     def body(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -343,7 +356,7 @@ def score_batch(lm: LoadedModel, windows: list[Window], options: ScoreOptions, c
     if lm.head.fast:
         hidden = lm.head.body(ids, mask)  # (B, T, H), on the last layer's device under a device_map
         rows, cols = rows.to(hidden.device), cols.to(hidden.device)
-        source = lambda sl: lm.head.project(hidden[rows[sl], cols[sl]])  # noqa: E731  (n, V)
+        source = lambda sl: lm.head.project(hidden[rows[sl], cols[sl]], lm.workspace)  # noqa: E731  (n, V)
     else:
         logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
         rows, cols = rows.to(logits.device), cols.to(logits.device)
@@ -353,7 +366,9 @@ def score_batch(lm: LoadedModel, windows: list[Window], options: ScoreOptions, c
     for begin in range(0, len(targets), step):
         sl = slice(begin, begin + step)
         chunk = source(sl)  # (n, V), on the output head's device
-        parts.append(token_statistics(chunk, targets[sl].to(chunk.device), options.temperatures, options.top_k, compiled))
+        parts.append(
+            token_statistics(chunk, targets[sl].to(chunk.device), options.temperatures, options.top_k, compiled, lm.workspace)
+        )
     # One device-to-host copy per batch, not one per chunk and statistic.
     fields = parts[0].__dataclass_fields__
     return {key: torch.cat([getattr(p, key) for p in parts]).cpu().numpy() for key in fields}

@@ -149,3 +149,18 @@ def test_compiled_reductions_match_float64():
     for key in ("nll", "entropy", "max_prob", "sum_q2", "mean_neg_logq", "nll_t", "max_prob_t"):
         torch.testing.assert_close(getattr(ours, key).double(), ref[key], atol=1e-5, rtol=1e-5, msg=key)
     assert torch.equal(ours.rank, ref["rank"])
+
+
+def test_workspace_reuse_gives_the_same_statistics():
+    """The eager path's reused scratch buffers must not leak values between calls."""
+    from lmeval.losses import Workspace
+
+    workspace = Workspace()
+    torch.manual_seed(5)
+    for n, vocab, dtype in ((40, 700, torch.float32), (13, 700, torch.bfloat16), (64, 300, torch.float32)):
+        logits = (torch.randn(n, vocab) * 3).to(dtype)
+        targets = torch.randint(0, vocab, (n,))
+        fresh = token_statistics(logits, targets, (0.8,), top_k=3)
+        reused = token_statistics(logits, targets, (0.8,), top_k=3, workspace=workspace)
+        for key in fresh.__dataclass_fields__:
+            assert torch.equal(getattr(fresh, key), getattr(reused, key)), key
