@@ -193,11 +193,12 @@ def _reductions(z: torch.Tensor, targets: torch.Tensor, temperatures: tuple[floa
     torch.sub(z, z_max[:, None], out=e).exp_()  # (N, V)
     s = e.sum(dim=1)
     lse = z_max + torch.log(s)
-    above = torch.gt(z, z_y[:, None], out=_scratch(workspace, "above", z, torch.bool))
-    rank = above.sum(dim=1, dtype=torch.int32) + 1
+    # 0/1 as float32: its sum is vectorised (a bool sum is not) and exact below 2^24 ids.
+    above = torch.gt(z, z_y[:, None], out=_scratch(workspace, "above", z))
+    rank = above.sum(dim=1).to(torch.int32) + 1
     product = _scratch(workspace, "product", z)
     e_dot_z = torch.mul(e, z, out=product).sum(dim=1)
-    e_dot_e = torch.mul(e, e, out=product).sum(dim=1)
+    e_dot_e = torch.linalg.vector_norm(e, dim=1).square()  # a fused reduction, no product
     nll_t, max_prob_t = [], []
     for t in temperatures:  # log-sum-exp of z / T, shifted by max z for stability
         lse_t = z_max / t + _shifted_lse(z, z_max, 1.0 / t, product)

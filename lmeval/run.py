@@ -100,6 +100,7 @@ def score_texts(
     top_k: int = 0,
     temperatures: tuple[float, ...] = (),
     name: str | None = None,
+    compile: str | bool = "auto",
 ) -> pd.DataFrame:
     """Score each text with a causal LM; return one row per scored token.
 
@@ -108,10 +109,13 @@ def score_texts(
     in bits): model, doc_id, position, token_id, token, char_start, char_end, context_len,
     nll, surprisal_bits, entropy, max_prob, is_top1, rank, sum_q2, mean_neg_logq, and with
     ``top_k`` > 0 also topk_token_ids, topk_probs. An empty text yields no rows; the frame's
-    ``attrs["n_documents"]`` still counts it.
+    ``attrs["n_documents"]`` still counts it. ``compile`` fuses the per-token reductions with
+    torch.compile (``"auto"``: on CUDA, or when tokens x vocabulary >= 1e9 on CPU).
     """
     texts = check_texts(texts)
-    options = ScoreOptions(batch_tokens=check_batch_tokens(batch_tokens), top_k=top_k, temperatures=tuple(temperatures))
+    options = ScoreOptions(
+        batch_tokens=check_batch_tokens(batch_tokens), top_k=top_k, temperatures=tuple(temperatures), compile=compile
+    )
     lm = as_loaded_model(model, name)
     docs = tokenize_documents([Document(i, t) for i, t in enumerate(texts)], lm.tokenizer, bos)
     columns = score_documents(lm, docs, max_length, stride, options)

@@ -40,7 +40,9 @@ MODELS = {
     "gpt2-50k": (256, 8192),
     "llama-128k": (1024, 8192),
 }
-METHODS = ("bare", "lmeval", "lm-eval")
+# lmeval runs as a user would (compile: auto, any compile time included); lmeval-eager and
+# lmeval-compiled force the mode and run once untimed first, so a compile is excluded.
+METHODS = ("bare", "lmeval", "lmeval-eager", "lmeval-compiled", "lm-eval")
 
 
 def rss_mb() -> float:
@@ -107,10 +109,12 @@ def run_bare(model, tokenizer, texts, max_length, batch_tokens) -> list[float] |
     return None
 
 
-def run_lmeval(model, tokenizer, texts, max_length, batch_tokens) -> list[float]:
+def run_lmeval(model, tokenizer, texts, max_length, batch_tokens, compile="auto") -> list[float]:
     import lmeval
 
-    table = lmeval.score_texts(texts, (model, tokenizer), max_length=max_length, batch_tokens=batch_tokens)
+    table = lmeval.score_texts(
+        texts, (model, tokenizer), max_length=max_length, batch_tokens=batch_tokens, compile=compile
+    )
     sums = table.groupby("doc_id").nll.apply(lambda s: s.astype("float64").sum())
     return [float(sums.get(i, 0.0)) for i in range(len(texts))]
 
@@ -126,7 +130,13 @@ def run_lm_eval(model, tokenizer, texts, max_length, batch_tokens) -> list[float
     return [-ll for ll in lm.loglikelihood_rolling(requests, disable_tqdm=True)]
 
 
-RUNNERS = {"bare": run_bare, "lmeval": run_lmeval, "lm-eval": run_lm_eval}
+RUNNERS = {
+    "bare": run_bare,
+    "lmeval": run_lmeval,
+    "lmeval-eager": lambda *a: run_lmeval(*a, compile=False),
+    "lmeval-compiled": lambda *a: run_lmeval(*a, compile=True),
+    "lm-eval": run_lm_eval,
+}
 
 
 def child(args) -> dict:
@@ -142,10 +152,16 @@ def child(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     base = rss_mb()
     cuda_base = torch.cuda.memory_allocated() if device == "cuda" else 0
+    warmup = 0.0
+    if args.method in ("lmeval-eager", "lmeval-compiled"):
+        started = time.perf_counter()
+        RUNNERS[args.method](model, tokenizer, texts[:1], max_length, batch_tokens)
+        warmup = time.perf_counter() - started
     started = time.perf_counter()
     doc_nll = RUNNERS[args.method](model, tokenizer, texts, max_length, batch_tokens)
     seconds = time.perf_counter() - started
-    out = {"tokens": n_tokens, "seconds": seconds, "peak_rise_mb": peak_rss_mb() - base, "doc_nll": doc_nll}
+    out = {"tokens": n_tokens, "seconds": seconds, "peak_rise_mb": peak_rss_mb() - base, "doc_nll": doc_nll,
+           "warmup": warmup}  # fmt: skip
     if device == "cuda":
         out["cuda_peak_mb"] = (torch.cuda.max_memory_allocated() - cuda_base) / 2**20
     return out
@@ -157,7 +173,7 @@ def compare_models(args) -> None:
 
         methods = METHODS
     except ImportError:
-        methods = METHODS[:2]
+        methods = METHODS[:-1]
         print("lm-eval is not installed: skipping it (pip install -e '.[bench]')")
     for model in args.models:
         results = {}
@@ -178,20 +194,22 @@ def report(model: str, results: dict, args) -> None:
     max_length, batch_tokens = MODELS[model]
     print(f"\n== {model}: L = S = {max_length}, batch_tokens = {args.batch_tokens or batch_tokens}, "
           f"threads = {args.threads}, device = {'cuda' if torch.cuda.is_available() else 'cpu'}")  # fmt: skip
-    print(f"{'method':<8} {'tokens':>8} {'seconds':>9} {'tok/s':>9} {'peak RSS rise MB':>17} {'CUDA peak MB':>13}")
+    print(f"{'method':<16} {'tokens':>8} {'seconds':>9} {'tok/s':>9} {'peak RSS rise MB':>17} {'CUDA peak MB':>13} "
+          f"{'untimed warm-up s':>18}")  # fmt: skip
     for name, r in results.items():
         cuda = f"{r['cuda_peak_mb']:.0f}" if "cuda_peak_mb" in r else "-"
-        print(f"{name:<8} {r['tokens']:>8} {r['seconds']:>9.2f} {r['tokens'] / r['seconds']:>9.0f} "
-              f"{r['peak_rise_mb']:>17.1f} {cuda:>13}")  # fmt: skip
+        print(f"{name:<16} {r['tokens']:>8} {r['seconds']:>9.2f} {r['tokens'] / r['seconds']:>9.0f} "
+              f"{r['peak_rise_mb']:>17.1f} {cuda:>13} {r['warmup']:>18.1f}")  # fmt: skip
+    for mine in ("lmeval", "lmeval-eager", "lmeval-compiled"):
+        for other in ("bare", "lm-eval"):
+            if mine in results and other in results:
+                ours, theirs = results[mine], results[other]
+                print(f"{mine} vs {other}: throughput {theirs['seconds'] / ours['seconds']:.2f}x, "
+                      f"peak RSS {ours['peak_rise_mb'] / max(theirs['peak_rise_mb'], 1e-9):.2f}x", end="")
+                if "cuda_peak_mb" in ours and "cuda_peak_mb" in theirs:
+                    print(f", CUDA peak {ours['cuda_peak_mb'] / max(theirs['cuda_peak_mb'], 1e-9):.2f}x", end="")
+                print()
     ours = results.get("lmeval")
-    for other in ("bare", "lm-eval"):
-        if ours and other in results:
-            theirs = results[other]
-            print(f"lmeval vs {other}: throughput {theirs['seconds'] / ours['seconds']:.2f}x, "
-                  f"peak RSS {ours['peak_rise_mb'] / max(theirs['peak_rise_mb'], 1e-9):.2f}x", end="")
-            if "cuda_peak_mb" in ours and "cuda_peak_mb" in theirs:
-                print(f", CUDA peak {ours['cuda_peak_mb'] / max(theirs['cuda_peak_mb'], 1e-9):.2f}x", end="")
-            print()
     if ours and "lm-eval" in results:
         rel = [abs(a - b) / abs(b) for a, b in zip(ours["doc_nll"], results["lm-eval"]["doc_nll"]) if b]
         print(f"per-document agreement lmeval vs lm-eval: max relative difference {max(rel):.2e} over {len(rel)} documents")
