@@ -110,7 +110,7 @@ def score_texts(
     nll, surprisal_bits, entropy, max_prob, is_top1, rank, sum_q2, mean_neg_logq, and with
     ``top_k`` > 0 also topk_token_ids, topk_probs. An empty text yields no rows; the frame's
     ``attrs["n_documents"]`` still counts it. ``compile`` fuses the per-token reductions with
-    torch.compile (``"auto"``: on CUDA, or when tokens x vocabulary >= 1e9 on CPU).
+    torch.compile (``"auto"``: on CUDA, or when tokens x vocabulary >= 4e9 on CPU).
     """
     texts = check_texts(texts)
     options = ScoreOptions(

@@ -291,7 +291,7 @@ class ScoreOptions:
 
 
 # Below this many logits (tokens x vocabulary) a CPU run does not repay the compile time.
-_COMPILE_MIN_LOGITS_CPU = 1e9
+_COMPILE_MIN_LOGITS_CPU = 4e9
 
 
 def use_compiled(lm: LoadedModel, options: ScoreOptions, n_tokens: int) -> bool:
