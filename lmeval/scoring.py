@@ -286,7 +286,7 @@ class ScoreOptions:
     batch_tokens: int = 16384
     temperatures: tuple[float, ...] = ()
     top_k: int = 0
-    chunk_bytes: int = 256 * 2**20  # float32 budget for one chunk of logits and its temporaries
+    chunk_bytes: int | None = None  # budget for one chunk of logits and its scratch; None: by device
     compile: str | bool = "auto"  # fuse the per-token reductions with torch.compile
 
 
@@ -344,8 +344,14 @@ def _scored_index(windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor, to
     return tuple(torch.from_numpy(np.concatenate(a)) for a in (rows, cols, targets))
 
 
-def _chunk_rows(vocab_size: int, chunk_bytes: int) -> int:
-    return max(1, chunk_bytes // (vocab_size * 4 * _CHUNK_COPIES))
+# On CPU the reductions are fastest when a chunk's logits stay near cache size (measured:
+# ~16 MiB of float32 logits); on CUDA larger chunks keep the kernels busy.
+_CHUNK_BYTES = {"cpu": 96 * 2**20, "cuda": 1536 * 2**20}
+
+
+def _chunk_rows(lm: LoadedModel, chunk_bytes: int | None) -> int:
+    budget = chunk_bytes or _CHUNK_BYTES.get(lm.device.type, _CHUNK_BYTES["cpu"])
+    return max(1, budget // (lm.vocab_size * 4 * _CHUNK_COPIES))
 
 
 @torch.inference_mode()
@@ -361,7 +367,7 @@ def score_batch(lm: LoadedModel, windows: list[Window], options: ScoreOptions, c
         logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
         rows, cols = rows.to(logits.device), cols.to(logits.device)
         source = lambda sl: logits[rows[sl], cols[sl]]  # noqa: E731
-    step = _chunk_rows(lm.vocab_size, options.chunk_bytes)
+    step = _chunk_rows(lm, options.chunk_bytes)
     parts = []
     for begin in range(0, len(targets), step):
         sl = slice(begin, begin + step)
