@@ -209,7 +209,8 @@ def format_summary(summary: pd.DataFrame) -> str:
     """The summary as an aligned text table for the terminal."""
     shown = [c for c in ("model", "n_documents", "n_tokens", "ppl", "bits_per_token", "bits_per_byte", "word_ppl",
                          "ece", "brier", "top1_accuracy", "best_temperature", "tokens_per_second") if c in summary]
-    return summary[shown].to_string(index=False, float_format=lambda x: f"{x:.4g}")
+    formatters = {"tokens_per_second": lambda x: f"{x:.0f}"}
+    return summary[shown].to_string(index=False, float_format=lambda x: f"{x:.4g}", formatters=formatters)
 
 
 class TokenWriter:
