@@ -59,6 +59,8 @@ def _load_dataset(config):
     import datasets
 
     datasets.disable_progress_bars()
+    # A parse failure is re-raised below as one DataError; datasets' own log of it is noise.
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
     files = _local_files(config.path)
     try:
         if files is None:

@@ -61,41 +61,24 @@ def test_python_tags_never_execute(tmp_path):
     assert not marker.exists()
 
 
-def test_empty_corpus(workspace, capsys):
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"", ["docs.jsonl"]),  # an empty corpus
+        ('{"id": "a", "text": "caf\xe9"}\n'.encode("latin-1"), ["docs.jsonl", "UTF-8", "byte"]),
+        (b'{"id": "a", "text": "ok"}\n{"id": "b", "text": \n', ["docs.jsonl"]),  # a line that is not JSON
+        (b'{"id": "a", "body": "x"}\n', ["Available columns: id, body"]),  # a missing text field
+        (b'{"id": "a", "text": "fine"}\n{"id": "b", "text": null}\n', ["row 1", "'b'", "null"]),
+    ],
+    ids=["empty", "not-utf8", "not-json", "missing-field", "null-text"],
+)
+def test_corpus_errors(content, words, workspace, capsys):
     folder, config = workspace
-    (folder / "docs.jsonl").write_text("", encoding="utf-8")
-    assert run_cli(config) == 2
-    assert "docs.jsonl" in capsys.readouterr().err
-
-
-def test_corpus_not_utf8(workspace, capsys):
-    folder, config = workspace
-    (folder / "docs.jsonl").write_bytes('{"id": "a", "text": "caf\xe9"}\n'.encode("latin-1"))
-    assert run_cli(config) == 2
-    err = capsys.readouterr().err
-    assert "docs.jsonl" in err and "UTF-8" in err
-
-
-def test_jsonl_line_not_json(workspace, capsys):
-    folder, config = workspace
-    (folder / "docs.jsonl").write_text('{"id": "a", "text": "ok"}\n{"id": "b", "text": \n', encoding="utf-8")
-    assert run_cli(config) == 2
-    assert "docs.jsonl" in capsys.readouterr().err
-
-
-def test_missing_text_field_lists_columns(workspace, capsys):
-    folder, config = workspace
-    write_jsonl(folder / "docs.jsonl", [{"id": "a", "body": "x"}])
-    assert run_cli(config) == 2
-    assert "Available columns: id, body" in capsys.readouterr().err
-
-
-def test_null_text_names_the_row(workspace, capsys):
-    folder, config = workspace
-    write_jsonl(folder / "docs.jsonl", [{"id": "a", "text": "fine"}, {"id": "b", "text": None}])
+    (folder / "docs.jsonl").write_bytes(content)
     assert run_cli(config) == 2
     err = capsys.readouterr().err
-    assert "row 1" in err and "'b'" in err and "null" in err
+    assert all(w in err for w in words), err
+    assert "Traceback" not in err
 
 
 def test_huge_single_document_is_windowed_not_truncated(tmp_path, gpt2_pair):
