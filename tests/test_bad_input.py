@@ -2,8 +2,6 @@
 no traceback, and nothing finished is lost."""
 
 import errno
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,7 @@ from conftest import CORPUS, build_model
 from test_run import write_config, write_jsonl
 
 import lmeval
-from lmeval import ConfigError, DataError, ModelError, OutputError
+from lmeval import ConfigError, ModelError
 from lmeval.cli import main
 
 GOOD_DATA = [{"id": f"d{i}", "text": t} for i, t in enumerate(CORPUS)]

@@ -18,7 +18,7 @@ from test_resume import assert_same_tables, read_tables
 from test_run import write_config, write_jsonl
 
 import lmeval
-from lmeval.distributed import Context, Launch, LaunchError, assign, launch_from_env, launched
+from lmeval.distributed import Launch, LaunchError, assign, launch_from_env, launched
 from lmeval.errors import OutputError
 from lmeval.parts import plan_groups
 
