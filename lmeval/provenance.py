@@ -6,6 +6,7 @@ and so that a resumed or compared run can refuse to mix different inputs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -46,22 +47,26 @@ def _hash_file(path: Path) -> tuple[str, str]:
     return digest.hexdigest(), "sha256(size, first 16 MB, last 16 MB)"
 
 
-def fingerprint_model(path: str, revision: str | None, model_config: dict) -> dict:
-    """Config hash plus, for a local folder, each weight and tokenizer file's size and hash;
-    for a hub id, the requested revision and the resolved commit."""
-    config_text = json.dumps(model_config, sort_keys=True, default=str)
-    out = {"path": path, "config_sha256": hashlib.sha256(config_text.encode()).hexdigest()}
+def fingerprint_model(path: str, revision: str | None) -> dict:
+    """For a local folder, each weight, config and tokenizer file's size and hash; for a hub
+    id, the requested revision. A run asks twice (resume identity, run.json); hashing
+    gigabytes twice would be waste, so results are cached while no file's size or mtime changes."""
     folder = Path(path)
-    if folder.is_dir():
-        files = {}
-        for f in sorted(folder.iterdir()):
-            if f.is_file() and f.suffix in WEIGHT_SUFFIXES:
-                digest, how = _hash_file(f)
-                files[f.name] = {"bytes": f.stat().st_size, "hash": digest, "method": how}
-        out["files"] = files
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
+    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return dict(_fingerprint(path, revision, folder.is_dir(), stamp))
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(path: str, revision: str | None, is_dir: bool, stamp: tuple) -> dict:
+    out: dict = {"path": path}
+    if is_dir:
+        out["files"] = {}
+        for name, size, _ in stamp:
+            digest, how = _hash_file(Path(path) / name)
+            out["files"][name] = {"bytes": size, "hash": digest, "method": how}
     else:
         out["revision"] = revision
-        out["commit"] = model_config.get("_commit_hash")
     out["fingerprint"] = hashlib.sha256(json.dumps(out, sort_keys=True).encode()).hexdigest()
     return out
 

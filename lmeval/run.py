@@ -324,7 +324,7 @@ def _identity(config: Config, corpus: Corpus) -> dict:
         "config": {"models": scoring_models, "data": raw["data"], "scoring": raw["scoring"],
                    "temperatures": raw["calibration"]["temperatures"], "part_chars": raw["output"]["part_chars"]},
         "data": corpus.fingerprint,
-        "models": {m.name: fingerprint_model(m.path, m.revision, {})["fingerprint"] for m in config.models},
+        "models": {m.name: fingerprint_model(m.path, m.revision)["fingerprint"] for m in config.models},
     }  # fmt: skip
 
 
@@ -463,7 +463,7 @@ def _record(config: Config, corpus: Corpus, tables: dict, seconds: float) -> dic
         "config": config.to_dict(),
         "protocol": {**PROTOCOL_NOTES, "models": tables.pop("protocol")},
         "versions": versions(),
-        "models": {m.name: fingerprint_model(m.path, m.revision, {}) for m in config.models},
+        "models": {m.name: fingerprint_model(m.path, m.revision) for m in config.models},
         "data": {"path": config.data.path, "fingerprint": corpus.fingerprint,
                  "n_documents": len(corpus.documents), "n_skipped": corpus.n_skipped},
         "seconds": seconds,
