@@ -191,7 +191,7 @@ def score_parts(model: ModelConfig, corpus: Corpus, config: Config, folder: Path
     lm = as_loaded_model(_spec(model))
     s = config.scoring
     options = ScoreOptions(batch_tokens=check_batch_tokens(s.batch_tokens), temperatures=config.calibration.temperatures, compile=s.compile)
-    resolve_window(lm, s.max_length, s.stride)
+    protocol = _protocol(lm, config)  # also checks the window against the model, before any scoring
     score = _score_stream if s.documents == "concatenated" else _score_group
     for group in todo:
         started = time.perf_counter()
@@ -202,7 +202,7 @@ def score_parts(model: ModelConfig, corpus: Corpus, config: Config, folder: Path
         ids = _group_ids(corpus, group, config)
         meta = {
             "doc_ids": ids, "n_tokens": n_tokens.tolist(), "nll_sum": nll_sum.tolist(), "n_bytes": n_bytes,
-            "n_words": n_words, "seconds": time.perf_counter() - started, "protocol": _protocol(lm, config),
+            "n_words": n_words, "seconds": time.perf_counter() - started, "protocol": protocol,
         }  # fmt: skip
         write_part(folder / f"{part_key(ids)}.parquet", columns, meta)
     del lm
