@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import shutil
 import time
@@ -253,7 +254,8 @@ def collect_model(name: str, corpus: Corpus, config: Config, paths: list[Path], 
         if token_sink is not None:
             token_sink(tokens_frame(name, meta["doc_ids"], columns))
         seconds += meta["seconds"]
-    documents = documents_frame(name, *(sum((m[k] for m in metas), []) for k in ("doc_ids", "n_tokens", "n_bytes", "n_words", "nll_sum")))
+    fields = ("doc_ids", "n_tokens", "n_bytes", "n_words", "nll_sum")
+    documents = documents_frame(name, *(list(itertools.chain.from_iterable(m[k] for m in metas)) for k in fields))
     summary = summary_row(name, documents, n_skipped=corpus.n_skipped, seconds=seconds)
     summary["n_documents"] = len(corpus.documents)
     protocol = metas[0]["protocol"]
@@ -294,7 +296,6 @@ class _Progress:
         self.bar = tqdm(desc="scoring", unit="tok", disable=not show, dynamic_ncols=True)
         self.chars_left = 0  # planned characters not yet started
         self.chars_seen = 0  # characters of the groups started so far
-        self.group_tokens = 0  # tokens of the current group (known once it is windowed)
         self.done_before = 0  # tokens of the groups finished before the current one
 
     def plan(self, n_chars: int) -> None:
@@ -302,12 +303,10 @@ class _Progress:
 
     def group(self, n_chars: int) -> None:
         self.done_before = self.bar.n
-        self.group_tokens = 0
         self.chars_left -= n_chars
         self.chars_seen += n_chars
 
     def progress(self, done: int, total: int) -> None:
-        self.group_tokens = total
         known = self.done_before + total
         self.bar.total = known + round(self.chars_left * known / max(self.chars_seen, 1))
         self.bar.update(done)
