@@ -22,6 +22,7 @@ methods are then plain function calls.
 from __future__ import annotations
 
 import contextlib
+import gc
 import heapq
 import logging
 import os
@@ -189,14 +190,26 @@ def launched(environ: Mapping[str, str] | None = None) -> Iterator[Context]:
     if launch.rank != 0 and logger.getEffectiveLevel() < logging.WARNING:
         logger.setLevel(logging.WARNING)
     created = not dist.is_initialized()
+    clean = False
     try:
         if created:
             _init_process_group(launch)
         yield Context(launch)
+        clean = True
     finally:
         logger.setLevel(level)
         if created and dist.is_initialized():
-            dist.destroy_process_group()
+            _leave(dist, clean)
+
+
+def _leave(dist, clean: bool) -> None:
+    """Destroy the process group. After a clean run, first meet every rank at a barrier (no
+    rank tears down while a peer is still in the last collective) and drop finished work
+    objects, which can hold tensors that gloo's threads would release during shutdown."""
+    if clean:
+        dist.barrier()
+        gc.collect()
+    dist.destroy_process_group()
 
 
 def _existing_group() -> Launch | None:
