@@ -20,12 +20,10 @@ adds them, and means are divided once at the end (`summarize`), as torchmetrics 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
-import os
-import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -440,19 +438,8 @@ def plot_reliability(bins_by_model: dict, path, *, title=None) -> None:
     top.legend(loc="upper left", fontsize=8)
     bottom.set(xlabel="confidence (top-1 probability)", ylabel="share of tokens")
     bottom.grid(alpha=0.3)
-    _save_atomically(fig, os.fspath(path))
+    from .report import atomic_write
 
-
-def _save_atomically(fig, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".reliability-", suffix=".png", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -17,8 +17,6 @@ import hashlib
 import html
 import json
 import math
-import os
-import tempfile
 import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import OutputError
+from .report import atomic_write
 
 SCALE_BITS = 20.0  # top of the colour scale; anything above is drawn as the top colour
 # xterm-256 backgrounds from pale green (expected) to dark red (surprising), one per 2 bits.
@@ -274,16 +273,7 @@ def write_html(path, html_text: str) -> Path:
     path = Path(path)
     if not path.parent.is_dir():
         raise OutputError(f"html: the folder of {path} must exist (got no folder {path.parent}). Create it first.")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(html_text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: tmp.write_text(html_text, encoding="utf-8"))
     return path
 
 

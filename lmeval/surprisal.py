@@ -17,7 +17,6 @@ those.
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
@@ -264,12 +263,12 @@ def _document_words(doc_id, text: str, rows: pd.DataFrame) -> pd.DataFrame:
             "char_start": spans[index, 0],
             "char_end": spans[index, 1],
             "n_tokens": sums["n_tokens"].to_numpy(),
-            "surprisal_bits": sums["nll"].to_numpy() / math.log(2),
+            "surprisal_bits": sums["nll"].to_numpy() / LN2,
             "nll": sums["nll"].to_numpy(),
             "prob": np.exp(-sums["nll"].to_numpy()),
             "rank": sums["rank"].to_numpy(),
             "entropy": sums["entropy"].to_numpy(),
-            "entropy_bits": sums["entropy"].to_numpy() / math.log(2),
+            "entropy_bits": sums["entropy"].to_numpy() / LN2,
             "crosses_word": sums["crosses_word"].to_numpy(),
         }
     )
