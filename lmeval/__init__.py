@@ -1,11 +1,42 @@
-"""lmeval: exact, lean per-token cross-entropy, perplexity and calibration for causal LMs."""
+"""lmeval: exact, lean per-token cross-entropy, perplexity and calibration for causal LMs.
 
-from .config import Config, load_config
-from .errors import ConfigError, DataError, LmevalError, ModelError, OutputError
-from .run import run, score_texts  # `run` the function shadows `lmeval.run` the module, on purpose
+The public API is the names below. They are imported on first use, so ``import lmeval``
+(and validating a config) never loads torch or transformers.
+"""
 
-__all__ = [
-    "score_texts", "run", "load_config", "Config",
-    "LmevalError", "ConfigError", "DataError", "ModelError", "OutputError",
-]  # fmt: skip
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.2.0"
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "score_texts": "lmeval.pipeline.score",
+    "load_model": "lmeval.model.loading",
+    "LoadedModel": "lmeval.model.loading",
+    "ModelSpec": "lmeval.model.spec",
+    "run": "lmeval.pipeline.run",
+    "load_config": "lmeval.pipeline.config",
+    "Config": "lmeval.pipeline.config",
+    "surprisal_table": "lmeval.view.surprisal",
+    "compare_runs": "lmeval.pipeline.compare",
+    "LmevalError": "lmeval.errors",
+    "ConfigError": "lmeval.errors",
+    "DataError": "lmeval.errors",
+    "ModelError": "lmeval.errors",
+    "OutputError": "lmeval.errors",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lmeval' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -91,8 +91,8 @@ def build_model(name: str, dtype: torch.dtype, device: str):
 
 
 def run_bare(model, tokenizer, texts, max_length, batch_tokens) -> list[float] | None:
-    from lmeval.scoring import pack_batches
-    from lmeval.windows import make_windows
+    from lmeval.model.scorer import pack_batches
+    from lmeval.core.windows import make_windows
 
     prefix = [tokenizer.eos_token_id]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]

@@ -81,8 +81,8 @@ def test_corpus_errors(content, words, workspace, capsys):
 
 def test_huge_single_document_is_windowed_not_truncated(tmp_path, gpt2_pair):
     """A 5 MB document: tokenized whole and cut into windows, every token scored once."""
-    from lmeval.data import Document, tokenize_documents
-    from lmeval.windows import make_windows
+    from lmeval.pipeline.data import Document, tokenize_documents
+    from lmeval.core.windows import make_windows
 
     _, tokenizer = gpt2_pair
     text = (" ".join(CORPUS) + "\n") * (5 * 2**20 // (len(" ".join(CORPUS)) + 1) + 1)
@@ -118,7 +118,8 @@ def test_pickle_weights_need_allow_pickle(tmp_path, gpt2_pair):
         f.unlink()
     with pytest.raises(ModelError, match="allow_pickle"):
         lmeval.score_texts(["ok"], str(folder))
-    from lmeval.scoring import ModelSpec, load_model
+    from lmeval.model.loading import load_model
+    from lmeval.model.spec import ModelSpec
 
     lm = load_model(ModelSpec(path=str(folder), allow_pickle=True))
     assert lm.vocab_size == len(tokenizer)
@@ -205,7 +206,8 @@ def test_non_finite_logits_name_document_and_position(gpt2_pair):
 
 
 def test_trust_remote_code_warns(workspace, caplog, monkeypatch):
-    from lmeval.scoring import ModelSpec, load_model
+    from lmeval.model.loading import load_model
+    from lmeval.model.spec import ModelSpec
 
     folder, _ = workspace
     with caplog.at_level("WARNING"):

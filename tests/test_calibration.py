@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmeval import calibration as cal
+from lmeval.core import calibration as cal
+from lmeval.pipeline import plots
 
 EPS_GRID = (0.0, 0.05, 0.1, 0.3)
 TEMPERATURES = (0.7, 0.85, 1.0, 1.15, 1.3)
@@ -293,8 +294,8 @@ def test_summarize_matches_direct_means(small_batch):
     assert summary["top1_accuracy"] == pytest.approx((q.argmax(1) == y.numpy()).mean(), abs=1e-12)
     assert summary["confidence_mean"] == pytest.approx(q.max(1).mean(), abs=1e-6)
     assert summary["entropy_mean"] == pytest.approx(-(q * np.log(q)).sum(1).mean(), abs=1e-5)
-    assert summary["ce_eps0"] == pytest.approx(F.cross_entropy(logits, y).item(), abs=1e-5)
-    assert summary["h_eps0"] == 0.0 and summary["kl_eps0"] == summary["ce_eps0"]
+    assert summary["ce_eps0.0"] == pytest.approx(F.cross_entropy(logits, y).item(), abs=1e-5)
+    assert summary["h_eps0.0"] == 0.0 and summary["kl_eps0.0"] == summary["ce_eps0.0"]
     assert {"ce_eps0.05", "h_eps0.1", "kl_eps0.1"} <= summary.keys()
     assert math.isnan(summary["best_temperature"])
     assert all(isinstance(v, float) for v in summary.values())
@@ -386,7 +387,7 @@ def test_validate_calibration_options_accepts_defaults_and_names_where():
      r"calibration_sums.eps_grid\[1\]: eps must be in"),
     (lambda: cal.calibration_sums([1.0], [0.5], [True], [0.3], [2.0], [1.0], eps_grid=[], temperatures=[0]),
      r"calibration_sums.temperatures\[0\]: temperature must be"),
-    (lambda: cal.plot_reliability({}, "unused.png"), "plot_reliability: bins_by_model must be non-empty"),
+    (lambda: plots.plot_reliability({}, "unused.png"), "plot_reliability: bins_by_model must be non-empty"),
 ])
 def test_bad_input_raises_value_error(call, message):
     with pytest.raises(ValueError, match=message) as info:
@@ -395,10 +396,10 @@ def test_bad_input_raises_value_error(call, message):
 
 
 @pytest.mark.parametrize("eps, label", [
-    (0.1, "0.1"), (0.05, "0.05"), (0.0, "0.0"), (0, "0"), (1e-05, "1e-05"), (np.float64(0.1), "0.1"),
-    (np.int64(0), "0"),
+    (0.1, "0.1"), (0.05, "0.05"), (0.0, "0.0"), (0, "0.0"), (1e-05, "1e-05"), (np.float64(0.1), "0.1"),
+    (np.int64(0), "0.0"),
 ])
-def test_eps_label_is_repr_of_what_the_user_wrote(eps, label):
+def test_eps_label_is_one_spelling_per_value(eps, label):
     assert cal.eps_label(eps) == label
 
 
@@ -412,7 +413,7 @@ def test_plot_reliability_writes_png(tmp_path, small_batch):
     models = {"model-a": cal.reliability_bins(stats["max_prob"], stats["is_top1"]),
               "overconfident": cal.reliability_bins(conf, rng.uniform(size=conf.size) < conf - 0.2)}
     path = tmp_path / "plots" / "reliability.png"
-    cal.plot_reliability(models, path, title="test")
+    plots.plot_reliability(models, path, title="test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100

@@ -22,9 +22,11 @@ import torch
 from conftest import CORPUS, EOT, build_model, train_bpe
 
 import lmeval
-from lmeval import compare as cmp
-from lmeval import compare_cli
-from lmeval.config import CompareConfig, load_config, step_number
+from lmeval.core import bootstrap
+from lmeval.pipeline import compare as cmp
+from lmeval.pipeline import plots
+from lmeval.cli import compare as compare_cli
+from lmeval.pipeline.config import CompareConfig, load_config, step_number
 from lmeval.errors import DataError, LmevalError
 
 SHORT, LONG = "step-8", "step-32"  # AdamW steps each model was trained for
@@ -270,9 +272,9 @@ def test_bootstrap_interval_covers_the_true_delta():
 
 def test_blockwise_draw_is_the_documented_single_draw(monkeypatch):
     columns = np.random.default_rng(1).normal(size=(37, 3))
-    monkeypatch.setattr(cmp, "_CHUNK_ELEMENTS", 50)  # a few resamples per block
+    monkeypatch.setattr(bootstrap, "_CHUNK_ELEMENTS", 50)  # a few resamples per block
     index = np.random.default_rng(9).integers(0, 37, size=(101, 37))
-    np.testing.assert_allclose(cmp.resampled_sums(columns, 101, 9), columns[index].sum(axis=1), rtol=1e-14)
+    np.testing.assert_allclose(bootstrap.resampled_sums(columns, 101, 9), columns[index].sum(axis=1), rtol=1e-14)
 
 
 def test_no_resamples_gives_no_interval():
@@ -379,7 +381,7 @@ def test_plot_checkpoints_writes_a_png(tmp_path):
     frames = cmp.compare_tables(tables, synthetic_record(names), CompareConfig(baseline="step-2", bootstrap=300))
     sums = docs.groupby("model", sort=False)[["nll_sum", "n_tokens", "n_bytes"]].sum().reset_index()
     summary = sums.assign(ppl=np.exp(sums.nll_sum / sums.n_tokens), bits_per_byte=sums.nll_sum / math.log(2) / sums.n_bytes)
-    points = cmp.checkpoint_points(summary, frames["compare"], "ppl")
+    points = plots.checkpoint_points(summary, frames["compare"], "ppl")
     assert points.step.tolist() == [2, 10, 100, 1000] and points.attrs["by_step"]
     assert points.low.isna().tolist() == [True, False, False, False]  # the baseline has no bar
     assert (points.low.dropna() > 0).all() and (points.low <= points.value).iloc[1:].all()

@@ -67,7 +67,7 @@ def test_matches_the_training_scripts_float64_reference(demo_run):
 
 def test_bundled_models_load_offline():
     code = (
-        "from lmeval.scoring import ModelSpec, load_model;"
+        "from lmeval.model.loading import load_model; from lmeval.model.spec import ModelSpec;"
         f"lm = load_model(ModelSpec(path={str(ASSETS / 'final')!r}));"
         "print(lm.vocab_size, lm.max_positions)"
     )

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmeval.render import render_html
-from lmeval.scoring import prepare_model
-from lmeval.surprisal import surprisal_table
+from lmeval.view.render import render_html
+from lmeval.model.loading import prepare_model
+from lmeval.view.surprisal import surprisal_table
 
 CHROMIUM = Path("/usr/bin/chromium")
 # CI installs Chromium and sets LMEVAL_REQUIRE_BROWSER=1, so there a missing browser fails

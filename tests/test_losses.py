@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmeval.losses import (
+from lmeval.core.losses import (
     binary_cross_entropy,
     bits_per,
     cross_entropy,
@@ -153,7 +153,7 @@ def test_compiled_reductions_match_float64():
 
 def test_workspace_reuse_gives_the_same_statistics():
     """The eager path's reused scratch buffers must not leak values between calls."""
-    from lmeval.losses import Workspace
+    from lmeval.core.losses import Workspace
 
     workspace = Workspace()
     torch.manual_seed(5)

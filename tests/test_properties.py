@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lmeval
-from lmeval.losses import bits_per, perplexity
-from lmeval.report import document_sums, documents_frame, summary_row
-from lmeval.windows import make_windows
+from lmeval.core.losses import bits_per, perplexity
+from lmeval.pipeline.tables import document_sums, documents_frame, summary_row
+from lmeval.core.windows import make_windows
 
 
 @st.composite

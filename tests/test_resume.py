@@ -17,7 +17,7 @@ import lmeval
 from lmeval import OutputError
 from lmeval.cli import main
 
-run_module = importlib.import_module("lmeval.run")  # `lmeval.run` the attribute is the function
+run_module = importlib.import_module("lmeval.pipeline.run")
 
 TEXTS = [f"{i}: {CORPUS[i % len(CORPUS)]} {CORPUS[(i * 5 + 1) % len(CORPUS)]}" for i in range(24)]
 

@@ -7,7 +7,8 @@ from conftest import CORPUS, build_model, train_bpe
 
 import lmeval
 from lmeval import DataError, ModelError
-from lmeval.scoring import OutputHead, prepare_model
+from lmeval.model.head import OutputHead
+from lmeval.model.loading import prepare_model
 
 TEXTS = CORPUS[:4] + ["short", "é 猫 😀 mixed scripts and emoji"]
 
@@ -210,7 +211,7 @@ def test_tokenizer_without_bos_or_eos(tmp_path, tiny_models):
 
 
 def test_out_of_memory_halves_the_batch_and_loses_nothing(gpt2_pair, monkeypatch, caplog):
-    import lmeval.scoring as scoring
+    import lmeval.model.scorer as scoring
 
     texts = TEXTS + [" ".join(CORPUS)]
     reference = lmeval.score_texts(texts, gpt2_pair, max_length=16, batch_tokens=4096)
@@ -243,7 +244,8 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(gpt2_pair, monkeypatch
 
 def test_device_map_loading_gives_the_same_numbers(saved_gpt2):
     """accelerate's big-model loading (here onto the CPU) must not change any number."""
-    from lmeval.scoring import ModelSpec, load_model
+    from lmeval.model.loading import load_model
+    from lmeval.model.spec import ModelSpec
 
     plain = lmeval.score_texts(TEXTS[:3], str(saved_gpt2))
     spec = ModelSpec(path=str(saved_gpt2), device_map="auto", max_memory={"cpu": "2GiB"})

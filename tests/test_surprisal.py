@@ -20,11 +20,13 @@ import torch
 
 import lmeval
 from conftest import CORPUS, build_model
-from lmeval import surprisal_cli
+from lmeval.cli import surprisal as surprisal_cli
 from lmeval.errors import DataError, ModelError, OutputError
-from lmeval.scoring import prepare_model
-from lmeval.render import render_html, render_terminal, script_json, write_html
-from lmeval.surprisal import aggregate_words, demo_model_path, surprisal_table
+from lmeval.model.loading import prepare_model
+from lmeval.view.render import render_html, render_terminal, script_json, write_html
+from lmeval.pipeline import demo
+from lmeval.pipeline.demo import demo_model_path
+from lmeval.view.surprisal import aggregate_words, surprisal_table
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. The dog sleeps on.",
@@ -225,7 +227,7 @@ def test_surprisal_table_rejects_bad_options(gpt2_lm, kwargs, error):
 
 
 def test_missing_demo_model_is_a_model_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(lmeval, "__file__", str(tmp_path / "lmeval" / "__init__.py"))
+    monkeypatch.setattr(demo, "PACKAGE", tmp_path / "lmeval")
     with pytest.raises(ModelError, match="demo model"):
         demo_model_path()
     with pytest.raises(ModelError, match="demo model"):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lmeval.windows import make_windows, window_spans
+from lmeval.core.windows import make_windows, window_spans
 
 
 def lm_eval_rolling_windows(token_list, prefix_token, max_seq_len, context_len=1):

@@ -12,27 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from .cli import int_at_least
-from .errors import DataError
-from .render import render_html, render_terminal, write_html
-from .surprisal import surprisal_table
+from ..errors import DataError
+from .common import COLOR_CHOICES, int_at_least, parse_bos, use_color
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("table", "csv", "json")
-
-
-def parse_bos(value: str):
-    """``auto``, ``none`` or a token id, as `score_texts` takes them."""
-    if value in ("auto", "none"):
-        return value
-    try:
-        token_id = int(value)
-    except ValueError:
-        token_id = -1
-    if token_id < 0:
-        raise argparse.ArgumentTypeError(f"must be auto, none or a token id >= 0 (got {value!r})")
-    return token_id
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -57,6 +42,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="conditioning token before each text: auto (BOS, else EOS), none (first token unscored) or an id",
     )  # fmt: skip
     parser.add_argument("--max-length", type=int_at_least(2), default=None, metavar="L", help="window length in tokens")
+    parser.add_argument("--color", choices=COLOR_CHOICES, default="auto",
+                        help="colour the terminal table: auto (on a terminal, unless NO_COLOR is set), always or never")  # fmt: skip
     return parser
 
 
@@ -93,6 +80,8 @@ def _csv(table: pd.DataFrame) -> str:
 
 
 def _terminal(table: pd.DataFrame, texts: list[str], color: bool) -> str:
+    from ..view.render import render_terminal
+
     blocks = []
     for doc_id, text in enumerate(texts):
         rows = table[table["doc_id"] == doc_id].reset_index(drop=True)
@@ -102,6 +91,9 @@ def _terminal(table: pd.DataFrame, texts: list[str], color: bool) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``lmeval surprisal``; returns the exit code. User errors raise `LmevalError`."""
+    from ..view.render import render_html, write_html
+    from ..view.surprisal import surprisal_table
+
     texts = read_texts(args.text, args.file)
     table = surprisal_table(
         texts, args.model, words=args.words, top_k=args.top_k, bos=args.bos, max_length=args.max_length
@@ -111,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
     elif args.format == "csv":
         sys.stdout.write(_csv(table))
     else:
-        sys.stdout.write(_terminal(table, texts, color=sys.stdout.isatty()))
+        sys.stdout.write(_terminal(table, texts, color=use_color(args.color, sys.stdout)))
     if args.html:
         tables = {i: table[table["doc_id"] == i] for i in range(len(texts))}
         title = f"lmeval surprisal: {args.model or 'demo model'}"

@@ -7,17 +7,13 @@ the end (``ppl = exp(sum nll / sum tokens)``), never a mean of per-document rati
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ..core.units import LN2, bits_per, perplexity
 from .data import TokenizedDocument, count_bytes, count_words
-from .errors import OutputError
-from .losses import LN2, bits_per, perplexity
 
 TOKEN_COLUMNS = [
     "model", "doc_id", "position", "token_id", "token", "char_start", "char_end", "context_len",
@@ -130,112 +126,3 @@ def summary_row(model_name: str, documents: pd.DataFrame, n_skipped: int = 0, se
     if seconds is not None:
         row["tokens_per_second"] = n_tokens / seconds if seconds > 0 else math.nan
     return row
-
-
-# --------------------------------------------------------------------------------------
-# Files
-# --------------------------------------------------------------------------------------
-
-# Every file `lmeval run` may write; --overwrite removes exactly these, nothing else.
-OUTPUT_FILES = (
-    "tokens.parquet", "documents.parquet", "documents.csv", "summary.csv", "calibration.csv",
-    "temperature.csv", "compare.csv", "compare_tokens.csv", "compare_documents.csv", "reliability.png", "checkpoints.png", "run.json",
-)  # fmt: skip
-
-
-def prepare_output_dir(path: str, overwrite: bool) -> Path:
-    """Create the run dir. A finished run (it has run.json) is never replaced unless
-    ``overwrite``; an interrupted one (it has parts/) is left for `run` to resume."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output.dir: {out} is a file, not a folder. Choose another `output.dir`.")
-    existing = [name for name in OUTPUT_FILES if (out / name).exists()]
-    interrupted = (out / "parts").is_dir() and not (out / "run.json").exists()
-    if existing and not (overwrite or interrupted):
-        raise OutputError(
-            f"output.dir: {out} already holds results ({', '.join(existing)}). "
-            "Pass --overwrite to replace them, or choose another `output.dir`."
-        )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in existing:  # replaced on request, or left half-done by an interrupted run
-            (out / name).unlink()
-        probe = out / ".lmeval-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(f"output.dir: cannot write to {out} ({exc.strerror}). Check its permissions.") from exc
-    return out
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` to a temporary name, then rename: a crash or a full
-    disk never leaves a half-written file under the real name."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: could not be written ({exc.strerror or exc}). Free disk space or fix permissions.") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_table(frame: pd.DataFrame, path: Path) -> None:
-    if path.suffix == ".parquet":
-        atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
-    else:
-        atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
-
-
-def write_json(data: dict, path: Path) -> None:
-    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default)
-    atomic_write(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, (Path, tuple, set)):
-        return str(value) if isinstance(value, Path) else list(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def format_summary(summary: pd.DataFrame) -> str:
-    """The summary as an aligned text table for the terminal."""
-    shown = [c for c in ("model", "n_documents", "n_tokens", "ppl", "bits_per_token", "bits_per_byte", "word_ppl",
-                         "ece", "brier", "top1_accuracy", "best_temperature", "tokens_per_second") if c in summary]
-    formatters = {"tokens_per_second": lambda x: f"{x:.0f}"}
-    return summary[shown].to_string(index=False, float_format=lambda x: f"{x:.4g}", formatters=formatters)
-
-
-class TokenWriter:
-    """Streams token tables into one parquet file, a row group per call, so the per-token
-    rows of a large corpus never sit in memory together. Renamed into place on close."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        self.writer = None
-
-    def write(self, frame: pd.DataFrame) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        table = pa.Table.from_pandas(frame, preserve_index=False)
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.tmp, table.schema)
-        self.writer.write_table(table.cast(self.writer.schema))
-
-    def close(self) -> None:
-        if self.writer is None:
-            return
-        self.writer.close()
-        try:
-            os.replace(self.tmp, self.path)
-        except OSError as exc:
-            raise OutputError(f"{self.path}: could not be written ({exc.strerror}).") from exc

@@ -11,15 +11,12 @@ import argparse
 import logging
 from pathlib import Path
 
-import pandas as pd
-
-from .cli import int_at_least
-from .config import CompareConfig
-from .errors import OutputError
+from ..errors import OutputError
+from ..pipeline.config import CompareConfig
+from .common import format_compare, int_at_least
 
 log = logging.getLogger(__name__)
 
-SHOWN = ["model", "baseline", "metric", "value", "baseline_value", "delta", "ci_low", "ci_high", "p_value", "unit"]
 DEFAULTS = CompareConfig()
 
 
@@ -44,14 +41,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def format_compare(compare: pd.DataFrame) -> str:
-    """The comparison as an aligned text table, then its notes, each once."""
-    text = compare[SHOWN].to_string(index=False, float_format=lambda x: f"{x:.4g}")
-    notes = [f"note ({row.model} vs {row.baseline}): {row.note}" for row in
-             compare.drop_duplicates(["model", "baseline"]).itertuples() if row.note]  # fmt: skip
-    return "\n".join([text, *notes])
-
-
 def _output_dir(path: str, overwrite: bool) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
@@ -69,7 +58,7 @@ def _output_dir(path: str, overwrite: bool) -> Path:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``lmeval compare``; returns the exit code. User errors raise `LmevalError`."""
-    from .compare import compare_runs, write_compare
+    from ..pipeline.compare import compare_runs, write_compare
 
     config = CompareConfig(baseline=args.baseline, bootstrap=args.bootstrap, seed=args.seed, top_k=args.top_k)
     out = _output_dir(args.out, args.overwrite) if args.out else None

@@ -18,34 +18,21 @@ those.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .data import check_texts
-from .errors import DataError, ModelError
-from .losses import LN2
-from .run import as_loaded_model, score_texts
+from ..core.units import LN2
+from ..errors import DataError
+from ..pipeline.data import check_texts
+from ..pipeline.demo import demo_model_path
+from ..pipeline.score import as_loaded_model, score_texts
 
 _WORD = re.compile(r"\S+")
 WORD_TABLE_COLUMNS = [
     "doc_id", "word_index", "word", "char_start", "char_end", "n_tokens", "surprisal_bits", "nll",
     "prob", "rank", "entropy", "entropy_bits", "complete", "crosses_word",
 ]  # fmt: skip
-
-
-def demo_model_path() -> Path:
-    """The bundled demo model's folder; a `ModelError` if it has not been trained yet."""
-    import lmeval
-
-    path = Path(lmeval.__file__).parent / "assets" / "demo" / "final"
-    if not path.is_dir():
-        raise ModelError(
-            f"model: the bundled demo model must exist at {path} (got no such folder). "
-            "Pass a model path or hub id instead, e.g. `--model gpt2`."
-        )
-    return path
 
 
 def surprisal_table(

@@ -285,14 +285,15 @@ def label_smoothed_ce(nll, mean_neg_logq, eps) -> np.ndarray:
 
 
 def eps_label(eps) -> str:
-    """How eps is written in column names: ``repr`` of the int or float the user gave.
+    """How eps is written in column names: ``repr`` of it as a float, one spelling per value.
 
-    So the YAML's 0.1 -> "0.1", 0.05 -> "0.05", 0.0 -> "0.0", 0 -> "0". numpy scalars are
-    converted to Python int/float first (np.float32(0.1) becomes "0.10000000149011612").
+    So 0, 0.0 and np.int64(0) all give "0.0"; 0.1 -> "0.1", 0.05 -> "0.05", 1e-05 -> "1e-05".
+    numpy scalars are converted to Python floats first (np.float32(0.1) becomes
+    "0.10000000149011612", its exact value).
     """
     if not _is_number(eps):
         raise ValueError(f"eps_label: eps must be a number (got {eps!r}). Pass an int or float.")
-    return repr(int(eps)) if isinstance(eps, numbers.Integral) else repr(float(eps))
+    return repr(float(eps))
 
 
 @dataclass(frozen=True, eq=False)
@@ -411,35 +412,3 @@ def temperature_table(sums: CalibrationSums, temperatures):
     nll_mean = sums.nll_t_sums / n if n else np.full(len(temps), np.nan)
     return pd.DataFrame({"temperature": list(temps), "nll_mean": nll_mean,
                          "ece": [expected_calibration_error(b) for b in sums.bins_t]})
-
-
-def plot_reliability(bins_by_model: dict, path, *, title=None) -> None:
-    """Reliability diagram PNG: accuracy vs confidence per bin for each model, the diagonal of
-    perfect calibration, and underneath the share of tokens in each bin. Written atomically."""
-    if not bins_by_model:
-        raise ValueError("plot_reliability: bins_by_model must be non-empty (got {}). "
-                         "Pass {'model name': bins, ...}.")
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
-    fig = Figure(figsize=(6, 7), dpi=110, layout="constrained")
-    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    top.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="perfectly calibrated")
-    for i, (name, bins) in enumerate(bins_by_model.items()):
-        ok = bins.n_tokens > 0
-        ece = expected_calibration_error(bins)
-        (line,) = top.plot(bins.confidence_mean[ok], bins.accuracy[ok], marker="o", ms=4, lw=1.2,
-                           label=f"{name} (ECE {ece:.3f})")
-        width = (bins.hi - bins.lo) / len(bins_by_model)
-        bottom.bar(bins.lo + i * width, bins.n_tokens / max(bins.n_total, 1), width=width,
-                   align="edge", color=line.get_color(), alpha=0.8)
-    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy (top-1 correct)",
-            title=title or "Reliability diagram")
-    top.grid(alpha=0.3)
-    top.legend(loc="upper left", fontsize=8)
-    bottom.set(xlabel="confidence (top-1 probability)", ylabel="share of tokens")
-    bottom.grid(alpha=0.3)
-    from .report import atomic_write
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

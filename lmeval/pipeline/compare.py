@@ -28,9 +28,11 @@ import numpy as np
 import pandas as pd
 
 from .config import CompareConfig, step_number
-from .errors import ConfigError, DataError
-from .losses import LN2
-from .report import atomic_write, write_table
+from ..core.bootstrap import bootstrap_interval, resampled_sums
+from ..core.units import LN2
+from ..errors import ConfigError, DataError
+from .files import write_table
+from .plots import plot_checkpoints
 
 COMPARE_COLUMNS = ["model", "baseline", "metric", "delta", "ci_low", "ci_high", "p_value", "unit"]
 EXTRA_COLUMNS = ["value", "baseline_value", "ratio", "ratio_ci_low", "ratio_ci_high", "n_documents", "n_resamples", "note"]
@@ -43,8 +45,6 @@ TOKENIZERS_DIFFER = (
     "tokenizers differ (sha256 {model} vs {baseline}): per-token deltas refused; "
     "compared in bits per byte and word perplexity on the identical raw text"
 )
-# Rows of the (n_resamples, n_docs) index matrix drawn at a time: bounds memory, same stream.
-_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -88,44 +88,6 @@ TOKEN_FREE_METRICS = tuple(name for name, m in METRICS.items() if not m.per_toke
 # --------------------------------------------------------------------------------------
 # The paired document bootstrap
 # --------------------------------------------------------------------------------------
-
-
-def resampled_sums(columns, n_resamples: int, seed: int) -> np.ndarray:
-    """Column sums over bootstrap resamples of the rows (documents): shape (n_resamples, k).
-
-    The draw is exactly ``np.random.default_rng(seed).integers(0, n_docs, size=(n_resamples,
-    n_docs))``: row r lists the documents (with repetition) of resample r. It is drawn in
-    blocks of rows to bound memory; numpy's generator yields the identical stream either way.
-    """
-    columns = np.asarray(columns, dtype=np.float64)  # (D, k)
-    n_docs, k = columns.shape
-    out = np.empty((n_resamples, k))
-    rng = np.random.default_rng(seed)
-    rows = max(1, _CHUNK_ELEMENTS // max(n_docs * k, 1))
-    for start in range(0, n_resamples, rows):
-        stop = min(start + rows, n_resamples)
-        index = rng.integers(0, n_docs, size=(stop - start, n_docs))  # (b, D)
-        out[start:stop] = columns[index].sum(axis=1)  # (b, D, k) -> (b, k)
-    return out
-
-
-def bootstrap_interval(deltas: np.ndarray) -> tuple[float, float, float]:
-    """95% percentile interval and two-sided bootstrap p-value of resampled deltas.
-
-    ``ci_low, ci_high`` are ``np.percentile(deltas, [2.5, 97.5])`` (linear interpolation).
-    ``p = min(1, 2 * min((1 + #{delta* <= 0}) / (B + 1), (1 + #{delta* >= 0}) / (B + 1)))``:
-    the smallest two-sided level at which the percentile interval excludes 0, with the +1
-    correction so that p is never 0 from a finite B (its floor is 2 / (B + 1)). All deltas 0
-    (a model against itself) gives p = 1. NaN everywhere when B = 0.
-    """
-    deltas = np.asarray(deltas, dtype=np.float64)
-    if len(deltas) == 0:
-        return float("nan"), float("nan"), float("nan")
-    low, high = np.percentile(deltas, [2.5, 97.5])
-    b = len(deltas)
-    below = (1 + np.count_nonzero(deltas <= 0)) / (b + 1)
-    above = (1 + np.count_nonzero(deltas >= 0)) / (b + 1)
-    return float(low), float(high), float(min(1.0, 2 * min(below, above)))
 
 
 def paired_bootstrap(
@@ -422,67 +384,6 @@ def compare_runs(run_dirs: list, baseline: str | None = None, compare_config: Co
 # --------------------------------------------------------------------------------------
 # Files and the checkpoint plot
 # --------------------------------------------------------------------------------------
-
-
-def checkpoint_points(summary: pd.DataFrame, compare: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """One point per model for `plot_checkpoints`: x (its step, or its index when some name
-    carries no number), value, and the 95% interval ``baseline_value * [ratio_ci_low,
-    ratio_ci_high]``.
-
-    The interval is the paired bootstrap CI of the model/baseline ratio, put on the metric's
-    scale: it says whether a checkpoint differs from the baseline, not how uncertain its
-    absolute value is. A ratio (not ``baseline_value + [ci_low, ci_high]``) because the
-    additive interval of a perplexity can reach below 0 when the baseline's own resampled
-    perplexity swings widely. The baseline itself has none (NaN)."""
-    steps = [step_number(str(name))[0] for name in summary["model"]]
-    by_step = all(s >= 0 for s in steps)
-    points = pd.DataFrame({"model": summary["model"].astype(str), "step": steps, "value": summary[metric].to_numpy()})
-    if by_step:
-        points = points.sort_values("step", kind="stable").reset_index(drop=True)
-    points["x"] = points["step"] if by_step else np.arange(len(points))
-    rows = compare[compare["metric"] == metric].set_index("model")
-    points["low"] = points["model"].map(rows["baseline_value"] * rows["ratio_ci_low"])
-    points["high"] = points["model"].map(rows["baseline_value"] * rows["ratio_ci_high"])
-    points["is_baseline"] = points["model"].isin(set(compare["baseline"]))
-    points.attrs["by_step"] = by_step
-    return points
-
-
-def plot_checkpoints(summary: pd.DataFrame, compare: pd.DataFrame, path) -> None:
-    """PNG with two panels, perplexity and bits per byte against the checkpoint step (or the
-    model, when names carry no step), with 95% paired-bootstrap error bars (`checkpoint_points`).
-    Token perplexity when every model shares the baseline's tokenizer, else word perplexity.
-    Written atomically."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
-    with_ppl = set(compare.loc[compare["metric"] == "ppl", "model"]) == set(compare["model"])
-    panels = [("ppl", "perplexity (tokens)") if with_ppl else ("word_ppl", "word perplexity"),
-              ("bits_per_byte", "bits per byte")]  # fmt: skip
-    baseline = ", ".join(map(str, pd.unique(compare["baseline"])))
-    fig = Figure(figsize=(10, 4), dpi=110, layout="constrained")
-    for ax, (metric, label) in zip(fig.subplots(1, 2), panels):
-        _draw_panel(ax, checkpoint_points(summary, compare, metric), label, baseline)
-    fig.suptitle("error bars: 95% paired document-bootstrap CI of the ratio to the baseline, "
-                 "times the baseline's value", fontsize=9)  # fmt: skip
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
-
-
-def _draw_panel(ax, points: pd.DataFrame, label: str, baseline: str) -> None:
-    below = (points["value"] - points["low"]).clip(lower=0).fillna(0)
-    above = (points["high"] - points["value"]).clip(lower=0).fillna(0)
-    ax.errorbar(points["x"], points["value"], yerr=[below, above], fmt="o-", ms=5, lw=1.2, capsize=4,
-                label="model (95% CI vs baseline)")  # fmt: skip
-    base = points[points["is_baseline"]]
-    ax.plot(base["x"], base["value"], "s", ms=10, mfc="none", mec="crimson", mew=1.5, label=f"baseline ({baseline})")
-    by_step = points.attrs["by_step"]
-    if by_step and points["x"].min() > 0 and points["x"].max() / points["x"].min() >= 50:
-        ax.set_xscale("log")  # checkpoints are often saved at geometric steps
-    if not by_step:
-        ax.set_xticks(points["x"], points["model"], rotation=30, ha="right")
-    axis = "step" if by_step else "model"
-    ax.set(xlabel=axis, ylabel=label, title=f"{label} vs {axis}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
 
 
 def write_compare(out_dir, frames: dict, summary: pd.DataFrame | None = None) -> list[Path]:

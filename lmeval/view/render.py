@@ -13,6 +13,7 @@ shown as visible symbols, so a document cannot send escape sequences.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import html
 import json
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import OutputError
-from .report import atomic_write
+from ..errors import OutputError
+from ..pipeline.files import atomic_write
 
 SCALE_BITS = 20.0  # top of the colour scale; anything above is drawn as the top colour
 # xterm-256 backgrounds from pale green (expected) to dark red (surprising), one per 2 bits.
@@ -257,15 +258,28 @@ def render_html(tables_by_doc, texts, *, title: str) -> str:
     docs = _tables(tables_by_doc)
     data = [{"doc_id": str(k), "unit": unit_column(t), "rows": _rows(t)} for k, t in docs]
     sections = "".join(_section_html(k, t, texts[k]) for k, t in docs)
-    return _PAGE.format(
+    page, css, js = (_template(name) for name in ("page.html", "page.css", "page.js"))
+    return page.format(
         title=html.escape(title),
         legend=_legend_html(),
         sections=sections,
         data=script_json(data),
-        css=_CSS,
-        js=_JS,
-        script_hash=_SCRIPT_HASH,
+        css=css,
+        js=js,
+        script_hash=script_hash(js),
     )
+
+
+@functools.cache
+def _template(name: str) -> str:
+    """A file of the page (HTML skeleton, CSS, JS), shipped as package data beside this module."""
+    return (Path(__file__).parent / "templates" / name).read_text(encoding="utf-8")
+
+
+def script_hash(js: str) -> str:
+    """The Content-Security-Policy hash of the page's one script: defence in depth behind the
+    escaping, so even a markup bug could not run a document's script or event handler."""
+    return "sha256-" + base64.b64encode(hashlib.sha256(js.encode("utf-8")).digest()).decode("ascii")
 
 
 def write_html(path, html_text: str) -> Path:
@@ -275,123 +289,3 @@ def write_html(path, html_text: str) -> Path:
         raise OutputError(f"html: the folder of {path} must exist (got no folder {path.parent}). Create it first.")
     atomic_write(path, lambda tmp: tmp.write_text(html_text, encoding="utf-8"))
     return path
-
-
-_CSS = """
-body{font:15px/1.5 system-ui,sans-serif;margin:2em auto;max-width:70em;padding:0 1em;color:#222}
-h1{font-size:1.4em}h2{font-size:1.1em;margin-bottom:.2em}.meta{color:#666;margin:.2em 0}
-.legend span{display:inline-block;padding:0 .4em;font-size:.8em}
-.heat{white-space:pre-wrap;font:16px/1.9 ui-monospace,monospace;border:1px solid #ddd;padding:.8em;border-radius:4px}
-.tok{border-radius:2px;cursor:default}.tok:hover,.tok.hl{outline:2px solid #333}
-.tok.empty{display:inline-block;width:4px;height:1.1em;vertical-align:text-bottom}
-#tip{position:fixed;display:none;background:#222;color:#fff;padding:.5em .7em;border-radius:4px;
-font:13px/1.4 ui-monospace,monospace;white-space:pre;pointer-events:none;z-index:10;max-width:40em}
-table{border-collapse:collapse;margin:1em 0;font-size:13px}
-th,td{border-bottom:1px solid #eee;padding:.15em .6em;text-align:right}
-th{cursor:pointer;user-select:none;background:#f4f4f4;position:sticky;top:0}
-td.t,td.k{text-align:left;font-family:ui-monospace,monospace;white-space:pre}
-td.k{white-space:normal;min-width:24em;color:#444}th{white-space:nowrap}
-th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
-tr:hover td{background:#fafad2}
-"""
-
-_JS = r"""
-(function () {
-  "use strict";
-  var data = JSON.parse(document.getElementById("lmeval-data").textContent);
-  var tip = document.getElementById("tip");
-  function fmt(x, d) { return x === null ? "n/a" : x.toFixed(d); }
-  function prob(x) { return x === null ? "n/a" : x.toPrecision(4); }
-  function shown(s) { return JSON.stringify(s); }
-  function tipText(unit, r) {
-    var lines = [unit + " " + shown(r.label) + (r.label === r.text ? "" : "  text " + shown(r.text)),
-      "surprisal " + fmt(r.surprisal_bits, 3) + " bits",
-      "rank " + r.rank + "   prob " + prob(r.prob),
-      "entropy " + fmt(r.entropy_bits, 3) + " bits"];
-    if (r.topk.length) {
-      lines.push("top " + r.topk.length + ":");
-      r.topk.forEach(function (a) { lines.push("  " + shown(a.token) + " " + prob(a.prob)); });
-    }
-    return lines.join("\n");
-  }
-  function columnsFor(unit) { return [
-    ["#", function (r) { return r.index; }, String],
-    [unit, function (r) { return r.label; }, String, "t"],
-    ["text", function (r) { return r.text; }, shown, "t"],
-    ["surprisal (bits)", function (r) { return r.surprisal_bits; }, function (x) { return fmt(x, 3); }],
-    ["rank", function (r) { return r.rank; }, String],
-    ["prob", function (r) { return r.prob; }, prob],
-    ["entropy (bits)", function (r) { return r.entropy_bits; }, function (x) { return fmt(x, 3); }],
-    ["top-k", function (r) { return r.topk.map(function (a) { return shown(a.token) + " " + prob(a.prob); }).join(", "); }, String, "k"]
-  ]; }
-  function compare(a, b) {
-    if (a === b) return 0;
-    if (a === null) return 1;
-    if (b === null) return -1;
-    return a < b ? -1 : 1;
-  }
-  function buildTable(section, doc) {
-    var spans = section.querySelectorAll(".heat .tok");
-    var columns = columnsFor(doc.unit);
-    var table = document.createElement("table");
-    var head = table.createTHead().insertRow();
-    var body = table.createTBody();
-    doc.rows.forEach(function (r, i) {
-      var tr = body.insertRow();
-      tr.dataset.i = i;
-      columns.forEach(function (c) {
-        var td = tr.insertCell();
-        td.textContent = c[2](c[1](r));
-        if (c[3]) td.className = c[3];
-      });
-      tr.addEventListener("mouseenter", function () { spans[i].classList.add("hl"); });
-      tr.addEventListener("mouseleave", function () { spans[i].classList.remove("hl"); });
-    });
-    columns.forEach(function (c, k) {
-      var th = document.createElement("th");
-      th.textContent = c[0];
-      th.addEventListener("click", function () {
-        var dir = th.getAttribute("aria-sort") === "ascending" ? -1 : 1;
-        head.querySelectorAll("th").forEach(function (h) { h.removeAttribute("aria-sort"); });
-        th.setAttribute("aria-sort", dir === 1 ? "ascending" : "descending");
-        var trs = Array.prototype.slice.call(body.rows);
-        trs.sort(function (x, y) {
-          var a = c[1](doc.rows[x.dataset.i]), b = c[1](doc.rows[y.dataset.i]);
-          return dir * compare(a, b) || x.dataset.i - y.dataset.i;
-        });
-        trs.forEach(function (tr) { body.appendChild(tr); });
-      });
-      head.appendChild(th);
-    });
-    section.querySelector(".table-slot").appendChild(table);
-    spans.forEach(function (span, i) {
-      var text = tipText(doc.unit, doc.rows[i]);
-      span.setAttribute("aria-label", text);
-      span.addEventListener("mousemove", function (e) {
-        tip.textContent = text;
-        tip.style.display = "block";
-        tip.style.left = Math.min(e.clientX + 14, window.innerWidth - tip.offsetWidth - 4) + "px";
-        tip.style.top = (e.clientY + 18) + "px";
-      });
-      span.addEventListener("mouseleave", function () { tip.style.display = "none"; });
-    });
-  }
-  document.querySelectorAll("section.doc").forEach(function (section, k) { buildTable(section, data[k]); });
-  document.body.dataset.ready = "1";
-})();
-"""
-
-# Content-Security-Policy allows this one script by hash: defence in depth behind the
-# escaping, so even a markup bug could not run a document's script or event handler.
-_SCRIPT_HASH = "sha256-" + base64.b64encode(hashlib.sha256(_JS.encode("utf-8")).digest()).decode("ascii")
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; script-src '{script_hash}'">
-<meta name="viewport" content="width=device-width,initial-scale=1">
-<title>{title}</title><style>{css}</style></head>
-<body><h1>{title}</h1>{legend}{sections}<div id="tip" role="tooltip"></div>
-<script type="application/json" id="lmeval-data">{data}</script>
-<script>{js}</script>
-</body></html>
-"""

@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import OutputError
-from .report import atomic_write, write_json
+from ..errors import OutputError
+from .files import atomic_write, write_json
 
 META_KEY = b"lmeval"
 
@@ -99,7 +99,7 @@ def open_parts(run_dir: Path, identity: dict, fresh: bool) -> Path:
         shutil.rmtree(parts)
     if manifest.exists():
         previous = json.loads(manifest.read_text(encoding="utf-8"))
-        changed = [key for key in identity if previous.get(key) != _roundtrip(identity[key])]
+        changed = [key for key in identity if previous.get(key) != roundtrip(identity[key])]
         if changed:
             raise OutputError(
                 f"output.dir: {run_dir} holds a partial run made with a different {', '.join(changed)}. "
@@ -111,7 +111,7 @@ def open_parts(run_dir: Path, identity: dict, fresh: bool) -> Path:
     return parts
 
 
-def _roundtrip(value):
+def roundtrip(value):
     """The value as it reads back from JSON (tuples become lists)."""
     return json.loads(json.dumps(value, default=_plain))
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-LN2 = math.log(2.0)
+from .units import LN2, bits_per, nats_to_bits, perplexity  # noqa: F401  (the article's units, re-exported)
 
 
 # --------------------------------------------------------------------------------------
@@ -94,27 +94,6 @@ def binary_cross_entropy(y, y_hat) -> np.ndarray | float:
 
 def _as_float(x: np.ndarray) -> np.ndarray | float:
     return float(x) if np.ndim(x) == 0 else x
-
-
-# --------------------------------------------------------------------------------------
-# Units
-# --------------------------------------------------------------------------------------
-
-
-def nats_to_bits(nats):
-    """Convert nats (natural-log units) to bits (base-2 units): divide by ln 2."""
-    return nats / LN2
-
-
-def perplexity(nll_sum: float, count: int) -> float:
-    """Pooled perplexity exp(sum nll / count): the effective number of equally likely
-    choices per unit. NaN when nothing was counted (never a silent 1.0)."""
-    return math.exp(nll_sum / count) if count > 0 else float("nan")
-
-
-def bits_per(nll_sum: float, count: int) -> float:
-    """Pooled bits per unit (token, byte, ...): sum nll / ln 2 / count. NaN when count is 0."""
-    return nll_sum / LN2 / count if count > 0 else float("nan")
 
 
 # --------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 
-from .errors import LmevalError
+from ..errors import LmevalError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

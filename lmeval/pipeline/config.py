@@ -18,20 +18,14 @@ from typing import Literal, Optional
 
 import yaml
 
-from .errors import ConfigError
+from ..core.calibration import validate_calibration_options
+from ..errors import ConfigError
+from ..model.spec import DEVICE_MAPS, ModelSpec, default_name
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    path: str
-    name: Optional[str] = None
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    device: str = "auto"
-    revision: Optional[str] = None
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
-    device_map: Optional[str] = None  # auto, balanced, balanced_low_0 or sequential: one model over several devices
-    max_memory: Optional[dict] = None  # with device_map, e.g. {0: 20GiB, 1: 20GiB, cpu: 64GiB}
+# A `models:` entry is the model record itself: one dataclass for the config, the loader and
+# the resume identity.
+ModelConfig = ModelSpec
 
 
 @dataclass(frozen=True)
@@ -81,7 +75,7 @@ class CompareConfig:
 
 @dataclass(frozen=True)
 class Config:
-    models: tuple[ModelConfig, ...]
+    models: tuple[ModelSpec, ...]
     data: DataConfig
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -145,8 +139,10 @@ def apply_overrides(raw: dict, overrides: list[str], cwd: Path) -> dict:
             value = yaml.safe_load(value_text) if value_text else ""
         except yaml.YAMLError:
             value = value_text
-        if key.split(".")[-1] in ("path", "dir") and isinstance(value, str) and _looks_local(value, cwd):
-            value = str((cwd / value).resolve())
+        leaf = key.split(".")[-1]
+        # An output dir is always a folder (never a hub id), so it always resolves here.
+        if isinstance(value, str) and (leaf == "dir" or leaf == "path" and _looks_local(value, cwd)):
+            value = str((cwd / Path(value).expanduser()).resolve())
         try:
             _set_path(raw, key.split("."), value)
         except (KeyError, IndexError, TypeError) as exc:
@@ -257,8 +253,6 @@ def _build(cls, raw, where: str, problems: list[str]):
 
 def _check_values(config: Config, problems: list[str]) -> None:
     """Rules beyond types: ranges and cross-field consistency."""
-    from .calibration import validate_calibration_options
-
     s = config.scoring
     if s.batch_tokens < 1:
         problems.append(f"scoring.batch_tokens: must be >= 1 (got {s.batch_tokens}). A typical budget is 16384.")
@@ -293,10 +287,7 @@ def _check_values(config: Config, problems: list[str]) -> None:
         problems.append(f"compare.baseline: must name one of the models ({', '.join(names)}) (got {cmp.baseline!r}).")
 
 
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def _check_device_map(model: ModelConfig, where: str, problems: list[str]) -> None:
+def _check_device_map(model: ModelSpec, where: str, problems: list[str]) -> None:
     if model.device_map is not None and model.device_map not in DEVICE_MAPS:
         problems.append(f"{where}.device_map: must be one of {', '.join(DEVICE_MAPS)} or null (got {model.device_map!r}).")
     if model.device_map is not None and model.device != "auto":
@@ -348,7 +339,7 @@ def _expand_models(raw_models, base: Path, problems: list[str]) -> list[dict]:
     return out
 
 
-def _check_model_paths(models: list[ModelConfig], problems: list[str]) -> None:
+def _check_model_paths(models: list[ModelSpec], problems: list[str]) -> None:
     for i, m in enumerate(models):
         p = Path(m.path)
         if p.is_absolute() and not p.exists():
@@ -367,10 +358,8 @@ def build_config(raw: dict, base: Path, source: str | None = None) -> Config:
         problems.append("models: is required: list at least one {path: ...}.")
     models = []
     for i, entry in enumerate(_expand_models(raw.get("models", []), base, problems) if "models" in raw else []):
-        model = _build(ModelConfig, entry, f"models[{i}]", problems)
+        model = _build(ModelSpec, entry, f"models[{i}]", problems)
         if model is not None:
-            from .scoring import default_name
-
             models.append(dataclasses.replace(model, name=model.name or default_name(model.path)))
     _check_model_paths(models, problems)
     data_raw = raw.get("data")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, ModelError
+from ..errors import DataError, ModelError
 
 _WORD_SPLIT = re.compile(r"\s+")
 

@@ -1,0 +1,185 @@
+"""Load a causal LM and its tokenizer, and wrap a loaded pair for scoring.
+
+Local folders must hold safetensors weights (pickle only on request); a string that is not
+a local path is taken for a hub id only when it looks like one. Nothing here runs the
+model except the load-time probe of `OutputHead`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..core.losses import Workspace
+from ..errors import ModelError
+from .head import OutputHead
+from .spec import DTYPE_NAMES, ModelSpec, looks_like_hub_id
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to score, with what the protocol needs to know about it.
+
+    Build one with `load_model` (or `prepare_model` for a pair already in memory) and pass
+    it to `score_texts` as often as you like: loading and the head probe happen once.
+    ``commit_sha`` is the resolved hub commit of a hub model (None for a local folder).
+    """
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    vocab_size: int  # width of the logits (may exceed len(tokenizer))
+    embedding_rows: int
+    max_positions: int | None
+    head: OutputHead
+    spec: ModelSpec | None = None
+    commit_sha: str | None = None
+    workspace: Workspace = field(default_factory=Workspace)  # scratch reused across batches
+
+
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ModelError(f"model.device: must be auto, cpu, cuda or cuda:N (got {device!r}).") from exc
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # Half precision only where it is fast; the statistics are float32 regardless.
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ModelError(f"model.dtype: must be one of {', '.join(DTYPE_NAMES)} (got {dtype!r}).")
+    return DTYPES[dtype]
+
+
+def _check_local_weights(path: Path, allow_pickle: bool) -> None:
+    files = [p.name for p in path.iterdir()]
+    if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
+        return
+    pickled = [f for f in files if f.endswith(".bin") or f.endswith(".pt") or f.endswith(".pth")]
+    if pickled and not allow_pickle:
+        raise ModelError(
+            f"{path}: weights are pickle files ({', '.join(sorted(pickled))}), which can run "
+            "arbitrary code when loaded. Convert them to safetensors, or set "
+            "`allow_pickle: true` for this model if you trust the source."
+        )
+    if not pickled:
+        raise ModelError(
+            f"{path}: no model weights found (expected *.safetensors). "
+            "Point `path` at a folder written by `save_pretrained`."
+        )
+
+
+def load_model(source, **options) -> LoadedModel:
+    """Load a causal LM and its fast tokenizer once, ready to score many times.
+
+    ``source`` is a local ``save_pretrained`` folder, a hub id, or a `ModelSpec`; keyword
+    options are the `ModelSpec` fields (``name``, ``dtype="auto"``, ``device="auto"``,
+    ``revision=None``, ``trust_remote_code=False``, ``allow_pickle=False``,
+    ``device_map=None``, ``max_memory=None``). The load-time probe that picks the output-head
+    path runs here, once; `score_texts` with the result runs no probe again.
+    """
+    spec = _as_spec(source, options)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # lmeval shows its own progress
+
+    path = Path(spec.path).expanduser()
+    is_local = path.exists()
+    if not is_local and not looks_like_hub_id(spec.path):
+        raise ModelError(
+            f"model.path: {spec.path!r} does not exist. Give a local `save_pretrained` folder "
+            "or a hub id such as 'gpt2' or 'EleutherAI/pythia-160m'."
+        )
+    if is_local:
+        if not path.is_dir():
+            raise ModelError(f"model.path: {path} is not a folder. Point it at a `save_pretrained` folder.")
+        _check_local_weights(path, spec.allow_pickle)
+    if spec.trust_remote_code:
+        log.warning("trust_remote_code is on for %s: its repository code will run on this machine.", spec.path)
+    device = _resolve_device(spec.device)
+    dtype = _resolve_dtype(spec.dtype, device)
+    source = str(path) if is_local else spec.path
+    common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        placed = dict(device_map=spec.device_map, max_memory=spec.max_memory) if spec.device_map else {}
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, use_safetensors=None if spec.allow_pickle else True, **common, **placed
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.path: cannot load {source!r}: {exc}".strip()) from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(
+            f"{source}: lmeval needs a fast (Rust) tokenizer for character offsets; "
+            "save one with `tokenizers`/`PreTrainedTokenizerFast`."
+        )
+    if not spec.device_map:  # with a device_map, accelerate has placed (and hooked) every layer
+        model.to(device)
+    model.eval()
+    lm = prepare_model(model, tokenizer, name=spec.display_name, spec=spec)
+    lm.commit_sha = None if is_local else getattr(model.config, "_commit_hash", None)
+    return lm
+
+
+def _as_spec(source, options: dict) -> ModelSpec:
+    if isinstance(source, ModelSpec):
+        return dataclasses.replace(source, **options) if options else source
+    if isinstance(source, (str, Path)):
+        try:
+            return ModelSpec(path=str(source), **options)
+        except TypeError as exc:
+            known = ", ".join(f.name for f in dataclasses.fields(ModelSpec) if f.name != "path")
+            raise ModelError(f"load_model: unknown option ({exc}). Known options: {known}.") from None
+    raise ModelError(f"load_model: source must be a path, a hub id or a ModelSpec (got {type(source).__name__}).")
+
+
+def max_positions(config) -> int | None:
+    """The model's context size from its config, if it declares one."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def prepare_model(model, tokenizer, name: str = "model", spec: ModelSpec | None = None) -> LoadedModel:
+    """Wrap an already loaded ``(model, tokenizer)`` pair for scoring. The model's
+    train/eval mode is left as the caller set it; scoring switches to eval and back."""
+    device = model.get_input_embeddings().weight.device  # where input ids go, also under a device_map
+    head = OutputHead.for_model(model)
+    return LoadedModel(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        vocab_size=model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else model.config.vocab_size,
+        embedding_rows=model.get_input_embeddings().weight.shape[0],
+        max_positions=max_positions(model.config),
+        head=head,
+        spec=spec,
+    )
+
+

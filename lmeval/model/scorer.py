@@ -1,0 +1,284 @@
+"""Score windows with a loaded model. The ONLY code that runs a model forward.
+
+Windows are batched by a token budget (sorted by length to cut padding), right-padded with
+an attention mask, run through the body, and only their scored positions reach the output
+head, a chunk of rows at a time (`OutputHead`); per-token statistics come from one pass
+over each chunk of logits (`token_statistics`). Out of memory halves the budget and retries
+the same windows; a non-finite logit stops the run naming the document.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..core.losses import token_statistics
+from ..core.windows import Window
+from ..errors import ModelError
+from .head import evaluating
+from .loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+# float32 bytes of one logit row are multiplied by this to budget a chunk: logits, log q,
+# q, and the temporaries of the reductions.
+_CHUNK_COPIES = 6
+
+
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """What to compute per token, and how much to hold at once."""
+
+    batch_tokens: int = 16384
+    temperatures: tuple[float, ...] = ()
+    top_k: int = 0
+    chunk_bytes: int | None = None  # budget for one chunk of logits and its scratch; None: by device
+    compile: str | bool = "auto"  # fuse the per-token reductions with torch.compile
+
+
+# Below this many logits (tokens x vocabulary) a CPU run does not repay the compile time.
+_COMPILE_MIN_LOGITS_CPU = 4e9
+
+
+def use_compiled(lm: LoadedModel, options: ScoreOptions, n_tokens: int) -> bool:
+    """Whether to fuse the reductions: always on request, by size under ``auto``."""
+    if options.compile == "auto":
+        return lm.device.type == "cuda" or n_tokens * lm.vocab_size >= _COMPILE_MIN_LOGITS_CPU
+    return bool(options.compile)
+
+
+def pack_batches(windows: list[Window], batch_tokens: int) -> list[list[int]]:
+    """Indices of windows grouped so that rows x longest row <= batch_tokens.
+
+    Windows are sorted by length (longest first) to cut padding; a window longer than the
+    budget gets a batch of its own.
+    """
+    order = sorted(range(len(windows)), key=lambda i: (-len(windows[i].input_ids), i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = len(windows[current[0]].input_ids) if current else len(windows[i].input_ids)
+        if current and (len(current) + 1) * width > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _pad(windows: list[Window], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad ids into (B, T) with an attention mask. The pad id is never scored and,
+    under causal attention with right padding, never attended to by a real token."""
+    width = max(len(w.input_ids) for w in windows)
+    ids = torch.zeros((len(windows), width), dtype=torch.long)
+    mask = torch.zeros((len(windows), width), dtype=torch.long)
+    for row, w in enumerate(windows):
+        ids[row, : len(w.input_ids)] = torch.tensor(w.input_ids, dtype=torch.long)
+        mask[row, : len(w.input_ids)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _scored_index(windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, targets) of every scored output in a padded batch, window by window."""
+    rows, cols, targets = [], [], []
+    for row, w in enumerate(windows):
+        n = w.n_scored
+        rows.append(np.full(n, row, dtype=np.int64))
+        cols.append(np.arange(w.first_scored, len(w.input_ids), dtype=np.int64))
+        targets.append(np.asarray(w.targets, dtype=np.int64))
+    return tuple(torch.from_numpy(np.concatenate(a)) for a in (rows, cols, targets))
+
+
+# On CPU the reductions are fastest when a chunk's logits stay near cache size (measured:
+# ~16 MiB of float32 logits); on CUDA larger chunks keep the kernels busy.
+_CHUNK_BYTES = {"cpu": 96 * 2**20, "cuda": 1536 * 2**20}
+
+
+def _chunk_rows(lm: LoadedModel, chunk_bytes: int | None) -> int:
+    budget = chunk_bytes or _CHUNK_BYTES.get(lm.device.type, _CHUNK_BYTES["cpu"])
+    return max(1, budget // (lm.vocab_size * 4 * _CHUNK_COPIES))
+
+
+@torch.inference_mode()
+def score_batch(lm: LoadedModel, windows: list[Window], options: ScoreOptions, compiled: bool = False) -> dict[str, np.ndarray]:
+    """Per-token statistics for the scored outputs of ``windows``, in window order."""
+    ids, mask = _pad(windows, lm.device)
+    rows, cols, targets = (t.to(lm.device) for t in _scored_index(windows))
+    if lm.head.fast:
+        hidden = lm.head.body(ids, mask)  # (B, T, H), on the last layer's device under a device_map
+        rows, cols = rows.to(hidden.device), cols.to(hidden.device)
+        source = lambda sl: lm.head.project(hidden[rows[sl], cols[sl]], lm.workspace)  # noqa: E731  (n, V)
+    else:
+        logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
+        rows, cols = rows.to(logits.device), cols.to(logits.device)
+        source = lambda sl: logits[rows[sl], cols[sl]]  # noqa: E731
+    step = _chunk_rows(lm, options.chunk_bytes)
+    parts = []
+    for begin in range(0, len(targets), step):
+        sl = slice(begin, begin + step)
+        chunk = source(sl)  # (n, V), on the output head's device
+        parts.append(
+            token_statistics(chunk, targets[sl].to(chunk.device), options.temperatures, options.top_k, compiled, lm.workspace)
+        )
+    # One device-to-host copy per batch, not one per chunk and statistic.
+    fields = parts[0].__dataclass_fields__
+    return {key: torch.cat([getattr(p, key) for p in parts]).cpu().numpy() for key in fields}
+
+
+def score_windows(
+    lm: LoadedModel, windows: list[Window], options: ScoreOptions, progress=None, doc_names=None
+) -> dict[str, np.ndarray]:
+    """Score every window; return per-token columns in window order (not batch order).
+
+    Columns: ``doc_index, position, token_id, context_len`` and the `TokenStats` fields
+    (present, with zero rows, when nothing is scored). ``progress``, if given, is called as
+    ``progress(tokens_in_batch, tokens_in_total)`` after each batch. ``doc_names[w.doc_id]``
+    is the user's id of a window's document, for error messages. The model is scored in
+    eval mode and left in the mode it had.
+    """
+    with evaluating(lm.model):
+        return _score_all(lm, windows, options, progress, doc_names)
+
+
+def _score_all(lm: LoadedModel, windows: list[Window], options: ScoreOptions, progress, doc_names) -> dict[str, np.ndarray]:
+    counts = np.array([w.n_scored for w in windows], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    total = int(starts[-1])
+    out: dict[str, np.ndarray] = {}
+    compiled = use_compiled(lm, options, total)
+    pending = [(batch, options.batch_tokens) for batch in pack_batches(windows, options.batch_tokens)]
+    while pending:
+        batch, budget = pending.pop(0)
+        batch_windows = [windows[i] for i in batch]
+        try:
+            stats, compiled = _score_batch_safely(lm, batch_windows, options, compiled)
+        except torch.OutOfMemoryError:
+            pending[:0] = _split_after_oom(lm, windows, batch, budget, doc_names)
+            continue
+        _check_finite(lm, batch_windows, stats, doc_names)
+        offset = 0
+        for i, w in zip(batch, batch_windows):
+            for key, values in stats.items():
+                if key not in out:
+                    out[key] = np.empty((total,) + values.shape[1:], dtype=values.dtype)
+                out[key][starts[i] : starts[i + 1]] = values[offset : offset + w.n_scored]
+            offset += w.n_scored
+        if progress is not None:
+            progress(offset, total)
+    if total == 0:  # nothing to score: the same columns, with zero rows
+        out = _empty_stats(lm, options)
+    out.update(_window_columns(windows, counts, total))
+    return out
+
+
+def _empty_stats(lm: LoadedModel, options: ScoreOptions) -> dict[str, np.ndarray]:
+    logits = torch.zeros((0, lm.vocab_size))
+    stats = token_statistics(logits, torch.zeros(0, dtype=torch.long), options.temperatures, options.top_k)
+    return {key: getattr(stats, key).numpy() for key in stats.__dataclass_fields__}
+
+
+def _doc_name(window: Window, doc_names) -> object:
+    return window.doc_id if doc_names is None else doc_names[window.doc_id]
+
+
+def _split_after_oom(lm: LoadedModel, windows: list[Window], batch: list[int], budget: int, doc_names=None):
+    """Out of memory: halve the batch's token budget and re-pack the same windows, so the
+    batch is retried in smaller pieces and nothing is lost or scored twice."""
+    if lm.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if len(batch) == 1:
+        w = windows[batch[0]]
+        raise ModelError(
+            f"model {lm.name}: out of memory on a single window of {len(w.input_ids)} tokens "
+            f"(document {_doc_name(w, doc_names)!r}). Lower `scoring.max_length`, or use a smaller dtype or a larger device."
+        )
+    half = max(1, budget // 2)
+    log.warning("out of memory at batch_tokens=%d; retrying this batch at %d", budget, half)
+    sub = pack_batches([windows[i] for i in batch], half)
+    if len(sub) == 1:  # the budget allows them all in one row group: split by rows instead
+        sub = [list(range(len(batch) // 2)), list(range(len(batch) // 2, len(batch)))]
+    return [([batch[j] for j in group], half) for group in sub]
+
+
+def _score_batch_safely(lm, windows, options, compiled):
+    """Score a batch, dropping to the eager reductions if compiling fails (no C++ compiler,
+    an unsupported backend). Returns the stats and whether to keep compiling."""
+    if not compiled:
+        return score_batch(lm, windows, options), False
+    try:
+        return score_batch(lm, windows, options, compiled=True), True
+    except Exception as exc:  # torch.compile raises backend-specific errors
+        log.warning("torch.compile of the token statistics failed (%s); using eager mode.", type(exc).__name__)
+        return score_batch(lm, windows, options), False
+
+
+def _window_columns(windows: list[Window], counts: np.ndarray, total: int) -> dict[str, np.ndarray]:
+    """Per-token document index, position, target id and context length, in window order."""
+    if total == 0:
+        return {k: np.zeros(0, dtype=np.int64) for k in ("doc_index", "position", "token_id", "context_len")}
+    first_position = np.array([w.positions[0] if w.positions else 0 for w in windows], dtype=np.int64)
+    first_context = np.array([w.first_scored + 1 for w in windows], dtype=np.int64)
+    within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)  # 0.. inside each window
+    return {
+        "doc_index": np.repeat(np.array([w.doc_id for w in windows], dtype=np.int64), counts),
+        "position": np.repeat(first_position, counts) + within,
+        "token_id": np.fromiter((t for w in windows for t in w.targets), dtype=np.int64, count=total),
+        "context_len": np.repeat(first_context, counts) + within,
+    }
+
+
+def _check_finite(lm: LoadedModel, windows: list[Window], stats: dict[str, np.ndarray], doc_names=None) -> None:
+    """A NaN or inf logit (a broken checkpoint, an fp16 overflow) stops the run by name."""
+    bad = ~np.isfinite(stats["nll"]) | ~np.isfinite(stats["entropy"])
+    if not bad.any():
+        return
+    first = int(np.argmax(bad))
+    for w in windows:
+        if first < w.n_scored:
+            raise ModelError(
+                f"model {lm.name}: non-finite logits at document {_doc_name(w, doc_names)!r}, token position "
+                f"{w.positions[first]}. The checkpoint may be broken, or half precision overflowed: "
+                "try `dtype: float32`."
+            )
+        first -= w.n_scored
+
+
+def check_vocabulary(lm: LoadedModel, max_token_id: int) -> None:
+    """Token ids must index the model's embedding rows (a tokenizer/model mismatch otherwise)."""
+    if max_token_id >= lm.embedding_rows:
+        raise ModelError(
+            f"model {lm.name}: the tokenizer produced token id {max_token_id}, but the model has "
+            f"only {lm.embedding_rows} embedding rows. The tokenizer does not belong to this model; "
+            "load the tokenizer saved with the checkpoint."
+        )
+
+
+def resolve_window(lm: LoadedModel, max_length: int | None, stride: int | None) -> tuple[int, int]:
+    """The protocol's (L, S): L defaults to the model's context size, S to L."""
+    limit = lm.max_positions
+    if max_length is None:
+        if limit is None:
+            raise ModelError(
+                f"model {lm.name}: its config declares no context size. Set `scoring.max_length`."
+            )
+        max_length = limit
+    if max_length < 1:
+        raise ModelError(f"scoring.max_length: must be >= 1 (got {max_length}).")
+    if limit is not None and max_length > limit:
+        raise ModelError(
+            f"scoring.max_length: must be <= the model's {limit} positions for {lm.name} "
+            f"(got {max_length}). Lower max_length, or leave it unset to use {limit}."
+        )
+    stride = max_length if stride is None else stride
+    if not 1 <= stride <= max_length:
+        raise ModelError(
+            f"scoring.stride: must be in [1, max_length={max_length}] (got {stride}). "
+            "Use stride = max_length for disjoint windows, or less for overlapping context."
+        )
+    return max_length, stride

@@ -1,0 +1,56 @@
+"""The model record: how one model is loaded. Plain data, no torch.
+
+One dataclass serves the YAML config (``models:`` entries), the loader and the resume
+identity, which hashes every field of it: a field added here is validated, loaded and
+guarded against silent resumes without touching any other module.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+# "name" or "org/name": what a hub id looks like. Anything else that does not exist locally
+# is a missing path, never a network request.
+_HUB_ID = re.compile(r"^[A-Za-z0-9_][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to load one model. ``path`` is a local folder or a hub id.
+
+    ``dtype`` is the weights' precision (the statistics are float32 regardless); ``device``
+    is auto, cpu, cuda or cuda:N; ``revision`` a hub branch, tag or commit;
+    ``trust_remote_code`` runs the repository's own Python (off unless asked);
+    ``allow_pickle`` permits pickled (.bin/.pt) weights; ``device_map`` spreads one model
+    over several devices with accelerate (auto, balanced, balanced_low_0, sequential), and
+    ``max_memory`` caps each device under it, e.g. ``{0: 20GiB, cpu: 64GiB}``.
+    """
+
+    path: str
+    name: Optional[str] = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = "auto"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    device_map: Optional[str] = None
+    max_memory: Optional[dict] = None
+
+    @property
+    def display_name(self) -> str:
+        return self.name or default_name(self.path)
+
+
+def default_name(path: str) -> str:
+    """A model's default name: the last part of its path or hub id."""
+    return Path(str(path).rstrip("/")).name or str(path)
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """True for strings shaped like ``gpt2`` or ``org/name`` (the hub's id syntax)."""
+    return bool(_HUB_ID.match(path))

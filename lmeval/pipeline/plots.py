@@ -1,0 +1,107 @@
+"""The run's figures: the reliability diagram and the checkpoint plot, as PNG files.
+
+matplotlib's object API only (no pyplot: no global state, no GUI backend), imported when a
+figure is drawn; every file is written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..core.calibration import expected_calibration_error
+from .config import step_number
+from .files import atomic_write
+
+
+def plot_reliability(bins_by_model: dict, path, *, title=None) -> None:
+    """Reliability diagram PNG: accuracy vs confidence per bin for each model, the diagonal of
+    perfect calibration, and underneath the share of tokens in each bin. Written atomically."""
+    if not bins_by_model:
+        raise ValueError("plot_reliability: bins_by_model must be non-empty (got {}). "
+                         "Pass {'model name': bins, ...}.")
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    fig = Figure(figsize=(6, 7), dpi=110, layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="perfectly calibrated")
+    for i, (name, bins) in enumerate(bins_by_model.items()):
+        ok = bins.n_tokens > 0
+        ece = expected_calibration_error(bins)
+        (line,) = top.plot(bins.confidence_mean[ok], bins.accuracy[ok], marker="o", ms=4, lw=1.2,
+                           label=f"{name} (ECE {ece:.3f})")
+        width = (bins.hi - bins.lo) / len(bins_by_model)
+        bottom.bar(bins.lo + i * width, bins.n_tokens / max(bins.n_total, 1), width=width,
+                   align="edge", color=line.get_color(), alpha=0.8)
+    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy (top-1 correct)",
+            title=title or "Reliability diagram")
+    top.grid(alpha=0.3)
+    top.legend(loc="upper left", fontsize=8)
+    bottom.set(xlabel="confidence (top-1 probability)", ylabel="share of tokens")
+    bottom.grid(alpha=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def checkpoint_points(summary: pd.DataFrame, compare: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One point per model for `plot_checkpoints`: x (its step, or its index when some name
+    carries no number), value, and the 95% interval ``baseline_value * [ratio_ci_low,
+    ratio_ci_high]``.
+
+    The interval is the paired bootstrap CI of the model/baseline ratio, put on the metric's
+    scale: it says whether a checkpoint differs from the baseline, not how uncertain its
+    absolute value is. A ratio (not ``baseline_value + [ci_low, ci_high]``) because the
+    additive interval of a perplexity can reach below 0 when the baseline's own resampled
+    perplexity swings widely. The baseline itself has none (NaN)."""
+    steps = [step_number(str(name))[0] for name in summary["model"]]
+    by_step = all(s >= 0 for s in steps)
+    points = pd.DataFrame({"model": summary["model"].astype(str), "step": steps, "value": summary[metric].to_numpy()})
+    if by_step:
+        points = points.sort_values("step", kind="stable").reset_index(drop=True)
+    points["x"] = points["step"] if by_step else np.arange(len(points))
+    rows = compare[compare["metric"] == metric].set_index("model")
+    points["low"] = points["model"].map(rows["baseline_value"] * rows["ratio_ci_low"])
+    points["high"] = points["model"].map(rows["baseline_value"] * rows["ratio_ci_high"])
+    points["is_baseline"] = points["model"].isin(set(compare["baseline"]))
+    points.attrs["by_step"] = by_step
+    return points
+
+
+def plot_checkpoints(summary: pd.DataFrame, compare: pd.DataFrame, path) -> None:
+    """PNG with two panels, perplexity and bits per byte against the checkpoint step (or the
+    model, when names carry no step), with 95% paired-bootstrap error bars (`checkpoint_points`).
+    Token perplexity when every model shares the baseline's tokenizer, else word perplexity.
+    Written atomically."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    with_ppl = set(compare.loc[compare["metric"] == "ppl", "model"]) == set(compare["model"])
+    panels = [("ppl", "perplexity (tokens)") if with_ppl else ("word_ppl", "word perplexity"),
+              ("bits_per_byte", "bits per byte")]  # fmt: skip
+    baseline = ", ".join(map(str, pd.unique(compare["baseline"])))
+    fig = Figure(figsize=(10, 4), dpi=110, layout="constrained")
+    for ax, (metric, label) in zip(fig.subplots(1, 2), panels):
+        _draw_panel(ax, checkpoint_points(summary, compare, metric), label, baseline)
+    fig.suptitle("error bars: 95% paired document-bootstrap CI of the ratio to the baseline, "
+                 "times the baseline's value", fontsize=9)  # fmt: skip
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def _draw_panel(ax, points: pd.DataFrame, label: str, baseline: str) -> None:
+    below = (points["value"] - points["low"]).clip(lower=0).fillna(0)
+    above = (points["high"] - points["value"]).clip(lower=0).fillna(0)
+    ax.errorbar(points["x"], points["value"], yerr=[below, above], fmt="o-", ms=5, lw=1.2, capsize=4,
+                label="model (95% CI vs baseline)")  # fmt: skip
+    base = points[points["is_baseline"]]
+    ax.plot(base["x"], base["value"], "s", ms=10, mfc="none", mec="crimson", mew=1.5, label=f"baseline ({baseline})")
+    by_step = points.attrs["by_step"]
+    if by_step and points["x"].min() > 0 and points["x"].max() / points["x"].min() >= 50:
+        ax.set_xscale("log")  # checkpoints are often saved at geometric steps
+    if not by_step:
+        ax.set_xticks(points["x"], points["model"], rotation=30, ha="right")
+    axis = "step" if by_step else "model"
+    ax.set(xlabel=axis, ylabel=label, title=f"{label} vs {axis}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)

@@ -1,0 +1,32 @@
+"""The progress bar of `lmeval run`: scored tokens, with an ETA that holds across parts."""
+
+from __future__ import annotations
+
+
+class ScoringProgress:
+    """A tqdm bar over scored tokens. Its total is estimated from the characters still to
+    score and the tokens per character seen so far, so the ETA holds across groups."""
+
+    def __init__(self, show: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(desc="scoring", unit="tok", disable=not show, dynamic_ncols=True)
+        self.chars_left = 0  # planned characters not yet started
+        self.chars_seen = 0  # characters of the groups started so far
+        self.done_before = 0  # tokens of the groups finished before the current one
+
+    def plan(self, n_chars: int) -> None:
+        self.chars_left += n_chars
+
+    def group(self, n_chars: int) -> None:
+        self.done_before = self.bar.n
+        self.chars_left -= n_chars
+        self.chars_seen += n_chars
+
+    def progress(self, done: int, total: int) -> None:
+        known = self.done_before + total
+        self.bar.total = known + round(self.chars_left * known / max(self.chars_seen, 1))
+        self.bar.update(done)
+
+    def close(self):
+        self.bar.close()

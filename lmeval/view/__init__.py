@@ -1,0 +1,2 @@
+"""Layer 4, views: surprisal tables and their terminal and HTML renderings (templates are
+package files). Imports the pipeline, the model and the core."""
