@@ -164,3 +164,21 @@ def test_workspace_reuse_gives_the_same_statistics():
         reused = token_statistics(logits, targets, (0.8,), top_k=3, workspace=workspace)
         for key in fresh.__dataclass_fields__:
             assert torch.equal(getattr(fresh, key), getattr(reused, key)), key
+
+
+@pytest.mark.parametrize("vocab, compiled", [(5, False), (1000, False), (50257, False), (1000, True)])
+def test_log_probability_variance_matches_float64(vocab, compiled):
+    """Var_q[log q] (Min-K%++'s denominator), on request, against a float64 log-softmax."""
+    torch.manual_seed(vocab + 1)
+    logits = torch.randn(32, vocab) * 4
+    targets = torch.randint(0, vocab, (32,))
+    log_q = torch.log_softmax(logits.double(), dim=1)
+    q = log_q.exp()
+    mean = (q * log_q).sum(1)
+    expected = (q * (log_q - mean[:, None]) ** 2).sum(1)
+    from lmeval.core.losses import Workspace
+
+    ours = token_statistics(logits, targets, moments=True, compiled=compiled, workspace=Workspace())
+    torch.testing.assert_close(ours.var_logq.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(-ours.entropy.double(), mean, atol=1e-5, rtol=1e-5)  # E_q[log q] = -H(q)
+    assert token_statistics(logits, targets).var_logq.shape == (32, 0)  # not asked: not computed

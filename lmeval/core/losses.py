@@ -115,6 +115,9 @@ class TokenStats:
     - ``mean_neg_logq``: mean_v(-log q_v), for label-smoothed CE.
     - ``nll_t`` / ``max_prob_t``: (N, K) the same at each temperature T (logits / T).
     - ``topk_ids`` / ``topk_probs``: (N, k) the k most likely tokens, most likely first.
+    - ``var_logq``: Var_q[log q] = sum_v q_v (log q_v + H(q))^2, nats^2, only on request
+      (``moments=True``; else shape (N, 0)). With E_q[log q] = -entropy it standardises a
+      token's log-probability, as Min-K%++ does.
     """
 
     nll: torch.Tensor
@@ -128,6 +131,7 @@ class TokenStats:
     max_prob_t: torch.Tensor
     topk_ids: torch.Tensor
     topk_probs: torch.Tensor
+    var_logq: torch.Tensor
 
 
 
@@ -158,7 +162,7 @@ def _shifted_lse(z, shift, scale, scratch):
     return torch.log(scratch.mul_(scale).exp_().sum(dim=1))
 
 
-def _reductions(z: torch.Tensor, targets: torch.Tensor, temperatures: tuple[float, ...], workspace=None):
+def _reductions(z: torch.Tensor, targets: torch.Tensor, temperatures: tuple[float, ...], workspace=None, moments=False):
     """The per-token reductions over the vocabulary. ``z`` is (N, V) float32; every output is
     (N,) or (N, K). Written with explicit scratch buffers so that eager mode allocates no
     (N, V) tensor per call, and `torch.compile` can still fuse it into one loop per row.
@@ -184,6 +188,11 @@ def _reductions(z: torch.Tensor, targets: torch.Tensor, temperatures: tuple[floa
         nll_t.append(lse_t - z_y / t)
         max_prob_t.append(torch.exp(z_max / t - lse_t))
     empty = z.new_empty((z.shape[0], 0))
+    if moments:  # Var_q[z] = Var_q[log q] (log q = z - lse), centred first: no cancellation
+        centred = torch.sub(z, (e_dot_z / s)[:, None], out=product)  # (N, V)
+        var_logq = (centred.mul_(centred).mul_(e).sum(dim=1) / s)[:, None]
+    else:
+        var_logq = empty
     return (
         lse - z_y,
         lse - e_dot_z / s,
@@ -194,6 +203,7 @@ def _reductions(z: torch.Tensor, targets: torch.Tensor, temperatures: tuple[floa
         torch.stack(nll_t, dim=1) if temperatures else empty,
         torch.stack(max_prob_t, dim=1) if temperatures else empty,
         lse,
+        var_logq,
     )
 
 
@@ -215,6 +225,7 @@ def token_statistics(
     top_k: int = 0,
     compiled: bool = False,
     workspace: Workspace | None = None,
+    moments: bool = False,
 ) -> TokenStats:
     """Per-token statistics for ``logits`` (N, V) and ``targets`` (N,), in one pass.
 
@@ -227,10 +238,10 @@ def token_statistics(
         z = _scratch(workspace, "z32", logits, torch.float32).copy_(logits)
     targets = targets.long()
     if compiled:
-        reduced = _compiled_reductions()(z, targets, tuple(temperatures))
+        reduced = _compiled_reductions()(z, targets, tuple(temperatures), None, moments)
     else:
-        reduced = _reductions(z, targets, tuple(temperatures), workspace)
-    nll, ent, max_prob, rank, sum_q2, mean_neg_logq, nll_t, max_prob_t, lse = reduced
+        reduced = _reductions(z, targets, tuple(temperatures), workspace, moments)
+    nll, ent, max_prob, rank, sum_q2, mean_neg_logq, nll_t, max_prob_t, lse, var_logq = reduced
     if top_k > 0:
         top = torch.topk(z, min(top_k, z.shape[1]), dim=1)
         topk_ids, topk_probs = top.indices, torch.exp(top.values - lse[:, None])
@@ -249,4 +260,5 @@ def token_statistics(
         max_prob_t=max_prob_t,
         topk_ids=topk_ids,
         topk_probs=topk_probs,
+        var_logq=var_logq.squeeze(1) if moments else var_logq,
     )

@@ -37,6 +37,7 @@ class ScoreOptions:
     batch_tokens: int = 16384
     temperatures: tuple[float, ...] = ()
     top_k: int = 0
+    moments: bool = False  # also Var_q[log q] per token (membership scores)
     chunk_bytes: int | None = None  # budget for one chunk of logits and its scratch; None: by device
     compile: str | bool = "auto"  # fuse the per-token reductions with torch.compile
 
@@ -124,7 +125,10 @@ def score_batch(lm: LoadedModel, windows: list[Window], options: ScoreOptions, c
         sl = slice(begin, begin + step)
         chunk = source(sl)  # (n, V), on the output head's device
         parts.append(
-            token_statistics(chunk, targets[sl].to(chunk.device), options.temperatures, options.top_k, compiled, lm.workspace)
+            token_statistics(
+                chunk, targets[sl].to(chunk.device), options.temperatures, options.top_k, compiled, lm.workspace,
+                options.moments,
+            )
         )
     # One device-to-host copy per batch, not one per chunk and statistic.
     fields = parts[0].__dataclass_fields__
@@ -179,7 +183,8 @@ def _score_all(lm: LoadedModel, windows: list[Window], options: ScoreOptions, pr
 
 def _empty_stats(lm: LoadedModel, options: ScoreOptions) -> dict[str, np.ndarray]:
     logits = torch.zeros((0, lm.vocab_size))
-    stats = token_statistics(logits, torch.zeros(0, dtype=torch.long), options.temperatures, options.top_k)
+    stats = token_statistics(logits, torch.zeros(0, dtype=torch.long), options.temperatures, options.top_k,
+                             moments=options.moments)
     return {key: getattr(stats, key).numpy() for key in stats.__dataclass_fields__}
 
 
