@@ -403,6 +403,18 @@ def test_eps_label_is_one_spelling_per_value(eps, label):
     assert cal.eps_label(eps) == label
 
 
+@pytest.mark.parametrize("written", ["[0, 0.1]", "[0.0, 0.1]", "[0.00, 1e-1]"])
+def test_label_smoothing_columns_have_one_spelling_whatever_the_yaml(written, small_batch, tmp_path):
+    """`label_smoothing: [0]` and `[0.0]` mean one thing, so they name the same columns."""
+    from lmeval.pipeline.config import load_config
+
+    (tmp_path / "c.yaml").write_text(f"models: [gpt2]\ndata: {{path: gpt2}}\ncalibration: {{label_smoothing: {written}}}\n")
+    grid = load_config(tmp_path / "c.yaml").calibration.label_smoothing
+    summary = cal.summarize(make_sums(small_batch[2], eps_grid=grid), vocab_size=50)
+    assert {"ce_eps0.0", "h_eps0.0", "kl_eps0.0", "ce_eps0.1"} <= summary.keys()
+    assert not any(key.endswith(("eps0", "eps0.00")) for key in summary)
+
+
 # ------------------------------------------------------------------------------- plot
 
 

@@ -307,6 +307,26 @@ def test_different_tokenizers_compare_in_bits_per_byte(tmp_path, checkpoints, da
     assert per_doc.delta_bits_per_token.isna().all() and per_doc.delta_bits_per_byte.notna().all()
 
 
+def test_lmeval_run_prints_the_comparison_lmeval_compare_prints(tmp_path, checkpoints, data, capsys):
+    """Both commands print one table, notes included (why a unit was refused)."""
+    tokenizer = train_bpe(tmp_path, vocab_size=300)
+    other = tmp_path / "other-vocab"
+    build_model("gpt2", len(tokenizer)).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    listed = f"  - {{name: {LONG}, path: {checkpoints[LONG]}}}\n  - {{name: other, path: {other}}}"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"models:\n{listed}\ndata: {{path: {data}, id_field: id}}\n"
+                      "scoring: {max_length: 32}\noutput: {dir: out}\n", encoding="utf-8")  # fmt: skip
+    from lmeval.cli import main
+
+    assert main(["run", str(config), "-q"]) == 0
+    run_out = capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "out")]) == 0
+    compare_out = capsys.readouterr().out
+    assert "note (other vs " in compare_out and "tokenizers differ" in compare_out
+    assert compare_out.strip() in run_out
+
+
 # --------------------------------------------------------------------------------------
 # Comparing earlier runs
 # --------------------------------------------------------------------------------------

@@ -82,3 +82,27 @@ def test_assets_fit_their_budgets():
         size = sum(f.stat().st_size for f in (ASSETS / checkpoint).iterdir())
         assert size <= 4 * 2**20, checkpoint
     assert (ASSETS / "heldout.jsonl").stat().st_size <= 300 * 1024
+
+
+def test_packaged_demo_config_is_the_clones_protocol():
+    """The config shipped inside the package (what `lmeval demo` runs from a wheel) and the
+    clone's configs/demo.yaml name the same models, data and protocol."""
+    from lmeval.pipeline.config import load_config
+    from lmeval.pipeline.demo import demo_config_path
+
+    packaged, clone = load_config(demo_config_path()), load_config(REPO / "configs" / "demo.yaml")
+    assert demo_config_path().is_relative_to(REPO / "lmeval")  # package data, not a clone file
+    for section in ("models", "data", "scoring", "calibration", "compare"):
+        assert getattr(packaged, section) == getattr(clone, section), section
+
+
+def test_lmeval_demo_writes_runs_demo_in_the_current_folder(tmp_path, monkeypatch, capsys):
+    from lmeval.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "-q", "data.max_documents=2"]) == 0  # the packaged config, by its package path
+    out = tmp_path / "runs" / "demo"
+    assert (out / "run.json").is_file() and (out / "compare.csv").is_file()
+    record = json.loads((out / "run.json").read_text())
+    assert record["config"]["source"].endswith(os.path.join("lmeval", "configs", "demo.yaml"))
+    assert "wrote " + str(out) in capsys.readouterr().out

@@ -131,3 +131,39 @@ def test_document_ids_never_become_paths(tmp_path, saved_gpt2):
     assert set(tables["documents"].doc_id) == {"../../escape", "/abs"}
     outside = [p for p in tmp_path.rglob("*") if "out" not in p.parts and p.suffix == ".parquet"]
     assert outside == []
+
+
+def test_concatenated_without_ids_runs_and_resumes_after_sigkill(tmp_path, saved_gpt2):
+    """Row-number ids (integers) and the stream's `<separator>` share one string doc_id
+    column; the pooled nll equals `score_texts` on the joined text; a SIGKILL between the two
+    models' parts resumes to identical tables."""
+    write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in TEXTS])
+    config = write_config(
+        tmp_path,
+        f"models: [{{name: a, path: {saved_gpt2}}}, {{name: b, path: {saved_gpt2}}}]\n"
+        "data: {path: docs.jsonl}\nscoring: {max_length: 16, batch_tokens: 64, documents: concatenated}\n"
+        "output: {dir: out}\n",
+    )
+    reference = lmeval.run(str(config), [f"output.dir={tmp_path / 'reference'}"], show_progress=False)
+    for name in ("tokens.parquet", "documents.parquet", "summary.csv", "calibration.csv", "temperature.csv", "compare.csv"):
+        assert (tmp_path / "reference" / name).exists(), name
+    documents = pd.read_parquet(tmp_path / "reference" / "documents.parquet")
+    assert documents.doc_id.tolist()[: len(TEXTS) + 1] == [str(i) for i in range(len(TEXTS))] + ["<separator>"]
+    stream = lmeval.score_texts(["\n\n".join(TEXTS)], str(saved_gpt2), max_length=16)
+    summary = reference["summary"].set_index("model")
+    assert summary.nll_sum["a"] == pytest.approx(stream.nll.astype("float64").sum(), rel=1e-6)
+    assert summary.n_tokens["a"] == len(stream)
+
+    command = [sys.executable, "-m", "lmeval", "run", str(config), "-q"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "out" / "parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(parts.rglob("*.parquet")) and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert_same_tables(read_tables(tmp_path / "out"), read_tables(tmp_path / "reference"))

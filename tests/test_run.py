@@ -176,7 +176,7 @@ def test_validate_command(workspace, capsys):
     assert "scoring.bos" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("path", sorted(REPO.glob("configs/**/*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted([*REPO.glob("configs/**/*.yaml"), *REPO.glob("lmeval/configs/**/*.yaml")]), ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_config_validates(path):
     load_config(path)
 

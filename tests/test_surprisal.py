@@ -352,3 +352,26 @@ def test_cli_user_errors(saved_gpt2, capsys, argv, error):
 def test_cli_rejects_bad_arguments(capsys, argv):
     with pytest.raises(SystemExit):
         run_cli(argv + ["text"], capsys)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize(
+    "choice, no_color, tty, expected",
+    [("auto", "", True, True), ("auto", "1", True, False), ("auto", "", False, False),
+     ("always", "1", False, True), ("never", "", True, False)],
+)  # fmt: skip
+def test_color_follows_the_flag_then_no_color_then_the_terminal(choice, no_color, tty, expected, monkeypatch):
+    from lmeval.cli.common import use_color
+
+    monkeypatch.setenv("NO_COLOR", no_color)
+    assert use_color(choice, _Terminal() if tty else io.StringIO()) is expected
+
+
+def test_cli_color_always_and_never(saved_gpt2, capsys):
+    _, coloured = run_cli(["--model", str(saved_gpt2), "--color", "always", TEXTS[0]], capsys)
+    _, plain = run_cli(["--model", str(saved_gpt2), "--color", "never", TEXTS[0]], capsys)
+    assert "\x1b[" in coloured and "\x1b[" not in plain

@@ -102,6 +102,24 @@ _REQUIRED = object()
 # --------------------------------------------------------------------------------------
 
 
+class _SafeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` (no Python tags) that also reads ``1e-5`` as a float: PyYAML follows
+    YAML 1.1, where a float needs a dot (``1.0e-5``), so ``label_smoothing: [1e-5]`` would
+    otherwise arrive as the string '1e-5'."""
+
+
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def safe_load(text: str):
+    """Parse YAML safely (`_SafeLoader`)."""
+    return yaml.load(text, Loader=_SafeLoader)  # noqa: S506  (a SafeLoader subclass)
+
+
 def read_yaml(path: Path) -> dict:
     """Parse a YAML file safely (no Python tags); its root must be a mapping."""
     try:
@@ -111,7 +129,7 @@ def read_yaml(path: Path) -> dict:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"must be UTF-8 text ({exc.reason} at byte {exc.start}).", source=str(path)) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"malformed YAML: {exc}", source=str(path)) from None
     if raw is None:
@@ -136,7 +154,7 @@ def apply_overrides(raw: dict, overrides: list[str], cwd: Path) -> dict:
             problems.append(f"override {item!r}: must look like section.key=value, e.g. scoring.stride=128.")
             continue
         try:
-            value = yaml.safe_load(value_text) if value_text else ""
+            value = safe_load(value_text) if value_text else ""
         except yaml.YAMLError:
             value = value_text
         leaf = key.split(".")[-1]
