@@ -16,6 +16,7 @@ from test_run import write_config, write_jsonl
 import lmeval
 from lmeval import OutputError
 from lmeval.cli import main
+from lmeval.pipeline.parts import plan_groups
 
 run_module = importlib.import_module("lmeval.pipeline.run")
 
@@ -74,7 +75,7 @@ def test_ctrl_c_keeps_parts_and_resume_scores_only_the_rest(resumable, monkeypat
     calls.clear()
     monkeypatch.setattr(run_module, "write_part", lambda p, c, m: (calls.append(p), real_write(p, c, m)))
     assert main(["run", str(config), "-q"]) == 0
-    n_groups = len(run_module.plan_groups([len(t) for t in TEXTS], 300))
+    n_groups = len(plan_groups([len(t) for t in TEXTS], 300))
     assert len(calls) == 2 * n_groups - 3  # the three finished parts were not scored again
     assert_same_tables(read_tables(folder / "out"), read_tables(reference_dir))
     assert not (folder / "out" / "parts").exists()

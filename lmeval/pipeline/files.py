@@ -6,8 +6,10 @@ crash or a full disk never leaves a half-written file under the real name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +28,9 @@ OUTPUT_FILES = (
 
 
 def prepare_output_dir(path: str, overwrite: bool) -> Path:
-    """Create the run dir. A finished run (it has run.json) is never replaced unless
-    ``overwrite``; an interrupted one (it has parts/) is left for `run` to resume."""
+    """Create the run dir. A finished run (it has results) is never replaced unless
+    ``overwrite``; an interrupted one (it has parts/, no run.json) is left for `run` to resume.
+    Nothing is deleted here: old results are replaced only when the new ones are written."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output.dir: {out} is a file, not a folder. Choose another `output.dir`.")
@@ -40,14 +43,45 @@ def prepare_output_dir(path: str, overwrite: bool) -> Path:
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for name in existing:  # replaced on request, or left half-done by an interrupted run
-            (out / name).unlink()
-        probe = out / ".lmeval-write-test"
+        probe = out / f".lmeval-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
         raise OutputError(f"output.dir: cannot write to {out} ({exc.strerror}). Check its permissions.") from exc
     return out
+
+
+def clean_leftovers(out: Path) -> None:
+    """Remove what a killed run left behind: temporary files of interrupted atomic writes, and
+    parts an --overwrite had set aside. Called under the run lock, so no other run owns them."""
+    leftovers = [*out.glob(".*.tmp-*"), *out.glob("parts/**/.*.tmp-*"), *out.glob(".lmeval-write-test*")]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    for folder in out.glob(".parts-replaced-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def replace_outputs(out: Path):
+    """Replace a folder's previous results with the ones written inside the block.
+
+    run.json goes first, so that a kill mid-way leaves an interrupted run (parts, no
+    run.json), which a rerun merges again; each table is then replaced by its atomic write;
+    and previous files this run did not rewrite are removed at the end."""
+    before = {name: _stamp(out / name) for name in OUTPUT_FILES if (out / name).exists()}
+    (out / "run.json").unlink(missing_ok=True)
+    yield
+    for name, stamp in before.items():
+        if name != "run.json" and _stamp(out / name) == stamp:
+            (out / name).unlink(missing_ok=True)
+
+
+def _stamp(path: Path):
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def atomic_write(path: Path, write) -> None:
@@ -102,15 +136,28 @@ class TokenWriter:
 
     def write(self, frame: pd.DataFrame) -> None:
         table = to_arrow(frame, self.schema)
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.tmp, self.schema)
-        self.writer.write_table(table)
+        try:
+            if self.writer is None:
+                self.writer = pq.ParquetWriter(self.tmp, self.schema)
+            self.writer.write_table(table)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: could not be written ({exc}). Free disk space or fix permissions.") from exc
+
+    def abort(self) -> None:
+        """Give up: close and remove the temporary file."""
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        except OSError:
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self.writer is None:
             return
-        self.writer.close()
         try:
+            self.writer.close()
             os.replace(self.tmp, self.path)
         except OSError as exc:
             raise OutputError(f"{self.path}: could not be written ({exc.strerror}).") from exc

@@ -20,7 +20,7 @@ from .compare import compare_tables, write_compare
 from .config import Config
 from .data import Corpus
 from .files import TokenWriter, write_table
-from .parts import read_columns, read_meta
+from .parts import PartError, read_part
 from .plots import plot_reliability
 from .provenance import fingerprint_model, versions
 from .schemas import read_table, string_ids
@@ -45,10 +45,10 @@ def collect_model(name: str, corpus: Corpus, config: Config, paths: list[Path], 
     """Merge a model's parts, in corpus order: documents, pooled summary, calibration; each
     part's token rows go to ``token_sink`` so they never all sit in memory at once."""
     c = config.calibration
-    metas = [read_meta(p) for p in paths]
-    sums, confidences, seconds = None, [], 0.0
-    for path, meta in zip(paths, metas):
-        columns = read_columns(path)
+    sums, confidences, seconds, metas = None, [], 0.0, []
+    for path in paths:
+        columns, meta = _read_checked(path)
+        metas.append(meta)
         part_sums = cal.calibration_sums(
             *(columns[k] for k in CALIBRATION_INPUTS[:6]), eps_grid=c.label_smoothing, nll_t=columns.get("nll_t"),
             max_prob_t=columns.get("max_prob_t"), temperatures=c.temperatures, n_bins=c.bins,
@@ -59,9 +59,7 @@ def collect_model(name: str, corpus: Corpus, config: Config, paths: list[Path], 
         if token_sink is not None:
             token_sink(tokens_frame(name, string_ids(meta["doc_ids"]), columns))
         seconds += meta["seconds"]
-    fields = ("doc_ids", "n_tokens", "n_bytes", "n_words", "nll_sum")
-    doc_ids, *counts = (list(itertools.chain.from_iterable(m[k] for m in metas)) for k in fields)
-    documents = documents_frame(name, string_ids(doc_ids), *counts)
+    documents = documents_frame(name, *_document_sums(metas))
     summary = summary_row(name, documents, n_skipped=corpus.n_skipped, seconds=seconds)
     summary["n_documents"] = len(corpus.documents)
     protocol = metas[0]["protocol"]
@@ -94,6 +92,32 @@ PROTOCOL_NOTES = {
 
 
 
+def _read_checked(path: Path) -> tuple[dict, dict]:
+    """A part's columns and metadata; one that fails its checksum since the run began is
+    removed and named, so that a rerun scores it again."""
+    try:
+        return read_part(path)
+    except PartError as exc:
+        path.unlink(missing_ok=True)
+        raise OutputError(
+            f"output.dir: result part {path} cannot be merged: {exc}. It has been removed; "
+            "rerun the same command to score it again (every other part is kept)."
+        ) from None
+
+
+def _document_sums(metas: list[dict]) -> tuple[list[str], list, list, list, list]:
+    """Per document, in corpus order: (ids, n_tokens, n_bytes, n_words, nll_sum), adding up
+    the pieces of a document that was scored as several parts."""
+    fields = ("doc_ids", "n_tokens", "n_bytes", "n_words", "nll_sum")
+    rows = pd.DataFrame({k: list(itertools.chain.from_iterable(m[k] for m in metas)) for k in fields})
+    rows["doc_ids"] = string_ids(rows["doc_ids"])
+    if rows["doc_ids"].is_unique:  # no pieces: keep the float64 sums exactly as they were
+        merged = rows
+    else:
+        merged = rows.groupby("doc_ids", sort=False, as_index=False).sum()
+    return tuple(merged[k].tolist() for k in fields)
+
+
 def check_parts_present(part_paths: dict[str, list[Path]], parts: Path) -> None:
     """Every part must be on disk before the merge (ranks of a multi-node job write to one folder)."""
     missing = [name for name, paths in part_paths.items() if not all(p.exists() for p in paths)]
@@ -109,9 +133,14 @@ def merge_tables(out: Path, config: Config, corpus: Corpus, part_paths: dict[str
     written to ``out``; the token table streams to disk a part at a time."""
     writer = TokenWriter(out / "tokens.parquet") if config.output.per_token else None
     results = []
-    for model in config.models:
-        sink = writer.write if writer else None
-        results.append((model.name, collect_model(model.name, corpus, config, part_paths[model.name], sink)))
+    try:
+        for model in config.models:
+            sink = writer.write if writer else None
+            results.append((model.name, collect_model(model.name, corpus, config, part_paths[model.name], sink)))
+    except BaseException:
+        if writer is not None:
+            writer.abort()  # no temporary file left in the run folder
+        raise
     if writer is not None:
         writer.close()
     tables = {

@@ -7,6 +7,11 @@ from a document id, so no id can escape the run dir. Parts are written atomicall
 killed run keeps every finished part and a rerun scores only the missing groups.
 ``parts/manifest.json`` records what the parts were computed from; resuming with a different
 config, model or corpus is refused.
+
+Parts prove themselves: each records a checksum of its columns, the hash of the run identity
+it was scored for, and the protocol it was scored with (also kept once per model in
+``parts/<model>/protocol.json``). A part that is unreadable, truncated, corrupted or foreign
+fails `verify_part`, and the run rescores it.
 """
 
 from __future__ import annotations
@@ -53,8 +58,13 @@ def model_dirname(name: str) -> str:
     return f"{safe[:48]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
+class PartError(Exception):
+    """A part that cannot be trusted; the message says why. Internal: the run rescores it."""
+
+
 def write_part(path: Path, columns: dict[str, np.ndarray], meta: dict) -> None:
-    """Write one part: 1-D columns as they are, (N, K) columns as ``name.k``, ``meta`` in the schema."""
+    """Write one part: 1-D columns as they are, (N, K) columns as ``name.k``, ``meta`` (with
+    the columns' checksum added) in the schema."""
     arrays = {}
     for name, values in columns.items():
         if values.ndim == 2:
@@ -62,8 +72,21 @@ def write_part(path: Path, columns: dict[str, np.ndarray], meta: dict) -> None:
                 arrays[f"{name}.{k}"] = values[:, k]
         else:
             arrays[name] = values
+    meta = {**meta, "checksum": columns_checksum(arrays)}
     table = pa.table(arrays).replace_schema_metadata({META_KEY: json.dumps(meta, default=_plain).encode("utf-8")})
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def columns_checksum(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over every column's name, kind and values, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        values = np.asarray(arrays[name])
+        data = ("\0".join(map(str, values)).encode("utf-8") if values.dtype == object
+                else np.ascontiguousarray(values).tobytes())  # fmt: skip
+        for piece in (name.encode("utf-8"), values.dtype.kind.encode(), data):
+            digest.update(len(piece).to_bytes(8, "little") + piece)
+    return digest.hexdigest()
 
 
 def _plain(value):
@@ -73,13 +96,44 @@ def _plain(value):
 
 
 def read_meta(path: Path) -> dict:
-    return json.loads(pq.read_schema(path).metadata[META_KEY])
+    """A part's metadata; `PartError` when the file or its metadata cannot be read."""
+    try:
+        return json.loads(pq.read_schema(path).metadata[META_KEY])
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+        raise PartError(f"unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def read_part(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """A part's columns (``name.k`` re-stacked into (N, K) arrays) and metadata, after checking
+    its checksum; `PartError` when it is unreadable, truncated or corrupted."""
+    meta = read_meta(path)
+    try:
+        table = pq.read_table(path)
+        flat = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise PartError(f"unreadable ({type(exc).__name__}: {exc})") from None
+    if columns_checksum(flat) != meta.get("checksum"):
+        raise PartError("its checksum does not match its contents (corrupted)")
+    return _stack(flat), meta
+
+
+def verify_part(path: Path, identity_hash: str, protocol: dict | None = None) -> None:
+    """Raise `PartError` unless ``path`` is intact, was scored for this run (``identity_hash``)
+    and, when known, with ``protocol``."""
+    _, meta = read_part(path)
+    if meta.get("identity") != identity_hash:
+        raise PartError("it was scored for another run (its config, models or data differ)")
+    if protocol is not None and meta.get("protocol") != roundtrip(protocol):
+        raise PartError("it was scored with another protocol")
 
 
 def read_columns(path: Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Read a part's columns back, re-stacking ``name.k`` columns into (N, K) arrays."""
-    table = pq.read_table(path)
-    flat = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    """Read a part's columns back (checked), re-stacking ``name.k`` columns into (N, K) arrays."""
+    stacked, _ = read_part(path)
+    return stacked if names is None else {k: stacked[k] for k in names if k in stacked}
+
+
+def _stack(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out: dict[str, list] = {}
     for name, values in flat.items():
         base, _, k = name.rpartition(".")
@@ -87,8 +141,7 @@ def read_columns(path: Path, names: list[str] | None = None) -> dict[str, np.nda
             out.setdefault(base, []).append(values)
         else:
             out[name] = values
-    stacked = {k: (np.stack(v, axis=1) if isinstance(v, list) else v) for k, v in out.items()}
-    return stacked if names is None else {k: stacked[k] for k in names if k in stacked}
+    return {k: (np.stack(v, axis=1) if isinstance(v, list) else v) for k, v in out.items()}
 
 
 def open_parts(run_dir: Path, identity: dict, fresh: bool) -> Path:
@@ -97,6 +150,11 @@ def open_parts(run_dir: Path, identity: dict, fresh: bool) -> Path:
     manifest = parts / "manifest.json"
     if fresh and parts.exists():
         shutil.rmtree(parts)
+    if not manifest.exists() and any(parts.glob("*/*.parquet")):
+        raise OutputError(
+            f"output.dir: {parts} holds result parts but no manifest.json, so nothing says what they were "
+            "scored from. Rerun with --fresh to discard them, or restore the manifest."
+        )
     if manifest.exists():
         previous = json.loads(manifest.read_text(encoding="utf-8"))
         changed = [key for key in identity if previous.get(key) != roundtrip(identity[key])]
@@ -119,3 +177,22 @@ def roundtrip(value):
 def finished_keys(folder: Path) -> set[str]:
     """Keys of parts already written completely (temporary files are ignored)."""
     return {p.stem for p in folder.glob("*.parquet")} if folder.exists() else set()
+
+
+def identity_hash(identity: dict) -> str:
+    """The run identity as one hash, recorded in every part."""
+    return hashlib.sha256(json.dumps(roundtrip(identity), sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def write_protocol(folder: Path, protocol: dict) -> None:
+    """A model's resolved protocol, once per model folder (the first scorer to load it writes it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(protocol, folder / "protocol.json")
+
+
+def read_protocol(folder: Path) -> dict | None:
+    """The protocol recorded for a model folder, or None (none recorded, or unreadable)."""
+    try:
+        return json.loads((folder / "protocol.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None

@@ -18,12 +18,17 @@ class ScoringProgress:
     def plan(self, n_chars: int) -> None:
         self.chars_left += n_chars
 
-    def group(self, n_chars: int) -> None:
+    def group(self, n_chars: int, tokenizing: bool = False) -> None:
+        """A part starts; ``tokenizing`` says its documents are being tokenized first (shown
+        on the bar, since a document of many MB takes seconds before its first batch)."""
         self.done_before = self.bar.n
         self.chars_left -= n_chars
         self.chars_seen += n_chars
+        self.bar.set_description_str("tokenizing" if tokenizing else "scoring")
 
     def progress(self, done: int, total: int) -> None:
+        if self.bar.desc != "scoring":
+            self.bar.set_description_str("scoring")
         known = self.done_before + total
         self.bar.total = known + round(self.chars_left * known / max(self.chars_seen, 1))
         self.bar.update(done)

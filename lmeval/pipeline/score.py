@@ -43,6 +43,14 @@ def check_batch_tokens(batch_tokens) -> int:
     return batch_tokens
 
 
+def document_windows(lm: LoadedModel, docs: list[TokenizedDocument], max_length: int | None, stride: int | None):
+    """Every window of every document under the protocol; ``doc_id`` indexes ``docs``."""
+    length, step = resolve_window(lm, max_length, stride)
+    if docs:
+        check_vocabulary(lm, max((int(d.token_ids.max()) for d in docs if len(d.token_ids)), default=0))
+    return [w for i, d in enumerate(docs) for w in make_windows(i, d.token_ids.tolist(), d.prefix, length, step)]
+
+
 def score_documents(
     lm: LoadedModel,
     docs: list[TokenizedDocument],
@@ -50,12 +58,15 @@ def score_documents(
     stride: int | None,
     options: ScoreOptions,
     progress=None,
+    piece=None,
 ) -> dict[str, np.ndarray]:
-    """Window every document and score the windows; columns carry ``doc_index`` into ``docs``."""
-    length, step = resolve_window(lm, max_length, stride)
-    if docs:
-        check_vocabulary(lm, max((int(d.token_ids.max()) for d in docs if len(d.token_ids)), default=0))
-    windows = [w for i, d in enumerate(docs) for w in make_windows(i, d.token_ids.tolist(), d.prefix, length, step)]
+    """Window every document and score the windows; columns carry ``doc_index`` into ``docs``.
+
+    ``piece`` (a `PartPlan` of one document or stream) keeps only the windows it owns, by
+    the character offset of each window's first scored token."""
+    windows = document_windows(lm, docs, max_length, stride)
+    if piece is not None and piece.n_pieces > 1:
+        windows = [w for w in windows if piece.owns(int(docs[w.doc_id].offsets[w.positions[0], 0]))]
     return score_windows(lm, windows, options, progress=progress, doc_names=[d.doc_id for d in docs])
 
 
@@ -111,21 +122,40 @@ def finish_columns(lm, columns: dict, docs: list[TokenizedDocument]) -> dict:
     return columns
 
 
-def score_group(lm, documents: list[Document], config, options, progress):
-    """Score documents independently; columns' ``doc_index`` indexes ``documents``."""
-    docs = tokenize_documents(documents, lm.tokenizer, config.scoring.bos)
-    columns = score_documents(lm, docs, config.scoring.max_length, config.scoring.stride, options, progress)
-    return finish_columns(lm, columns, docs), [d.scored_text() for d in docs]
+def score_group(lm, documents: list[Document], config, options, progress, piece=None, cache=None):
+    """Score documents independently; columns' ``doc_index`` indexes ``documents``. For a
+    piece, only its windows are scored and only piece 0 counts the documents' bytes and words
+    (so the pieces of a document add up to it once)."""
+    docs = _tokenized(cache, documents, lambda: tokenize_documents(documents, lm.tokenizer, config.scoring.bos))
+    columns = score_documents(lm, docs, config.scoring.max_length, config.scoring.stride, options, progress, piece)
+    texts = [d.scored_text() for d in docs]
+    return finish_columns(lm, columns, docs), _counted(texts, piece)
 
 
-def score_stream(lm, documents: list[Document], config, options, progress):
+def score_stream(lm, documents: list[Document], config, options, progress, piece=None, cache=None):
     """Score documents joined into one stream; ``doc_index`` D marks separator tokens."""
     stream = join_documents(documents, config.scoring.separator)
-    (doc,) = tokenize_documents([stream.document], lm.tokenizer, config.scoring.bos)
-    columns = finish_columns(lm, score_documents(lm, [doc], config.scoring.max_length, config.scoring.stride, options, progress), [doc])
+    (doc,) = _tokenized(cache, documents, lambda: tokenize_documents([stream.document], lm.tokenizer, config.scoring.bos))
+    columns = finish_columns(lm, score_documents(lm, [doc], config.scoring.max_length, config.scoring.stride, options, progress, piece), [doc])
     index, start, end, position = split_stream(stream, columns["char_start"], columns["char_end"])
     columns.update(doc_index=index, char_start=start, char_end=end, position=position)
     texts = [d.text for d in documents]
     if not doc.prefix and len(doc.token_ids):  # the stream's first token only conditions
         texts[0] = texts[0][int(doc.offsets[0, 1]) :]
-    return columns, texts + [config.scoring.separator * (len(texts) - 1)]
+    return columns, _counted(texts + [config.scoring.separator * (len(texts) - 1)], piece)
+
+
+def _tokenized(cache: dict | None, documents: list[Document], tokenize):
+    """Tokenize once for all pieces of a document: ``cache`` keeps the latest documents' tokens."""
+    if cache is None:
+        return tokenize()
+    key = tuple(id(d) for d in documents)
+    if cache.get("key") != key:
+        cache.clear()
+        cache.update(key=key, value=tokenize())
+    return cache["value"]
+
+
+def _counted(texts: list[str], piece) -> list[str]:
+    """The texts whose bytes and words this part counts: all of them, except in pieces past the first."""
+    return texts if piece is None or piece.piece == 0 else ["" for _ in texts]
