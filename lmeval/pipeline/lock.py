@@ -5,7 +5,9 @@ survivor's tables would mix two protocols. So the process that owns a run folder
 exclusive ``flock`` on ``output.dir/.lmeval.lock`` from start to finish; a second run is
 refused at once, naming the holder. The kernel drops the lock when its process dies, so a
 lock left by a killed run (SIGKILL, a crash) is simply taken over by the next run: the file
-may still name the dead holder, but nobody holds the lock on it. Ranks of one
+may still name the dead holder, but nobody holds the lock on it. A finished run removes the
+file; a run that locked a file which was removed meanwhile (by a holder that just finished)
+tries again on the new one, so two runs never hold two different files. Ranks of one
 torchrun / accelerate job share the lock of their rank 0 (only rank 0 takes it).
 """
 
@@ -32,16 +34,20 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise OutputError(
-                f"output.dir: {self.path.parent} is in use by another lmeval run ({holder}). "
-                "Wait for it to finish, or give this run another `output.dir`."
-            ) from None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise OutputError(
+                    f"output.dir: {self.path.parent} is in use by another lmeval run ({holder}). "
+                    "Wait for it to finish, or give this run another `output.dir`."
+                ) from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # locked a file its holder removed on finishing: lock the current one
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
@@ -52,7 +58,7 @@ class RunLock:
         if self._fd is None:
             return
         try:
-            os.ftruncate(self._fd, 0)  # the file stays (removing it would race a waiting run)
+            self.path.unlink(missing_ok=True)  # before unlocking: see the module docstring
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             os.close(self._fd)
@@ -74,3 +80,10 @@ def _read_holder(fd: int) -> str:
     if not record:
         return "holder unknown"
     return f"pid {record.get('pid')} on {record.get('host')}, started {record.get('started')}"
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False

@@ -9,9 +9,8 @@ killed run keeps every finished part and a rerun scores only the missing groups.
 config, model or corpus is refused.
 
 Parts prove themselves: each records a checksum of its columns, the hash of the run identity
-it was scored for, and the protocol it was scored with (also kept once per model in
-``parts/<model>/protocol.json``). A part that is unreadable, truncated, corrupted or foreign
-fails `verify_part`, and the run rescores it.
+it was scored for, and the protocol it was scored with. A part that is unreadable, truncated,
+corrupted or foreign fails `verify_part`, and the run rescores it.
 """
 
 from __future__ import annotations
@@ -117,14 +116,13 @@ def read_part(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     return _stack(flat), meta
 
 
-def verify_part(path: Path, identity_hash: str, protocol: dict | None = None) -> None:
-    """Raise `PartError` unless ``path`` is intact, was scored for this run (``identity_hash``)
-    and, when known, with ``protocol``."""
+def verify_part(path: Path, identity_hash: str) -> dict:
+    """A part's metadata; `PartError` unless ``path`` is intact and was scored for this run
+    (``identity_hash``: the same config, models and data)."""
     _, meta = read_part(path)
     if meta.get("identity") != identity_hash:
-        raise PartError("it was scored for another run (its config, models or data differ)")
-    if protocol is not None and meta.get("protocol") != roundtrip(protocol):
-        raise PartError("it was scored with another protocol")
+        raise PartError("it was scored for another run (another config, protocol, model or corpus)")
+    return meta
 
 
 def read_columns(path: Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -182,17 +180,3 @@ def finished_keys(folder: Path) -> set[str]:
 def identity_hash(identity: dict) -> str:
     """The run identity as one hash, recorded in every part."""
     return hashlib.sha256(json.dumps(roundtrip(identity), sort_keys=True).encode("utf-8")).hexdigest()
-
-
-def write_protocol(folder: Path, protocol: dict) -> None:
-    """A model's resolved protocol, once per model folder (the first scorer to load it writes it)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(protocol, folder / "protocol.json")
-
-
-def read_protocol(folder: Path) -> dict | None:
-    """The protocol recorded for a model folder, or None (none recorded, or unreadable)."""
-    try:
-        return json.loads((folder / "protocol.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None

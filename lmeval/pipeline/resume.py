@@ -1,8 +1,8 @@
 """What a rerun may reuse: the finished parts that pass their checks, and an older run's
 parts set aside (never deleted) until the new run has scored.
 
-A part is reused only if it is intact (its checksum), belongs to this run (the identity
-hash) and was scored with the model's recorded protocol; anything else is named in a
+A part is reused only if it is intact (its checksum) and belongs to this run (the identity
+hash); anything else is named in a
 warning, removed, and scored again, so one corrupt or foreign file never reaches a table.
 """
 
@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .parts import PartError, read_protocol, roundtrip, verify_part
+from .parts import PartError, roundtrip, verify_part
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +23,13 @@ def finished_plans(folder: Path, keys: list[str], idh: str) -> set[str]:
     """Keys among ``keys`` whose part in ``folder`` is present and passes every check."""
     if not folder.is_dir():
         return set()
-    protocol = read_protocol(folder)
     wanted = set(keys)
     done = set()
     for path in sorted(folder.glob("*.parquet")):
         if path.stem not in wanted:
             continue  # not a part of this plan (the manifest check guards the plan itself)
         try:
-            verify_part(path, idh, protocol)
+            verify_part(path, idh)
         except PartError as exc:
             log.warning("result part %s is not reused: %s. It will be scored again.", path, exc)
             path.unlink(missing_ok=True)

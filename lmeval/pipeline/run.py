@@ -24,7 +24,7 @@ from .data import Corpus, load_documents, resolve_prefix
 from .files import clean_leftovers, prepare_output_dir, replace_outputs, write_json
 from .lock import RunLock
 from .merge import check_parts_present, merge_tables, run_record, write_comparison
-from .parts import identity_hash, model_dirname, open_parts, read_protocol, roundtrip, write_part, write_protocol
+from .parts import finished_keys, identity_hash, model_dirname, open_parts, read_meta, roundtrip, write_part
 from .plan import PartPlan, part_doc_ids, plan_key, plan_parts
 from .progress import ScoringProgress
 from .provenance import fingerprint_model, tokenizer_fingerprint
@@ -152,7 +152,7 @@ def score_parts(model, corpus: Corpus, config: Config, folder: Path, plans: list
     s = config.scoring
     options = ScoreOptions(batch_tokens=check_batch_tokens(s.batch_tokens), temperatures=config.calibration.temperatures, compile=s.compile)
     protocol = _protocol(lm, config)  # also checks the window against the model, before any scoring
-    _record_protocol(folder, protocol, model.name)
+    _check_protocol(folder, protocol, model.name)
     score = score_stream if s.documents == "concatenated" else score_group
     cache: dict = {}  # the pieces of one document share its tokenization
     for plan in plans:
@@ -184,14 +184,14 @@ def _protocol(lm, config: Config) -> dict:
     }  # fmt: skip
 
 
-def _record_protocol(folder: Path, protocol: dict, name: str) -> None:
-    """The first scorer of a model records its protocol; later ones must resolve the same.
-    A hub model whose branch moved (another commit), or a tokenizer that changed since the
-    finished parts were scored, would otherwise mix two models in one table."""
-    previous = read_protocol(folder)
-    if previous is None:
-        write_protocol(folder, protocol)
+def _check_protocol(folder: Path, protocol: dict, name: str) -> None:
+    """Finished parts of a model must have been scored with the protocol just resolved. A hub
+    model whose branch moved (another commit) passes the identity check, which is made before
+    loading; mixing it with the parts of the old commit would put two models in one table."""
+    done = sorted(finished_keys(folder))
+    if not done:
         return
+    previous = read_meta(folder / f"{done[0]}.parquet")["protocol"]
     changed = sorted(k for k in set(previous) | set(protocol) if previous.get(k) != roundtrip(protocol).get(k))
     if changed:
         details = ", ".join(f"{k}: {previous.get(k)!r} -> {protocol.get(k)!r}" for k in changed)
