@@ -115,6 +115,8 @@ def score_group(lm, documents: list[Document], config, options, progress):
     """Score documents independently; columns' ``doc_index`` indexes ``documents``."""
     docs = tokenize_documents(documents, lm.tokenizer, config.scoring.bos)
     columns = score_documents(lm, docs, config.scoring.max_length, config.scoring.stride, options, progress)
+    if getattr(config.data, "count_on", "scored") == "source":  # lm-eval's wikitext: the text before detokenizing
+        return finish_columns(lm, columns, docs), [d.text if d.source is None else d.source for d in documents]
     return finish_columns(lm, columns, docs), [d.scored_text() for d in docs]
 
 
@@ -125,7 +127,7 @@ def score_stream(lm, documents: list[Document], config, options, progress):
     columns = finish_columns(lm, score_documents(lm, [doc], config.scoring.max_length, config.scoring.stride, options, progress), [doc])
     index, start, end, position = split_stream(stream, columns["char_start"], columns["char_end"])
     columns.update(doc_index=index, char_start=start, char_end=end, position=position)
-    texts = [d.text for d in documents]
+    texts = [d.text if d.source is None or config.data.count_on == "scored" else d.source for d in documents]
     if not doc.prefix and len(doc.token_ids):  # the stream's first token only conditions
         texts[0] = texts[0][int(doc.offsets[0, 1]) :]
     return columns, texts + [config.scoring.separator * (len(texts) - 1)]
