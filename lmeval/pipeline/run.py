@@ -85,6 +85,9 @@ def _protocol(lm, config: Config) -> dict:
     }  # fmt: skip
 
 
+protocol_record = _protocol  # public: the in-loop evaluator records the same protocol
+
+
 def _check_resumed_protocol(folder: Path, done: set[str], protocol: dict, name: str) -> None:
     """Parts already on disk must come from the protocol just resolved: a hub model whose
     branch moved (another commit), or a tokenizer that changed, would otherwise mix two
