@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -219,3 +223,49 @@ def test_blank_texts_and_sharded_models_are_refused(tmp_path, bpe_tokenizer):
     args.fsdp = "full_shard"  # as TrainingArguments(fsdp=...) would set it
     with pytest.raises(ModelError, match="must not be sharded"):
         callback.on_train_begin(args, None, None, model=None)
+    args.fsdp = None
+    with pytest.raises(ModelError, match="a tokenizer must be known"):
+        callback.on_train_begin(args, None, None, model=None, processing_class=None)
+
+
+DDP_SCRIPT = r'''
+import json, os, sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import torch, transformers
+from conftest import train_bpe
+from test_callback import HELDOUT, make_trainer, oracle
+from lmeval.integrations.transformers import LmevalCallback
+
+rank = int(os.environ["RANK"])
+out = Path({out!r})
+tokenizer = train_bpe(out)  # each rank trains the same tokenizer from the same text
+trainer = make_trainer(out / f"rank{{rank}}", tokenizer, max_steps=2, ddp_backend="gloo")
+LmevalCallback(HELDOUT, label="heldout", scoring={{"max_length": 16}}, every_n_steps=2).attach(trainer)
+trainer.train()
+logged = [e for e in trainer.state.log_history if "lmeval/heldout/ppl" in e]
+result = {{"logged": logged, "world": trainer.args.world_size}}
+if rank == 0:
+    result["oracle"] = oracle(trainer.model, tokenizer)
+(out / f"rank{{rank}}.json").write_text(json.dumps(result))
+'''
+
+
+@pytest.mark.slow
+def test_ddp_rank0_scores_and_every_rank_logs_the_same(tmp_path):
+    """Under torchrun (2 CPU ranks, gloo) rank 0 scores; both ranks log its values."""
+    from test_distributed import child_env, free_port
+
+    tests = str(Path(__file__).resolve().parent)
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT.format(tests=tests, out=str(tmp_path)), encoding="utf-8")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(script)]  # fmt: skip
+    env = {**child_env(), "PYTHONPATH": os.pathsep.join([str(Path(tests).parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == 2
+    assert ranks[0]["logged"] and ranks[0]["logged"] == ranks[1]["logged"]
+    for metric in METRICS:
+        assert ranks[0]["logged"][-1][f"lmeval/heldout/{metric}"] == pytest.approx(ranks[0]["oracle"][metric], rel=1e-6)

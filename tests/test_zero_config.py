@@ -3,6 +3,7 @@ for; `--print-config` round trips; the shipped lm-eval wikitext config; `--versi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -17,7 +18,7 @@ from conftest import CORPUS
 
 import lmeval
 from lmeval.cli import build_parser, main
-from lmeval.pipeline.config import load_config
+from lmeval.pipeline.config import config_from_options, config_to_yaml, load_config, raw_config_from_options
 from lmeval.pipeline.detokenize import wikitext_detokenizer
 
 PACKAGE = Path(lmeval.__file__).resolve().parent
@@ -78,6 +79,16 @@ def test_flags_yaml_and_printed_config_give_identical_runs(tmp_path, saved_gpt2,
     capsys.readouterr()
     assert main(["run", "printed.yaml", "--print-config"]) == 0
     assert capsys.readouterr().out == printed
+
+
+def test_printed_yaml_loads_back_into_an_equal_config(tmp_path, saved_gpt2, corpus):
+    options = raw_config_from_options([str(saved_gpt2), "gpt2"], str(corpus), data_name=None, split="train",
+                                      max_length=32, stride=16, out=str(tmp_path / "o"))  # fmt: skip
+    config = config_from_options(None, options, ["calibration.label_smoothing=[0.0, 0.2]", "scoring.separator='\n'"])
+    (tmp_path / "c.yaml").write_text(config_to_yaml(config), encoding="utf-8")
+    again = load_config(tmp_path / "c.yaml")
+    assert dataclasses.replace(again, source=None) == dataclasses.replace(config, source=None)
+    assert [m.path for m in again.models] == [str(saved_gpt2), "gpt2"]  # a hub id stays a hub id
 
 
 def test_flags_lay_over_a_config_file(tmp_path, saved_gpt2, corpus, capsys):

@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmeval", description="Exact per-token cross-entropy for causal LMs.",
         epilog="examples:\n  lmeval demo\n  lmeval run --model gpt2 --data docs.jsonl\n  lmeval run config.yaml\n"
-        "  lmeval compare runs/a runs/b\n  lmeval surprisal --model gpt2 --text 'Hello world'\n"
+        "  lmeval compare runs/a runs/b\n  lmeval surprisal --model gpt2 'Hello world'\n"
         "run `lmeval COMMAND --help` for each command's options and examples.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip

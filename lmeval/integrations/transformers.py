@@ -75,8 +75,11 @@ class LmevalCallback(TrainerCallback):
 
     # -- Trainer events ------------------------------------------------------------------
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         _refuse_sharded(args, model)
+        if self.tokenizer is None and processing_class is None:  # say so now, not at the first evaluation
+            raise ModelError("LmevalCallback: a tokenizer must be known (got none). Pass processing_class=tokenizer "
+                             "to the Trainer, or tokenizer= to LmevalCallback.")  # fmt: skip
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.every_n_steps is not None and state.global_step % self.every_n_steps == 0:
