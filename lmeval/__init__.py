@@ -21,6 +21,8 @@ _EXPORTS = {
     "Config": "lmeval.pipeline.config",
     "surprisal_table": "lmeval.view.surprisal",
     "compare_runs": "lmeval.pipeline.compare",
+    "InLoopEvaluator": "lmeval.integrations.in_loop",
+    "LmevalCallback": "lmeval.integrations.transformers",
     "LmevalError": "lmeval.errors",
     "ConfigError": "lmeval.errors",
     "DataError": "lmeval.errors",

@@ -15,13 +15,26 @@ from . import compare, run, surprisal
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmeval", description="Exact per-token cross-entropy for causal LMs.")
+    parser = argparse.ArgumentParser(
+        prog="lmeval", description="Exact per-token cross-entropy for causal LMs.",
+        epilog="examples:\n  lmeval demo\n  lmeval run --model gpt2 --data docs.jsonl\n  lmeval run config.yaml\n"
+        "  lmeval compare runs/a runs/b\n  lmeval surprisal --model gpt2 'Hello world'\n"
+        "run `lmeval COMMAND --help` for each command's options and examples.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"lmeval {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run.add_parsers(sub)
     surprisal.add_parser(sub).set_defaults(func=surprisal.main)
     compare.add_parser(sub).set_defaults(func=compare.main)
     return parser
+
+
+def _version() -> str:
+    # `lmeval.__version__`. The parent package is always imported before its `cli`
+    # subpackage, so it is read from sys.modules: no upward import of code.
+    return sys.modules[__name__.partition(".")[0]].__version__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         hint = ""
         if args.command == "run":
-            hint = f" Finished parts are kept; rerun `lmeval run {args.config}` with the same overrides to resume."
+            again = f"`lmeval run {args.config}` with the same overrides" if args.config else "the same command"
+            hint = f" Finished parts are kept; rerun {again} to resume."
         print(f"lmeval: interrupted.{hint}", file=sys.stderr)
         return 130
 

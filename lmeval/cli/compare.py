@@ -18,6 +18,11 @@ from .common import format_compare, int_at_least
 log = logging.getLogger(__name__)
 
 DEFAULTS = CompareConfig()
+EPILOG = """examples:
+  lmeval compare runs/base runs/finetuned                  the first run's model is the baseline
+  lmeval compare runs/steps/step-* --baseline step-1000 --out runs/steps-compare
+  lmeval compare runs/a runs/b --bootstrap 0               deltas only, no intervals
+"""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -27,6 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="compare the models of earlier runs: pooled deltas with paired bootstrap CIs",
         description="Merge the models of finished run folders (same data, same scoring protocol) into one "
         "comparison against a baseline, without rescoring. Prints the table; writes files with --out.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output.dir of an earlier `lmeval run`")
     parser.add_argument("--baseline", default=None, metavar="NAME", help="model to compare against (default: the first)")

@@ -3,28 +3,77 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from .common import format_compare, format_summary
+from ..errors import ConfigError
+from .common import format_compare, format_summary, int_at_least
+
+RUN_EPILOG = """examples:
+  lmeval run config.yaml                          score the models of a YAML config
+  lmeval run config.yaml scoring.stride=256 -q    ... with an override, no progress bar
+  lmeval run --model gpt2 --data docs.jsonl       no config file: one model, one corpus
+  lmeval run --model ckpt/step-1000 --model ckpt/step-2000 --data heldout.txt \\
+             --max-length 1024 --stride 512 --out runs/steps
+  lmeval run --model gpt2 --data docs.jsonl --print-config > my.yaml   keep it as a config
+  lmeval run lm_eval_wikitext --model gpt2        a shipped config (lm-eval's wikitext task)
+"""
+DEMO_EPILOG = """examples:
+  lmeval demo                                     writes ./runs/demo
+  lmeval demo output.dir=elsewhere --overwrite
+"""
+VALIDATE_EPILOG = """examples:
+  lmeval validate config.yaml
+  lmeval validate config.yaml scoring.stride=128
+  lmeval validate --model gpt2 --data docs.jsonl --max-length 512
+"""
 
 
 def add_parsers(subparsers) -> None:
     """Register ``run``, ``demo`` and ``validate`` on an argparse subparsers object."""
-    run_p = subparsers.add_parser("run", help="score the models of a YAML config and write tables")
-    run_p.add_argument("config", help="YAML config file")
+    raw = argparse.RawDescriptionHelpFormatter
+    run_p = subparsers.add_parser(
+        "run", help="score the models of a YAML config (or of --model/--data) and write tables",
+        description="Score each model on the corpus and write tokens, documents, summary and calibration tables "
+        "with run.json. Give a YAML config, or --model and --data (with a config they replace its entries).",
+        epilog=RUN_EPILOG, formatter_class=raw,
+    )  # fmt: skip
+    run_p.add_argument("config", nargs="?", default=None, help="YAML config file, or the name of a shipped config")
     run_p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. scoring.stride=128")
+    _add_config_flags(run_p)
+    run_p.add_argument("--print-config", action="store_true", help="print the equivalent YAML config and exit")
     _add_run_flags(run_p)
     run_p.set_defaults(func=run_command)
     demo_p = subparsers.add_parser(
         "demo", help="run the bundled offline demo (two checkpoints, held-out books) into ./runs/demo",
         description="Run the demo config shipped inside the package. It needs no network and writes ./runs/demo.",
+        epilog=DEMO_EPILOG, formatter_class=raw,
     )  # fmt: skip
     demo_p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output.dir=elsewhere")
     _add_run_flags(demo_p)
     demo_p.set_defaults(func=demo_command)
-    val_p = subparsers.add_parser("validate", help="check a config without loading any model")
-    val_p.add_argument("config")
+    val_p = subparsers.add_parser(
+        "validate", help="check a config without loading any model",
+        description="Check a config (and overrides or --model/--data) without loading torch, a model or the data.",
+        epilog=VALIDATE_EPILOG, formatter_class=raw,
+    )  # fmt: skip
+    val_p.add_argument("config", nargs="?", default=None, help="YAML config file, or the name of a shipped config")
     val_p.add_argument("overrides", nargs="*")
+    _add_config_flags(val_p)
     val_p.set_defaults(func=validate_command)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The zero-config flags: what a YAML file would say, given on the command line."""
+    group = parser.add_argument_group("without a config file (with one, these replace its entries)")
+    group.add_argument("--model", action="append", default=[], metavar="PATH_OR_ID",
+                       help="a local model folder or hub id; repeat for several models")  # fmt: skip
+    group.add_argument("--data", metavar="PATH_OR_ID", help="a json/jsonl/csv/parquet/txt file, a glob, or a hub dataset id")
+    group.add_argument("--data-name", metavar="NAME", help="the hub dataset's configuration, e.g. wikitext-2-raw-v1")
+    group.add_argument("--split", metavar="SPLIT", help="the dataset split (default: train)")
+    group.add_argument("--text-field", metavar="F", help="the column holding the text (default: text)")
+    group.add_argument("--max-length", type=int_at_least(1), metavar="L", help="window length (default: the model's context)")
+    group.add_argument("--stride", type=int_at_least(1), metavar="S", help="new tokens scored per window (default: L)")
+    group.add_argument("--out", metavar="DIR", help="output folder (default: runs/lmeval)")
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -33,12 +82,44 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
+def load_command_config(args):
+    """The `Config` of a `run` or `validate` command line: CONFIG (a file or a shipped
+    config's name) and/or the --model/--data flags, then the key=value overrides."""
+    from ..pipeline.config import config_from_options, raw_config_from_options
+    from ..pipeline.demo import shipped_config, shipped_config_names
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():
+        config, overrides = None, [config, *overrides]  # `lmeval run --model m --data d key=value`
+    if config is not None and not Path(config).exists() and shipped_config(config) is not None:
+        name, config = Path(config).stem, shipped_config(config)
+        overrides = [f"output.dir=runs/{name}", *overrides]  # ./runs/<name>, never inside the package
+    options = raw_config_from_options(
+        args.model, args.data, data_name=args.data_name, split=args.split, text_field=args.text_field,
+        max_length=args.max_length, stride=args.stride, out=args.out,
+    )  # fmt: skip
+    if config is None and not (args.model and args.data):
+        given = "--model only" if args.model else "--data only" if args.data else "neither"
+        raise ConfigError(
+            f"{args.command}: a config file, or both --model and --data, must be given (got {given}). "
+            f"Run e.g. `lmeval {args.command} config.yaml` or `lmeval {args.command} --model gpt2 --data docs.jsonl`; "
+            f"shipped configs: {', '.join(shipped_config_names())}.",
+            source="command line",
+        )
+    return config_from_options(config, options, overrides)
+
+
 def run_command(args) -> int:
+    config = load_command_config(args)
+    if args.print_config:
+        from ..pipeline.config import config_to_yaml
+
+        print(f"# lmeval run config, printed by --print-config; run it with `lmeval run FILE`\n{config_to_yaml(config)}", end="")
+        return 0
     from ..pipeline.run import run
 
     tables = run(
-        args.config, args.overrides, overwrite=args.overwrite, fresh=args.fresh,
-        show_progress=not args.quiet, return_tokens=False,
+        config, overwrite=args.overwrite, fresh=args.fresh, show_progress=not args.quiet, return_tokens=False,
     )  # fmt: skip
     if not tables:  # another rank of a torchrun / accelerate launch job; rank 0 prints
         return 0
@@ -55,12 +136,13 @@ def demo_command(args) -> int:
 
     args.config = str(demo_config_path())
     args.overrides = [f"output.dir={DEMO_OUTPUT}", *args.overrides]  # later overrides win
+    args.model, args.data, args.print_config = [], None, False
+    args.data_name = args.split = args.text_field = args.max_length = args.stride = args.out = None
     return run_command(args)
 
 
 def validate_command(args) -> int:
-    from ..pipeline.config import load_config
-
-    config = load_config(args.config, args.overrides)
-    print(f"{args.config}: ok ({len(config.models)} model(s), data {config.data.path})")
+    config = load_command_config(args)
+    where = args.config or "command line"
+    print(f"{where}: ok ({len(config.models)} model(s), data {config.data.path})")
     return 0

@@ -18,6 +18,12 @@ from .common import COLOR_CHOICES, int_at_least, parse_bos, use_color
 log = logging.getLogger(__name__)
 
 FORMATS = ("table", "csv", "json")
+EPILOG = """examples:
+  lmeval surprisal "The cat sat on the mat."            the bundled demo model, in the terminal
+  lmeval surprisal --model gpt2 --words "Colourless green ideas sleep furiously."
+  lmeval surprisal --model gpt2 --file essay.txt --html essay.html
+  cat notes.txt | lmeval surprisal --model gpt2 --file - --format csv > notes.csv
+"""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -26,6 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "surprisal",
         help="show where a model is surprised: per-token or per-word surprisal in bits",
         description="Score texts with a causal LM and show each token's (or word's) surprisal in bits.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("text", nargs="*", help="texts to score; each is one document")
     parser.add_argument("--model", default=None, help="local folder or hub id (default: the bundled demo model)")

@@ -37,6 +37,8 @@ class DataConfig:
     id_field: Optional[str] = None
     max_documents: Optional[int] = None
     sample_by: Literal["document", "paragraph", "line"] = "document"  # for .txt files
+    detokenizer: Optional[Literal["wikitext"]] = None  # a named rewrite of each text before tokenizing
+    count_on: Literal["scored", "source"] = "scored"  # the text whose bytes and words normalise
 
 
 @dataclass(frozen=True)
@@ -286,6 +288,9 @@ def _check_values(config: Config, problems: list[str]) -> None:
         problems.append(f"scoring.compile: must be auto, true or false (got {s.compile!r}).")
     if config.output.part_chars < 1:
         problems.append(f"output.part_chars: must be >= 1 (got {config.output.part_chars}).")
+    if config.data.count_on == "source" and s.bos == "none":
+        problems.append("data.count_on: source counts every word of the source text, so every token must be scored; "
+                        "it needs scoring.bos auto or a token id (got none).")
     if config.data.max_documents is not None and config.data.max_documents < 1:
         problems.append(f"data.max_documents: must be >= 1 or null (got {config.data.max_documents}).")
     c = config.calibration
@@ -404,3 +409,73 @@ def load_config(path, overrides: list[str] | None = None) -> Config:
     raw = read_yaml(path)
     raw = apply_overrides(raw, list(overrides or []), Path.cwd())
     return build_config(raw, path.resolve().parent, source=str(path))
+
+
+# --------------------------------------------------------------------------------------
+# Configs from command-line options (`lmeval run --model M --data D`), and back to YAML
+# --------------------------------------------------------------------------------------
+
+
+def raw_config_from_options(
+    models=(), data=None, *, data_name=None, split=None, text_field=None, max_length=None, stride=None, out=None,
+    cwd: Path | None = None,
+) -> dict:  # fmt: skip
+    """The raw config mapping the command-line options stand for; None options are left out.
+
+    The mapping is what a YAML file would hold, so it goes through the same `build_config`.
+    Local paths are resolved against ``cwd`` (the current folder), as overrides are; hub
+    ids stay as they are.
+    """
+    cwd = Path.cwd() if cwd is None else cwd
+
+    def located(value: str) -> str:
+        return str((cwd / Path(value).expanduser()).resolve()) if _looks_local(value, cwd) else value
+
+    data_keys = {"path": located(data) if data else None, "name": data_name, "split": split, "text_field": text_field}
+    sections = {
+        "models": [{"path": located(m)} for m in models] or None,
+        "data": {k: v for k, v in data_keys.items() if v is not None},
+        "scoring": {k: v for k, v in {"max_length": max_length, "stride": stride}.items() if v is not None},
+        "output": {"dir": str((cwd / Path(out).expanduser()).resolve())} if out else {},
+    }
+    return {k: v for k, v in sections.items() if v}
+
+
+def merge_options(raw: dict, options: dict) -> dict:
+    """``raw`` (a YAML file's mapping) with command-line options laid over it: ``models``
+    replaced, other sections updated key by key. The command line wins."""
+    merged = dict(raw)
+    for section, value in options.items():
+        if section == "models" or not isinstance(merged.get(section), dict):
+            merged[section] = value
+        else:
+            merged[section] = {**merged[section], **value}
+    return merged
+
+
+def config_from_options(path, options: dict, overrides: list[str] | None = None) -> Config:
+    """`lmeval run`'s config: the YAML file ``path`` (or nothing, when None), command-line
+    ``options`` (a `raw_config_from_options` mapping) over it, then ``key=value`` overrides."""
+    if path is None:
+        raw, base, source = {}, Path.cwd(), "command line"
+    else:
+        path = Path(path)
+        raw, base, source = read_yaml(path), path.resolve().parent, str(path)
+    raw = apply_overrides(merge_options(raw, options), list(overrides or []), Path.cwd())
+    return build_config(raw, base, source=source)
+
+
+def config_to_yaml(config: Config) -> str:
+    """``config`` as a YAML file that `load_config` reads back into an equal `Config`:
+    every key written out, defaults included, paths absolute."""
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    raw = plain(config.to_dict())
+    raw.pop("source", None)
+    return yaml.safe_dump(raw, sort_keys=False, allow_unicode=True, width=120)

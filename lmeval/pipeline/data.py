@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, ModelError
+from .detokenize import detokenize_documents
 
 _WORD_SPLIT = re.compile(r"\s+")
 
@@ -26,6 +27,7 @@ class Document:
 
     doc_id: str | int
     text: str
+    source: str | None = None  # the text before `data.detokenizer` rewrote it (None: not rewritten)
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ def load_documents(config) -> Corpus:
         documents.append(Document(doc_id if isinstance(doc_id, int) else str(doc_id), text))
     if not documents:
         raise DataError(f"data.path: {config.path} holds no non-empty documents ({n_skipped} empty). Nothing to score.")
+    documents = detokenize_documents(documents, getattr(config, "detokenizer", None))
     return Corpus(documents, n_skipped, fingerprint_documents(documents))
 
 

@@ -28,3 +28,18 @@ def demo_model_path() -> Path:
             "Pass a model path or hub id instead, e.g. `--model gpt2`."
         )
     return path
+
+
+def shipped_config(name: str) -> Path | None:
+    """A config shipped in the package's ``configs/`` folder, by name (``lm_eval_wikitext``
+    or ``lm_eval_wikitext.yaml``); None when there is no such config."""
+    stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    if not stem or "/" in stem or "\\" in stem or stem.startswith("."):
+        return None
+    path = PACKAGE / "configs" / f"{stem}.yaml"
+    return path if path.is_file() else None
+
+
+def shipped_config_names() -> list[str]:
+    """Names of the configs shipped in the package."""
+    return sorted(p.stem for p in (PACKAGE / "configs").glob("*.yaml"))

@@ -82,8 +82,8 @@ PROTOCOL_NOTES = {
     "lm-evaluation-harness loglikelihood_rolling)",
     "normalisers": {
         "tokens": "scored tokens",
-        "bytes": "UTF-8 bytes of the scored text",
-        "words": "len(re.split(r'\\s+', text)) per document, as lm-evaluation-harness counts them",
+        "bytes": "UTF-8 bytes of the scored text (of the text before data.detokenizer when data.count_on is source)",
+        "words": "len(re.split(r'\\s+', text)) per document, as lm-evaluation-harness counts them (same text as bytes)",
     },
     "aggregation": "pooled: ppl = exp(sum nll / sum tokens); never a mean of per-document ratios",
     "log_base": "nll in nats (natural log); *_bits and bits_per_* are nats / ln 2",

@@ -151,7 +151,7 @@ def score_parts(model, corpus: Corpus, config: Config, folder: Path, plans: list
     lm = load_model(model)
     s = config.scoring
     options = ScoreOptions(batch_tokens=check_batch_tokens(s.batch_tokens), temperatures=config.calibration.temperatures, compile=s.compile)
-    protocol = _protocol(lm, config)  # also checks the window against the model, before any scoring
+    protocol = protocol_record(lm, config)  # also checks the window against the model, before any scoring
     _check_protocol(folder, protocol, model.name)
     score = score_stream if s.documents == "concatenated" else score_group
     cache: dict = {}  # the pieces of one document share its tokenization
@@ -172,7 +172,8 @@ def score_parts(model, corpus: Corpus, config: Config, folder: Path, plans: list
     gc.collect()
 
 
-def _protocol(lm, config: Config) -> dict:
+def protocol_record(lm, config: Config) -> dict:
+    """The resolved protocol of one model in a run: what its numbers mean (also the in-loop evaluator's)."""
     s = config.scoring
     length, stride = resolve_window(lm, s.max_length, s.stride)
     return {

@@ -128,7 +128,10 @@ def score_group(lm, documents: list[Document], config, options, progress, piece=
     (so the pieces of a document add up to it once)."""
     docs = _tokenized(cache, documents, lambda: tokenize_documents(documents, lm.tokenizer, config.scoring.bos))
     columns = score_documents(lm, docs, config.scoring.max_length, config.scoring.stride, options, progress, piece)
-    texts = [d.scored_text() for d in docs]
+    if getattr(config.data, "count_on", "scored") == "source":  # lm-eval's wikitext: the text before detokenizing
+        texts = [d.text if d.source is None else d.source for d in documents]
+    else:
+        texts = [d.scored_text() for d in docs]
     return finish_columns(lm, columns, docs), _counted(texts, piece)
 
 
@@ -139,7 +142,7 @@ def score_stream(lm, documents: list[Document], config, options, progress, piece
     columns = finish_columns(lm, score_documents(lm, [doc], config.scoring.max_length, config.scoring.stride, options, progress, piece), [doc])
     index, start, end, position = split_stream(stream, columns["char_start"], columns["char_end"])
     columns.update(doc_index=index, char_start=start, char_end=end, position=position)
-    texts = [d.text for d in documents]
+    texts = [d.text if d.source is None or config.data.count_on == "scored" else d.source for d in documents]
     if not doc.prefix and len(doc.token_ids):  # the stream's first token only conditions
         texts[0] = texts[0][int(doc.offsets[0, 1]) :]
     return columns, _counted(texts + [config.scoring.separator * (len(texts) - 1)], piece)

@@ -122,7 +122,20 @@ def summary_row(model_name: str, documents: pd.DataFrame, n_skipped: int = 0, se
         "bits_per_byte": bits_per(nll_sum, n_bytes),
         "word_ppl": perplexity(nll_sum, n_words),
         "byte_ppl": perplexity(nll_sum, n_bytes),
+        "ppl_doc_mean": ppl_doc_mean(documents),
     }
     if seconds is not None:
         row["tokens_per_second"] = n_tokens / seconds if seconds > 0 else math.nan
     return row
+
+
+def ppl_doc_mean(documents: pd.DataFrame) -> float:
+    """The mean over documents of each document's own perplexity (HF evaluate's
+    ``mean_perplexity``). Not lmeval's ``ppl``: a mean of ratios weighs a ten-token document
+    like a ten-thousand-token one, so it is shown only under this name, beside the pooled
+    value. Documents with no scored token have no perplexity and are left out (NaN if none)."""
+    scored = documents[documents["n_tokens"] > 0]
+    if not len(scored):
+        return math.nan
+    per_document = np.exp(scored["nll_sum"].to_numpy(np.float64) / scored["n_tokens"].to_numpy(np.float64))
+    return float(per_document.mean())
