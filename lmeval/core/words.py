@@ -27,10 +27,35 @@ MASS_WORD_START, MASS_EOS, MASS_NOT_WORD_START = 0, 1, 2
 TEXT_ENDS = ("eos", "word")
 WORD_CORRECTIONS = ("bow", "none")
 
-# Byte-level BPE writes byte b as a printable character (GPT-2's bytes_to_unicode); these
-# are the characters of the whitespace bytes \t \n \x0b \x0c \r and space.
-_BYTE_LEVEL_SPACE = {"ĉ": "\t", "Ċ": "\n", "ċ": "\x0b", "Č": "\x0c", "č": "\r", "Ġ": " "}
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE writes byte b as a printable character (GPT-2's ``bytes_to_unicode``):
+    printable Latin-1 bytes stand for themselves, the others for chr(256 + k) in order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_level_alphabet()
+
+
+def piece_text(piece: str, marker: str | None) -> str:
+    """The text a piece writes when it follows other text (its word-start marker as a space)."""
+    if marker == "Ġ":
+        data = bytes(_BYTE_OF.get(c, 0x3F) for c in piece)  # '?' for a character outside the alphabet
+        return data.decode("utf-8", errors="replace")
+    fallback = _BYTE_FALLBACK.fullmatch(piece)  # SentencePiece byte fallback: '<0x0A>'
+    if fallback:
+        return bytes([int(fallback.group(1), 16)]).decode("utf-8", errors="replace")
+    return piece.replace("▁", " ") if marker == "▁" else piece
 
 
 def word_start_marker(pieces: list[str | None]) -> str | None:
@@ -55,18 +80,11 @@ def word_start_marker(pieces: list[str | None]) -> str | None:
 
 
 def piece_starts_word(piece: str | None, marker: str | None) -> bool:
-    """Whether a vocabulary piece's text begins with whitespace (so it begins a word)."""
+    """Whether a vocabulary piece's text begins with whitespace (``str.isspace``, as the
+    ``\\S+`` word runs split), so that it begins a word."""
     if not piece or marker is None:
         return False
-    head = piece[0]
-    if marker == "Ġ":  # every byte is a character; whitespace bytes have their own
-        return head in _BYTE_LEVEL_SPACE
-    if marker == "▁" and head == "▁":
-        return True
-    fallback = _BYTE_FALLBACK.fullmatch(piece)  # SentencePiece byte fallback: '<0x0A>'
-    if fallback:
-        return chr(int(fallback.group(1), 16)).isspace()
-    return head.isspace()
+    return piece_text(piece, marker)[:1].isspace()
 
 
 def word_start_mask(pieces: list[str | None], special_ids, width: int) -> tuple[np.ndarray, str | None]:
