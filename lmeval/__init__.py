@@ -21,6 +21,7 @@ _EXPORTS = {
     "Config": "lmeval.pipeline.config",
     "surprisal_table": "lmeval.view.surprisal",
     "compare_runs": "lmeval.pipeline.compare",
+    "minimal_pairs": "lmeval.pipeline.pairs",
     "LmevalError": "lmeval.errors",
     "ConfigError": "lmeval.errors",
     "DataError": "lmeval.errors",

@@ -10,7 +10,6 @@ strings is an event on token sequences. The model must end the text (EOS) after 
 
 from __future__ import annotations
 
-import itertools
 import types
 
 import numpy as np
@@ -59,15 +58,17 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 def all_texts() -> dict[str, float]:
-    """Every producible string and its probability (they sum to 1)."""
+    """Every producible string and its probability (they sum to 1), by walking the tree
+    of token prefixes."""
     out = {}
-    for n in range(MAX_TOKENS + 1):
-        for ids in itertools.product(sorted(TEXT), repeat=n):
-            seq, logp = [EOS], 0.0
-            for t in ids + (EOS,):
-                logp += log_softmax(toy_logits(seq))[t]
-                seq.append(t)
-            out["".join(TEXT[t] for t in ids)] = out.get("".join(TEXT[t] for t in ids), 0.0) + np.exp(logp)
+    frontier = [((EOS,), 0.0)]  # (prefix, its log-probability)
+    while frontier:
+        prefix, logp = frontier.pop()
+        logq = log_softmax(toy_logits(prefix))
+        text = "".join(TEXT[t] for t in prefix[1:])
+        out[text] = np.exp(logp + logq[EOS])
+        if len(prefix) - 1 < MAX_TOKENS:
+            frontier.extend((prefix + (t,), logp + logq[t]) for t in sorted(TEXT))
     return out
 
 

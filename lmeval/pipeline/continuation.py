@@ -106,3 +106,15 @@ def score_continuations(
     columns["position"] = columns["position"] - first
     columns["token"] = token_strings(lm.tokenizer, columns["token_id"])
     return ScoredContinuations(columns, end, docs, bounds)
+
+
+def score_context_group(lm, documents, config, options, progress):
+    """`lmeval run` with ``data.context_field``: each document's text scored given its
+    context. Returns the part's columns and the scored texts (for bytes and words)."""
+    s = config.scoring
+    texts, contexts = [d.text for d in documents], [d.context or "" for d in documents]
+    scored = score_continuations(lm, texts, contexts, bos=s.bos, max_length=s.max_length, stride=s.stride,
+                                 options=options, progress=progress)  # fmt: skip
+    columns = scored.columns
+    del columns["topk_ids"], columns["topk_probs"]
+    return columns, texts

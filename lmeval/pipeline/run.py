@@ -18,7 +18,9 @@ from pathlib import Path
 from ..model.loading import load_model
 from ..model.scorer import ScoreOptions, resolve_window
 from . import distributed
+from .chat import score_chat_group
 from .config import Config, load_config
+from .continuation import score_context_group
 from .data import SEPARATOR_ID, Corpus, load_documents, resolve_prefix
 from ..errors import OutputError
 from .files import prepare_output_dir, write_json
@@ -57,6 +59,10 @@ def score_parts(model, corpus: Corpus, config: Config, folder: Path, groups, bar
     protocol = _protocol(lm, config)  # also checks the window against the model, before any scoring
     _check_resumed_protocol(folder, done, protocol, model.name)
     score = score_stream if s.documents == "concatenated" else score_group
+    if config.data.context_field is not None:
+        score = score_context_group
+    elif config.data.messages_field is not None:
+        score = score_chat_group
     for group in todo:
         started = time.perf_counter()
         bar.group(sum(len(corpus.documents[i].text) for i in group))
