@@ -56,6 +56,7 @@ def main(args: argparse.Namespace) -> int:
     table = minimal_pairs(good, bad, args.model, contexts, ids=ids, bos=args.bos, max_length=args.max_length,
                           bootstrap=args.bootstrap, seed=args.seed)  # fmt: skip
     out = Path(args.output) if args.output else Path(Path(args.file).stem + ".pairs.csv")
-    write_table(table, out)
+    # Ids are written as strings (a jsonl may mix numbers and names; parquet cannot).
+    write_table(table.assign(id=table["id"].astype(str)), out)
     sys.stdout.write(format_pairs(table) + f"\nwrote {out}\n")
     return 0

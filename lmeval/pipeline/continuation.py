@@ -16,6 +16,7 @@ context longer than ``max_length`` keeps its last tokens.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ from ..model.scorer import ScoreOptions, check_vocabulary, resolve_window, score
 from .data import Document, TokenizedDocument, tokenize_documents
 from .tables import char_spans, token_strings
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Boundary:
@@ -117,4 +119,8 @@ def score_context_group(lm, documents, config, options, progress):
                                  options=options, progress=progress)  # fmt: skip
     columns = scored.columns
     del columns["topk_ids"], columns["topk_probs"]
+    crossing = [documents[i].doc_id for i, b in enumerate(scored.boundaries) if b.crosses]
+    if crossing:  # the tokens table has no column for it: say so here
+        log.warning("%d documents have a token straddling the context boundary (first: %r); each is scored "
+                    "with the text, as score_texts(contexts=...) flags in crosses_context.", len(crossing), crossing[0])
     return columns, texts
