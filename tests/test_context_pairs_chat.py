@@ -252,6 +252,7 @@ def test_run_with_context_field(tmp_path, saved_gpt2, gpt2_lm):
     assert tables["run"]["config"]["data"]["context_field"] == "context"
 
 
+@pytest.mark.slow
 def test_run_with_messages_field(tmp_path, chat_lm):
     folder = tmp_path / "chat-model"
     chat_lm.model.save_pretrained(folder)

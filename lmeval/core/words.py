@@ -110,21 +110,24 @@ def mass_masks(word_start: np.ndarray, eos_id: int | None) -> np.ndarray:
     return np.stack([word_start, eos, ~word_start])
 
 
-def log_mass(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def log_mass(logits: torch.Tensor, masks: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """``log q(S_k | ctx)`` for each row of ``logits`` (N, V) and each column of ``masks``
-    (V, K, 0/1 of the logits' float type after upcasting): logsumexp over the ids of S_k
-    minus logsumexp over all ids, in nats; (N, K). -inf for an empty set.
+    (V, K, 0/1): logsumexp over the ids of S_k minus logsumexp over all ids, in nats; (N, K).
+    -inf for an empty set.
 
     Half-precision logits are upcast to float32 (float64 stays float64). One exp pass and one
-    (N, V) x (V, K) product serve every set; rows where a set's mass underflows that shared
-    shift (its logits far below the row's maximum) are recomputed with a per-set logsumexp.
+    (N, V) x (V, K + 1) product (the extra column of ones gives the row's total) serve every
+    set; rows where a set's mass underflows that shared shift (its logits far below the
+    row's maximum) are recomputed with a per-set logsumexp. ``scratch``, an (N, V) buffer of
+    the upcast dtype, saves allocating one per call.
     """
     z = logits if logits.dtype == torch.float64 else logits.float()  # (N, V)
     masks = masks.to(z.dtype)
+    with_total = torch.cat([masks, masks.new_ones((masks.shape[0], 1))], dim=1)  # (V, K + 1)
     z_max = z.amax(dim=1, keepdim=True)
-    e = (z - z_max).exp_()  # (N, V)
-    total = e.sum(dim=1, keepdim=True)
-    sums = e @ masks  # (N, K)
+    e = torch.sub(z, z_max, out=scratch if scratch is not None else torch.empty_like(z)).exp_()  # (N, V)
+    sums = e @ with_total  # (N, K + 1)
+    sums, total = sums[:, :-1], sums[:, -1:]
     out = torch.log(sums) - torch.log(total)
     tiny = torch.finfo(z.dtype).tiny ** 0.75  # well above the denormals, where precision goes
     nonempty = masks.sum(dim=0) > 0  # (K,)

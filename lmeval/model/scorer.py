@@ -135,7 +135,9 @@ def score_batch(lm: LoadedModel, windows: list[Window], options: ScoreOptions, c
             )
         )
         if masks is not None:  # the same chunk of logits, one more reduction
-            masses.append(log_mass(chunk, masks.to(chunk.device)).float())
+            scratch = lm.workspace.get("mass_e", tuple(chunk.shape), torch.float32, chunk.device) \
+                if chunk.dtype != torch.float64 else None  # fmt: skip
+            masses.append(log_mass(chunk, masks.to(chunk.device), scratch).float())
     # One device-to-host copy per batch, not one per chunk and statistic.
     fields = parts[0].__dataclass_fields__
     out = {key: torch.cat([getattr(p, key) for p in parts]).cpu().numpy() for key in fields}
