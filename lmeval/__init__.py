@@ -23,6 +23,7 @@ _EXPORTS = {
     "compare_runs": "lmeval.pipeline.compare",
     "InLoopEvaluator": "lmeval.integrations.in_loop",
     "LmevalCallback": "lmeval.integrations.transformers",
+    "minimal_pairs": "lmeval.pipeline.pairs",
     "LmevalError": "lmeval.errors",
     "ConfigError": "lmeval.errors",
     "DataError": "lmeval.errors",

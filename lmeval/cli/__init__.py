@@ -11,7 +11,7 @@ import logging
 import sys
 
 from ..errors import LmevalError
-from . import compare, run, surprisal
+from . import compare, pairs, run, surprisal
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_parsers(sub)
     surprisal.add_parser(sub).set_defaults(func=surprisal.main)
     compare.add_parser(sub).set_defaults(func=compare.main)
+    pairs.add_parser(sub).set_defaults(func=pairs.main)
     return parser
 
 

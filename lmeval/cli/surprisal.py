@@ -40,7 +40,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--file", action="append", default=[], metavar="F",
         help="a UTF-8 text file scored as one document; '-' reads stdin; may be repeated",
     )  # fmt: skip
-    parser.add_argument("--words", action="store_true", help="sum token surprisal into whitespace-separated words")
+    parser.add_argument("--words", action="store_true",
+                        help="per whitespace-separated word, corrected for tokens that carry their leading space")  # fmt: skip
+    parser.add_argument(
+        "--context", action="append", default=[], metavar="TEXT",
+        help="score each text given this context (it conditions, never scores); once for every text, or once per text",
+    )  # fmt: skip
+    parser.add_argument("--word-correction", choices=("bow", "none"), default="bow",
+                        help="bow: corrected word surprisal (default); none: the plain sum of token surprisals")  # fmt: skip
+    parser.add_argument("--text-end", choices=("eos", "word"), default="eos",
+                        help="eos: a text may end after any word (default); word: another word always follows")  # fmt: skip
     parser.add_argument("--top-k", type=int_at_least(0), default=0, metavar="K", help="also list the K likeliest tokens")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output on stdout (default: table)")
     parser.add_argument("--html", default=None, metavar="OUT.html", help="also write a self-contained HTML page")
@@ -69,6 +78,20 @@ def read_texts(texts: list[str], files: list[str]) -> list[str]:
     if not out:
         raise DataError("surprisal: at least one text must be given (got none). Pass TEXT arguments or --file F.")
     return out
+
+
+def _contexts(given: list[str], n_texts: int) -> list[str] | None:
+    """One --context for every text, or one per text."""
+    if not given:
+        return None
+    if len(given) == 1:
+        return given * n_texts
+    if len(given) != n_texts:
+        raise DataError(
+            f"--context: must be given once, or once per text ({n_texts}) (got {len(given)}). "
+            "Repeat it in the order of the texts."
+        )
+    return given
 
 
 def _records(table: pd.DataFrame) -> list[dict]:
@@ -103,8 +126,9 @@ def main(args: argparse.Namespace) -> int:
 
     texts = read_texts(args.text, args.file)
     table = surprisal_table(
-        texts, args.model, words=args.words, top_k=args.top_k, bos=args.bos, max_length=args.max_length
-    )
+        texts, args.model, words=args.words, top_k=args.top_k, bos=args.bos, max_length=args.max_length,
+        contexts=_contexts(args.context, len(texts)), word_correction=args.word_correction, text_end=args.text_end,
+    )  # fmt: skip
     if args.format == "json":
         sys.stdout.write(json.dumps(_records(table), ensure_ascii=False, indent=1) + "\n")
     elif args.format == "csv":

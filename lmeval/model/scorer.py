@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..core.losses import token_statistics
+from ..core.words import log_mass
 from ..core.windows import Window
 from ..errors import ModelError
 from .head import evaluating
@@ -40,6 +41,8 @@ class ScoreOptions:
     moments: bool = False  # also Var_q[log q] per token (membership scores)
     chunk_bytes: int | None = None  # budget for one chunk of logits and its scratch; None: by device
     compile: str | bool = "auto"  # fuse the per-token reductions with torch.compile
+    # (K, V) bool id sets: also ``log_mass`` (N, K), log q(set) at each scored output (words)
+    mass_masks: np.ndarray | None = None
 
 
 # Below this many logits (tokens x vocabulary) a CPU run does not repay the compile time.
@@ -120,7 +123,8 @@ def score_batch(lm: LoadedModel, windows: list[Window], options: ScoreOptions, c
         rows, cols = rows.to(logits.device), cols.to(logits.device)
         source = lambda sl: logits[rows[sl], cols[sl]]  # noqa: E731
     step = _chunk_rows(lm, options.chunk_bytes)
-    parts = []
+    parts, masses = [], []
+    masks = None if options.mass_masks is None else torch.from_numpy(options.mass_masks.T.astype(np.float32))
     for begin in range(0, len(targets), step):
         sl = slice(begin, begin + step)
         chunk = source(sl)  # (n, V), on the output head's device
@@ -130,9 +134,16 @@ def score_batch(lm: LoadedModel, windows: list[Window], options: ScoreOptions, c
                 options.moments,
             )
         )
+        if masks is not None:  # the same chunk of logits, one more reduction
+            scratch = lm.workspace.get("mass_e", tuple(chunk.shape), torch.float32, chunk.device) \
+                if chunk.dtype != torch.float64 else None  # fmt: skip
+            masses.append(log_mass(chunk, masks.to(chunk.device), scratch).float())
     # One device-to-host copy per batch, not one per chunk and statistic.
     fields = parts[0].__dataclass_fields__
-    return {key: torch.cat([getattr(p, key) for p in parts]).cpu().numpy() for key in fields}
+    out = {key: torch.cat([getattr(p, key) for p in parts]).cpu().numpy() for key in fields}
+    if masses:
+        out["log_mass"] = torch.cat(masses).cpu().numpy()
+    return out
 
 
 def score_windows(
@@ -185,7 +196,10 @@ def _empty_stats(lm: LoadedModel, options: ScoreOptions) -> dict[str, np.ndarray
     logits = torch.zeros((0, lm.vocab_size))
     stats = token_statistics(logits, torch.zeros(0, dtype=torch.long), options.temperatures, options.top_k,
                              moments=options.moments)
-    return {key: getattr(stats, key).numpy() for key in stats.__dataclass_fields__}
+    out = {key: getattr(stats, key).numpy() for key in stats.__dataclass_fields__}
+    if options.mass_masks is not None:
+        out["log_mass"] = np.zeros((0, len(options.mass_masks)), dtype=np.float32)
+    return out
 
 
 def _doc_name(window: Window, doc_names) -> object:

@@ -39,6 +39,8 @@ class DataConfig:
     sample_by: Literal["document", "paragraph", "line"] = "document"  # for .txt files
     detokenizer: Optional[Literal["wikitext"]] = None  # a named rewrite of each text before tokenizing
     count_on: Literal["scored", "source"] = "scored"  # the text whose bytes and words normalise
+    context_field: Optional[str] = None  # score text_field GIVEN this column (it conditions, never scores)
+    messages_field: Optional[str] = None  # a column of [{role, content}]: score the assistant turns only
 
 
 @dataclass(frozen=True)
@@ -291,6 +293,13 @@ def _check_values(config: Config, problems: list[str]) -> None:
     if config.data.count_on == "source" and s.bos == "none":
         problems.append("data.count_on: source counts every word of the source text, so every token must be scored; "
                         "it needs scoring.bos auto or a token id (got none).")
+    d = config.data
+    if d.context_field is not None and d.messages_field is not None:
+        problems.append("data.context_field: cannot be set together with data.messages_field (got both). "
+                        "A conversation's turns are already scored given what precedes them; drop one.")
+    if (d.context_field or d.messages_field) and s.documents == "concatenated":
+        problems.append("scoring.documents: must be independent with data.context_field or data.messages_field "
+                        "(got concatenated). Each row is scored on its own given its context.")
     if config.data.max_documents is not None and config.data.max_documents < 1:
         problems.append(f"data.max_documents: must be >= 1 or null (got {config.data.max_documents}).")
     c = config.calibration

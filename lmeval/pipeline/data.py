@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob as globlib
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from ..errors import DataError, ModelError
 from .detokenize import detokenize_documents
 
 _WORD_SPLIT = re.compile(r"\s+")
+ROLES_SCORED = "assistant"  # the role whose turns a conversation scores
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class Document:
     doc_id: str | int
     text: str
     source: str | None = None  # the text before `data.detokenizer` rewrote it (None: not rewritten)
+    context: str | None = None  # conditions the text, never scored (data.context_field)
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,12 @@ def load_documents(config) -> Corpus:
     skipped and counted, never scored as zero."""
     table = _load_dataset(config)
     columns = list(table.column_names)
+    for key in ("context_field", "messages_field"):
+        name = getattr(config, key, None)
+        if name is not None and name not in columns:
+            raise DataError(f"data.{key}: {name!r} is not a column of {config.path}. Available columns: {', '.join(columns)}.")
+    if getattr(config, "messages_field", None) is not None:
+        return _load_conversations(config, table)
     if config.text_field not in columns:
         raise DataError(
             f"data.text_field: {config.text_field!r} is not a column of {config.path}. "
@@ -126,8 +135,10 @@ def load_documents(config) -> Corpus:
         )
     texts = table[config.text_field]
     ids = table[config.id_field] if config.id_field else list(range(len(texts)))
+    context_field = getattr(config, "context_field", None)
+    contexts = table[context_field] if context_field else [None] * len(texts)
     documents, n_skipped, seen = [], 0, {}
-    for row, (doc_id, text) in enumerate(zip(ids, texts)):
+    for row, (doc_id, text, context) in enumerate(zip(ids, texts, contexts)):
         if config.max_documents is not None and len(documents) >= config.max_documents:
             break
         if text is None or not isinstance(text, str):
@@ -142,21 +153,65 @@ def load_documents(config) -> Corpus:
                 "Deduplicate the corpus or drop `id_field` to use row numbers."
             )
         seen[doc_id] = row
+        if context_field and not isinstance(context, str):
+            raise DataError(
+                f"{config.path}: row {row} (id {doc_id!r}) has a {type(context).__name__} `{context_field}`; "
+                "it must be text (an empty string for no context). Fix or remove that row."
+            )
         if not text.strip():
             n_skipped += 1
             continue
-        documents.append(Document(doc_id if isinstance(doc_id, int) else str(doc_id), text))
+        documents.append(Document(doc_id if isinstance(doc_id, int) else str(doc_id), text, context))
     if not documents:
         raise DataError(f"data.path: {config.path} holds no non-empty documents ({n_skipped} empty). Nothing to score.")
     documents = detokenize_documents(documents, getattr(config, "detokenizer", None))
     return Corpus(documents, n_skipped, fingerprint_documents(documents))
 
 
+def _load_conversations(config, table) -> Corpus:
+    """One document per conversation; its text is the messages as JSON (each model renders
+    them with its own chat template when it scores them)."""
+    rows = table[config.messages_field]
+    ids = table[config.id_field] if config.id_field else list(range(len(rows)))
+    documents, seen = [], {}
+    for row, (doc_id, messages) in enumerate(zip(ids, rows)):
+        if config.max_documents is not None and len(documents) >= config.max_documents:
+            break
+        if doc_id in seen:
+            raise DataError(f"data.id_field: id {doc_id!r} appears in rows {seen[doc_id]} and {row}; ids must be unique.")
+        seen[doc_id] = row
+        messages = check_messages(messages, f"{config.path}: row {row} `{config.messages_field}`")
+        doc_id = doc_id if isinstance(doc_id, int) else str(doc_id)
+        documents.append(Document(doc_id, json.dumps(messages, ensure_ascii=False)))
+    if not documents:
+        raise DataError(f"data.path: {config.path} holds no conversations. Nothing to score.")
+    return Corpus(documents, 0, fingerprint_documents(documents))
+
+
+def check_messages(messages, where: str) -> list[dict]:
+    """A list of ``{"role": str, "content": str}`` mappings with at least one assistant turn."""
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: must be a list of {{role, content}} messages (got a string that is not JSON).") from None
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise DataError(f"{where}: must be a non-empty list of {{role, content}} messages (got {type(messages).__name__}).")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}[{i}]: must be a mapping with string `role` and `content` (got {m!r}).")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == ROLES_SCORED for m in out):
+        raise DataError(f"{where}: must hold at least one assistant message (roles: {sorted({m['role'] for m in out})}). Nothing to score.")
+    return out
+
+
 def fingerprint_documents(documents: list[Document]) -> str:
-    """sha256 over ids and texts, in order: changes whenever what is scored changes."""
+    """sha256 over ids, texts (and contexts, when given), in order: changes whenever what is scored changes."""
     digest = hashlib.sha256()
     for doc in documents:
-        for part in (str(doc.doc_id), doc.text):
+        for part in (str(doc.doc_id), doc.text) + (() if doc.context is None else ("\x00context", doc.context)):
             data = part.encode("utf-8")
             digest.update(len(data).to_bytes(8, "little") + data)
     return digest.hexdigest()

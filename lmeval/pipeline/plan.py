@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..errors import DataError
 from .data import SEPARATOR_ID, Corpus
 from .parts import part_key
 
@@ -79,3 +80,12 @@ def plan_key(corpus: Corpus, plan: PartPlan, documents_mode: str) -> str:
     """The part's file name: a hash of its document ids, and of its piece when it is one."""
     ids = part_doc_ids(corpus, plan, documents_mode)
     return part_key(ids if plan.n_pieces == 1 else [*ids, f"piece {plan.piece} of {plan.n_pieces}"])
+
+
+def require_whole(piece, documents) -> None:
+    """Modes that score a text given its context (contexts, chat turns) need each row whole."""
+    if piece is not None and piece.n_pieces > 1:
+        raise DataError(
+            f"document {documents[0].doc_id!r}: with data.context_field or data.messages_field a row must fit in "
+            f"one part (got {piece.n_chars} characters > output.part_chars). Raise output.part_chars above it."
+        )

@@ -19,7 +19,9 @@ from ..errors import OutputError
 from ..model.loading import load_model
 from ..model.scorer import ScoreOptions, resolve_window
 from . import distributed
+from .chat import score_chat_group
 from .config import Config, load_config
+from .continuation import score_context_group
 from .data import Corpus, load_documents, resolve_prefix
 from .files import clean_leftovers, prepare_output_dir, replace_outputs, write_json
 from .lock import RunLock
@@ -154,6 +156,10 @@ def score_parts(model, corpus: Corpus, config: Config, folder: Path, plans: list
     protocol = protocol_record(lm, config)  # also checks the window against the model, before any scoring
     _check_protocol(folder, protocol, model.name)
     score = score_stream if s.documents == "concatenated" else score_group
+    if config.data.context_field is not None:
+        score = score_context_group
+    elif config.data.messages_field is not None:
+        score = score_chat_group
     cache: dict = {}  # the pieces of one document share its tokenization
     for plan in plans:
         started = time.perf_counter()

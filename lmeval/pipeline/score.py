@@ -17,6 +17,7 @@ from ..errors import DataError
 from ..model.loading import LoadedModel, load_model, prepare_model
 from ..model.scorer import ScoreOptions, check_vocabulary, resolve_window, score_windows
 from ..model.spec import ModelSpec
+from .continuation import check_contexts, score_continuations
 from .data import Document, TokenizedDocument, check_texts, join_documents, split_stream, tokenize_documents
 from .tables import char_spans, token_strings, tokens_frame
 
@@ -82,6 +83,7 @@ def score_texts(
     temperatures: tuple[float, ...] = (),
     name: str | None = None,
     compile: str | bool = "auto",
+    contexts=None,
 ) -> pd.DataFrame:
     """Score each text with a causal LM; return one row per scored token.
 
@@ -92,12 +94,20 @@ def score_texts(
     ``top_k`` > 0 also topk_token_ids, topk_probs. An empty text yields no rows; the frame's
     ``attrs["n_documents"]`` still counts it. ``compile`` fuses the per-token reductions with
     torch.compile (``"auto"``: on CUDA, or when tokens x vocabulary >= 4e9 on CPU).
+
+    ``contexts`` (one string per text) scores each text GIVEN its context: ``context +
+    text`` is tokenized as one string, the context's tokens condition and get no row, and
+    positions and character spans are relative to the text. A token straddling the boundary
+    is scored with the text and flagged in the extra column ``crosses_context``; see
+    `lmeval.pipeline.continuation`.
     """
     texts = check_texts(texts)
     options = ScoreOptions(
         batch_tokens=check_batch_tokens(batch_tokens), top_k=top_k, temperatures=tuple(temperatures), compile=compile
     )
     lm = as_loaded_model(model, name)
+    if contexts is not None:
+        return _score_given_contexts(lm, texts, check_contexts(contexts, len(texts)), max_length, stride, bos, options)
     docs = tokenize_documents([Document(i, t) for i, t in enumerate(texts)], lm.tokenizer, bos)
     columns = score_documents(lm, docs, max_length, stride, options)
     spans = char_spans(docs, columns["doc_index"], columns["position"])
@@ -106,6 +116,16 @@ def score_texts(
     frame = tokens_frame(lm.name, [d.doc_id for d in docs], columns)
     frame.attrs["n_documents"] = len(texts)
     frame.attrs["n_empty"] = sum(d.n_scored == 0 for d in docs)
+    return frame
+
+
+def _score_given_contexts(lm, texts, contexts, max_length, stride, bos, options) -> pd.DataFrame:
+    scored = score_continuations(lm, texts, contexts, bos=bos, max_length=max_length, stride=stride, options=options)
+    frame = tokens_frame(lm.name, list(range(len(texts))), scored.columns)
+    order = np.lexsort((scored.columns["position"], scored.columns["doc_index"]))
+    frame["crosses_context"] = scored.columns["crosses_context"][order]
+    frame.attrs.update(n_documents=len(texts), n_empty=len(texts) - frame["doc_id"].nunique(),
+                       n_crossing=int(frame["crosses_context"].sum()))  # fmt: skip
     return frame
 
 

@@ -2,9 +2,17 @@
 
 Surprisal is ``-log2 q(token | context)`` in bits: how many yes/no questions the model would
 need to be told the token it did not expect. A token at 0 bits was certain; each extra bit
-halves the probability the model gave it. Word surprisal is the SUM over the word's tokens
-(the chain rule: the log-probability of a word is the sum of its tokens' log-probabilities),
-so a word table and a token table always add up to the same document total.
+halves the probability the model gave it.
+
+Word surprisal is CORRECTED by default (``word_correction="bow"``, Pimentel & Meister 2024):
+with tokens that carry their leading space ('Ġthe', '▁the'), a word's probability is the
+product of its tokens' times the probability that a word boundary follows it, divided by the
+probability of the boundary before it (see `lmeval.core.words`). ``surprisal_bits`` is that
+corrected value, ``surprisal_bits_token_sum`` the plain sum of the word's token surprisals
+(which a word table and a token table share, document by document), and
+``surprisal_bits = surprisal_bits_token_sum + boundary_after_bits - boundary_before_bits``.
+``text_end`` says whether a text may end after any word (``"eos"``: the boundary after a
+word includes EOS) or another word always follows (``"word"``).
 
 Words are maximal runs of non-whitespace characters of the original text (``\\S+``), found
 from character offsets, never from token strings, so the same rule holds for byte-level BPE
@@ -26,13 +34,21 @@ from ..core.units import LN2
 from ..errors import DataError
 from ..pipeline.data import check_texts
 from ..pipeline.demo import demo_model_path
-from ..pipeline.score import as_loaded_model, score_texts
+from ..model.scorer import ScoreOptions
+from ..pipeline.continuation import check_contexts, score_continuations
+from ..pipeline.score import as_loaded_model
+from ..pipeline.tables import tokens_frame
+from ..pipeline.words import (
+    boundary_columns, check_word_options, end_target, options_with_masses, word_starts,
+)  # fmt: skip
 
 _WORD = re.compile(r"\S+")
 WORD_TABLE_COLUMNS = [
-    "doc_id", "word_index", "word", "char_start", "char_end", "n_tokens", "surprisal_bits", "nll",
+    "doc_id", "word_index", "word", "char_start", "char_end", "n_tokens", "surprisal_bits",
+    "surprisal_bits_token_sum", "boundary_before_bits", "boundary_after_bits", "nll",
     "prob", "rank", "entropy", "entropy_bits", "complete", "crosses_word",
 ]  # fmt: skip
+BOUNDARY_COLUMNS = ["boundary_before_bits", "boundary_after_bits"]
 
 
 def surprisal_table(
@@ -44,6 +60,9 @@ def surprisal_table(
     bos="auto",
     max_length: int | None = None,
     stride: int | None = None,
+    contexts=None,
+    word_correction: str = "bow",
+    text_end: str = "eos",
 ) -> pd.DataFrame:
     """Surprisal of every token (or word, with ``words=True``) of each text.
 
@@ -61,14 +80,55 @@ def surprisal_table(
     uncertainty before seeing the token, i.e. its expected surprisal. With ``top_k`` > 0 also
     topk: the k likeliest next tokens as ``[{"token": decoded text, "prob": p}, ...]``, most
     likely first. Word columns: see `aggregate_words`.
+
+    ``contexts`` (one string per text) scores each text given its context, which conditions
+    but has no rows (see `score_texts`); the extra column crosses_context flags a token that
+    straddles the boundary. With ``word_correction="bow"`` (the default) token tables also
+    carry boundary_before_bits and boundary_after_bits, the surprisal of a word boundary
+    before and after each token (``text_end`` decides whether EOS counts as one), from which
+    `aggregate_words` corrects word surprisal; ``"none"`` leaves them out. A tokenizer
+    whose pieces never begin with whitespace (end-of-word markers) needs no correction:
+    then word surprisal is the token sum, and ``attrs["word_correction_note"]`` says why.
+    ``attrs`` record word_correction (as applied), text_end and word_start_marker.
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise DataError(f"top_k: must be an integer >= 0 (got {top_k!r}). Use 0 for no alternatives, or e.g. 5.")
+    check_word_options(word_correction, text_end)
     texts = check_texts(texts)
+    contexts = None if contexts is None else check_contexts(contexts, len(texts))
     lm = as_loaded_model(demo_model_path() if model is None else model)
-    frame = score_texts(texts, lm, max_length=max_length, stride=stride, bos=bos, top_k=top_k)
+    starts = word_starts(lm) if word_correction == "bow" else None
+    correct = starts is not None and starts.marker is not None
+    options = ScoreOptions(top_k=top_k)
+    if correct:
+        options = options_with_masses(options, starts)
+    end_id = end_target(starts, text_end, lm.name) if correct else None
+    scored = score_continuations(lm, texts, contexts, bos=bos, max_length=max_length, stride=stride,
+                                 options=options, end_id=end_id)  # fmt: skip
+    columns = scored.columns
+    frame = tokens_frame(lm.name, list(range(len(texts))), columns)
+    order = np.lexsort((columns["position"], columns["doc_index"]))
+    extra = {"crosses_context": columns["crosses_context"]} if contexts is not None else {}
+    if correct:
+        before, after = boundary_columns(scored, starts, text_end)
+        extra.update(boundary_before_bits=-before / LN2, boundary_after_bits=-after / LN2)
     table = token_table(frame, texts, lm.tokenizer)
+    for key, values in extra.items():
+        table[key] = values[order]
+    table.attrs.update(_protocol_attrs(word_correction if correct else "none", text_end, starts))
     return aggregate_words(table, texts) if words else table
+
+
+def _protocol_attrs(applied: str, text_end: str, starts) -> dict:
+    attrs = {"word_correction": applied, "text_end": text_end,
+             "word_start_marker": None if starts is None else starts.marker}  # fmt: skip
+    if starts is not None and starts.marker is None:
+        attrs["word_correction_note"] = (
+            "the tokenizer has no word-start marker (no piece begins with whitespace, e.g. end-of-word "
+            "markers or a vocabulary without spaces): a word's tokens already end it, so word surprisal "
+            "is the token sum"
+        )
+    return attrs
 
 
 def token_table(frame: pd.DataFrame, texts: list[str], tokenizer=None) -> pd.DataFrame:
@@ -141,12 +201,14 @@ def check_spans(frame: pd.DataFrame, texts: list[str]) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def aggregate_words(tokens_df: pd.DataFrame, texts) -> pd.DataFrame:
-    """Sum token surprisal into words; each document's word total equals its token total.
+def aggregate_words(tokens_df: pd.DataFrame, texts, word_correction: str | None = None) -> pd.DataFrame:
+    """Words from token rows: corrected word surprisal, and the plain sum beside it.
 
     ``tokens_df`` is a token table of `surprisal_table` or `score_texts` (it needs doc_id,
     position, char_start, char_end, nll, entropy and rank), and ``texts`` the scored texts,
-    indexed by doc_id.
+    indexed by doc_id. ``word_correction`` is ``"bow"`` (needs the boundary_before_bits and
+    boundary_after_bits columns of a `surprisal_table` token table), ``"none"`` (the token
+    sum), or None: ``"bow"`` when those columns are there, else ``"none"``.
 
     Words are the ``\\S+`` runs of each text (punctuation stays with its word, as in
     lm-eval's ``re.split(r"\\s+", text)`` word count). Each token goes to exactly ONE word,
@@ -163,28 +225,53 @@ def aggregate_words(tokens_df: pd.DataFrame, texts) -> pd.DataFrame:
       count once, in the word of that character.
 
     Columns: doc_id, word_index (index of the word among the text's ``\\S+`` runs),
-    word, char_start, char_end (the run's span), n_tokens, surprisal_bits (bits) and nll
-    (nats), summed over the word's tokens; prob (``exp(-nll)``, the probability of the
-    whole word given its context); rank (the largest, i.e. worst, rank among its tokens;
+    word, char_start, char_end (the run's span), n_tokens; surprisal_bits (bits), the
+    word's surprisal ``-log2 p(word | text before it)``: corrected, it is
+    ``surprisal_bits_token_sum + boundary_after_bits - boundary_before_bits``, where
+    surprisal_bits_token_sum is the sum over the word's tokens, boundary_after_bits the
+    surprisal of a word boundary (or, under ``text_end="eos"``, the end of the text) right
+    after the word's last token, and boundary_before_bits that of the boundary before its
+    first token, already paid by the previous word (for a text's first word: the surprisal
+    of the text starting the way it does, with or without a space, after the BOS); both are
+    0 without correction; nll (nats) and prob (``exp(-nll)``): the same surprisal as a
+    natural log and as a probability; rank (the largest, i.e. worst, rank among its tokens;
     1 when the model's top choice was right at every step); entropy (nats) and
     entropy_bits: the sum of the tokens' entropies, the word's expected surprisal under the
-    model given the true prefix (a baseline for surprisal_bits, not an entropy over
-    words); complete (False when one of the word's tokens has no row, which happens to the
-    first word under ``bos="none"``: its first token only conditions); crosses_word (a
-    token of this word also covers characters of another word).
+    model given the true prefix (a baseline for surprisal_bits_token_sum, not an entropy
+    over words); complete (False when one of the word's tokens has no row, which happens to
+    the first word under ``bos="none"``: its first token only conditions, so it has no
+    boundary_before_bits either, and 0 stands there); crosses_word (a token of this word
+    also covers characters of another word); and, for texts scored given contexts,
+    crosses_context (a token of this word starts inside the context).
 
+    Summed over a text, corrected word log-probabilities telescope: they equal the token
+    sum plus the first word's boundary_before and the last word's boundary_after terms.
     A text with tokens but no non-space character yields one row, whose word is the text
     itself, so that no surprisal is dropped. Words without scored tokens have no row.
     """
     texts = list(texts)
     check_spans(tokens_df, texts)
+    has_bounds = all(c in tokens_df.columns for c in BOUNDARY_COLUMNS)
+    if word_correction is None:
+        word_correction = "bow" if has_bounds else "none"
+    check_word_options(word_correction, "eos")
+    if word_correction == "bow" and not has_bounds:
+        raise DataError(
+            "aggregate_words: word_correction 'bow' needs the columns boundary_before_bits and boundary_after_bits "
+            "(got a token table without them). Make the token table with surprisal_table(..., word_correction='bow'), "
+            "or pass word_correction='none' for the token sum."
+        )
     parts = [
-        _document_words(doc_id, texts[int(doc_id)], rows)
+        _document_words(doc_id, texts[int(doc_id)], rows, word_correction == "bow")
         for doc_id, rows in tokens_df.groupby("doc_id", sort=True)
     ]
-    if not parts:
-        return pd.DataFrame({c: [] for c in WORD_TABLE_COLUMNS})
-    return pd.concat(parts, ignore_index=True)[WORD_TABLE_COLUMNS]
+    columns = WORD_TABLE_COLUMNS + (["crosses_context"] if "crosses_context" in tokens_df.columns else [])
+    out = pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame({c: [] for c in columns})
+    out.attrs.update({k: v for k, v in tokens_df.attrs.items() if k in ("text_end", "word_start_marker")})
+    out.attrs["word_correction"] = word_correction
+    if "word_correction_note" in tokens_df.attrs:
+        out.attrs["word_correction_note"] = tokens_df.attrs["word_correction_note"]
+    return out
 
 
 def word_spans(text: str) -> np.ndarray:
@@ -223,10 +310,12 @@ def assign_words(text: str, start: np.ndarray, end: np.ndarray) -> tuple[np.ndar
     return word, has_char & (last_word != word)
 
 
-def _document_words(doc_id, text: str, rows: pd.DataFrame) -> pd.DataFrame:
-    """The word rows of one document from its token rows."""
+def _document_words(doc_id, text: str, rows: pd.DataFrame, correct: bool) -> pd.DataFrame:
+    """The word rows of one document from its token rows (in position order)."""
+    rows = rows.sort_values("position", kind="stable")
     spans = word_spans(text)
     word, crosses = assign_words(text, rows["char_start"].to_numpy(np.int64), rows["char_end"].to_numpy(np.int64))
+    n = len(rows)
     # Float64 sums, so the word total matches the token total to rounding.
     grouped = pd.DataFrame(
         {
@@ -235,14 +324,25 @@ def _document_words(doc_id, text: str, rows: pd.DataFrame) -> pd.DataFrame:
             "entropy": rows["entropy"].to_numpy(np.float64),
             "rank": rows["rank"].to_numpy(np.int64),
             "crosses_word": crosses,
+            "crosses_context": rows["crosses_context"].to_numpy(bool) if "crosses_context" in rows else np.zeros(n, bool),
+            "before": rows["boundary_before_bits"].to_numpy(np.float64) if correct else np.zeros(n),
+            "after": rows["boundary_after_bits"].to_numpy(np.float64) if correct else np.zeros(n),
         }
     ).groupby("word", sort=True)
     sums = grouped.agg(
         n_tokens=("nll", "size"), nll=("nll", "sum"), entropy=("entropy", "sum"),
-        rank=("rank", "max"), crosses_word=("crosses_word", "any"),
+        rank=("rank", "max"), crosses_word=("crosses_word", "any"), crosses_context=("crosses_context", "any"),
+        before=("before", "first"), after=("after", "last"),
     )  # fmt: skip
     index = sums.index.to_numpy()
-    out = pd.DataFrame(
+    # Token 0 always anchors in word 0 (it starts the text), so a missing position 0 means
+    # word 0 lacks a token: its first token was never predicted, so no boundary before it.
+    missing_first = int(rows["position"].min()) > 0
+    complete = ~((index == 0) & missing_first)
+    before = np.where(complete, sums["before"].to_numpy(), 0.0)
+    nll = sums["nll"].to_numpy() + (sums["after"].to_numpy() - before) * LN2  # exactly the sum without correction
+    bits = nll / LN2
+    return pd.DataFrame(
         {
             "doc_id": doc_id,
             "word_index": index,
@@ -250,17 +350,17 @@ def _document_words(doc_id, text: str, rows: pd.DataFrame) -> pd.DataFrame:
             "char_start": spans[index, 0],
             "char_end": spans[index, 1],
             "n_tokens": sums["n_tokens"].to_numpy(),
-            "surprisal_bits": sums["nll"].to_numpy() / LN2,
-            "nll": sums["nll"].to_numpy(),
-            "prob": np.exp(-sums["nll"].to_numpy()),
+            "surprisal_bits": bits,
+            "surprisal_bits_token_sum": sums["nll"].to_numpy() / LN2,
+            "boundary_before_bits": before,
+            "boundary_after_bits": sums["after"].to_numpy(),
+            "nll": nll,
+            "prob": np.exp(-nll),
             "rank": sums["rank"].to_numpy(),
             "entropy": sums["entropy"].to_numpy(),
             "entropy_bits": sums["entropy"].to_numpy() / LN2,
+            "complete": complete,
             "crosses_word": sums["crosses_word"].to_numpy(),
+            "crosses_context": sums["crosses_context"].to_numpy(),
         }
     )
-    # Token 0 always anchors in word 0 (it starts the text), so a missing position 0 means
-    # word 0 lacks a token.
-    missing_first = int(rows["position"].min()) > 0
-    out["complete"] = ~((out["word_index"] == 0) & missing_first)
-    return out
