@@ -60,7 +60,10 @@ def demo_command(args) -> int:
 
 def validate_command(args) -> int:
     from ..pipeline.config import load_config
+    from ..pipeline.preflight import check_files
 
     config = load_config(args.config, args.overrides)
+    for note in check_files(config):  # how each path that is not local was read
+        print(note)
     print(f"{args.config}: ok ({len(config.models)} model(s), data {config.data.path})")
     return 0
