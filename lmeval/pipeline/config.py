@@ -220,7 +220,8 @@ def _set_path(node, parts: list[str], value) -> None:
                 listed, rest = ".".join(parts[:i]), ".".join(parts[i + 1 :])
                 raise ValueError(
                     f"{where}: the list index must be an integer from 0 to {len(node) - 1} ({listed} has "
-                    f"{len(node)} entries) (got {part!r}). Write e.g. {listed}.0{'.' + rest if rest else ''}=..."
+                    f"{len(node)} {'entry' if len(node) == 1 else 'entries'}) (got {part!r}). "
+                    f"Write e.g. {listed}.0{'.' + rest if rest else ''}=..."
                 )
             if last:
                 node[int(part)] = value
