@@ -7,7 +7,8 @@ import os
 
 import pandas as pd
 
-COMPARE_SHOWN = ["model", "baseline", "metric", "value", "baseline_value", "delta", "ci_low", "ci_high", "p_value", "unit"]
+COMPARE_SHOWN = ["model", "baseline", "metric", "value", "baseline_value", "delta", "ci_low", "ci_high", "p_value", "unit",
+                 "n_documents"]  # fmt: skip
 SUMMARY_SHOWN = ("model", "n_documents", "n_tokens", "ppl", "bits_per_token", "bits_per_byte", "word_ppl",
                  "ece", "brier", "top1_accuracy", "best_temperature", "tokens_per_second")  # fmt: skip
 COLOR_CHOICES = ("auto", "always", "never")

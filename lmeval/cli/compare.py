@@ -44,6 +44,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, metavar="S", help="bootstrap seed (default: 0)")
     parser.add_argument("--top-k", type=int_at_least(0), default=DEFAULTS.top_k, metavar="K",
                         help=f"tokens with the largest nll change to list (default: {DEFAULTS.top_k})")  # fmt: skip
+    parser.add_argument("--min-documents", type=int_at_least(1), default=DEFAULTS.min_documents, metavar="N",
+                        help=f"fewer documents get no interval or p-value (default: {DEFAULTS.min_documents})")  # fmt: skip
     return parser
 
 
@@ -66,7 +68,8 @@ def main(args: argparse.Namespace) -> int:
     """Run ``lmeval compare``; returns the exit code. User errors raise `LmevalError`."""
     from ..pipeline.compare import compare_runs, write_compare
 
-    config = CompareConfig(baseline=args.baseline, bootstrap=args.bootstrap, seed=args.seed, top_k=args.top_k)
+    config = CompareConfig(baseline=args.baseline, bootstrap=args.bootstrap, seed=args.seed, top_k=args.top_k,
+                           min_documents=args.min_documents)  # fmt: skip
     out = _output_dir(args.out, args.overwrite) if args.out else None
     frames = compare_runs(args.run_dirs, args.baseline, config)
     print(format_compare(frames["compare"]))

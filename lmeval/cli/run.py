@@ -142,7 +142,11 @@ def demo_command(args) -> int:
 
 
 def validate_command(args) -> int:
+    from ..pipeline.preflight import check_files
+
     config = load_command_config(args)
+    for note in check_files(config):  # how each path that is not local was read
+        print(note)
     where = args.config or "command line"
     print(f"{where}: ok ({len(config.models)} model(s), data {config.data.path})")
     return 0

@@ -68,7 +68,8 @@ def read_texts(texts: list[str], files: list[str]) -> list[str]:
     out = list(texts)
     for name in files:
         try:
-            out.append(sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8"))
+            text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+            out.append(text.removeprefix("\ufeff"))  # a BOM marks the encoding; it is not text
         except UnicodeDecodeError as exc:
             raise DataError(
                 f"--file {name}: must be UTF-8 text (got an undecodable byte at {exc.start}). Re-encode it as UTF-8."

@@ -12,6 +12,10 @@ import numpy as np
 
 # Rows of the (n_resamples, n_docs) index matrix drawn at a time: bounds memory, same stream.
 _CHUNK_ELEMENTS = 1 << 22
+# Fewer documents than this get no interval or p-value: resampling 1 document always redraws
+# it (an interval of zero width, p = 2 / (B + 1)), and with a handful the resamples take only
+# a few distinct values, so the percentile interval is far too narrow and p far too small.
+MIN_DOCUMENTS = 10
 
 
 def resampled_sums(columns, n_resamples: int, seed: int) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,13 +53,28 @@ class LoadedModel:
 
 
 
-def _resolve_device(device: str) -> torch.device:
+def _resolve_device(device: str, name: str = "model") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as exc:
-        raise ModelError(f"model.device: must be auto, cpu, cuda or cuda:N (got {device!r}).") from exc
+        raise ModelError(f"model {name}: device must be auto, cpu, cuda or cuda:N (got {device!r}).") from exc
+    # Checked here, before any weights are read: torch would fail only at `.to(device)`.
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (resolved.index or 0) >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA"
+            raise ModelError(
+                f"model {name}: device must be one this machine has (got {device!r}, and it has {have}). "
+                "Set `device: cpu`, or `device: auto` to use a GPU only where there is one."
+            )
+    if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelError(
+            f"model {name}: device must be one this machine has (got {device!r}, and MPS is not available). "
+            "Set `device: cpu` or `device: auto`."
+        )
+    return resolved
 
 
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -118,7 +134,7 @@ def load_model(source, **options) -> LoadedModel:
         _check_local_weights(path, spec.allow_pickle)
     if spec.trust_remote_code:
         log.warning("trust_remote_code is on for %s: its repository code will run on this machine.", spec.path)
-    device = _resolve_device(spec.device)
+    device = _resolve_device(spec.device, spec.display_name)
     dtype = _resolve_dtype(spec.dtype, device)
     source = str(path) if is_local else spec.path
     common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
@@ -128,8 +144,17 @@ def load_model(source, **options) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, use_safetensors=None if spec.allow_pickle else True, **common, **placed
         )
+    except pickle.UnpicklingError as exc:
+        # torch.load(weights_only=True) stops at the first object that is not plain tensor data,
+        # before anything in the file runs.
+        raise ModelError(
+            f"model {spec.display_name}: pickled weights in {source} must hold only tensors, but torch's safe "
+            f"loader refused them (got {_unpickler_reason(exc)}); nothing in them was run. Use safetensors "
+            "weights from the source, or convert the file where you trust it."
+        ) from exc
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model.path: cannot load {source!r}: {exc}".strip()) from exc
+        taken = "" if is_local else " (not a local folder, so it was taken for a hub id)"
+        raise ModelError(f"model.path: cannot load {source!r}{taken}: {exc}".strip()) from exc
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(
             f"{source}: lmeval needs a fast (Rust) tokenizer for character offsets; "
@@ -141,6 +166,14 @@ def load_model(source, **options) -> LoadedModel:
     lm = prepare_model(model, tokenizer, name=spec.display_name, spec=spec)
     lm.commit_sha = None if is_local else getattr(model.config, "_commit_hash", None)
     return lm
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The one line of torch's weights-only refusal that says what was refused."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnpickler error")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(boilerplate)]
+    return reasons[0] if reasons else (lines[0] if lines else type(exc).__name__)
 
 
 def _as_spec(source, options: dict) -> ModelSpec:

@@ -17,6 +17,12 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # "name" or "org/name": what a hub id looks like. Anything else that does not exist locally
 # is a missing path, never a network request.
 _HUB_ID = re.compile(r"^[A-Za-z0-9_][\w.-]*(/[\w.-]+)?$")
+# Names ending like a file are paths, even when the id syntax would allow them ('ckpt.bin').
+# Hub ids do hold dots ('Qwen/Qwen2.5-0.5B'), so only these known endings count.
+FILE_SUFFIXES = (
+    ".bin", ".pt", ".pth", ".ckpt", ".safetensors", ".json", ".jsonl", ".yaml", ".yml", ".txt",
+    ".csv", ".parquet", ".gz", ".zip", ".tar", ".gguf", ".onnx", ".h5", ".py", ".arrow",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -52,5 +58,6 @@ def default_name(path: str) -> str:
 
 
 def looks_like_hub_id(path: str) -> bool:
-    """True for strings shaped like ``gpt2`` or ``org/name`` (the hub's id syntax)."""
-    return bool(_HUB_ID.match(path))
+    """True for strings shaped like ``gpt2`` or ``org/name`` (the hub's id syntax) that do
+    not end like a file name (``ckpt.bin``, ``model.safetensors``)."""
+    return bool(_HUB_ID.match(path)) and not path.lower().endswith(FILE_SUFFIXES)

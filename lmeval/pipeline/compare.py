@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .config import CompareConfig, step_number
-from ..core.bootstrap import bootstrap_interval, resampled_sums
+from ..core.bootstrap import MIN_DOCUMENTS, bootstrap_interval, resampled_sums
 from ..core.units import LN2
 from ..errors import ConfigError, DataError
 from .files import write_table
@@ -122,6 +122,24 @@ def paired_bootstrap(
                      "ci_low": low, "ci_high": high, "p_value": p, "unit": spec.unit, "ratio": value / base,
                      "ratio_ci_low": ratio_low, "ratio_ci_high": ratio_high})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+INTERVAL_COLUMNS = ("ci_low", "ci_high", "p_value", "ratio_ci_low", "ratio_ci_high")
+
+
+def withhold_small_sample(table: pd.DataFrame, n_documents: int, min_documents: int = MIN_DOCUMENTS) -> pd.DataFrame:
+    """NaN intervals and p-values when fewer than ``min_documents`` documents were compared:
+    a document bootstrap of so few says nothing honest (see `MIN_DOCUMENTS`)."""
+    if n_documents >= min_documents:
+        return table
+    return table.assign(**{c: np.nan for c in INTERVAL_COLUMNS})
+
+
+def small_sample_note(n_documents: int, min_documents: int = MIN_DOCUMENTS) -> str:
+    if n_documents >= min_documents:
+        return ""
+    return (f"only {n_documents} document(s), fewer than compare.min_documents = {min_documents}: no interval or "
+            "p-value, since a bootstrap over so few documents cannot tell a real difference from chance")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -250,7 +268,9 @@ def compare_tables(tables: dict, run_record: dict, compare_config=None) -> dict:
     ``compare_tokens`` (top_k largest |delta_nll| per model; None without a shared tokenizer
     or token table) and ``compare_documents`` (per-document ranking). Each pair gets its own
     ``default_rng(seed)``, so a pair's numbers do not depend on which other models ran, and
-    its resampled indices point into the baseline's documents in their table order.
+    its resampled indices point into the baseline's documents in their table order. With
+    fewer than ``compare.min_documents`` documents the intervals and p-values are NaN, and
+    the ``note`` says why; ``n_documents`` stands beside every row.
     """
     cfg = CompareConfig(**compare_config) if isinstance(compare_config, dict) else compare_config or CompareConfig()
     names = _model_names(tables)
@@ -261,8 +281,9 @@ def compare_tables(tables: dict, run_record: dict, compare_config=None) -> dict:
         docs, base = aligned_documents(tables["documents"], model, baseline)
         shared = shared_tokenizer(run_record, [model, baseline])
         metrics = tuple(METRICS) if shared else TOKEN_FREE_METRICS
-        table = paired_bootstrap(docs, base, metrics, cfg.bootstrap, cfg.seed)
-        note = _pair_note(run_record, model, baseline, docs, base)
+        table = withhold_small_sample(paired_bootstrap(docs, base, metrics, cfg.bootstrap, cfg.seed), len(base), cfg.min_documents)
+        note = "; ".join(n for n in (_pair_note(run_record, model, baseline, docs, base),
+                                     small_sample_note(len(base), cfg.min_documents)) if n)  # fmt: skip
         rows.append(table.assign(model=model, baseline=baseline, n_documents=len(base), n_resamples=cfg.bootstrap, note=note))
         document_rows.append(document_differences(docs, base, model, baseline, shared))
         if shared and tokens is not None:

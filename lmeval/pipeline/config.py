@@ -18,9 +18,10 @@ from typing import Literal, Optional
 
 import yaml
 
+from ..core.bootstrap import MIN_DOCUMENTS
 from ..core.calibration import validate_calibration_options
 from ..errors import ConfigError
-from ..model.spec import DEVICE_MAPS, ModelSpec, default_name
+from ..model.spec import DEVICE_MAPS, ModelSpec, default_name, looks_like_hub_id
 
 
 # A `models:` entry is the model record itself: one dataclass for the config, the loader and
@@ -75,6 +76,7 @@ class CompareConfig:
     bootstrap: int = 1000
     seed: int = 0
     top_k: int = 20
+    min_documents: int = MIN_DOCUMENTS  # fewer documents: no CI or p-value (NaN, with a note)
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,37 @@ _REQUIRED = object()
 class _SafeLoader(yaml.SafeLoader):
     """`yaml.SafeLoader` (no Python tags) that also reads ``1e-5`` as a float: PyYAML follows
     YAML 1.1, where a float needs a dot (``1.0e-5``), so ``label_smoothing: [1e-5]`` would
-    otherwise arrive as the string '1e-5'."""
+    otherwise arrive as the string '1e-5'.
+
+    It also refuses a key given twice in one mapping (two ``scoring:`` sections, or
+    ``stride`` twice in one): plain PyYAML keeps the last one and silently drops the first.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        first_line = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden, by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                earlier = first_line.setdefault(key, line)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if earlier != line:
+                raise DuplicateKeyError(key, earlier, line)
+        return super().construct_mapping(node, deep)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping holds one key twice; ``lines`` are both (1-based) line numbers."""
+
+    def __init__(self, key, first: int, second: int):
+        self.key, self.lines = key, (first, second)
+        super().__init__(
+            f"key {key!r} must appear once in its mapping (got it on line {first} and again on line {second}); "
+            "YAML would silently keep only the second. Merge the two into one."
+        )
 
 
 _SafeLoader.add_implicit_resolver(
@@ -130,10 +162,18 @@ def read_yaml(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found. Check the path (got {str(path)!r}).", source=str(path)) from None
+    except IsADirectoryError:
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
+        hint = f" It holds {', '.join(found)}." if found else ""
+        raise ConfigError(f"the config must be a YAML file (got a folder).{hint} Pass the file itself.", source=str(path)) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"must be UTF-8 text ({exc.reason} at byte {exc.start}).", source=str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config ({exc.strerror}). Check the path and its permissions.", source=str(path)) from None
     try:
         raw = safe_load(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError(str(exc), source=str(path)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"malformed YAML: {exc}", source=str(path)) from None
     if raw is None:
@@ -167,29 +207,37 @@ def apply_overrides(raw: dict, overrides: list[str], cwd: Path) -> dict:
             value = str((cwd / Path(value).expanduser()).resolve())
         try:
             _set_path(raw, key.split("."), value)
-        except (KeyError, IndexError, TypeError) as exc:
-            problems.append(f"override {item!r}: cannot set {key} ({exc}).")
+        except ValueError as exc:
+            problems.append(f"override {item!r}: {exc}")
     if problems:
         raise ConfigError(problems, source="command line")
     return raw
 
 
 def _set_path(node, parts: list[str], value) -> None:
+    """Set ``value`` at a dotted path; a ValueError says which part of the path is wrong."""
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
         if isinstance(node, list):
-            index = int(part)
+            if not (part.isdigit() and int(part) < len(node)):
+                listed, rest = ".".join(parts[:i]), ".".join(parts[i + 1 :])
+                raise ValueError(
+                    f"{where}: the list index must be an integer from 0 to {len(node) - 1} ({listed} has "
+                    f"{len(node)} {'entry' if len(node) == 1 else 'entries'}) (got {part!r}). "
+                    f"Write e.g. {listed}.0{'.' + rest if rest else ''}=..."
+                )
             if last:
-                node[index] = value
+                node[int(part)] = value
             else:
-                node = node[index]
+                node = node[int(part)]
         elif isinstance(node, dict):
             if last:
                 node[part] = value
             else:
                 node = node.setdefault(part, {})
         else:
-            raise TypeError(f"{'.'.join(parts[:i])} is not a section")
+            raise ValueError(f"{'.'.join(parts[:i])}: must be a section to set {where} in (got {node!r}).")
 
 
 def _looks_local(value: str, base: Path) -> bool:
@@ -309,6 +357,8 @@ def _check_values(config: Config, problems: list[str]) -> None:
         problems.append(f"compare.bootstrap: must be >= 0 (got {cmp.bootstrap}).")
     if cmp.top_k < 0:
         problems.append(f"compare.top_k: must be >= 0 (got {cmp.top_k}).")
+    if cmp.min_documents < 1:
+        problems.append(f"compare.min_documents: must be >= 1 (got {cmp.min_documents}). The default is {MIN_DOCUMENTS}.")
     for i, m in enumerate(config.models):
         _check_device_map(m, f"models[{i}]", problems)
     names = [m.name for m in config.models]
@@ -373,9 +423,14 @@ def _expand_models(raw_models, base: Path, problems: list[str]) -> list[dict]:
 
 def _check_model_paths(models: list[ModelSpec], problems: list[str]) -> None:
     for i, m in enumerate(models):
-        p = Path(m.path)
+        p = Path(m.path).expanduser()
         if p.is_absolute() and not p.exists():
             problems.append(f"models[{i}].path: {m.path} does not exist. Fix the path, or give a hub id such as 'gpt2'.")
+        elif not p.exists() and not looks_like_hub_id(m.path):  # 'a/b/c', 'ckpt.bin': a mistyped path, not an id
+            problems.append(
+                f"models[{i}].path: {m.path!r} must be an existing folder or a hub id such as 'gpt2' or 'org/name' "
+                "(got a relative path that does not exist). Fix the path; in the YAML it starts at the config's folder."
+            )
 
 
 def build_config(raw: dict, base: Path, source: str | None = None) -> Config:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import glob as globlib
 import hashlib
+import importlib
 import json
+import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,7 @@ import numpy as np
 from ..errors import DataError, ModelError
 from .detokenize import detokenize_documents
 
+log = logging.getLogger(__name__)
 _WORD_SPLIT = re.compile(r"\s+")
 ROLES_SCORED = "assistant"  # the role whose turns a conversation scores
 
@@ -43,6 +47,25 @@ class Corpus:
 
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+# Compressed text files (`x.jsonl.gz`): `datasets` decompresses them by their last suffix.
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
+BOM = "\ufeff"
+
+
+def file_format(name) -> str:
+    """A data file's format suffix, looking through a compression suffix ('.jsonl.gz' -> '.jsonl')."""
+    suffixes = [s.lower() for s in Path(name).suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] in COMPRESSIONS and suffixes[-2] != ".parquet":
+        return suffixes[-2]
+    return suffixes[-1] if suffixes else ""
+
+
+def is_saved_dataset(path) -> bool:
+    """A folder written by `datasets`' ``save_to_disk`` (a Dataset or a DatasetDict)."""
+    p = Path(path)
+    return p.is_dir() and (
+        ((p / "dataset_info.json").is_file() and (p / "state.json").is_file()) or (p / "dataset_dict.json").is_file()
+    )
 
 
 def _local_files(path: str) -> list[str] | None:
@@ -51,36 +74,74 @@ def _local_files(path: str) -> list[str] | None:
         return sorted(globlib.glob(path))
     p = Path(path)
     if p.is_dir():
-        return sorted(str(f) for f in p.iterdir() if f.suffix in BUILDERS)
+        return sorted(str(f) for f in p.iterdir() if f.is_file() and file_format(f) in BUILDERS)
     if p.exists():
         return [str(p)]
-    if path.startswith((".", "/", "~")) or Path(path).suffix in BUILDERS:
+    if path.startswith((".", "/", "~")) or file_format(path) in BUILDERS:
         raise DataError(f"data.path: {path} does not exist. Check the path (relative paths start at the config's folder).")
     return None
 
 
+def _load_saved(config):
+    """A ``save_to_disk`` folder; a DatasetDict gives ``data.split``."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(config.path)
+    except Exception as exc:  # datasets raises several types for a damaged folder
+        raise DataError(f"data.path: cannot read the saved dataset {config.path} ({type(exc).__name__}: {exc}). "
+                        "Save it again with `save_to_disk`.") from exc  # fmt: skip
+    if isinstance(loaded, datasets.DatasetDict):
+        if config.split not in loaded:
+            raise DataError(f"data.split: must be one of the saved splits {', '.join(loaded)} of {config.path} "
+                            f"(got {config.split!r}). Set data.split.")  # fmt: skip
+        loaded = loaded[config.split]
+    return loaded
+
+
+def _with_documents(files: list[str], path: str) -> list[str]:
+    """The files that hold anything; empty ones are named in a warning, and all empty is an error."""
+    empty = []
+    for name in files:
+        has_text = os.path.getsize(name) > 0
+        if has_text and file_format(name) != ".parquet":
+            has_text = check_utf8(name)
+        if not has_text:
+            empty.append(name)
+    if len(empty) == 1 == len(files):
+        raise DataError(f"data.path: {empty[0]} must hold documents (got an empty file: {os.path.getsize(empty[0])} "
+                        "bytes, no text). Point data.path at the corpus.")  # fmt: skip
+    if len(empty) == len(files):
+        raise DataError(f"data.path: {path} must hold documents (got {len(empty)} empty files, e.g. {empty[0]}). "
+                        "Point data.path at the corpus.")  # fmt: skip
+    if empty:
+        log.warning("data.path: skipping %d empty file(s): %s", len(empty), ", ".join(empty))
+    return [f for f in files if f not in empty]
+
+
 def _load_dataset(config):
-    """Open the corpus with Hugging Face `datasets` (local files, a glob, or a hub id)."""
+    """Open the corpus with Hugging Face `datasets` (local files, a glob, a ``save_to_disk``
+    folder, or a hub id)."""
     import datasets
 
     datasets.disable_progress_bars()
     # A parse failure is re-raised below as one DataError; datasets' own log of it is noise.
     datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
+    if is_saved_dataset(config.path):
+        return _load_saved(config)
     files = _local_files(config.path)
     try:
         if files is None:
             return datasets.load_dataset(config.path, config.name, split=config.split)
         if not files:
             raise DataError(f"data.path: {config.path} matched no files. Check the pattern.")
-        suffixes = {Path(f).suffix for f in files}
+        suffixes = {file_format(f) for f in files}
         if len(suffixes) != 1 or next(iter(suffixes)) not in BUILDERS:
             raise DataError(
                 f"data.path: files must share one of the extensions {', '.join(BUILDERS)} (got {sorted(suffixes)})."
             )
         builder = BUILDERS[suffixes.pop()]
-        if builder != "parquet":
-            for name in files:
-                check_utf8(name)
+        files = _with_documents(files, config.path)
         extra = {"sample_by": config.sample_by} if builder == "text" else {}
         return datasets.load_dataset(builder, data_files=files, split="train", **extra)
     except DataError:
@@ -91,26 +152,39 @@ def _load_dataset(config):
                         "Check that the file is valid UTF-8 in the format its extension says.") from exc
 
 
-def check_utf8(path: str) -> None:
-    """Text corpora must be UTF-8; say where they are not (the JSON/CSV readers would not)."""
+def _open_binary(path: str):
+    """The file's bytes, decompressed by its suffix (`COMPRESSIONS`)."""
+    module = COMPRESSIONS.get(Path(path).suffix.lower())
+    if module is None:
+        return open(path, "rb")
+    return importlib.import_module(module).open(path, "rb")
+
+
+def check_utf8(path: str) -> bool:
+    """Text corpora must be UTF-8; say where they are not (the JSON/CSV readers would not).
+    Returns whether the file holds anything but whitespace and a BOM."""
     import codecs
 
     decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            try:
-                decoder.decode(block)
-            except UnicodeDecodeError as exc:
-                raise DataError(
-                    f"{path}: must be UTF-8 text, but byte {offset + exc.start} is not ({exc.reason}). "
-                    "Re-encode the file, e.g. `iconv -f latin1 -t utf-8`."
-                ) from None
-            offset += len(block)
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: must be UTF-8 text; it ends inside a character ({exc.reason}).") from None
+    offset, has_text = 0, False
+    try:
+        with _open_binary(path) as f:
+            for block in iter(lambda: f.read(2**20), b""):
+                try:
+                    has_text = bool(decoder.decode(block).strip().lstrip(BOM)) or has_text
+                except UnicodeDecodeError as exc:
+                    raise DataError(
+                        f"{path}: must be UTF-8 text, but byte {offset + exc.start} is not ({exc.reason}). "
+                        "Re-encode the file, e.g. `iconv -f latin1 -t utf-8`."
+                    ) from None
+                offset += len(block)
+    except (OSError, EOFError) as exc:  # a damaged .gz/.bz2/.xz, or an unreadable file
+        raise DataError(f"{path}: cannot be read ({type(exc).__name__}: {exc}). Check or recreate the file.") from None
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: must be UTF-8 text; it ends inside a character ({exc.reason}).") from None
+    return has_text
 
 
 def load_documents(config) -> Corpus:
@@ -141,12 +215,19 @@ def load_documents(config) -> Corpus:
     for row, (doc_id, text, context) in enumerate(zip(ids, texts, contexts)):
         if config.max_documents is not None and len(documents) >= config.max_documents:
             break
+        if doc_id is None or doc_id != doc_id or isinstance(doc_id, (list, dict, bytes)):  # doc_id != doc_id: NaN
+            kind = "null" if doc_id is None or doc_id != doc_id else type(doc_id).__name__
+            raise DataError(
+                f"{config.path}: row {row} has a {kind} `{config.id_field}` ({doc_id!r}); an id must be a string "
+                "or an integer. Fix that row, choose another data.id_field, or drop id_field to use row numbers."
+            )
         if text is None or not isinstance(text, str):
             kind = "null" if text is None else type(text).__name__
             raise DataError(
                 f"{config.path}: row {row} (id {doc_id!r}) has a {kind} `{config.text_field}`; it must be text. "
                 "Fix or remove that row."
             )
+        text = text[1:] if text.startswith(BOM) else text  # a file's BOM is an encoding mark, not text
         if doc_id in seen:
             raise DataError(
                 f"data.id_field: id {doc_id!r} appears in rows {seen[doc_id]} and {row}; ids must be unique. "
@@ -271,6 +352,13 @@ def resolve_prefix(tokenizer, bos) -> tuple[int, ...]:
         )
     if isinstance(bos, bool) or not isinstance(bos, int) or bos < 0:
         raise ModelError(f"scoring.bos: must be auto, none or a token id >= 0 (got {bos!r}).")
+    size = len(tokenizer)
+    if bos >= size:
+        named = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ModelError(
+            f"scoring.bos: a token id must be in the vocabulary of the tokenizer {named} (0..{size - 1}) (got {bos}). "
+            "Use auto (its BOS, else EOS), none, or an id it has."
+        )
     return (bos,)
 
 
