@@ -13,6 +13,12 @@ from .common import int_at_least, parse_bos
 log = logging.getLogger(__name__)
 
 
+EPILOG = """examples:
+  lmeval pairs blimp_anaphor.jsonl --model gpt2
+  lmeval pairs pairs.jsonl --model ./ckpt --output pairs.csv --bootstrap 2000
+"""
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``pairs`` on an argparse subparsers object; returns its parser."""
     parser = subparsers.add_parser(
@@ -21,6 +27,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Score minimal pairs from a jsonl file (sentence_good, sentence_bad, optional context and id): "
         "the total log-probability of each sentence in nats, their difference, whether the good one wins, "
         "and the accuracy over pairs with a bootstrap interval.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("file", help="jsonl file, one pair per line")
     parser.add_argument("--model", required=True, help="local folder or hub id")
