@@ -54,7 +54,7 @@ def score_documents(
     """Window every document and score the windows; columns carry ``doc_index`` into ``docs``."""
     length, step = resolve_window(lm, max_length, stride)
     if docs:
-        check_vocabulary(lm, max((int(d.token_ids.max()) for d in docs if len(d.token_ids)), default=0))
+        check_vocabulary(lm, int(np.concatenate([d.token_ids for d in docs] + [np.zeros(1, np.int64)]).max()))
     windows = [w for i, d in enumerate(docs) for w in make_windows(i, d.token_ids.tolist(), d.prefix, length, step)]
     return score_windows(lm, windows, options, progress=progress, doc_names=[d.doc_id for d in docs])
 
