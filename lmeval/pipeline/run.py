@@ -60,13 +60,15 @@ def score_parts(model, corpus: Corpus, config: Config, folder: Path, groups, bar
     for group in todo:
         started = time.perf_counter()
         bar.group(sum(len(corpus.documents[i].text) for i in group))
+        calls = dict(lm.workspace.calls)
         columns, texts = score(lm, [corpus.documents[i] for i in group], config, options, bar.progress)
         n_tokens, nll_sum = document_sums(columns["doc_index"], columns["nll"], len(texts))
         n_bytes, n_words = normalisers(texts)
         ids = _group_ids(corpus, group, config)
         meta = {
             "doc_ids": ids, "n_tokens": n_tokens.tolist(), "nll_sum": nll_sum.tolist(), "n_bytes": n_bytes,
-            "n_words": n_words, "seconds": time.perf_counter() - started, "protocol": protocol,
+            "n_words": n_words, "seconds": time.perf_counter() - started,
+            "protocol": {**protocol, "reductions": lm.workspace.mode_since(calls)},  # how they ran: compiled or eager
         }  # fmt: skip
         write_part(folder / f"{part_key(ids)}.parquet", columns, meta)
     del lm
@@ -92,7 +94,8 @@ def _check_resumed_protocol(folder: Path, done: set[str], protocol: dict, name: 
     if not done:
         return
     previous = read_meta(folder / f"{sorted(done)[0]}.parquet")["protocol"]
-    changed = sorted(k for k in set(previous) | set(protocol) if previous.get(k) != roundtrip(protocol).get(k))
+    # How the reductions ran (compiled or eager) is recorded, but changes no number.
+    changed = sorted(k for k in (set(previous) | set(protocol)) - {"reductions"} if previous.get(k) != roundtrip(protocol).get(k))
     if changed:
         details = ", ".join(f"{k}: {previous.get(k)!r} -> {protocol.get(k)!r}" for k in changed)
         raise OutputError(

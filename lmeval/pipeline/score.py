@@ -79,7 +79,8 @@ def score_texts(
     in bits): model, doc_id, position, token_id, token, char_start, char_end, context_len,
     nll, surprisal_bits, entropy, max_prob, is_top1, rank, sum_q2, mean_neg_logq, and with
     ``top_k`` > 0 also topk_token_ids, topk_probs. An empty text yields no rows; the frame's
-    ``attrs["n_documents"]`` still counts it. ``compile`` fuses the per-token reductions with
+    ``attrs["n_documents"]`` still counts it, and ``attrs["reductions"]`` says how the
+    per-token reductions ran (``"compiled"`` or ``"eager"``). ``compile`` fuses the per-token reductions with
     torch.compile (``"auto"``: on CUDA, or when tokens x vocabulary >= 4e9 on CPU).
     """
     texts = check_texts(texts)
@@ -88,6 +89,7 @@ def score_texts(
     )
     lm = as_loaded_model(model, name)
     docs = tokenize_documents([Document(i, t) for i, t in enumerate(texts)], lm.tokenizer, bos)
+    calls = dict(lm.workspace.calls)
     columns = score_documents(lm, docs, max_length, stride, options)
     spans = char_spans(docs, columns["doc_index"], columns["position"])
     columns["char_start"], columns["char_end"] = spans[:, 0], spans[:, 1]
@@ -95,6 +97,7 @@ def score_texts(
     frame = tokens_frame(lm.name, [d.doc_id for d in docs], columns)
     frame.attrs["n_documents"] = len(texts)
     frame.attrs["n_empty"] = sum(d.n_scored == 0 for d in docs)
+    frame.attrs["reductions"] = lm.workspace.mode_since(calls)  # "compiled", "eager", "mixed" or "none"
     return frame
 
 
