@@ -51,3 +51,22 @@ def test_run_json_records_how_the_reductions_ran(tmp_path, saved_gpt2):
     assert main(["run", str(config), "-q"]) == 0
     record = json.loads((tmp_path / "out" / "run.json").read_text(encoding="utf-8"))
     assert record["protocol"]["models"]["tiny"]["reductions"] == "eager"
+
+
+def test_prefetched_keeps_order_and_raises_background_errors():
+    import pytest
+
+    from lmeval.pipeline.prefetch import BackgroundWriter, prefetched
+
+    assert list(prefetched([1, 2, 3], lambda x: x * 10)) == [(1, 10), (2, 20), (3, 30)]
+    assert list(prefetched([], lambda x: x)) == []
+    written = []
+    with BackgroundWriter() as writer:
+        for i in range(5):
+            writer.submit(written.append, i)
+    assert written == [0, 1, 2, 3, 4]
+    with pytest.raises(ZeroDivisionError):
+        with BackgroundWriter() as writer:
+            writer.submit(lambda: 1 / 0)
+    with pytest.raises(ValueError):
+        list(prefetched([1, 2], lambda x: int("x")))

@@ -19,10 +19,11 @@ from ..model.loading import load_model
 from ..model.scorer import ScoreOptions, resolve_window
 from . import distributed
 from .config import Config, load_config
-from .data import SEPARATOR_ID, Corpus, load_documents, resolve_prefix
+from .data import SEPARATOR_ID, Corpus, load_documents, resolve_prefix, tokenize_documents
 from ..errors import OutputError
 from .files import prepare_output_dir, write_json
 from .merge import check_parts_present, merge_tables, run_record, write_comparison
+from .prefetch import BackgroundWriter, prefetched
 from .parts import finished_keys, model_dirname, open_parts, part_key, plan_groups, read_meta, roundtrip, write_part
 from .progress import ScoringProgress
 from .provenance import fingerprint_model, tokenizer_fingerprint
@@ -57,20 +58,24 @@ def score_parts(model, corpus: Corpus, config: Config, folder: Path, groups, bar
     protocol = _protocol(lm, config)  # also checks the window against the model, before any scoring
     _check_resumed_protocol(folder, done, protocol, model.name)
     score = score_stream if s.documents == "concatenated" else score_group
-    for group in todo:
-        started = time.perf_counter()
-        bar.group(sum(len(corpus.documents[i].text) for i in group))
-        calls = dict(lm.workspace.calls)
-        columns, texts = score(lm, [corpus.documents[i] for i in group], config, options, bar.progress)
-        n_tokens, nll_sum = document_sums(columns["doc_index"], columns["nll"], len(texts))
-        n_bytes, n_words = normalisers(texts)
-        ids = _group_ids(corpus, group, config)
-        meta = {
-            "doc_ids": ids, "n_tokens": n_tokens.tolist(), "nll_sum": nll_sum.tolist(), "n_bytes": n_bytes,
-            "n_words": n_words, "seconds": time.perf_counter() - started,
-            "protocol": {**protocol, "reductions": lm.workspace.mode_since(calls)},  # how they ran: compiled or eager
-        }  # fmt: skip
-        write_part(folder / f"{part_key(ids)}.parquet", columns, meta)
+    # Independent documents: the next group is tokenized, and the last part written, while one is scored.
+    prepare = (lambda g: {"docs": tokenize_documents([corpus.documents[i] for i in g], lm.tokenizer, s.bos)}) \
+        if score is score_group else (lambda g: {})  # fmt: skip
+    with BackgroundWriter() as writer:
+        for group, ready in prefetched(todo, prepare):
+            started = time.perf_counter()
+            bar.group(sum(len(corpus.documents[i].text) for i in group))
+            calls = dict(lm.workspace.calls)
+            columns, texts = score(lm, [corpus.documents[i] for i in group], config, options, bar.progress, **ready)
+            n_tokens, nll_sum = document_sums(columns["doc_index"], columns["nll"], len(texts))
+            n_bytes, n_words = normalisers(texts)
+            ids = _group_ids(corpus, group, config)
+            meta = {
+                "doc_ids": ids, "n_tokens": n_tokens.tolist(), "nll_sum": nll_sum.tolist(), "n_bytes": n_bytes,
+                "n_words": n_words, "seconds": time.perf_counter() - started,
+                "protocol": {**protocol, "reductions": lm.workspace.mode_since(calls)},  # how they ran: compiled or eager
+            }  # fmt: skip
+            writer.submit(write_part, folder / f"{part_key(ids)}.parquet", columns, meta)
     del lm
     gc.collect()
 

@@ -114,9 +114,10 @@ def finish_columns(lm, columns: dict, docs: list[TokenizedDocument]) -> dict:
     return columns
 
 
-def score_group(lm, documents: list[Document], config, options, progress):
-    """Score documents independently; columns' ``doc_index`` indexes ``documents``."""
-    docs = tokenize_documents(documents, lm.tokenizer, config.scoring.bos)
+def score_group(lm, documents: list[Document], config, options, progress, docs=None):
+    """Score documents independently; columns' ``doc_index`` indexes ``documents``.
+    ``docs`` are the documents already tokenized (a run does it in the background)."""
+    docs = tokenize_documents(documents, lm.tokenizer, config.scoring.bos) if docs is None else docs
     columns = score_documents(lm, docs, config.scoring.max_length, config.scoring.stride, options, progress)
     return finish_columns(lm, columns, docs), [d.scored_text() for d in docs]
 
