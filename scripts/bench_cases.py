@@ -86,7 +86,7 @@ def run_lmeval_strided(model, tokenizer, texts, args) -> dict:
     import lmeval
 
     frame = lmeval.score_texts(texts, (model, tokenizer), max_length=STRIDED[0], stride=STRIDED[1], compile="auto")
-    sums = np.bincount(frame.doc_id.to_numpy(), weights=frame.nll.to_numpy(np.float64), minlength=len(texts))
+    sums = np.bincount(frame.doc_id.to_numpy().astype(np.int64), weights=frame.nll.to_numpy(np.float64), minlength=len(texts))
     return {"tokens": len(frame), "doc_nll": sums.tolist(), "reductions": frame.attrs["reductions"]}
 
 
