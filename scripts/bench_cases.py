@@ -20,7 +20,7 @@ import torch
 CASE_METHODS = {
     "short": ("lmeval-short", "minicons"),
     "strided": ("lmeval-strided", "hf-recipe"),
-    "e2e": ("scoring-only", "lmeval-run"),
+    "e2e": ("lmeval-run", "scoring-only"),
 }
 CASE_MODEL = {"short": "demo", "strided": "gpt2-50k", "e2e": "demo"}
 STRIDED = (256, 64)  # L, S = L / 4
