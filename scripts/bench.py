@@ -13,6 +13,20 @@ read the demo's held-out books through the demo tokenizer (only the logits' widt
     python scripts/bench.py                          # every model, every method
     python scripts/bench.py --models demo --tokens 60000
     python scripts/bench.py --scaling                # lmeval run at 20k, 200k, 1M tokens
+    python scripts/bench.py --case short             # 10,000 sentences of 5-40 tokens vs minicons
+    python scripts/bench.py --case strided           # S = L/4 vs the transformers fixed-length recipe
+    python scripts/bench.py --case e2e               # `lmeval run` vs scoring alone
+    python scripts/bench.py --repeat 3 ...           # every method 3 times, interleaved; best and spread
+
+The three cases beyond the default one (see `bench_cases.py`):
+  short    sentences from the held-out books (5-40 tokens each), bos: none, against minicons'
+           IncrementalLMScorer.token_score (pip install -e ".[bench]"), which never scores a
+           sentence's first token; per-token agreement where both score the same tokens.
+  strided  L = 256, S = 64 on gpt2-50k, against the transformers "perplexity of fixed-length
+           models" recipe over the same windows: one window per forward, the head on every
+           position, cross-entropy of the scored ones; per-document agreement.
+  e2e      `lmeval.run` on a corpus written as JSONL (model load excluded) against
+           tokenizing, windowing and scoring the same documents with the same options.
 
 Reports tokens/second, peak RSS rise (and peak CUDA memory on GPU) and their ratios, and the
 largest per-document relative difference in sum NLL between lmeval and lm-eval.
@@ -32,6 +46,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_cases  # noqa: E402  (the short, strided and end-to-end cases)
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "lmeval" / "assets" / "demo"
 MODELS = {
@@ -45,6 +62,7 @@ MODELS = {
 # compile that the full corpus triggers is inside its timing; lmeval-eager and
 # lmeval-compiled force the mode.
 METHODS = ("bare", "lmeval", "lmeval-eager", "lmeval-compiled", "lm-eval")
+CASES = ("models", "short", "strided", "e2e")
 
 
 def rss_mb() -> float:
@@ -176,18 +194,39 @@ def compare_models(args) -> None:
             methods.remove("lm-eval")
             print("lm-eval is not installed: skipping it (pip install -e '.[bench]')")
     for model in args.models:
-        results = {}
-        for method in methods:
-            cmd = [sys.executable, __file__, "--child", "--model", model, "--method", method,
-                   "--tokens", str(args.tokens), "--threads", str(args.threads)]  # fmt: skip
-            cmd += ["--bf16"] if args.bf16 else []
-            cmd += ["--batch-tokens", str(args.batch_tokens)] if args.batch_tokens else []
-            done = subprocess.run(cmd, capture_output=True, text=True)
+        base = ["--model", model, "--tokens", str(args.tokens), "--threads", str(args.threads)]
+        base += ["--bf16"] if args.bf16 else []
+        base += ["--batch-tokens", str(args.batch_tokens)] if args.batch_tokens else []
+        report(model, run_interleaved(methods, base, args.repeat), args)
+
+
+def run_children(method_args: dict[str, list[str]], repeat: int) -> dict:
+    """Run each method's child ``repeat`` times, interleaved (A B A B ...) so that a burst of
+    load on a shared machine hits every method alike. Keeps each method's fastest run, with
+    ``all_seconds`` for the spread."""
+    results: dict[str, dict] = {}
+    for _ in range(repeat):
+        for method, extra in method_args.items():
+            done = subprocess.run([sys.executable, __file__, "--child", *extra], capture_output=True, text=True)
             if done.returncode:
-                print(f"{model}/{method} failed:\n{done.stderr[-2000:]}")
+                print(f"{method} failed:\n{done.stderr[-2000:]}")
                 continue
-            results[method] = json.loads(done.stdout.strip().splitlines()[-1])
-        report(model, results, args)
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            seconds = results.get(method, {}).get("all_seconds", []) + [r["seconds"]]
+            if method not in results or r["seconds"] < results[method]["seconds"]:
+                results[method] = r
+            results[method]["all_seconds"] = seconds
+    return results
+
+
+def run_interleaved(methods, base: list[str], repeat: int) -> dict:
+    return run_children({m: [*base, "--method", m] for m in methods}, repeat)
+
+
+def spread(r: dict) -> str:
+    """min-max of a method's repeated runs, as a percentage of the fastest."""
+    runs = r.get("all_seconds", [r["seconds"]])
+    return f"{100 * (max(runs) - min(runs)) / min(runs):.0f}%" if len(runs) > 1 else "-"
 
 
 def report(model: str, results: dict, args) -> None:
@@ -195,11 +234,11 @@ def report(model: str, results: dict, args) -> None:
     print(f"\n== {model}: L = S = {max_length}, batch_tokens = {args.batch_tokens or batch_tokens}, "
           f"threads = {args.threads}, device = {'cuda' if torch.cuda.is_available() else 'cpu'}")  # fmt: skip
     print(f"{'method':<16} {'tokens':>8} {'seconds':>9} {'tok/s':>9} {'peak RSS rise MB':>17} {'CUDA peak MB':>13} "
-          f"{'untimed warm-up s':>18}")  # fmt: skip
+          f"{'untimed warm-up s':>18} {'spread':>7}")  # fmt: skip
     for name, r in results.items():
         cuda = f"{r['cuda_peak_mb']:.0f}" if "cuda_peak_mb" in r else "-"
         print(f"{name:<16} {r['tokens']:>8} {r['seconds']:>9.2f} {r['tokens'] / r['seconds']:>9.0f} "
-              f"{r['peak_rise_mb']:>17.1f} {cuda:>13} {r['warmup']:>18.1f}")  # fmt: skip
+              f"{r['peak_rise_mb']:>17.1f} {cuda:>13} {r['warmup']:>18.1f} {spread(r):>7}")  # fmt: skip
     for mine in ("lmeval", "lmeval-eager", "lmeval-compiled"):
         for other in ("bare", "lm-eval"):
             if mine in results and other in results:
@@ -254,12 +293,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 weights on CUDA")
     parser.add_argument("--scaling", action="store_true", help="time per token and RSS against corpus size")
     parser.add_argument("--scaling-tokens", type=int, nargs="+", default=[20_000, 200_000, 1_000_000])
+    parser.add_argument("--case", choices=CASES, default="models", help="which comparison (default: models)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per method, interleaved; the fastest is kept")
+    parser.add_argument("--sentences", type=int, default=10_000, help="short case: number of sentences")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
+    if args.child and args.method in bench_cases.RUNNERS:
+        print(json.dumps(bench_cases.child(args)))
+    elif args.child:
         print(json.dumps(child(args)))
+    elif args.case != "models":
+        bench_cases.compare(args)
     elif args.scaling:
         scaling(args)
     else:

@@ -182,3 +182,32 @@ def test_log_probability_variance_matches_float64(vocab, compiled):
     torch.testing.assert_close(ours.var_logq.double(), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(-ours.entropy.double(), mean, atol=1e-5, rtol=1e-5)  # E_q[log q] = -H(q)
     assert token_statistics(logits, targets).var_logq.shape == (32, 0)  # not asked: not computed
+
+
+def test_compiled_reductions_never_recompile_per_chunk_length():
+    """The chunk length is dynamic: new lengths (the tail of every batch) reuse one graph."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(4)
+    vocab, temps = 3000, (0.7, 1.0)  # as in test_compiled_reductions_match_float64: one graph for both
+    token_statistics(torch.randn(96, vocab), torch.randint(0, vocab, (96,)), temps, compiled=True)
+    graphs, frames = counters["stats"]["unique_graphs"], counters["frames"]["total"]
+    for n in (2, 3, 17, 64, 95, 1, 200):
+        logits = torch.randn(n, vocab) * 4
+        targets = torch.randint(0, vocab, (n,))
+        ours = token_statistics(logits, targets, temps, compiled=True)
+        torch.testing.assert_close(ours.nll.double(), reference_stats(logits, targets)["nll"], atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert counters["frames"]["total"] == frames
+
+
+def test_workspace_counts_how_the_reductions_ran():
+    from lmeval.core.losses import Workspace
+
+    workspace = Workspace()
+    before = dict(workspace.calls)
+    assert workspace.mode_since(before) == "none"
+    token_statistics(torch.randn(4, 10), torch.arange(4), workspace=workspace)
+    assert workspace.mode_since(before) == "eager"
+    workspace.calls["compiled"] += 1
+    assert workspace.mode_since(before) == "mixed"

@@ -136,11 +136,16 @@ class TokenStats:
 
 
 class Workspace:
-    """Reusable (N, V) scratch buffers. On CPU a fresh tensor of this size is paid for in page
-    faults that cost more than the arithmetic done on it, so the eager path reuses them."""
+    """Reusable scratch buffers, and a count of how each chunk's reductions ran.
+
+    On CPU a fresh (N, V) tensor is paid for in page faults that cost more than the
+    arithmetic done on it, so the eager path reuses these. ``calls`` counts the chunks
+    reduced ``"compiled"`` and ``"eager"``, so callers can record which one ran.
+    """
 
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, int] = {"compiled": 0, "eager": 0}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
         size = math.prod(shape)
@@ -149,6 +154,12 @@ class Workspace:
             buf = self._buffers[name] = torch.empty(size, dtype=dtype, device=device)
         return buf[:size].view(shape)
 
+    def mode_since(self, before: dict[str, int]) -> str:
+        """How the reductions ran since the snapshot ``before`` (a copy of ``calls``):
+        ``"compiled"``, ``"eager"``, ``"mixed"``, or ``"none"`` when nothing was reduced."""
+        ran = [k for k in ("compiled", "eager") if self.calls[k] > before.get(k, 0)]
+        return ran[0] if len(ran) == 1 else ("mixed" if ran else "none")
+
 
 def _scratch(workspace: Workspace | None, name: str, like: torch.Tensor, dtype=None) -> torch.Tensor:
     if workspace is None:
@@ -156,40 +167,37 @@ def _scratch(workspace: Workspace | None, name: str, like: torch.Tensor, dtype=N
     return workspace.get(name, tuple(like.shape), dtype or like.dtype, like.device)
 
 
-def _shifted_lse(z, shift, scale, scratch):
-    """log sum_v exp(scale * (z_v - shift)) per row, through ``scratch`` (N, V)."""
-    torch.sub(z, shift[:, None], out=scratch)
-    return torch.log(scratch.mul_(scale).exp_().sum(dim=1))
-
-
 def _reductions(z: torch.Tensor, targets: torch.Tensor, temperatures: tuple[float, ...], workspace=None, moments=False):
     """The per-token reductions over the vocabulary. ``z`` is (N, V) float32; every output is
-    (N,) or (N, K). Written with explicit scratch buffers so that eager mode allocates no
+    (N,) or (N, K). Written with two explicit scratch buffers so that eager mode allocates no
     (N, V) tensor per call, and `torch.compile` can still fuse it into one loop per row.
 
     With ``e = exp(z - max z)`` and ``s = sum e``: ``lse = max z + log s``, ``q = e / s``,
     ``H(q) = lse - sum(e z) / s`` and ``sum q^2 = sum(e^2) / s^2``; no (N, V) log q is kept.
+    The passes that read only ``z`` (max, rank, sum) come first, then the ones over ``e``.
     """
     z_y = z.gather(1, targets[:, None]).squeeze(1)
     z_max = z.amax(dim=1)
-    e = _scratch(workspace, "e", z)
-    torch.sub(z, z_max[:, None], out=e).exp_()  # (N, V)
+    z_sum = z.sum(dim=1)
+    work = _scratch(workspace, "work", z)  # (N, V), reused by every pass below that writes
+    # 0/1 as float32: its sum is vectorised (a bool sum is not) and exact below 2^24 ids.
+    rank = torch.gt(z, z_y[:, None], out=work).sum(dim=1).to(torch.int32) + 1
+    e = torch.sub(z, z_max[:, None], out=_scratch(workspace, "e", z)).exp_()  # (N, V)
     s = e.sum(dim=1)
     lse = z_max + torch.log(s)
-    # 0/1 as float32: its sum is vectorised (a bool sum is not) and exact below 2^24 ids.
-    above = torch.gt(z, z_y[:, None], out=_scratch(workspace, "above", z))
-    rank = above.sum(dim=1).to(torch.int32) + 1
-    product = _scratch(workspace, "product", z)
-    e_dot_z = torch.mul(e, z, out=product).sum(dim=1)
     e_dot_e = torch.linalg.vector_norm(e, dim=1).square()  # a fused reduction, no product
+    e_dot_z = torch.mul(e, z, out=work).sum(dim=1)
     nll_t, max_prob_t = [], []
     for t in temperatures:  # log-sum-exp of z / T, shifted by max z for stability
-        lse_t = z_max / t + _shifted_lse(z, z_max, 1.0 / t, product)
+        if t == 1.0:  # the plain distribution: its log-sum-exp is already known
+            lse_t = lse
+        else:
+            lse_t = z_max / t + torch.log(torch.sub(z, z_max[:, None], out=work).mul_(1.0 / t).exp_().sum(dim=1))
         nll_t.append(lse_t - z_y / t)
         max_prob_t.append(torch.exp(z_max / t - lse_t))
     empty = z.new_empty((z.shape[0], 0))
     if moments:  # Var_q[z] = Var_q[log q] (log q = z - lse), centred first: no cancellation
-        centred = torch.sub(z, (e_dot_z / s)[:, None], out=product)  # (N, V)
+        centred = torch.sub(z, (e_dot_z / s)[:, None], out=work)  # (N, V)
         var_logq = (centred.mul_(centred).mul_(e).sum(dim=1) / s)[:, None]
     else:
         var_logq = empty
@@ -199,7 +207,7 @@ def _reductions(z: torch.Tensor, targets: torch.Tensor, temperatures: tuple[floa
         1.0 / s,
         rank,
         e_dot_e / (s * s),
-        lse - z.mean(dim=1),
+        lse - z_sum / z.shape[1],
         torch.stack(nll_t, dim=1) if temperatures else empty,
         torch.stack(max_prob_t, dim=1) if temperatures else empty,
         lse,
@@ -211,11 +219,21 @@ _COMPILED = {}
 
 
 def _compiled_reductions():
-    """`_reductions` compiled once per process (a one-off cost of tens of seconds on CPU,
-    repaid on large corpora: the eager version makes about ten passes over (N, V))."""
+    """`_reductions` compiled once per process. The vocabulary is static and the chunk
+    length dynamic (marked per call), so a new chunk length never recompiles. Inductor's
+    on-disk caches (on by default) make a warm process skip code generation."""
     if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(_reductions, dynamic=True)
+        _COMPILED["fn"] = torch.compile(_reductions, dynamic=False)
     return _COMPILED["fn"]
+
+
+def _run_compiled(z, targets, temperatures, moments):
+    # Dynamo specialises sizes 0 and 1; such a chunk (the tail of a batch) runs eagerly.
+    if z.shape[0] < 2:
+        return _reductions(z, targets, temperatures, None, moments)
+    torch._dynamo.mark_dynamic(z, 0)
+    torch._dynamo.mark_dynamic(targets, 0)
+    return _compiled_reductions()(z, targets, temperatures, None, moments)
 
 
 def token_statistics(
@@ -237,8 +255,10 @@ def token_statistics(
     else:  # upcast half-precision logits into a reused float32 buffer
         z = _scratch(workspace, "z32", logits, torch.float32).copy_(logits)
     targets = targets.long()
+    if workspace is not None:
+        workspace.calls["compiled" if compiled else "eager"] += 1
     if compiled:
-        reduced = _compiled_reductions()(z, targets, tuple(temperatures), None, moments)
+        reduced = _run_compiled(z, targets, tuple(temperatures), moments)
     else:
         reduced = _reductions(z, targets, tuple(temperatures), workspace, moments)
     nll, ent, max_prob, rank, sum_q2, mean_neg_logq, nll_t, max_prob_t, lse, var_logq = reduced

@@ -79,24 +79,22 @@ def pack_batches(windows: list[Window], batch_tokens: int) -> list[list[int]]:
 def _pad(windows: list[Window], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad ids into (B, T) with an attention mask. The pad id is never scored and,
     under causal attention with right padding, never attended to by a real token."""
-    width = max(len(w.input_ids) for w in windows)
-    ids = torch.zeros((len(windows), width), dtype=torch.long)
-    mask = torch.zeros((len(windows), width), dtype=torch.long)
-    for row, w in enumerate(windows):
-        ids[row, : len(w.input_ids)] = torch.tensor(w.input_ids, dtype=torch.long)
-        mask[row, : len(w.input_ids)] = 1
-    return ids.to(device), mask.to(device)
+    lengths = np.fromiter((len(w.input_ids) for w in windows), dtype=np.int64, count=len(windows))
+    mask = np.arange(lengths.max())[None, :] < lengths[:, None]  # (B, T): one scatter, no loop over rows
+    ids = np.zeros(mask.shape, dtype=np.int64)
+    ids[mask] = np.fromiter((t for w in windows for t in w.input_ids), dtype=np.int64, count=int(lengths.sum()))
+    return torch.from_numpy(ids).to(device), torch.from_numpy(mask.astype(np.int64)).to(device)
 
 
 def _scored_index(windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, cols, targets) of every scored output in a padded batch, window by window."""
-    rows, cols, targets = [], [], []
-    for row, w in enumerate(windows):
-        n = w.n_scored
-        rows.append(np.full(n, row, dtype=np.int64))
-        cols.append(np.arange(w.first_scored, len(w.input_ids), dtype=np.int64))
-        targets.append(np.asarray(w.targets, dtype=np.int64))
-    return tuple(torch.from_numpy(np.concatenate(a)) for a in (rows, cols, targets))
+    counts = np.fromiter((w.n_scored for w in windows), dtype=np.int64, count=len(windows))
+    first = np.fromiter((w.first_scored for w in windows), dtype=np.int64, count=len(windows))
+    total = int(counts.sum())
+    rows = np.repeat(np.arange(len(windows)), counts)
+    cols = np.repeat(first - (np.cumsum(counts) - counts), counts) + np.arange(total)
+    targets = np.fromiter((t for w in windows for t in w.targets), dtype=np.int64, count=total)
+    return tuple(torch.from_numpy(a) for a in (rows, cols, targets))
 
 
 # On CPU the reductions are fastest when a chunk's logits stay near cache size (measured:
@@ -177,13 +175,14 @@ def _score_all(lm: LoadedModel, windows: list[Window], options: ScoreOptions, pr
             pending[:0] = _split_after_oom(lm, windows, batch, budget, doc_names)
             continue
         _check_finite(lm, batch_windows, stats, doc_names)
-        offset = 0
-        for i, w in zip(batch, batch_windows):
-            for key, values in stats.items():
-                if key not in out:
-                    out[key] = np.empty((total,) + values.shape[1:], dtype=values.dtype)
-                out[key][starts[i] : starts[i + 1]] = values[offset : offset + w.n_scored]
-            offset += w.n_scored
+        # Where each of the batch's rows goes in window order: one scatter per column.
+        b = np.asarray(batch)
+        where = np.repeat(starts[b] - (np.cumsum(counts[b]) - counts[b]), counts[b]) + np.arange(counts[b].sum())
+        for key, values in stats.items():
+            if key not in out:
+                out[key] = np.empty((total,) + values.shape[1:], dtype=values.dtype)
+            out[key][where] = values
+        offset = len(where)
         if progress is not None:
             progress(offset, total)
     if total == 0:  # nothing to score: the same columns, with zero rows

@@ -22,12 +22,13 @@ from . import distributed
 from .chat import score_chat_group
 from .config import Config, load_config
 from .continuation import score_context_group
-from .data import Corpus, load_documents, resolve_prefix
+from .data import Corpus, load_documents, resolve_prefix, tokenize_documents
 from .files import clean_leftovers, prepare_output_dir, replace_outputs, write_json
 from .lock import RunLock
 from .merge import check_parts_present, merge_tables, run_record, write_comparison
 from .parts import finished_keys, identity_hash, model_dirname, open_parts, read_meta, roundtrip, write_part
 from .plan import PartPlan, part_doc_ids, plan_key, plan_parts
+from .prefetch import BackgroundWriter, prefetched
 from .progress import ScoringProgress
 from .provenance import fingerprint_model, tokenizer_fingerprint
 from .resume import ReplacedParts, finished_plans
@@ -161,19 +162,26 @@ def score_parts(model, corpus: Corpus, config: Config, folder: Path, plans: list
     elif config.data.messages_field is not None:
         score = score_chat_group
     cache: dict = {}  # the pieces of one document share its tokenization
-    for plan in plans:
-        started = time.perf_counter()
-        bar.group(plan.weight, tokenizing=plan.piece == 0 or not cache)
-        documents = [corpus.documents[i] for i in plan.docs]
-        columns, texts = score(lm, documents, config, options, bar.progress, piece=plan, cache=cache)
-        n_tokens, nll_sum = document_sums(columns["doc_index"], columns["nll"], len(texts))
-        n_bytes, n_words = normalisers(texts)
-        meta = {
-            "doc_ids": part_doc_ids(corpus, plan, s.documents), "piece": [plan.piece, plan.n_pieces],
-            "n_tokens": n_tokens.tolist(), "nll_sum": nll_sum.tolist(), "n_bytes": n_bytes, "n_words": n_words,
-            "seconds": time.perf_counter() - started, "protocol": protocol, "identity": idh,
-        }  # fmt: skip
-        write_part(folder / f"{plan_key(corpus, plan, s.documents)}.parquet", columns, meta)
+    # Independent documents: the next part is tokenized, and the last one written, while one is
+    # scored (pieces after the first reuse their document's tokens).
+    tokenize = (lambda plan: {"docs": tokenize_documents([corpus.documents[i] for i in plan.docs], lm.tokenizer, s.bos)}
+                if plan.piece == 0 else {}) if score is score_group else (lambda plan: {})  # fmt: skip
+    with BackgroundWriter() as writer:
+        for plan, ready in prefetched(plans, tokenize):
+            started = time.perf_counter()
+            bar.group(plan.weight, tokenizing=not ready and (plan.piece == 0 or not cache))
+            calls = dict(lm.workspace.calls)
+            documents = [corpus.documents[i] for i in plan.docs]
+            columns, texts = score(lm, documents, config, options, bar.progress, piece=plan, cache=cache, **ready)
+            n_tokens, nll_sum = document_sums(columns["doc_index"], columns["nll"], len(texts))
+            n_bytes, n_words = normalisers(texts)
+            meta = {
+                "doc_ids": part_doc_ids(corpus, plan, s.documents), "piece": [plan.piece, plan.n_pieces],
+                "n_tokens": n_tokens.tolist(), "nll_sum": nll_sum.tolist(), "n_bytes": n_bytes, "n_words": n_words,
+                "seconds": time.perf_counter() - started, "identity": idh,
+                "protocol": {**protocol, "reductions": lm.workspace.mode_since(calls)},  # how they ran: compiled or eager
+            }  # fmt: skip
+            writer.submit(write_part, folder / f"{plan_key(corpus, plan, s.documents)}.parquet", columns, meta)
     del lm
     gc.collect()
 
@@ -199,7 +207,8 @@ def _check_protocol(folder: Path, protocol: dict, name: str) -> None:
     if not done:
         return
     previous = read_meta(folder / f"{done[0]}.parquet")["protocol"]
-    changed = sorted(k for k in set(previous) | set(protocol) if previous.get(k) != roundtrip(protocol).get(k))
+    # How the reductions ran (compiled or eager) is recorded, but changes no number.
+    changed = sorted(k for k in (set(previous) | set(protocol)) - {"reductions"} if previous.get(k) != roundtrip(protocol).get(k))
     if changed:
         details = ", ".join(f"{k}: {previous.get(k)!r} -> {protocol.get(k)!r}" for k in changed)
         raise OutputError(

@@ -48,7 +48,7 @@ def document_windows(lm: LoadedModel, docs: list[TokenizedDocument], max_length:
     """Every window of every document under the protocol; ``doc_id`` indexes ``docs``."""
     length, step = resolve_window(lm, max_length, stride)
     if docs:
-        check_vocabulary(lm, max((int(d.token_ids.max()) for d in docs if len(d.token_ids)), default=0))
+        check_vocabulary(lm, int(np.concatenate([d.token_ids for d in docs] + [np.zeros(1, np.int64)]).max()))
     return [w for i, d in enumerate(docs) for w in make_windows(i, d.token_ids.tolist(), d.prefix, length, step)]
 
 
@@ -92,7 +92,8 @@ def score_texts(
     in bits): model, doc_id, position, token_id, token, char_start, char_end, context_len,
     nll, surprisal_bits, entropy, max_prob, is_top1, rank, sum_q2, mean_neg_logq, and with
     ``top_k`` > 0 also topk_token_ids, topk_probs. An empty text yields no rows; the frame's
-    ``attrs["n_documents"]`` still counts it. ``compile`` fuses the per-token reductions with
+    ``attrs["n_documents"]`` still counts it, and ``attrs["reductions"]`` says how the
+    per-token reductions ran (``"compiled"`` or ``"eager"``). ``compile`` fuses the per-token reductions with
     torch.compile (``"auto"``: on CUDA, or when tokens x vocabulary >= 4e9 on CPU).
 
     ``contexts`` (one string per text) scores each text GIVEN its context: ``context +
@@ -109,6 +110,7 @@ def score_texts(
     if contexts is not None:
         return _score_given_contexts(lm, texts, check_contexts(contexts, len(texts)), max_length, stride, bos, options)
     docs = tokenize_documents([Document(i, t) for i, t in enumerate(texts)], lm.tokenizer, bos)
+    calls = dict(lm.workspace.calls)
     columns = score_documents(lm, docs, max_length, stride, options)
     spans = char_spans(docs, columns["doc_index"], columns["position"])
     columns["char_start"], columns["char_end"] = spans[:, 0], spans[:, 1]
@@ -116,6 +118,7 @@ def score_texts(
     frame = tokens_frame(lm.name, [d.doc_id for d in docs], columns)
     frame.attrs["n_documents"] = len(texts)
     frame.attrs["n_empty"] = sum(d.n_scored == 0 for d in docs)
+    frame.attrs["reductions"] = lm.workspace.mode_since(calls)  # "compiled", "eager", "mixed" or "none"
     return frame
 
 
@@ -142,11 +145,12 @@ def finish_columns(lm, columns: dict, docs: list[TokenizedDocument]) -> dict:
     return columns
 
 
-def score_group(lm, documents: list[Document], config, options, progress, piece=None, cache=None):
+def score_group(lm, documents: list[Document], config, options, progress, piece=None, cache=None, docs=None):
     """Score documents independently; columns' ``doc_index`` indexes ``documents``. For a
     piece, only its windows are scored and only piece 0 counts the documents' bytes and words
-    (so the pieces of a document add up to it once)."""
-    docs = _tokenized(cache, documents, lambda: tokenize_documents(documents, lm.tokenizer, config.scoring.bos))
+    (so the pieces of a document add up to it once). ``docs`` are the documents already
+    tokenized (a run does it in the background)."""
+    docs = _tokenized(cache, documents, lambda: tokenize_documents(documents, lm.tokenizer, config.scoring.bos), docs)
     columns = score_documents(lm, docs, config.scoring.max_length, config.scoring.stride, options, progress, piece)
     if getattr(config.data, "count_on", "scored") == "source":  # lm-eval's wikitext: the text before detokenizing
         texts = [d.text if d.source is None else d.source for d in documents]
@@ -168,14 +172,15 @@ def score_stream(lm, documents: list[Document], config, options, progress, piece
     return columns, _counted(texts + [config.scoring.separator * (len(texts) - 1)], piece)
 
 
-def _tokenized(cache: dict | None, documents: list[Document], tokenize):
-    """Tokenize once for all pieces of a document: ``cache`` keeps the latest documents' tokens."""
+def _tokenized(cache: dict | None, documents: list[Document], tokenize, ready=None):
+    """Tokenize once for all pieces of a document: ``cache`` keeps the latest documents'
+    tokens; ``ready`` are tokens computed ahead (kept for the pieces that follow)."""
     if cache is None:
-        return tokenize()
+        return tokenize() if ready is None else ready
     key = tuple(id(d) for d in documents)
-    if cache.get("key") != key:
+    if ready is not None or cache.get("key") != key:
         cache.clear()
-        cache.update(key=key, value=tokenize())
+        cache.update(key=key, value=tokenize() if ready is None else ready)
     return cache["value"]
 
 

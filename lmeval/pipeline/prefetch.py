@@ -1,0 +1,57 @@
+"""Overlap a run's host work with scoring: tokenize the next part and write the last one while
+the current one is scored.
+
+Both run in one background thread each. The tokenizer (Rust) and the parquet writer (Arrow,
+C++) release the GIL, so they proceed while the model runs. Parts are still written in
+order and atomically; `close` waits for every write, so when `score_parts` returns every
+part is on disk, and an error in a background step is raised there, never lost.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterator, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def prefetched(items: list[T], prepare: Callable[[T], R]) -> Iterator[tuple[T, R]]:
+    """Yield ``(item, prepare(item))`` in order, preparing item i + 1 while item i is used."""
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmeval-prefetch") as pool:
+        pending = pool.submit(prepare, items[0])
+        for i, item in enumerate(items):
+            ready = pending.result()
+            if i + 1 < len(items):
+                pending = pool.submit(prepare, items[i + 1])
+            yield item, ready
+
+
+class BackgroundWriter:
+    """Runs writes one at a time, in order, off the scoring thread. Use as a context manager:
+    leaving it waits for every write and re-raises the first error."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmeval-writer")
+        self._futures: list[Future] = []
+
+    def submit(self, fn: Callable, *args) -> None:
+        self._raise_finished()
+        self._futures.append(self._pool.submit(fn, *args))
+
+    def _raise_finished(self) -> None:
+        for future in [f for f in self._futures if f.done()]:
+            self._futures.remove(future)
+            future.result()
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            for future in self._futures:
+                future.result()
+        finally:
+            self._pool.shutdown(wait=True)

@@ -1,0 +1,240 @@
+"""The three regimes of `bench.py --case`: short sentences, strided windows, `lmeval run` end to end.
+
+Each method runs in its own subprocess (`bench.py --child --method ...`), first once untimed
+on a small slice, then timed; `bench.py --repeat N` interleaves N runs of every method and
+keeps the fastest. See `bench.py`'s docstring for what each case compares.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CASE_METHODS = {
+    "short": ("lmeval-short", "minicons"),
+    "strided": ("lmeval-strided", "hf-recipe"),
+    "e2e": ("lmeval-run", "scoring-only"),
+}
+CASE_MODEL = {"short": "demo", "strided": "gpt2-50k", "e2e": "demo"}
+STRIDED = (256, 64)  # L, S = L / 4
+MINICONS_BATCH = 64  # sentences per token_score call
+
+
+def sentences(tokenizer, n: int) -> list[str]:
+    """``n`` sentences of 5-40 tokens from the held-out books, cycled with a marker if needed."""
+    import bench
+
+    books = [json.loads(line)["text"] for line in (bench.DEMO / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    pieces = [p.strip() for b in books for p in re.split(r"(?<=[.;:?!])\s+", b) if p.strip()]
+    lengths = [len(x) for x in tokenizer(pieces, add_special_tokens=False)["input_ids"]]
+    pool = [p for p, k in zip(pieces, lengths) if 5 <= k <= 40]
+    out, round_ = [], 0
+    while len(out) < n:
+        out += [p if round_ == 0 else f"({round_}) {p}" for p in pool][: n - len(out)]
+        round_ += 1
+    return out
+
+
+# ---- short sentences: lmeval vs minicons, per-token log-probabilities --------------------------
+
+
+def run_lmeval_short(model, tokenizer, texts, args) -> dict:
+    import lmeval
+
+    frame = lmeval.score_texts(texts, (model, tokenizer), bos="none", max_length=256, compile="auto")
+    nll = frame.nll.to_numpy(np.float64)
+    return {"tokens": len(frame), "per_token": _by_doc(frame.doc_id.to_numpy(), frame.position.to_numpy(), -nll, len(texts)),
+            "reductions": frame.attrs["reductions"]}  # fmt: skip
+
+
+def _by_doc(doc_id, position, values, n_docs) -> list[list[float]]:
+    out = [[] for _ in range(n_docs)]
+    for d, p, v in zip(doc_id.tolist(), position.tolist(), values.tolist()):
+        out[d].append((p, v))
+    return [[v for _, v in sorted(rows)] for rows in out]
+
+
+def run_minicons(model, tokenizer, texts, args) -> dict:
+    from minicons import scorer
+
+    lm = scorer.IncrementalLMScorer(model, device=str(next(model.parameters()).device), tokenizer=tokenizer)
+    per_token = []
+    for i in range(0, len(texts), MINICONS_BATCH):
+        for sentence in lm.token_score(texts[i : i + MINICONS_BATCH]):
+            per_token.append([score for _, score in sentence[1:]])  # the first token is never scored (0.0)
+    return {"tokens": sum(map(len, per_token)), "per_token": per_token}
+
+
+# ---- strided windows: lmeval vs the transformers recipe on the same windows ----------------------
+
+
+def strided_windows(tokenizer, texts):
+    from lmeval.core.windows import make_windows
+
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [w for i, t in enumerate(ids) for w in make_windows(i, t, [tokenizer.eos_token_id], *STRIDED)]
+
+
+def run_lmeval_strided(model, tokenizer, texts, args) -> dict:
+    import lmeval
+
+    frame = lmeval.score_texts(texts, (model, tokenizer), max_length=STRIDED[0], stride=STRIDED[1], compile="auto")
+    sums = np.bincount(frame.doc_id.to_numpy().astype(np.int64), weights=frame.nll.to_numpy(np.float64), minlength=len(texts))
+    return {"tokens": len(frame), "doc_nll": sums.tolist(), "reductions": frame.attrs["reductions"]}
+
+
+def run_hf_recipe(model, tokenizer, texts, args) -> dict:
+    """The "perplexity of fixed-length models" loop: one window per forward, logits for every
+    position (``model(ids).logits``, as ``model(ids, labels=...)`` computes them), and the
+    cross-entropy of the window's scored targets. Run over lmeval's windows so that both
+    score the same tokens with the same contexts."""
+    import torch.nn.functional as F
+
+    sums = np.zeros(len(texts))
+    n = 0
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for w in strided_windows(tokenizer, texts):
+            logits = model(torch.tensor([w.input_ids], device=device)).logits[0, w.first_scored :]
+            sums[w.doc_id] += F.cross_entropy(logits.float(), torch.tensor(w.targets, device=device), reduction="sum").item()
+            n += w.n_scored
+    return {"tokens": n, "doc_nll": sums.tolist()}
+
+
+# ---- end to end: `lmeval run` vs scoring alone -----------------------------------------------------
+
+
+def _write_run(folder: Path, model_dir: Path, texts: list[str]) -> Path:
+    with open(folder / "docs.jsonl", "w", encoding="utf-8") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"id": f"doc-{i}", "text": text}) + "\n")
+    config = folder / "cfg.yaml"
+    config.write_text(
+        f"models: [{{name: m, path: {model_dir}, dtype: float32}}]\n"
+        "data: {path: docs.jsonl, id_field: id}\nscoring: {max_length: 256, batch_tokens: 8192}\n"
+        "output: {dir: out, part_chars: 65536}\n",
+        encoding="utf-8",
+    )
+    return config
+
+
+def _saved(model, tokenizer, folder: Path) -> Path:
+    target = folder / "model"
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def run_lmeval_run(model, tokenizer, texts, args) -> dict:
+    import lmeval
+    from lmeval.model.loading import load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = _write_run(Path(tmp), _saved(model, tokenizer, Path(tmp)), texts)
+        started = time.perf_counter()
+        load_model(Path(tmp) / "model")  # the load that `run` repeats, timed to subtract it
+        load = time.perf_counter() - started
+        started = time.perf_counter()
+        tables = lmeval.run(str(config), show_progress=False, return_tokens=False)
+        seconds = time.perf_counter() - started - load
+        return {"tokens": int(tables["summary"].n_tokens.sum()), "doc_nll": tables["documents"].nll_sum.tolist(),
+                "seconds_override": seconds, "load_seconds": load}  # fmt: skip
+
+
+def run_scoring_only(model, tokenizer, texts, args) -> dict:
+    from lmeval.model.loading import prepare_model
+    from lmeval.model.scorer import ScoreOptions
+    from lmeval.pipeline.config import CalibrationConfig
+    from lmeval.pipeline.data import Document, tokenize_documents
+    from lmeval.pipeline.score import score_documents
+
+    lm = prepare_model(model, tokenizer, name="m")
+    options = ScoreOptions(batch_tokens=8192, temperatures=CalibrationConfig().temperatures)  # as the run
+    docs = tokenize_documents([Document(f"doc-{i}", t) for i, t in enumerate(texts)], tokenizer)
+    columns = score_documents(lm, docs, 256, None, options)
+    sums = np.bincount(columns["doc_index"], weights=columns["nll"].astype(np.float64), minlength=len(texts))
+    return {"tokens": int(len(columns["nll"])), "doc_nll": sums.tolist()}
+
+
+RUNNERS = {
+    "lmeval-short": run_lmeval_short, "minicons": run_minicons, "lmeval-strided": run_lmeval_strided,
+    "hf-recipe": run_hf_recipe, "lmeval-run": run_lmeval_run, "scoring-only": run_scoring_only,
+}  # fmt: skip
+
+
+def child(args) -> dict:
+    import bench
+
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = bench.build_model(args.model, torch.float32, device)
+    if args.method in ("lmeval-short", "minicons"):
+        texts = sentences(tokenizer, args.sentences)
+    else:
+        texts = bench.load_texts(args.tokens, tokenizer)
+    run = RUNNERS[args.method]
+    base = bench.rss_mb()
+    started = time.perf_counter()
+    run(model, tokenizer, texts[:2], args)
+    warmup = time.perf_counter() - started
+    started = time.perf_counter()
+    out = run(model, tokenizer, texts, args)
+    out["seconds"] = out.pop("seconds_override", time.perf_counter() - started)
+    out.update(warmup=warmup, peak_rise_mb=bench.peak_rss_mb() - base)
+    return out
+
+
+def compare(args) -> None:
+    import bench
+
+    methods = list(CASE_METHODS[args.case])
+    if "minicons" in methods:
+        try:
+            import minicons  # noqa: F401
+        except ImportError:
+            methods.remove("minicons")
+            print("minicons is not installed: skipping it (pip install -e '.[bench]')")
+    model = CASE_MODEL[args.case]
+    base = ["--model", model, "--tokens", str(args.tokens), "--threads", str(args.threads),
+            "--sentences", str(args.sentences)]  # fmt: skip
+    results = bench.run_children({m: [*base, "--method", m] for m in methods}, args.repeat)
+    print(f"\n== {args.case}: model {model}, threads = {args.threads}, repeat = {args.repeat}")
+    print(f"{'method':<16} {'tokens':>8} {'seconds':>9} {'tok/s':>9} {'peak RSS rise MB':>17} {'warm-up s':>10} "
+          f"{'spread':>7} {'runs s':>20}")  # fmt: skip
+    for name, r in results.items():
+        runs = " ".join(f"{x:.1f}" for x in r["all_seconds"])
+        print(f"{name:<16} {r['tokens']:>8} {r['seconds']:>9.2f} {r['tokens'] / r['seconds']:>9.0f} "
+              f"{r['peak_rise_mb']:>17.1f} {r['warmup']:>10.1f} {bench.spread(r):>7} {runs:>20}")  # fmt: skip
+    if len(results) == 2:
+        (a, ra), (b, rb) = results.items()
+        ratios = [y / x for x, y in zip(ra["all_seconds"], rb["all_seconds"])]
+        print(f"{a} vs {b}: throughput {rb['seconds'] / ra['seconds'] * ra['tokens'] / rb['tokens']:.2f}x "
+              f"(tokens/s of the fastest runs; per-round {' '.join(f'{x:.2f}' for x in ratios)})")  # fmt: skip
+        agreement(ra, rb)
+    for name, r in results.items():
+        if "reductions" in r:
+            print(f"{name}: reductions ran {r['reductions']}")
+
+
+def agreement(ra: dict, rb: dict) -> None:
+    if "per_token" in ra and "per_token" in rb:
+        # lmeval with bos: none scores exactly the tokens minicons scores (all but each first)
+        pairs = [(x, y) for xs, ys in zip(ra["per_token"], rb["per_token"]) if len(xs) == len(ys) for x, y in zip(xs, ys)]
+        mismatched = sum(len(xs) != len(ys) for xs, ys in zip(ra["per_token"], rb["per_token"]))
+        diff = max(abs(x - y) for x, y in pairs) if pairs else float("nan")
+        print(f"per-token agreement: max |log p difference| {diff:.2e} nats over {len(pairs)} tokens "
+              f"({mismatched} sentences with a different token count)")  # fmt: skip
+    elif "doc_nll" in ra and "doc_nll" in rb:
+        rel = [abs(x - y) / abs(y) for x, y in zip(ra["doc_nll"], rb["doc_nll"]) if y]
+        print(f"per-document agreement: max relative difference in sum NLL {max(rel):.2e} over {len(rel)} documents")
+
+
+if __name__ == "__main__":
+    sys.exit("run through bench.py --case short|strided|e2e")

@@ -1,0 +1,72 @@
+"""The array-built batch layout, and the record of how the reductions ran."""
+
+import json
+
+import numpy as np
+import torch
+from conftest import CORPUS
+
+import lmeval
+from lmeval.cli import main
+from lmeval.core.windows import make_windows
+from lmeval.model.scorer import _pad, _scored_index
+
+
+def test_padding_and_scored_index_match_a_loop():
+    rng = np.random.default_rng(0)
+    windows = []
+    for doc in range(6):
+        ids = rng.integers(1, 50, size=int(rng.integers(1, 30))).tolist()
+        windows += make_windows(doc, ids, [0] if doc % 2 else [], max_length=8, stride=int(rng.integers(1, 9)))
+    ids, mask = _pad(windows, torch.device("cpu"))
+    rows, cols, targets = _scored_index(windows)
+    expect_rows, expect_cols, expect_targets = [], [], []
+    for r, w in enumerate(windows):
+        assert ids[r, : len(w.input_ids)].tolist() == list(w.input_ids)
+        assert ids[r, len(w.input_ids) :].eq(0).all() and mask[r].sum() == len(w.input_ids)
+        expect_rows += [r] * w.n_scored
+        expect_cols += list(range(w.first_scored, len(w.input_ids)))
+        expect_targets += list(w.targets)
+    assert rows.tolist() == expect_rows and cols.tolist() == expect_cols and targets.tolist() == expect_targets
+    # every scored output predicts its target: the next id of the window, or the span's last target
+    for r, c, t in zip(rows.tolist(), cols.tolist(), targets.tolist()):
+        if c + 1 < mask[r].sum():
+            assert ids[r, c + 1] == t
+
+
+def test_score_texts_says_how_the_reductions_ran(gpt2_pair):
+    frame = lmeval.score_texts(CORPUS[:2], gpt2_pair, compile=False)
+    assert frame.attrs["reductions"] == "eager"
+
+
+def test_run_json_records_how_the_reductions_ran(tmp_path, saved_gpt2):
+    rows = [{"id": f"d{i}", "text": t} for i, t in enumerate(CORPUS)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"models: [{{name: tiny, path: {saved_gpt2}}}]\ndata: {{path: docs.jsonl, id_field: id}}\n"
+        "scoring: {max_length: 16, batch_tokens: 256, compile: false}\noutput: {dir: out, part_chars: 100}\n",
+        encoding="utf-8",
+    )
+    assert main(["run", str(config), "-q"]) == 0
+    record = json.loads((tmp_path / "out" / "run.json").read_text(encoding="utf-8"))
+    assert record["protocol"]["models"]["tiny"]["reductions"] == "eager"
+
+
+def test_prefetched_keeps_order_and_raises_background_errors():
+    import pytest
+
+    from lmeval.pipeline.prefetch import BackgroundWriter, prefetched
+
+    assert list(prefetched([1, 2, 3], lambda x: x * 10)) == [(1, 10), (2, 20), (3, 30)]
+    assert list(prefetched([], lambda x: x)) == []
+    written = []
+    with BackgroundWriter() as writer:
+        for i in range(5):
+            writer.submit(written.append, i)
+    assert written == [0, 1, 2, 3, 4]
+    with pytest.raises(ZeroDivisionError):
+        with BackgroundWriter() as writer:
+            writer.submit(lambda: 1 / 0)
+    with pytest.raises(ValueError):
+        list(prefetched([1, 2], lambda x: int("x")))
