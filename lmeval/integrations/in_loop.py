@@ -110,7 +110,8 @@ class InLoopEvaluator:
     def __init__(self, data, *, label: str | None = None, scoring=None, calibration=None, out_dir=None, per_token: bool = False):
         data_raw, texts = _data_section(data)
         raw = {
-            "models": [{"path": "<in-memory model>", "name": "step-0"}],
+            # A hub-id-shaped placeholder: validated like any model entry, never loaded.
+            "models": [{"path": "in-memory-model", "name": "step-0"}],
             "data": data_raw,
             "scoring": _section(scoring, "scoring"),
             "calibration": _section(calibration, "calibration"),
@@ -143,10 +144,11 @@ class InLoopEvaluator:
         with preserved_rng():
             lm = self._prepared(model, tokenizer, name)
             protocol = protocol_record(lm, config)
-            started = time.perf_counter()
+            started, calls = time.perf_counter(), dict(lm.workspace.calls)
             score = score_stream if config.scoring.documents == "concatenated" else score_group
             columns, texts = score(lm, self.corpus.documents, config, self.options, None)
             seconds = time.perf_counter() - started
+            protocol["reductions"] = lm.workspace.mode_since(calls)  # as `lmeval run` records it
         n_tokens, nll_sum = document_sums(columns["doc_index"], columns["nll"], len(texts))
         n_bytes, n_words = normalisers(texts)
         ids = [d.doc_id for d in self.corpus.documents]

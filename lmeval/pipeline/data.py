@@ -242,7 +242,7 @@ def load_documents(config) -> Corpus:
         if not text.strip():
             n_skipped += 1
             continue
-        documents.append(Document(doc_id if isinstance(doc_id, int) else str(doc_id), text, context))
+        documents.append(Document(doc_id if isinstance(doc_id, int) else str(doc_id), text, context=context))
     if not documents:
         raise DataError(f"data.path: {config.path} holds no non-empty documents ({n_skipped} empty). Nothing to score.")
     documents = detokenize_documents(documents, getattr(config, "detokenizer", None))
