@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..model.loading import load_model
 from ..model.scorer import ScoreOptions, resolve_window
-from . import distributed
+from . import distributed, divergence_run
 from .config import Config, load_config
 from .data import SEPARATOR_ID, Corpus, load_documents, resolve_prefix
 from ..errors import OutputError
@@ -136,8 +136,11 @@ def run(
         out, corpus, parts = ctx.call(lambda: opened if ctx.is_main else _join_run(config))
         groups = plan_parts(corpus, config)
         todo = ctx.broadcast(_unfinished(corpus, config, parts, groups) if ctx.is_main else None)
+        group_ids = [_group_ids(corpus, g, config) for g in groups]
+        pair_todo = ctx.broadcast(divergence_run.unfinished(config, parts, group_ids) if ctx.is_main else None)
         bar = ScoringProgress(show_progress and ctx.is_main)
-        try:
+        try:  # the divergence pass first: a tokenizer mismatch is refused before any long scoring
+            ctx.call(lambda: divergence_run.score_share(config, corpus, parts, groups, group_ids, pair_todo, ctx, bar))
             ctx.call(lambda: _score_share(config, corpus, parts, groups, todo, ctx, bar))
         finally:
             bar.close()
@@ -195,6 +198,8 @@ def _finish(out: Path, config: Config, corpus: Corpus, parts: Path, groups, retu
     record = run_record(config, corpus, tables, time.time() - started)
     if len(config.models) >= 2:
         tables.update(write_comparison(out, config, tables, record))
+    group_ids = [_group_ids(corpus, g, config) for g in groups]
+    tables.update(divergence_run.write_divergence(out, config, corpus, parts, group_ids, record))
     write_json(record, out / "run.json")
     shutil.rmtree(parts)  # run.json marks the run complete; the tables now hold every row
     tables["run"] = record
