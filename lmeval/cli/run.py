@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import format_compare, format_summary
+from .common import format_compare, format_divergence, format_summary
 
 
 def add_parsers(subparsers) -> None:
@@ -45,6 +45,8 @@ def run_command(args) -> int:
     print(format_summary(tables["summary"]))
     if tables.get("compare") is not None and len(tables["compare"]):
         print("\n" + format_compare(tables["compare"]))
+    if tables.get("divergence") is not None:
+        print("\n" + format_divergence(tables["divergence"]))
     print(f"\nwrote {tables['run']['config']['output']['dir']}")
     return 0
 
