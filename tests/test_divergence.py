@@ -63,8 +63,10 @@ def assert_matches_oracle(table, model, base, tokenizer, texts, atol=1e-6, rtol=
         np.testing.assert_array_equal(rows.same_top1.to_numpy(), expected["same_top1"])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize(("arch", "dtype"), [
+    ("gpt2", torch.float32), ("gpt2", torch.bfloat16), ("llama", torch.float32),
+    pytest.param("llama", torch.bfloat16, marks=pytest.mark.slow),  # bfloat16 is slow on CPU
+])  # fmt: skip
 def test_matches_float64_oracle_from_full_logits(arch, dtype, tiny_models, bpe_tokenizer):
     """A checkpoint nudged from its base, in float32 and bfloat16 weights: kl, kl_reverse
     and delta_p within 1e-6 nats of the float64 computation on each model's full logits."""
@@ -76,6 +78,7 @@ def test_matches_float64_oracle_from_full_logits(arch, dtype, tiny_models, bpe_t
     assert_matches_oracle(table, model, base, bpe_tokenizer, texts)
 
 
+@pytest.mark.slow
 def test_unrelated_models_match_the_oracle_to_float32_precision(tiny_models, bpe_tokenizer):
     """Two independent inits: KL near 10 nats, where float32 itself is spaced 1e-6 apart, so
     the bound is 1e-6 plus float32's relative precision."""
@@ -104,6 +107,7 @@ def test_independent_of_batching_chunks_head_path_and_order(tiny_models, bpe_tok
         assert (table.same_top1 == reference.same_top1).all(), name
 
 
+@pytest.mark.slow
 def test_small_chunks_give_the_same_numbers(tiny_models, bpe_tokenizer, monkeypatch):
     model, base = prepare_model(finetuned(tiny_models["llama"]), bpe_tokenizer), prepare_model(tiny_models["llama"], bpe_tokenizer)
     from lmeval.core.windows import make_windows
@@ -153,6 +157,7 @@ def test_non_finite_logits_name_the_model(tiny_models, bpe_tokenizer):
         lmeval.divergence(["hello there"], (tiny_models["gpt2"], bpe_tokenizer), (broken, bpe_tokenizer), baseline_name="broken")
 
 
+@pytest.mark.slow
 def test_out_of_memory_halves_the_batch_and_loses_nothing(tiny_models, bpe_tokenizer, monkeypatch):
     model, base = (finetuned(tiny_models["gpt2"]), bpe_tokenizer), (tiny_models["gpt2"], bpe_tokenizer)
     reference = lmeval.divergence(TEXTS, model, base, max_length=16, batch_tokens=4096)

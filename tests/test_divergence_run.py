@@ -93,6 +93,12 @@ def test_run_writes_the_divergence_tables(reference, checkpoints):
     # ln PPL(model) - ln PPL(base) agrees with the run's own summary of each model.
     ppl = tables["summary"].set_index("model").ppl
     assert row.ln_ppl_ratio == pytest.approx(np.log(ppl["ft"]) - np.log(ppl["base"]), abs=1e-5)
+    # Both nlls are the run's own per-token nll of each model, token for token.
+    tokens = pd.read_parquet(out / "tokens.parquet")
+    for column, name in (("nll_y", "ft"), ("nll_baseline", "base")):  # nll_x: the tokens table's
+        mine = tokens[tokens.model == name].merge(per_token, on=["doc_id", "position"], validate="1:1")
+        assert len(mine) == len(per_token) and (mine.token_id_x == mine.token_id_y).all()
+        np.testing.assert_allclose(mine[column], mine["nll_x"], rtol=1e-6, atol=1e-6)
     # The same per-token numbers as the Python API on the same texts.
     api = lmeval.divergence(TEXTS, str(checkpoints[1]), str(checkpoints[0]), max_length=16)
     ordered = per_token.assign(doc=per_token.doc_id.str[1:].astype(int)).sort_values(["doc", "position"])
@@ -192,6 +198,23 @@ def test_config_needs_two_models_and_a_boolean(tmp_path, checkpoints):
         lmeval.load_config(config, ["compare.divergence=true"])
 
 
+@pytest.mark.slow
+def test_concatenated_documents(tmp_path, checkpoints):
+    """One stream: separator tokens are their own rows, and both nlls are the run's own."""
+    config = workspace(tmp_path, checkpoints, "", texts=TEXTS[:4])
+    lmeval.run(str(config), ["scoring.documents=concatenated"], show_progress=False)
+    out = tmp_path / "out"
+    per_token, tokens = pd.read_parquet(out / "divergence.parquet"), pd.read_parquet(out / "tokens.parquet")
+    assert "<separator>" in set(per_token.doc_id)
+    for column, name in (("nll_y", "ft"), ("nll_baseline", "base")):  # nll_x: the tokens table's
+        mine = tokens[tokens.model == name].merge(per_token, on=["doc_id", "position"], validate="1:1")
+        assert len(mine) == len(per_token)
+        np.testing.assert_allclose(mine[column], mine["nll_x"], rtol=1e-6, atol=1e-6)
+    row = pd.read_csv(out / "divergence.csv").iloc[0]
+    assert row.n_documents == 5 and row.n_tokens == len(per_token)
+
+
+@pytest.mark.slow
 def test_per_token_false_writes_no_per_token_table(tmp_path, checkpoints):
     config = workspace(tmp_path, checkpoints, "", texts=TEXTS[:2])
     tables = lmeval.run(str(config), ["output.per_token=false"], show_progress=False)
