@@ -108,7 +108,7 @@ def test_independent_of_batching_chunks_head_path_and_order(tiny_models, bpe_tok
 
 
 @pytest.mark.slow
-def test_small_chunks_give_the_same_numbers(tiny_models, bpe_tokenizer, monkeypatch):
+def test_small_chunks_give_the_same_numbers(tiny_models, bpe_tokenizer):
     model, base = prepare_model(finetuned(tiny_models["llama"]), bpe_tokenizer), prepare_model(tiny_models["llama"], bpe_tokenizer)
     from lmeval.core.windows import make_windows
 

@@ -31,9 +31,6 @@ import torch
 from .losses import Workspace
 
 PAIR_FIELDS = ("kl", "kl_reverse", "delta_p", "same_top1", "nll", "nll_baseline")
-# Float32 (N, V) buffers one call holds at once: both logits upcast (or used in place), their
-# exponentials written over them, and d = w - z.
-PAIR_COPIES = 3
 
 
 @dataclass(frozen=True)
@@ -71,7 +68,9 @@ def divergence_statistics(
     ``logits`` are the model's (N, V), ``logits_baseline`` the baseline's (N, V) for the same
     positions (any float dtype, one device), ``targets`` the (N,) true next tokens. With a
     ``workspace`` the scratch buffers are reused across calls; with ``overwrite`` float32
-    inputs are used as scratch (their values are destroyed).
+    inputs are used as scratch (their values are destroyed). Three float32 (N, V) buffers
+    are held at once: the two upcast logits (their exponentials are written over them) and
+    d = w - z.
     """
     if logits.shape != logits_baseline.shape or logits.ndim != 2:
         raise ValueError(

@@ -87,18 +87,16 @@ def score_pair_windows(
     scored in eval mode and left in the modes they had.
     """
     check_pair(lm, baseline)
+    counts = np.array([w.n_scored for w in windows], dtype=np.int64)
     with evaluating(lm.model), evaluating(baseline.model):
-        out = _score_all(lm, baseline, windows, batch_tokens, progress, doc_names, chunk_bytes)
-    out.update(_window_columns(windows, np.array([w.n_scored for w in windows], dtype=np.int64), _total(windows)))
+        out = _score_all(lm, baseline, windows, counts, batch_tokens, progress, doc_names, chunk_bytes)
+    out.update(_window_columns(windows, counts, int(counts.sum())))
     return out
 
 
-def _total(windows: list[Window]) -> int:
-    return int(sum(w.n_scored for w in windows))
-
-
-def _score_all(lm, baseline, windows, batch_tokens, progress, doc_names, chunk_bytes) -> dict[str, np.ndarray]:
-    counts = np.array([w.n_scored for w in windows], dtype=np.int64)
+def _score_all(lm, baseline, windows, counts, batch_tokens, progress, doc_names, chunk_bytes) -> dict[str, np.ndarray]:
+    """The single scorer's loop: batches by token budget, halved and retried on OOM, each
+    batch's rows put back in window order."""
     starts = np.concatenate([[0], np.cumsum(counts)])
     total = int(starts[-1])
     out = {key: np.empty(total, dtype=bool if key == "same_top1" else np.float32) for key in PAIR_FIELDS}
