@@ -65,3 +65,15 @@ def format_compare(compare: pd.DataFrame) -> str:
     notes = [f"note ({row.model} vs {row.baseline}): {row.note}" for row in
              compare.drop_duplicates(["model", "baseline"]).itertuples() if isinstance(getattr(row, "note", None), str) and row.note]  # fmt: skip
     return "\n".join([text, *notes])
+
+
+DIVERGENCE_SHOWN = ("model", "baseline", "kl_mean", "kl_mean_ci_low", "kl_mean_ci_high", "kl_p99", "kl_reverse_mean",
+                    "same_top1", "delta_p_rms", "ln_ppl_ratio", "ln_ppl_ratio_ci_low", "ln_ppl_ratio_ci_high")  # fmt: skip
+
+
+def format_divergence(divergence: pd.DataFrame) -> str:
+    """The divergence summary (KL in nats) as an aligned text table; divergence.csv has every column."""
+    shown = [c for c in DIVERGENCE_SHOWN if c in divergence]
+    return "divergence from the baseline (nats; 95% document-bootstrap CI):\n" + divergence[shown].to_string(
+        index=False, float_format=lambda x: f"{x:.4g}"
+    )

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import format_compare, format_summary, int_at_least
+from .common import format_compare, format_divergence, format_summary, int_at_least
 
 RUN_EPILOG = """examples:
   lmeval run config.yaml                          score the models of a YAML config
@@ -126,6 +126,8 @@ def run_command(args) -> int:
     print(format_summary(tables["summary"]))
     if tables.get("compare") is not None and len(tables["compare"]):
         print("\n" + format_compare(tables["compare"]))
+    if tables.get("divergence") is not None:
+        print("\n" + format_divergence(tables["divergence"]))
     print(f"\nwrote {tables['run']['config']['output']['dir']}")
     return 0
 

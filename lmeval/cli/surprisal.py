@@ -58,6 +58,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="conditioning token before each text: auto (BOS, else EOS), none (first token unscored) or an id",
     )  # fmt: skip
     parser.add_argument("--max-length", type=int_at_least(2), default=None, metavar="L", help="window length in tokens")
+    parser.add_argument("--baseline", default=None, metavar="M2",
+                        help="compare with this model (same tokenizer): colour each token by how far --model moved from it")
+    parser.add_argument("--by", choices=("delta_nll", "kl"), default="delta_nll",
+                        help="with --baseline, colour by the change of the token's surprisal (delta_nll, bits) "
+                        "or by KL(baseline || model) of the next-token distribution (kl, nats)")  # fmt: skip
     parser.add_argument("--color", choices=COLOR_CHOICES, default="auto",
                         help="colour the terminal table: auto (on a terminal, unless NO_COLOR is set), always or never")  # fmt: skip
     return parser
@@ -126,6 +131,8 @@ def main(args: argparse.Namespace) -> int:
     from ..view.surprisal import surprisal_table
 
     texts = read_texts(args.text, args.file)
+    if args.baseline is not None:
+        return _divergence_main(args, texts)
     table = surprisal_table(
         texts, args.model, words=args.words, top_k=args.top_k, bos=args.bos, max_length=args.max_length,
         contexts=_contexts(args.context, len(texts)), word_correction=args.word_correction, text_end=args.text_end,
@@ -141,4 +148,28 @@ def main(args: argparse.Namespace) -> int:
         title = f"lmeval surprisal: {args.model or 'demo model'}"
         path = write_html(args.html, render_html(tables, texts, title=title))
         log.info("wrote %s", path)
+    return 0
+
+
+def _divergence_main(args: argparse.Namespace, texts: list[str]) -> int:
+    """``--baseline``: the per-token divergence of --model from it, printed and drawn."""
+    from ..view.divergence import divergence_table, render_divergence_html, render_divergence_terminal
+    from ..view.render import write_html
+
+    for flag, used in (("--words", args.words), ("--top-k", args.top_k)):
+        if used:
+            raise DataError(f"{flag}: must not be combined with --baseline (got both). Drop {flag} to compare two models.")
+    table = divergence_table(texts, args.model, args.baseline, bos=args.bos, max_length=args.max_length)
+    if args.format == "json":
+        sys.stdout.write(json.dumps(_records(table), ensure_ascii=False, indent=1) + "\n")
+    elif args.format == "csv":
+        sys.stdout.write(_csv(table))
+    else:
+        color = use_color(args.color, sys.stdout)
+        for doc_id, text in enumerate(texts):
+            rows = table[table["doc_id"] == doc_id].reset_index(drop=True)
+            sys.stdout.write(f"== document {doc_id} ==\n" + render_divergence_terminal(rows, text, color=color, by=args.by))
+    if args.html:
+        title = f"lmeval surprisal: {args.model or 'demo model'} vs {args.baseline}"
+        log.info("wrote %s", write_html(args.html, render_divergence_html(table, texts, title=title, by=args.by)))
     return 0

@@ -77,6 +77,7 @@ class CompareConfig:
     seed: int = 0
     top_k: int = 20
     min_documents: int = MIN_DOCUMENTS  # fewer documents: no CI or p-value (NaN, with a note)
+    divergence: bool = False  # per-token KL, Δp and top-1 agreement against the baseline (divergence.*)
 
 
 @dataclass(frozen=True)
@@ -367,6 +368,9 @@ def _check_values(config: Config, problems: list[str]) -> None:
         problems.append(f"models: names must be unique (got {', '.join(duplicates)} twice). Set `name:` on each.")
     if cmp.baseline is not None and cmp.baseline not in names:
         problems.append(f"compare.baseline: must name one of the models ({', '.join(names)}) (got {cmp.baseline!r}).")
+    if cmp.divergence and len(names) < 2:
+        problems.append(f"compare.divergence: needs at least two models, a baseline and one to compare (got {len(names)}). "
+                        "Add the base checkpoint to `models:` and name it in `compare.baseline`.")
 
 
 def _check_device_map(model: ModelSpec, where: str, problems: list[str]) -> None:

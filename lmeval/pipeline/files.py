@@ -24,6 +24,7 @@ from .schemas import schema_for, to_arrow
 OUTPUT_FILES = (
     "tokens.parquet", "documents.parquet", "documents.csv", "summary.csv", "calibration.csv",
     "temperature.csv", "compare.csv", "compare_tokens.csv", "compare_documents.csv", "reliability.png", "checkpoints.png", "run.json",
+    "divergence.parquet", "divergence.csv", "divergence_tokens.csv", "divergence.png",
 )  # fmt: skip
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import OutputError
 from ..model.loading import load_model
 from ..model.scorer import ScoreOptions, resolve_window
-from . import distributed
+from . import distributed, divergence_run
 from .chat import score_chat_group
 from .config import Config, load_config
 from .continuation import score_context_group
@@ -74,8 +74,11 @@ def _run_locked(config: Config, overwrite, fresh, show_progress, return_tokens, 
     try:
         plans = plan_parts(corpus, config.scoring.documents, config.scoring.separator, config.output.part_chars)
         todo = ctx.broadcast(_unfinished(corpus, config, parts, plans) if ctx.is_main else None)
+        groups, group_ids = _divergence_groups(config, corpus, plans)
+        pair_todo = ctx.broadcast(divergence_run.unfinished(config, parts, group_ids) if ctx.is_main else None)
         bar = ScoringProgress(show_progress and ctx.is_main)
-        try:
+        try:  # the divergence pass first: a tokenizer mismatch is refused before any long scoring
+            ctx.call(lambda: divergence_run.score_share(config, corpus, parts, groups, group_ids, pair_todo, ctx, bar))
             ctx.call(lambda: _score_share(config, corpus, parts, plans, todo, ctx, bar))
         finally:
             bar.close()
@@ -217,6 +220,13 @@ def _check_protocol(folder: Path, protocol: dict, name: str) -> None:
         )
 
 
+def _divergence_groups(config: Config, corpus: Corpus, plans: list[PartPlan]) -> tuple[list, list]:
+    """The divergence pass's parts: the plan's document groups, each whole (the pieces of a
+    huge document are one divergence part)."""
+    groups = list(dict.fromkeys(plan.docs for plan in plans))
+    return [list(g) for g in groups], [part_doc_ids(corpus, PartPlan(g), config.scoring.documents) for g in groups]
+
+
 def _part_paths(config: Config, corpus: Corpus, parts: Path, plans) -> dict[str, list[Path]]:
     """Each model's part files, in corpus order."""
     keys = [plan_key(corpus, p, config.scoring.documents) for p in plans]
@@ -236,6 +246,8 @@ def _finish(out: Path, config: Config, corpus: Corpus, parts: Path, plans, retur
         record = run_record(config, corpus, tables, time.time() - started)
         if len(config.models) >= 2:
             tables.update(write_comparison(out, config, tables, record))
+        _, group_ids = _divergence_groups(config, corpus, plans)
+        tables.update(divergence_run.write_divergence(out, config, corpus, parts, group_ids, record))
         write_json(record, out / "run.json")
     shutil.rmtree(parts)  # run.json marks the run complete; the tables now hold every row
     replaced.discard()

@@ -24,7 +24,13 @@ DOCUMENTS = pa.schema([
     ("n_words", pa.int64()), ("nll_sum", pa.float64()), ("ppl", pa.float64()), ("bits_per_token", pa.float64()),
     ("bits_per_byte", pa.float64()),
 ])  # fmt: skip
-SCHEMAS = {"tokens.parquet": TOKENS, "documents.parquet": DOCUMENTS}
+DIVERGENCE = pa.schema([
+    ("model", pa.string()), ("baseline", pa.string()), ("doc_id", pa.string()), ("position", pa.int64()),
+    ("kl", pa.float32()), ("kl_reverse", pa.float32()), ("delta_p", pa.float32()), ("same_top1", pa.bool_()),
+    ("nll", pa.float32()), ("nll_baseline", pa.float32()), ("token_id", pa.int64()), ("token", pa.string()),
+    ("char_start", pa.int64()), ("char_end", pa.int64()), ("context_len", pa.int64()),
+])  # fmt: skip
+SCHEMAS = {"tokens.parquet": TOKENS, "documents.parquet": DOCUMENTS, "divergence.parquet": DIVERGENCE}
 
 
 def string_ids(doc_ids) -> list[str]:

@@ -1,0 +1,215 @@
+"""Divergence from a baseline through the pair scorer: against a float64 oracle from both
+models' full logits, a model against itself, invariance to batching, refused mismatches,
+and summaries that equal a direct numpy computation over the per-token table."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import CORPUS, build_model, train_bpe
+
+import lmeval
+from lmeval import ModelError, TokenizerMismatchError
+from lmeval.model import pair_scorer
+from lmeval.model.loading import prepare_model
+
+TEXTS = CORPUS[:4] + ["short", "é 猫 😀 mixed scripts and emoji"]
+FEW = [TEXTS[0], TEXTS[3], TEXTS[5]]  # for the slower checks (bfloat16 on CPU, many variants)
+STATS = ("kl", "kl_reverse", "delta_p", "nll", "nll_baseline")
+
+
+def finetuned(model, scale: float = 0.05, seed: int = 7):
+    """A copy of ``model`` with every weight nudged: a stand-in for a fine-tuned checkpoint."""
+    other = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * scale * p.std().clamp_min(1e-3))
+    return other
+
+
+def oracle(model, baseline, ids: list[int]) -> dict[str, np.ndarray]:
+    """Every statistic for s[1:], from each model's full forward over ``ids``, in float64."""
+    with torch.no_grad():
+        log_q = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), dim=-1)  # (T-1, V)
+        log_p = torch.log_softmax(baseline(torch.tensor([ids])).logits[0, :-1].double(), dim=-1)
+    y = torch.tensor(ids[1:])[:, None]
+    q_y, p_y = log_q.gather(1, y).squeeze(1).exp(), log_p.gather(1, y).squeeze(1).exp()
+    return {
+        "kl": (log_p.exp() * (log_p - log_q)).sum(1).numpy(),
+        "kl_reverse": (log_q.exp() * (log_q - log_p)).sum(1).numpy(),
+        "delta_p": (q_y - p_y).numpy(),
+        "same_top1": (log_q.argmax(1) == log_p.argmax(1)).numpy(),
+        "nll": -q_y.log().numpy(),
+        "nll_baseline": -p_y.log().numpy(),
+    }
+
+
+def assert_matches_oracle(table, model, base, tokenizer, texts, atol=1e-6, rtol=0.0):
+    bos = tokenizer.eos_token_id
+    for i, text in enumerate(texts):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        rows = table[table.doc_id == i]
+        assert rows.position.tolist() == list(range(len(ids))) and rows.token_id.tolist() == ids
+        expected = oracle(model, base, [bos] + ids)
+        for key in ("kl", "kl_reverse", "delta_p"):
+            np.testing.assert_allclose(rows[key].to_numpy(np.float64), expected[key], atol=atol, rtol=rtol, err_msg=key)
+        for key in ("nll", "nll_baseline"):  # float32 itself is 1e-6 coarse near 10 nats: relative
+            np.testing.assert_allclose(rows[key].to_numpy(np.float64), expected[key], rtol=1e-6, atol=1e-6, err_msg=key)
+        np.testing.assert_array_equal(rows.same_top1.to_numpy(), expected["same_top1"])
+
+
+@pytest.mark.parametrize(("arch", "dtype"), [
+    ("gpt2", torch.float32), ("gpt2", torch.bfloat16), ("llama", torch.float32),
+    pytest.param("llama", torch.bfloat16, marks=pytest.mark.slow),  # bfloat16 is slow on CPU
+])  # fmt: skip
+def test_matches_float64_oracle_from_full_logits(arch, dtype, tiny_models, bpe_tokenizer):
+    """A checkpoint nudged from its base, in float32 and bfloat16 weights: kl, kl_reverse
+    and delta_p within 1e-6 nats of the float64 computation on each model's full logits."""
+    base = copy.deepcopy(tiny_models[arch]).to(dtype)
+    model = finetuned(tiny_models[arch]).to(dtype)
+    texts = TEXTS if dtype == torch.float32 else FEW
+    table = lmeval.divergence(texts, (model, bpe_tokenizer), (base, bpe_tokenizer), batch_tokens=1)
+    assert 1e-4 < table.kl.mean() < 1.0  # moved, but like a fine-tune, not a different model
+    assert_matches_oracle(table, model, base, bpe_tokenizer, texts)
+
+
+@pytest.mark.slow
+def test_unrelated_models_match_the_oracle_to_float32_precision(tiny_models, bpe_tokenizer):
+    """Two independent inits: KL near 10 nats, where float32 itself is spaced 1e-6 apart, so
+    the bound is 1e-6 plus float32's relative precision."""
+    model, base = tiny_models["gpt2"], build_model("gpt2", len(bpe_tokenizer), seed=1)
+    table = lmeval.divergence(FEW, (model, bpe_tokenizer), (base, bpe_tokenizer), batch_tokens=1)
+    assert table.kl.mean() > 1.0
+    assert_matches_oracle(table, model, base, bpe_tokenizer, FEW, atol=1e-6, rtol=3e-7)
+
+
+def test_independent_of_batching_chunks_head_path_and_order(tiny_models, bpe_tokenizer):
+    model, base = finetuned(tiny_models["gpt2"]), tiny_models["gpt2"]
+    reference = lmeval.divergence(FEW, (model, bpe_tokenizer), (base, bpe_tokenizer), max_length=8, batch_tokens=4096)
+    plain = prepare_model(model, bpe_tokenizer, name="plain")
+    plain.head.fast = False  # the model(...).logits path
+    variants = {
+        "one window per batch": lmeval.divergence(FEW, (model, bpe_tokenizer), (base, bpe_tokenizer), max_length=8, batch_tokens=1),
+        "plain head path": lmeval.divergence(FEW, plain, (base, bpe_tokenizer), max_length=8, batch_tokens=64),
+    }
+    backwards = lmeval.divergence(FEW[::-1], (model, bpe_tokenizer), (base, bpe_tokenizer), max_length=8, batch_tokens=64)
+    backwards["doc_id"] = len(FEW) - 1 - backwards["doc_id"]
+    variants["documents reversed"] = backwards.sort_values(["doc_id", "position"]).reset_index(drop=True)
+    for name, table in variants.items():
+        assert table[["doc_id", "position", "token_id"]].equals(reference[["doc_id", "position", "token_id"]]), name
+        for key in STATS:
+            np.testing.assert_allclose(table[key], reference[key], atol=1e-6, rtol=1e-6, err_msg=f"{name}: {key}")
+        assert (table.same_top1 == reference.same_top1).all(), name
+
+
+@pytest.mark.slow
+def test_small_chunks_give_the_same_numbers(tiny_models, bpe_tokenizer):
+    model, base = prepare_model(finetuned(tiny_models["llama"]), bpe_tokenizer), prepare_model(tiny_models["llama"], bpe_tokenizer)
+    from lmeval.core.windows import make_windows
+
+    ids = bpe_tokenizer(" ".join(CORPUS), add_special_tokens=False)["input_ids"]
+    windows = make_windows(0, ids, [0], 32, 32)
+    whole = pair_scorer.score_pair_windows(model, base, windows, batch_tokens=4096)
+    chunked = pair_scorer.score_pair_windows(model, base, windows, batch_tokens=4096, chunk_bytes=1)  # one row a chunk
+    for key in STATS:
+        np.testing.assert_allclose(chunked[key], whole[key], atol=1e-6, rtol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("twice", ["same object", "two loads"])
+def test_a_model_against_itself_is_zero_everywhere(twice, tiny_models, bpe_tokenizer):
+    lm = prepare_model(tiny_models["gpt2"], bpe_tokenizer, name="m")
+    other = lm if twice == "same object" else prepare_model(copy.deepcopy(tiny_models["gpt2"]), bpe_tokenizer, name="m2")
+    table = lmeval.divergence(TEXTS, lm, other, batch_tokens=64)
+    assert table.kl.abs().max() <= 1e-7 and table.kl_reverse.abs().max() <= 1e-7
+    assert table.same_top1.all() and (table.delta_p == 0).all()
+    summary = lmeval.divergence_summary(table).iloc[0]
+    assert (summary.kl_mean, summary.kl_mean_ci_low, summary.kl_mean_ci_high) == (0.0, 0.0, 0.0)
+    assert (summary.same_top1, summary.same_top1_ci_low, summary.same_top1_ci_high) == (1.0, 1.0, 1.0)
+    assert (summary.ln_ppl_ratio_ci_low, summary.ln_ppl_ratio_ci_high) == (0.0, 0.0)
+
+
+def test_mixed_tokenizers_are_refused_by_name(tmp_path, tiny_models, bpe_tokenizer):
+    other_tokenizer = train_bpe(tmp_path, vocab_size=300)
+    other = build_model("gpt2", len(other_tokenizer))
+    with pytest.raises(TokenizerMismatchError, match="identical tokenizers.*bits_per_byte"):
+        lmeval.divergence(["hello there"], (other, other_tokenizer), (tiny_models["gpt2"], bpe_tokenizer))
+    assert issubclass(TokenizerMismatchError, lmeval.LmevalError)
+
+
+def test_logits_of_different_widths_are_refused(tiny_models, bpe_tokenizer):
+    wider = build_model("gpt2", len(bpe_tokenizer) + 16)
+    with pytest.raises(ModelError, match="as wide as the baseline"):
+        lmeval.divergence(["hello there"], (wider, bpe_tokenizer), (tiny_models["gpt2"], bpe_tokenizer))
+
+
+def test_non_finite_logits_name_the_model(tiny_models, bpe_tokenizer):
+    broken = copy.deepcopy(tiny_models["gpt2"])
+    with torch.no_grad():
+        broken.get_output_embeddings().weight[3] = float("nan")
+    with pytest.raises(ModelError, match="model broken: non-finite logits at document 0"):
+        lmeval.divergence(["hello there"], (broken, bpe_tokenizer), (tiny_models["gpt2"], bpe_tokenizer), name="broken")
+    with pytest.raises(ModelError, match="model broken: non-finite"):
+        lmeval.divergence(["hello there"], (tiny_models["gpt2"], bpe_tokenizer), (broken, bpe_tokenizer), baseline_name="broken")
+
+
+@pytest.mark.slow
+def test_out_of_memory_halves_the_batch_and_loses_nothing(tiny_models, bpe_tokenizer, monkeypatch):
+    model, base = (finetuned(tiny_models["gpt2"]), bpe_tokenizer), (tiny_models["gpt2"], bpe_tokenizer)
+    reference = lmeval.divergence(TEXTS, model, base, max_length=16, batch_tokens=4096)
+    real, sizes = pair_scorer.score_pair_batch, []
+
+    def tight(lm, baseline, windows, chunk_bytes=None):
+        if len(windows) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        sizes.append(len(windows))
+        return real(lm, baseline, windows, chunk_bytes)
+
+    monkeypatch.setattr(pair_scorer, "score_pair_batch", tight)
+    retried = lmeval.divergence(TEXTS, model, base, max_length=16, batch_tokens=4096)
+    assert sizes and max(sizes) <= 2
+    pd.testing.assert_frame_equal(retried, reference, check_exact=False, atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# The summary against numpy over the per-token table
+# --------------------------------------------------------------------------------------
+
+
+def numpy_summary(table: pd.DataFrame, n_resamples: int, seed: int) -> dict:
+    """The documented figures, computed here from the per-token rows with numpy alone."""
+    kl, dp = table.kl.to_numpy(np.float64), table.delta_p.to_numpy(np.float64)
+    diff = table.nll.to_numpy(np.float64) - table.nll_baseline.to_numpy(np.float64)
+    out = {"kl_mean": kl.mean(), "kl_median": np.median(kl), "kl_p90": np.quantile(kl, 0.9),
+           "kl_p99": np.quantile(kl, 0.99), "kl_p999": np.quantile(kl, 0.999), "kl_max": kl.max(),
+           "kl_reverse_mean": table.kl_reverse.to_numpy(np.float64).mean(), "same_top1": table.same_top1.mean(),
+           "delta_p_mean": dp.mean(), "delta_p_rms": np.sqrt((dp**2).mean()), "delta_p_p01": np.quantile(dp, 0.01),
+           "delta_p_p99": np.quantile(dp, 0.99), "delta_p_min": dp.min(), "delta_p_max": dp.max(),
+           "ln_ppl_ratio": diff.mean(), "n_tokens": len(table), "n_documents": table.doc_id.nunique()}  # fmt: skip
+    # The paired document bootstrap, as documented: documents in order of first appearance,
+    # default_rng(seed).integers(0, D, (B, D)), each resample pooled from sums.
+    docs = pd.unique(table.doc_id)
+    frame = pd.DataFrame({"doc": table.doc_id, "n": 1.0, "kl": kl, "dp": dp, "dp2": dp**2, "diff": diff,
+                          "top": table.same_top1.astype(float)})  # fmt: skip
+    sums = frame.groupby("doc", sort=False).sum().loc[docs]
+    draw = np.random.default_rng(seed).integers(0, len(docs), size=(n_resamples, len(docs)))
+    boot = {c: sums[c].to_numpy()[draw].sum(axis=1) for c in sums.columns}
+    for name, value in (("kl_mean", boot["kl"] / boot["n"]), ("same_top1", boot["top"] / boot["n"]),
+                        ("delta_p_mean", boot["dp"] / boot["n"]), ("delta_p_rms", np.sqrt(boot["dp2"] / boot["n"])),
+                        ("ln_ppl_ratio", boot["diff"] / boot["n"])):  # fmt: skip
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = np.percentile(value, [2.5, 97.5])
+    return out
+
+
+def test_summary_equals_numpy_over_the_token_table(tiny_models, bpe_tokenizer):
+    texts = [f"{i}: {CORPUS[i % 6]} {CORPUS[(i * 5 + 1) % 6]}" for i in range(9)]
+    table = lmeval.divergence(texts, (finetuned(tiny_models["gpt2"], 0.2), bpe_tokenizer), (tiny_models["gpt2"], bpe_tokenizer))
+    summary = lmeval.divergence_summary(table, bootstrap=300, seed=5).iloc[0]
+    for key, value in numpy_summary(table, 300, 5).items():
+        assert summary[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert summary.kl_mean_ci_low < summary.kl_mean < summary.kl_mean_ci_high
+    assert summary.ppl_ratio == pytest.approx(np.exp(summary.ln_ppl_ratio))
