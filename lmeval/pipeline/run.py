@@ -18,6 +18,7 @@ from pathlib import Path
 from ..model.loading import load_model
 from ..model.scorer import ScoreOptions, resolve_window
 from . import distributed
+from .analysis import scoring_meta
 from .config import Config, load_config
 from .data import SEPARATOR_ID, Corpus, load_documents, resolve_prefix
 from ..errors import OutputError
@@ -53,7 +54,8 @@ def score_parts(model, corpus: Corpus, config: Config, folder: Path, groups, bar
     folder.mkdir(parents=True, exist_ok=True)
     lm = load_model(model)
     s = config.scoring
-    options = ScoreOptions(batch_tokens=check_batch_tokens(s.batch_tokens), temperatures=config.calibration.temperatures, compile=s.compile)
+    options = ScoreOptions(batch_tokens=check_batch_tokens(s.batch_tokens), temperatures=config.calibration.temperatures, compile=s.compile,
+                           moments=config.analysis.membership)  # Var_q[log q], for Min-K%++
     protocol = _protocol(lm, config)  # also checks the window against the model, before any scoring
     _check_resumed_protocol(folder, done, protocol, model.name)
     score = score_stream if s.documents == "concatenated" else score_group
@@ -67,6 +69,7 @@ def score_parts(model, corpus: Corpus, config: Config, folder: Path, groups, bar
         meta = {
             "doc_ids": ids, "n_tokens": n_tokens.tolist(), "nll_sum": nll_sum.tolist(), "n_bytes": n_bytes,
             "n_words": n_words, "seconds": time.perf_counter() - started, "protocol": protocol,
+            **scoring_meta(texts, config.analysis),
         }  # fmt: skip
         write_part(folder / f"{part_key(ids)}.parquet", columns, meta)
     del lm
@@ -106,7 +109,9 @@ def _identity(config: Config, corpus: Corpus) -> dict:
     raw = config.to_dict()
     return {
         "config": {"models": [dataclasses.asdict(m) for m in config.models], "data": raw["data"], "scoring": raw["scoring"],
-                   "temperatures": raw["calibration"]["temperatures"], "part_chars": raw["output"]["part_chars"]},
+                   "temperatures": raw["calibration"]["temperatures"], "part_chars": raw["output"]["part_chars"],
+                   # parts scored for membership carry var_logq and zlib sizes; others do not
+                   **({"membership": True} if config.analysis.membership else {})},
         "data": corpus.fingerprint,
         "models": {m.name: fingerprint_model(m.path, m.revision)["fingerprint"] for m in config.models},
     }  # fmt: skip
