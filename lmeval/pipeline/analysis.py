@@ -60,6 +60,7 @@ class ModelAnalysis:
         self.windows = [icl_window(c) for c in options.icl_context]
         self.n_docs = 0
         self.doc_ids: list[str] = []
+        self.longest_context = 0  # for the note when icl_score cannot be computed
         self.sums: dict[str, list[BinnedSums]] = {axis: [] for axis in AXES}
         self.icl: list[list[np.ndarray]] = [[], [], [], []]  # early n, early sum, late n, late sum
         self.scores: dict[str, list[np.ndarray]] = {c: [] for c in membership_columns(options)}
@@ -71,6 +72,7 @@ class ModelAnalysis:
         if self.options.positions:
             for axis in AXES:
                 self.sums[axis].append(binned_sums(doc, columns[axis], nll, self.bins, doc_offset=self.n_docs))
+            self.longest_context = max(self.longest_context, int(columns["context_len"].max(initial=0)))
             for i, window in enumerate(self.windows):
                 for j, values in enumerate(window_sums(doc, columns["context_len"], nll, window, n_docs)):
                     self.icl[2 * i + j].append(values)
@@ -135,8 +137,9 @@ class ModelAnalysis:
         result["icl_note"] = ""
         if not result["icl_documents"]:
             result["icl_note"] = (
-                f"no document has tokens scored with both {e_lo}-{e_hi} and {l_lo}-{l_hi} tokens of context: "
-                f"documents must be longer than {l_hi - 1} tokens and scoring.max_length at least {l_hi}"
+                f"no document has tokens scored with both {e_lo}-{e_hi} and {l_lo}-{l_hi} tokens of context "
+                f"(the longest context was {self.longest_context}): documents must be longer than {l_hi - 1} tokens "
+                f"and scoring.max_length at least {l_hi}"
             )
             log.warning("model %s: icl_score is NaN: %s", self.name, result["icl_note"])
         return result

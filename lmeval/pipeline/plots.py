@@ -115,15 +115,16 @@ def plot_positions(positions: pd.DataFrame, path, *, log_x: bool = True) -> None
 
     fig = Figure(figsize=(11, 4), dpi=110)  # fixed margins: a constrained layout doubles the drawing time
     fig.subplots_adjust(left=0.065, right=0.99, bottom=0.13, top=0.86, wspace=0.06)
-    panels = (("position", "token's place in its document (1 = first)", 1), ("context_len", "context length (tokens)", 0))
-    for ax, (axis, label, shift) in zip(fig.subplots(1, 2, sharey=True), panels):
+    panels = (("position", "position", "token's place in its document (1 = first)", 1),
+              ("context_len", "context length", "context length (ids the prediction saw)", 0))  # fmt: skip
+    for ax, (axis, title, label, shift) in zip(fig.subplots(1, 2, sharey=True), panels):
         for name, rows in positions[positions["axis"] == axis].groupby("model", sort=False):
             x = rows["value_mean"].to_numpy() + shift
             (line,) = ax.plot(x, rows["nll_mean"], marker="o", ms=3, lw=1.2, label=str(name))
             ax.fill_between(x, rows["ci_low"], rows["ci_high"], color=line.get_color(), alpha=0.2, lw=0)
         if log_x:
             ax.set_xscale("log")
-        ax.set(xlabel=label, title=f"mean NLL by {axis.replace('_', ' ')}")
+        ax.set(xlabel=label, title=f"mean NLL by {title}")
         ax.grid(alpha=0.3)
     fig.axes[0].set_ylabel("mean NLL (nats per token)")
     fig.axes[0].legend(fontsize=8)
