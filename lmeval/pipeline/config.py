@@ -81,6 +81,22 @@ class CompareConfig:
 
 
 @dataclass(frozen=True)
+class AnalysisConfig:
+    """What the per-token results say about the corpus (see lmeval.pipeline.analysis)."""
+
+    positions: bool = True  # positions.csv / positions.png and icl_score in the summary
+    position_bins: Literal["log", "linear"] = "log"
+    bins_per_octave: int = 4  # log bins per doubling of the position
+    bin_width: int = 64  # tokens per linear bin
+    icl_context: tuple[int, ...] = (50, 500)  # icl_score: NLL near the 2nd context length minus near the 1st
+    bootstrap: int = 1000  # document resamples for the intervals (0: none)
+    seed: int = 0
+    membership: bool = False  # mink_prob_{k}, mink_pp_{k}, zlib_ratio, extractable_suffix per document
+    mink_k: tuple[float, ...] = (10, 20)  # percent of a document's tokens for Min-K% and Min-K%++
+    reference: Optional[str] = None  # a model of the run: ref_ratio of every model against it
+
+
+@dataclass(frozen=True)
 class Config:
     models: tuple[ModelSpec, ...]
     data: DataConfig
@@ -88,6 +104,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     source: Optional[str] = None  # the YAML file this came from
 
     def to_dict(self) -> dict:
@@ -100,6 +117,7 @@ SECTIONS = {
     "output": OutputConfig,
     "calibration": CalibrationConfig,
     "compare": CompareConfig,
+    "analysis": AnalysisConfig,
 }
 _REQUIRED = object()
 
@@ -360,6 +378,7 @@ def _check_values(config: Config, problems: list[str]) -> None:
         problems.append(f"compare.top_k: must be >= 0 (got {cmp.top_k}).")
     if cmp.min_documents < 1:
         problems.append(f"compare.min_documents: must be >= 1 (got {cmp.min_documents}). The default is {MIN_DOCUMENTS}.")
+    _check_analysis(config.analysis, [m.name for m in config.models], problems)
     for i, m in enumerate(config.models):
         _check_device_map(m, f"models[{i}]", problems)
     names = [m.name for m in config.models]
@@ -371,6 +390,24 @@ def _check_values(config: Config, problems: list[str]) -> None:
     if cmp.divergence and len(names) < 2:
         problems.append(f"compare.divergence: needs at least two models, a baseline and one to compare (got {len(names)}). "
                         "Add the base checkpoint to `models:` and name it in `compare.baseline`.")
+
+
+def _check_analysis(a: AnalysisConfig, names: list[str], problems: list[str]) -> None:
+    for key in ("bins_per_octave", "bin_width"):
+        if getattr(a, key) < 1:
+            problems.append(f"analysis.{key}: must be >= 1 (got {getattr(a, key)}).")
+    icl = a.icl_context
+    if len(icl) != 2 or not 1 <= icl[0] < icl[1]:
+        problems.append(f"analysis.icl_context: must be two context lengths [early, late] with 1 <= early < late "
+                        f"(got {list(icl)}). Olsson et al. use [50, 500].")  # fmt: skip
+    if a.bootstrap < 0:
+        problems.append(f"analysis.bootstrap: must be >= 0 (got {a.bootstrap}).")
+    bad = [k for k in a.mink_k if not 0 < k <= 100]
+    if bad or not a.mink_k or len(set(a.mink_k)) != len(a.mink_k):
+        problems.append(f"analysis.mink_k: must be distinct percentages in (0, 100] (got {list(a.mink_k)}). "
+                        "The papers use [10, 20].")  # fmt: skip
+    if a.reference is not None and a.reference not in names:
+        problems.append(f"analysis.reference: must name one of the models ({', '.join(names)}) (got {a.reference!r}).")
 
 
 def _check_device_map(model: ModelSpec, where: str, problems: list[str]) -> None:

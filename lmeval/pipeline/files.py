@@ -25,6 +25,7 @@ OUTPUT_FILES = (
     "tokens.parquet", "documents.parquet", "documents.csv", "summary.csv", "calibration.csv",
     "temperature.csv", "compare.csv", "compare_tokens.csv", "compare_documents.csv", "reliability.png", "checkpoints.png", "run.json",
     "divergence.parquet", "divergence.csv", "divergence_tokens.csv", "divergence.png",
+    "positions.csv", "positions.png",
 )  # fmt: skip
 
 
@@ -103,7 +104,7 @@ def atomic_write(path: Path, write) -> None:
 def write_table(frame: pd.DataFrame, path: Path) -> None:
     """A table as parquet (under its schema in `schemas`, when it has one) or CSV, atomically."""
     if path.suffix == ".parquet":
-        schema = schema_for(path)
+        schema = schema_for(path, list(frame.columns))
         table = to_arrow(frame, schema) if schema is not None else pa.Table.from_pandas(frame, preserve_index=False)
         atomic_write(path, lambda tmp: pq.write_table(table, tmp))
     else:

@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..core import calibration as cal
 from ..errors import OutputError
+from .analysis import ModelAnalysis, add_reference_ratio, write_positions
 from .compare import compare_tables, write_compare
 from .config import Config
 from .data import Corpus
@@ -39,6 +40,7 @@ class ModelTables:
     temperature: pd.DataFrame
     bins: cal.ReliabilityBins
     protocol: dict
+    positions: pd.DataFrame | None = None
 
 
 def collect_model(name: str, corpus: Corpus, config: Config, paths: list[Path], token_sink) -> ModelTables:
@@ -46,9 +48,11 @@ def collect_model(name: str, corpus: Corpus, config: Config, paths: list[Path], 
     part's token rows go to ``token_sink`` so they never all sit in memory at once."""
     c = config.calibration
     sums, confidences, seconds, metas = None, [], 0.0, []
+    analysis = ModelAnalysis(name, config.analysis)
     for path in paths:
         columns, meta = _read_checked(path)
         metas.append(meta)
+        analysis.add(columns, meta)
         part_sums = cal.calibration_sums(
             *(columns[k] for k in CALIBRATION_INPUTS[:6]), eps_grid=c.label_smoothing, nll_t=columns.get("nll_t"),
             max_prob_t=columns.get("max_prob_t"), temperatures=c.temperatures, n_bins=c.bins,
@@ -59,7 +63,7 @@ def collect_model(name: str, corpus: Corpus, config: Config, paths: list[Path], 
         if token_sink is not None:
             token_sink(tokens_frame(name, string_ids(meta["doc_ids"]), columns))
         seconds += meta["seconds"]
-    documents = documents_frame(name, *_document_sums(metas))
+    documents = analysis.documents(documents_frame(name, *_document_sums(metas)))
     summary = summary_row(name, documents, n_skipped=corpus.n_skipped, seconds=seconds)
     summary["n_documents"] = len(corpus.documents)
     protocol = metas[0]["protocol"]
@@ -70,10 +74,12 @@ def collect_model(name: str, corpus: Corpus, config: Config, paths: list[Path], 
         bins = cal.reliability_bins(conf, top1, c.bins, scheme="mass")
         metrics.update(ece=cal.expected_calibration_error(bins), mce=cal.max_calibration_error(bins))
     summary.update(metrics)
+    summary.update(analysis.summary())
     calibration, temperature = bins.to_frame(), cal.temperature_table(sums, c.temperatures)
     calibration.insert(0, "model", name)
     temperature.insert(0, "model", name)
-    return ModelTables(documents, summary, calibration, temperature, bins, protocol)
+    positions = analysis.positions() if config.analysis.positions else None
+    return ModelTables(documents, summary, calibration, temperature, bins, protocol, positions)
 
 
 PROTOCOL_NOTES = {
@@ -148,7 +154,8 @@ def merge_tables(out: Path, config: Config, corpus: Corpus, part_paths: dict[str
     if writer is not None:
         writer.close()
     tables = {
-        "documents": pd.concat([r.documents for _, r in results], ignore_index=True),
+        "documents": add_reference_ratio(pd.concat([r.documents for _, r in results], ignore_index=True),
+                                         config.analysis.reference),
         "summary": pd.DataFrame([r.summary for _, r in results]),
         "calibration": pd.concat([r.calibration for _, r in results], ignore_index=True),
         "temperature": pd.concat([r.temperature for _, r in results], ignore_index=True),
@@ -158,6 +165,9 @@ def merge_tables(out: Path, config: Config, corpus: Corpus, part_paths: dict[str
     for name in ("summary", "calibration", "temperature"):
         write_table(tables[name], out / f"{name}.csv")
     plot_reliability({name: r.bins for name, r in results}, out / "reliability.png")
+    positions = write_positions([r.positions for _, r in results], out, config.analysis)
+    if positions is not None:
+        tables["positions"] = positions
     if return_tokens and config.output.per_token:
         tables["tokens"] = read_table(out / "tokens.parquet")
     return tables

@@ -82,10 +82,10 @@ def plan_key(corpus: Corpus, plan: PartPlan, documents_mode: str) -> str:
     return part_key(ids if plan.n_pieces == 1 else [*ids, f"piece {plan.piece} of {plan.n_pieces}"])
 
 
-def require_whole(piece, documents) -> None:
-    """Modes that score a text given its context (contexts, chat turns) need each row whole."""
+def require_whole(piece, documents, needs: str = "data.context_field or data.messages_field") -> None:
+    """Modes that need each document in one part (contexts, chat turns, membership scores)."""
     if piece is not None and piece.n_pieces > 1:
         raise DataError(
-            f"document {documents[0].doc_id!r}: with data.context_field or data.messages_field a row must fit in "
-            f"one part (got {piece.n_chars} characters > output.part_chars). Raise output.part_chars above it."
+            f"document {documents[0].doc_id!r}: with {needs} a document must fit in one part "
+            f"(got {piece.n_chars} characters > output.part_chars). Raise output.part_chars above it."
         )

@@ -1,4 +1,4 @@
-"""The run's figures: the reliability diagram and the checkpoint plot, as PNG files.
+"""The run's figures: the reliability diagram, the checkpoint plot and the position curve, as PNG files.
 
 matplotlib's object API only (no pyplot: no global state, no GUI backend), imported when a
 figure is drawn; every file is written atomically.
@@ -105,3 +105,30 @@ def _draw_panel(ax, points: pd.DataFrame, label: str, baseline: str) -> None:
     ax.set(xlabel=axis, ylabel=label, title=f"{label} vs {axis}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def plot_positions(positions: pd.DataFrame, path, *, log_x: bool = True) -> None:
+    """PNG of mean NLL [nats] against the token's place, one line per model with its 95%
+    document-bootstrap band: left by position in the document (1 = the first token), right
+    by context length (the tokens the prediction saw, BOS included). Written atomically."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    fig = Figure(figsize=(11, 4), dpi=110)  # fixed margins: a constrained layout doubles the drawing time
+    fig.subplots_adjust(left=0.065, right=0.99, bottom=0.13, top=0.86, wspace=0.06)
+    panels = (("position", "position", "token's place in its document (1 = first)", 1),
+              ("context_len", "context length", "context length (ids the prediction saw)", 0))  # fmt: skip
+    for ax, (axis, title, label, shift) in zip(fig.subplots(1, 2, sharey=True), panels):
+        for name, rows in positions[positions["axis"] == axis].groupby("model", sort=False):
+            x = rows["value_mean"].to_numpy() + shift
+            (line,) = ax.plot(x, rows["nll_mean"], marker="o", ms=3, lw=1.2, label=str(name))
+            ax.fill_between(x, rows["ci_low"], rows["ci_high"], color=line.get_color(), alpha=0.2, lw=0)
+        if log_x:
+            ax.set_xscale("log")
+        ax.set(xlabel=label, title=f"mean NLL by {title}")
+        ax.grid(alpha=0.3)
+    fig.axes[0].set_ylabel("mean NLL (nats per token)")
+    fig.axes[0].legend(fontsize=8)
+    fig.suptitle("bands: 95% document-bootstrap interval of each bin's mean", fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -19,6 +19,7 @@ from ..errors import OutputError
 from ..model.loading import load_model
 from ..model.scorer import ScoreOptions, resolve_window
 from . import distributed, divergence_run
+from .analysis import scoring_meta
 from .chat import score_chat_group
 from .config import Config, load_config
 from .continuation import score_context_group
@@ -27,7 +28,7 @@ from .files import clean_leftovers, prepare_output_dir, replace_outputs, write_j
 from .lock import RunLock
 from .merge import check_parts_present, merge_tables, run_record, write_comparison
 from .parts import finished_keys, identity_hash, model_dirname, open_parts, read_meta, roundtrip, write_part
-from .plan import PartPlan, part_doc_ids, plan_key, plan_parts
+from .plan import PartPlan, part_doc_ids, plan_key, plan_parts, require_whole
 from .prefetch import BackgroundWriter, prefetched
 from .progress import ScoringProgress
 from .provenance import fingerprint_model, tokenizer_fingerprint
@@ -73,6 +74,9 @@ def _run_locked(config: Config, overwrite, fresh, show_progress, return_tokens, 
     out, corpus, parts, replaced = ctx.call(lambda: opened if ctx.is_main else _join_run(config))
     try:
         plans = plan_parts(corpus, config.scoring.documents, config.scoring.separator, config.output.part_chars)
+        if config.analysis.membership:  # per-document scores need every token of a document in one part
+            for plan in plans:
+                require_whole(plan, [corpus.documents[i] for i in plan.docs], "analysis.membership")
         todo = ctx.broadcast(_unfinished(corpus, config, parts, plans) if ctx.is_main else None)
         groups, group_ids = _divergence_groups(config, corpus, plans)
         pair_todo = ctx.broadcast(divergence_run.unfinished(config, parts, group_ids) if ctx.is_main else None)
@@ -117,7 +121,9 @@ def _identity(config: Config, corpus: Corpus) -> dict:
     raw = config.to_dict()
     return {
         "config": {"models": [dataclasses.asdict(m) for m in config.models], "data": raw["data"], "scoring": raw["scoring"],
-                   "temperatures": raw["calibration"]["temperatures"], "part_chars": raw["output"]["part_chars"]},
+                   "temperatures": raw["calibration"]["temperatures"], "part_chars": raw["output"]["part_chars"],
+                   # parts scored for membership carry var_logq and zlib sizes; others do not
+                   **({"membership": True} if config.analysis.membership else {})},
         "data": corpus.fingerprint,
         "models": {m.name: fingerprint_model(m.path, m.revision)["fingerprint"] for m in config.models},
     }  # fmt: skip
@@ -156,7 +162,8 @@ def score_parts(model, corpus: Corpus, config: Config, folder: Path, plans: list
     folder.mkdir(parents=True, exist_ok=True)
     lm = load_model(model)
     s = config.scoring
-    options = ScoreOptions(batch_tokens=check_batch_tokens(s.batch_tokens), temperatures=config.calibration.temperatures, compile=s.compile)
+    options = ScoreOptions(batch_tokens=check_batch_tokens(s.batch_tokens), temperatures=config.calibration.temperatures, compile=s.compile,
+                           moments=config.analysis.membership)  # Var_q[log q], for Min-K%++
     protocol = protocol_record(lm, config)  # also checks the window against the model, before any scoring
     _check_protocol(folder, protocol, model.name)
     score = score_stream if s.documents == "concatenated" else score_group
@@ -183,6 +190,7 @@ def score_parts(model, corpus: Corpus, config: Config, folder: Path, plans: list
                 "n_tokens": n_tokens.tolist(), "nll_sum": nll_sum.tolist(), "n_bytes": n_bytes, "n_words": n_words,
                 "seconds": time.perf_counter() - started, "identity": idh,
                 "protocol": {**protocol, "reductions": lm.workspace.mode_since(calls)},  # how they ran: compiled or eager
+                **scoring_meta(texts, config.analysis),
             }  # fmt: skip
             writer.submit(write_part, folder / f"{plan_key(corpus, plan, s.documents)}.parquet", columns, meta)
     del lm

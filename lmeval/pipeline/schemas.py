@@ -31,6 +31,14 @@ DIVERGENCE = pa.schema([
     ("char_start", pa.int64()), ("char_end", pa.int64()), ("context_len", pa.int64()),
 ])  # fmt: skip
 SCHEMAS = {"tokens.parquet": TOKENS, "documents.parquet": DOCUMENTS, "divergence.parquet": DIVERGENCE}
+# Columns a table holds only when asked for (analysis.membership, analysis.reference); a
+# trailing "_" names a family (mink_prob_10, mink_prob_20, ...).
+OPTIONAL = {
+    "documents.parquet": {
+        "mink_prob_": pa.float64(), "mink_pp_": pa.float64(), "zlib_ratio": pa.float64(),
+        "zlib_bytes": pa.int64(), "extractable_suffix": pa.int64(), "ref_ratio": pa.float64(),
+    },
+}  # fmt: skip
 
 
 def string_ids(doc_ids) -> list[str]:
@@ -48,14 +56,26 @@ def to_arrow(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
     return table.cast(schema, safe=True).replace_schema_metadata(None)
 
 
-def schema_for(path: Path) -> pa.Schema | None:
-    return SCHEMAS.get(Path(path).name)
+def schema_for(path: Path, columns: list[str] | None = None) -> pa.Schema | None:
+    """The schema of a table file; with ``columns``, extended by the optional ones among them."""
+    name = Path(path).name
+    schema = SCHEMAS.get(name)
+    if schema is None or not columns:
+        return schema
+    optional = OPTIONAL.get(name, {})
+    for column in columns:
+        if column in schema.names:
+            continue
+        kind = optional.get(column) or next((t for p, t in optional.items() if p.endswith("_") and column.startswith(p)), None)
+        if kind is not None:
+            schema = schema.append(pa.field(column, kind))
+    return schema
 
 
 def read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     """A table lmeval wrote, read back under its schema (``doc_id`` stays a string)."""
-    schema = schema_for(path)
     table = pq.read_table(path, columns=columns)
+    schema = schema_for(path, table.column_names)
     if schema is not None:
         table = table.cast(pa.schema([schema.field(n) for n in table.column_names]))
     return table.to_pandas()

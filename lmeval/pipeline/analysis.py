@@ -1,0 +1,187 @@
+"""What a model's per-token results say about the corpus, streamed over its result parts.
+
+Two questions (the ``analysis`` config section):
+
+- Does the model use its context? ``positions.csv``: mean NLL [nats] in bins of the token's
+  position in its document and, separately, of its context length (the tokens the
+  prediction conditioned on, BOS included), each with a 95% document-bootstrap interval;
+  ``positions.png``; and ``icl_score`` in the summary.
+- Has the model seen this document? With ``membership: true``, per-document scores in
+  documents.parquet (see `lmeval.core.memorization`); with ``reference``, ``ref_ratio``.
+
+Every number comes from sums that `ModelAnalysis.add` takes from one part at a time, so the
+corpus's tokens are never in memory together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..core import memorization as mem
+from ..core.positions import BinnedSums, Bins, bin_intervals, binned_sums, icl_score, icl_window, pooled_bins, window_sums
+from .config import AnalysisConfig
+from .files import write_table
+from .plots import plot_positions
+
+log = logging.getLogger(__name__)
+
+POSITION_COLUMNS = ["model", "axis", "bin", "lo", "hi", "n_tokens", "n_documents", "value_mean", "nll_mean", "ci_low", "ci_high"]
+AXES = ("position", "context_len")  # the two columns of the token table the curve bins
+
+
+def percent_name(k: float) -> str:
+    """The column suffix of a percentage: 10 -> "10", 12.5 -> "12.5"."""
+    return f"{k:g}"
+
+
+def membership_columns(options: AnalysisConfig) -> list[str]:
+    """The per-document columns ``membership: true`` adds, in table order."""
+    ks = [percent_name(k) for k in options.mink_k]
+    return [f"mink_prob_{k}" for k in ks] + [f"mink_pp_{k}" for k in ks] + ["zlib_bytes", "zlib_ratio", "extractable_suffix"]
+
+
+def scoring_meta(texts: list[str], options: AnalysisConfig) -> dict:
+    """What a part must record at scoring time for the analysis: the zlib-compressed size of
+    each scored text (membership only; the merge no longer has the scored texts)."""
+    return {"zlib_bytes": [mem.compressed_bytes(t) for t in texts]} if options.membership else {}
+
+
+class ModelAnalysis:
+    """One model's analysis sums, fed a part at a time (`add`), in corpus order."""
+
+    def __init__(self, name: str, options: AnalysisConfig):
+        self.name, self.options = name, options
+        self.bins = Bins(options.position_bins, options.bins_per_octave, options.bin_width)
+        self.windows = [icl_window(c) for c in options.icl_context]
+        self.index: dict[str, int] = {}  # doc_id -> corpus-wide index (the pieces of a document share one)
+        self.doc_ids: list[str] = []
+        self.longest_context = 0  # for the note when icl_score cannot be computed
+        self.sums: dict[str, list[BinnedSums]] = {axis: [] for axis in AXES}
+        self.icl: list[np.ndarray] = [np.zeros(0)] * 4  # per document: early n, early sum, late n, late sum
+        self.scores: dict[str, list[np.ndarray]] = {c: [] for c in membership_columns(options)}
+
+    def add(self, columns: dict[str, np.ndarray], meta: dict) -> None:
+        """Take one part's per-token ``columns`` (``doc_index`` into ``meta["doc_ids"]``). A
+        document scored as several pieces (parts) is one document here."""
+        n_docs = len(meta["doc_ids"])
+        for doc_id in map(str, meta["doc_ids"]):
+            if doc_id not in self.index:
+                self.index[doc_id] = len(self.doc_ids)
+                self.doc_ids.append(doc_id)
+        corpus_index = np.array([self.index[str(d)] for d in meta["doc_ids"]], dtype=np.int64)
+        doc, nll = corpus_index[columns["doc_index"]], columns["nll"]
+        if self.options.positions:
+            for axis in AXES:
+                self.sums[axis].append(binned_sums(doc, columns[axis], nll, self.bins))
+            self.longest_context = max(self.longest_context, int(columns["context_len"].max(initial=0)))
+            for i, window in enumerate(self.windows):
+                for j, values in enumerate(window_sums(doc, columns["context_len"], nll, window, self.n_docs)):
+                    self.icl[2 * i + j] = _accumulate(self.icl[2 * i + j], values)
+        if self.options.membership:
+            if meta.get("piece", [0, 1])[1] > 1:
+                raise RuntimeError("membership scores need whole documents: the run should have refused pieces")
+            for key, values in self._membership(columns, meta, n_docs).items():
+                self.scores[key].append(values)
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.doc_ids)
+
+    def _membership(self, columns: dict[str, np.ndarray], meta: dict, n_docs: int) -> dict[str, np.ndarray]:
+        doc, nll = columns["doc_index"], columns["nll"]
+        if "var_logq" not in columns or "zlib_bytes" not in meta:
+            raise RuntimeError("a result part lacks var_logq or zlib_bytes: the run identity should have refused it")
+        out = {}
+        for k in self.options.mink_k:
+            out[f"mink_prob_{percent_name(k)}"] = mem.mink_prob(doc, nll, n_docs, k)
+            out[f"mink_pp_{percent_name(k)}"] = mem.mink_pp(doc, nll, columns["entropy"], columns["var_logq"], n_docs, k)
+        zlib_bytes = np.asarray(meta["zlib_bytes"], dtype=np.int64)
+        out["zlib_bytes"] = zlib_bytes
+        out["zlib_ratio"] = mem.zlib_ratio(meta["nll_sum"], meta["n_tokens"], zlib_bytes)
+        out["extractable_suffix"] = mem.extractable_suffix(doc, columns["position"], columns["is_top1"], n_docs)
+        return out
+
+    def documents(self, documents: pd.DataFrame) -> pd.DataFrame:
+        """``documents`` (this model's rows, in corpus order) with the membership columns."""
+        if not self.options.membership:
+            return documents
+        return documents.assign(**{key: np.concatenate(parts) for key, parts in self.scores.items()})
+
+    def positions(self) -> pd.DataFrame:
+        """positions.csv rows of this model: columns `POSITION_COLUMNS`, ``lo``/``hi`` the bin's
+        ``[lo, hi)`` on its axis, ``value_mean`` the mean position (or context length) in it."""
+        groups = [BinnedSums.concat(self.sums[axis]) for axis in AXES]
+        rank = np.argsort(self._canonical())  # corpus index -> its place in doc_id order
+        resampled = [dataclasses.replace(g, doc=rank[g.doc]) for g in groups]
+        intervals = bin_intervals(resampled, self.n_docs, self.options.bootstrap, self.options.seed)
+        frames = []
+        for axis, sums, (low, high) in zip(AXES, groups, intervals):
+            pooled = pooled_bins(sums)
+            lo, hi = self.bins.bounds(pooled["bin"])
+            frames.append(pd.DataFrame({
+                "model": self.name, "axis": axis, "bin": pooled["bin"], "lo": lo, "hi": hi,
+                "n_tokens": pooled["n_tokens"], "n_documents": pooled["n_documents"],
+                "value_mean": pooled["value_mean"], "nll_mean": pooled["nll_mean"], "ci_low": low, "ci_high": high,
+            }))  # fmt: skip
+        return pd.concat(frames, ignore_index=True)[POSITION_COLUMNS]
+
+    def _canonical(self) -> np.ndarray:
+        """Corpus indices in doc_id order: the bootstrap resamples documents in this order,
+        so its intervals do not depend on the order of the corpus file."""
+        return np.argsort(np.array(self.doc_ids, dtype=object), kind="stable")
+
+    def summary(self) -> dict:
+        """``icl_score`` (late minus early window, nats), its interval, the documents it
+        pools, and ``icl_note`` saying why it is NaN ('' otherwise)."""
+        if not self.options.positions:
+            return {}
+        order = self._canonical()
+        icl = [_accumulate(values, np.zeros(self.n_docs)) for values in self.icl]
+        early, late = ((icl[i][order], icl[i + 1][order]) for i in (0, 2))
+        result = icl_score(early, late, self.options.bootstrap, self.options.seed)
+        (e_lo, e_hi), (l_lo, l_hi) = self.windows
+        result["icl_note"] = ""
+        if not result["icl_documents"]:
+            result["icl_note"] = (
+                f"no document has tokens scored with both {e_lo}-{e_hi} and {l_lo}-{l_hi} tokens of context "
+                f"(the longest context was {self.longest_context}): documents must be longer than {l_hi - 1} tokens "
+                f"and scoring.max_length at least {l_hi}"
+            )
+            log.warning("model %s: icl_score is NaN: %s", self.name, result["icl_note"])
+        return result
+
+
+def _accumulate(total: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``total + values``, per document, the shorter one padded with zeros (new documents)."""
+    out = np.zeros(max(len(total), len(values)))
+    out[: len(total)] += total
+    out[: len(values)] += values
+    return out
+
+
+def add_reference_ratio(documents: pd.DataFrame, reference: str | None) -> pd.DataFrame:
+    """Every model's documents with ``ref_ratio`` against the ``reference`` model's rows
+    (matched by doc_id; 1 for the reference itself). Unchanged without a reference."""
+    if reference is None:
+        return documents
+    ref = documents[documents["model"] == reference].set_index("doc_id")
+    ref_nll = documents["doc_id"].map(ref["nll_sum"])
+    ref_bytes = documents["doc_id"].map(ref["n_bytes"])
+    ratio = mem.reference_ratio(documents["nll_sum"], documents["n_bytes"], ref_nll, ref_bytes)
+    return documents.assign(ref_ratio=ratio)
+
+
+def write_positions(frames: list[pd.DataFrame], out: Path, options: AnalysisConfig) -> pd.DataFrame | None:
+    """positions.csv and positions.png of every model (nothing with ``positions: false``)."""
+    if not options.positions:
+        return None
+    table = pd.concat(frames, ignore_index=True)
+    write_table(table, out / "positions.csv")
+    if len(table):
+        plot_positions(table, out / "positions.png", log_x=options.position_bins == "log")
+    return table
