@@ -88,12 +88,12 @@ def _fields(config_class) -> set[str]:
     return names | set(getattr(config_class, "attribute_map", {}))
 
 
-def tiny_config(model_type: str, vocab_size: int):
+def tiny_config(model_type: str, vocab_size: int, overrides: dict | None = None):
     """The architecture's config with every size shrunk, its layer pattern kept in miniature."""
     from transformers import CONFIG_MAPPING
 
     config_class = CONFIG_MAPPING[model_type]
-    return config_class(**_tiny_kwargs(config_class, vocab_size, OVERRIDES.get(model_type, {})))
+    return config_class(**_tiny_kwargs(config_class, vocab_size, {**OVERRIDES.get(model_type, {}), **(overrides or {})}))
 
 
 def _tiny_kwargs(config_class, vocab_size: int, overrides: dict) -> dict:
@@ -166,8 +166,9 @@ def reinitialise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def build_tiny(model_type: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
-    """A tiny random model of ``model_type`` from the causal-LM mapping, in eval mode."""
+def build_tiny(model_type: str, vocab_size: int, seed: int = 0, overrides: dict | None = None) -> torch.nn.Module:
+    """A tiny random model of ``model_type`` from the causal-LM mapping, in eval mode;
+    ``overrides`` are config fields set on top of the small sizes."""
     from transformers.models.auto import modeling_auto
 
     if model_type in NOT_TEXT:
@@ -177,7 +178,7 @@ def build_tiny(model_type: str, vocab_size: int, seed: int = 0) -> torch.nn.Modu
 
     model_class = getattr(transformers, class_name)
     try:
-        config = tiny_config(model_type, vocab_size)
+        config = tiny_config(model_type, vocab_size, overrides)
     except Exception as exc:
         raise Skip(f"config cannot be built tiny: {type(exc).__name__}: {str(exc)[:160]}") from exc
     if getattr(model_class, "config_class", type(config)) is not type(config) and hasattr(config, "text_config"):
