@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CORPUS, build_model
-from tiny_arch import build_tiny, oracle_nll
+from tiny_arch import build_tiny, oracle_nll, reinitialise
 
 import lmeval
 from lmeval import ModelError
@@ -124,7 +124,7 @@ def bidirectional_bert(tokenizer):
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, is_decoder=False, pad_token_id=None)  # fmt: skip
-    return BertLMHeadModel(config).eval()
+    return reinitialise(BertLMHeadModel(config)).eval()  # wide weights: the leak is not subtle
 
 
 def test_bidirectional_model_is_refused_naming_probe_and_opt_in(bpe_tokenizer):
@@ -138,7 +138,7 @@ def test_bidirectional_model_is_refused_naming_probe_and_opt_in(bpe_tokenizer):
     lm = prepare_model(model, bpe_tokenizer, name="tiny-bert", allow_noncausal=True)
     table = lmeval.score_texts(TEXTS[:2], lm, max_length=16)
     assert table.attrs["causal"] is False and table.attrs["allow_noncausal"] is True
-    assert lm.probes.causal_change > 1e-3
+    assert lm.probes.causal_change > 1e-2
 
 
 def test_causal_models_record_the_probes(tiny_models, bpe_tokenizer):

@@ -36,9 +36,9 @@ SMALL = dict(
     sliding_window=8, sliding_window_size=8, attention_window_size=8, block_size=8,
     num_mtp_layers=0, num_nextn_predict_layers=0, num_kv_shared_layers=0,
     vocab_size_per_layer_input=None, hidden_size_per_layer_input=8,
-    num_dense_layers=1, rotary_dim=8, attention_hidden_size=32, num_buckets=8,
+    num_dense_layers=1, rotary_dim=8, num_buckets=8,
     tie_word_embeddings=False, use_cache=False, is_decoder=True,
-    bos_token_id=0, eos_token_id=0, sep_token_id=None, decoder_start_token_id=0,
+    bos_token_id=0, eos_token_id=0, decoder_start_token_id=0,
     use_mamba_kernels=False, use_mambapy=False, encoder_hash_byte_group_vocab=64,
 )  # fmt: skip
 
@@ -51,7 +51,8 @@ OVERRIDES: dict[str, dict] = {
     "gemma4_assistant": {"hidden_size_per_layer_input": 0},
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     "longcat_flash": {"head_dim": 8},  # the rotary part only
-    "mamba2": {"num_heads": 4},  # hidden_size * expand = num_heads * head_dim
+    "mamba2": {"num_heads": 4},
+    "minicpm3": {"scale_emb": 1, "dim_model_base": 32},  # its muP scales would blow widened logits up  # hidden_size * expand = num_heads * head_dim
     "xmod": {"default_language": "en_XX"},
     "zaya": {"num_experts_per_tok": 1},
 }  # fmt: skip
@@ -77,6 +78,14 @@ NOT_TEXT = {
 
 
 MAX_PARAMS = 20_000_000
+
+
+# Variants beside the mapping's defaults, as "model_type:variant": the modes the issue names.
+VARIANTS = {
+    "xlnet:uni": {"attn_type": "uni"},  # unidirectional XLNet: crashes on a mask for 2+ rows
+    "bert:bidirectional": {"is_decoder": False},  # BERT as its config ships: not causal
+    "xlm:causal": {"causal": True},
+}
 
 
 class Skip(Exception):
@@ -143,7 +152,7 @@ def reinitialise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Weights wider than the default init, so that logits spread and errors show.
 
     Matrices get N(0, 1/fan_in) (fan_in = last dim), embeddings N(0, 1), the output head
-    N(0, 0.5^2) and vectors (norm scales, biases, gates) their value plus N(0, 0.1^2): no
+    N(0, 9/fan_in) (logits of std ~3 from unit-norm features) and vectors (norm scales, biases, gates) their value plus N(0, 0.1^2): no
     branch stays zero, so a leak through attention or padding cannot hide.
     """
     generator = torch.Generator().manual_seed(seed)
@@ -156,7 +165,7 @@ def reinitialise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 continue
             noise = torch.randn(p.shape, generator=generator, dtype=torch.float32)
             if p is head_weight:
-                p.copy_(noise * 0.5)
+                p.copy_(noise * 3 / p.shape[-1] ** 0.5)
             elif p is embed:
                 p.copy_(noise)
             elif p.dim() >= 2:
@@ -171,6 +180,9 @@ def build_tiny(model_type: str, vocab_size: int, seed: int = 0, overrides: dict 
     ``overrides`` are config fields set on top of the small sizes."""
     from transformers.models.auto import modeling_auto
 
+    model_type, _, variant = model_type.partition(":")
+    if variant:
+        overrides = {**VARIANTS[f"{model_type}:{variant}"], **(overrides or {})}
     if model_type in NOT_TEXT:
         raise Skip(NOT_TEXT[model_type])
     class_name = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
@@ -199,10 +211,11 @@ def build_tiny(model_type: str, vocab_size: int, seed: int = 0, overrides: dict 
 
 
 def causal_lm_types() -> list[str]:
-    """Every model type of the installed transformers' AutoModelForCausalLM mapping."""
+    """Every model type of the installed transformers' AutoModelForCausalLM mapping, then
+    the VARIANTS."""
     from transformers.models.auto import modeling_auto
 
-    return sorted(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    return sorted(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) + sorted(VARIANTS)
 
 
 # --------------------------------------------------------------------------------------
@@ -254,7 +267,7 @@ def check_architecture(model_type: str, tokenizer, quick: bool = False) -> dict:
     from transformers.models.auto import modeling_auto
 
     started = time.perf_counter()
-    row = {"model_type": model_type, "class": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type],
+    row = {"model_type": model_type, "class": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type.partition(":")[0]],
            "result": "", "head": "", "batching": "", "max_error": float("nan"), "seconds": 0.0, "note": ""}  # fmt: skip
     texts = sweep_texts(quick)
     try:
