@@ -102,11 +102,10 @@ def test_padding_sensitive_models_are_exact_at_every_batch_size(toy, batching, b
     model = with_body(toy.make(), bpe_tokenizer)
     lm = prepare_model(model, bpe_tokenizer, name="toy")
     assert lm.probes.batching == batching and lm.probes.causal
-    for max_length, stride in ((16, 16), (16, 5)):
-        for batch_tokens in (1, 40, 100_000):
-            table = lmeval.score_texts(TEXTS, lm, max_length=max_length, stride=stride, batch_tokens=batch_tokens)
-            assert table.attrs["batching"] == batching
-            assert max_error(table, model, bpe_tokenizer, TEXTS, max_length, stride) <= 1e-5
+    for batch_tokens in (1, 40, 100_000):  # S < L: full windows, and shorter final ones
+        table = lmeval.score_texts(TEXTS, lm, max_length=16, stride=5, batch_tokens=batch_tokens)
+        assert table.attrs["batching"] == batching
+        assert max_error(table, model, bpe_tokenizer, TEXTS, 16, 5) <= 1e-5
 
 
 def test_padded_batches_would_be_wrong_for_the_padding_sensitive_toy(bpe_tokenizer):

@@ -12,7 +12,7 @@ from tiny_arch import check_architecture, causal_lm_types
 # split (fallback), state-space and hybrid bodies, mixtures of experts, a top-k sparse
 # attention (padding-sensitive: equal-length batches), and bidirectional models (refused).
 REPRESENTATIVE = {
-    "gpt2": "pass", "llama": "pass", "gemma2": "pass", "granite": "pass", "falcon_h1": "pass",
+    "gpt2": "pass", "llama": "pass", "gemma2": "pass", "granite": "pass", "cohere": "pass",
     "bert": "pass", "mamba": "pass", "qwen2_moe": "pass", "opt": "pass",
     "deepseek_v32": "pass equal_length", "xlnet": "refused", "cpmant": "refused",
 }  # fmt: skip
