@@ -44,7 +44,7 @@ SMALL = dict(
 
 # Per-architecture changes on top of SMALL, where the generic sizes do not fit.
 OVERRIDES: dict[str, dict] = {
-    "dbrx": {"attn_config": {"kv_n_heads": 1, "rope_theta": 10000.0},
+    "dbrx": {"attn_config": {"kv_n_heads": 1, "rope_theta": 10000.0, "clip_qkv": 8.0},
              "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2}},
     "diffllama": {"num_key_value_heads": 2},  # the differential attention splits KV heads in two
     "falcon_h1": {"mamba_d_ssm": 64, "mamba_n_heads": 4},
