@@ -3,10 +3,11 @@
 The head turns hidden states (N, H) into logits (N, V); with V = 128k that is the largest
 tensor of a forward pass. So the scorer runs the model body, keeps the final hidden states,
 and applies the head only to the positions it scores, a chunk at a time. Models whose logits
-are post-processed after the head (Gemma-2's soft-capping, Cohere's logit scale, Granite's
-logit divisor) are handled explicitly; anything else that does not reproduce
+are post-processed after the head (soft-capping: Gemma-2, RecurrentGemma, xLSTM; a scale:
+Cohere, Falcon-H1, HyperCLOVA X; Granite's logit divisor) are handled explicitly, as are
+bodies not found at ``base_model`` (Llama-4 text); anything else that does not reproduce
 ``model(...).logits`` falls back to that plain path. A probe at load time decides which, so
-the fast path is never wrong.
+the fast path is never wrong: a config key only proposes a reading, the probe confirms it.
 """
 
 from __future__ import annotations
@@ -38,36 +39,38 @@ class OutputHead:
     """Logits for selected positions, from the final hidden states.
 
     ``fast`` is True when the body + head path reproduces ``model(...).logits``; then only
-    scored positions reach the head. Otherwise the plain forward is used.
+    scored positions reach the head. Otherwise the plain forward is used. ``body_module``
+    is the module that returns the final hidden states (usually ``model.base_model``);
+    ``scale`` multiplies the head's logits, ``divisor`` divides them and ``softcap`` caps
+    them as ``softcap * tanh(z / softcap)``, in that order.
     """
 
-    def __init__(self, model, fast: bool, softcap: float | None, scale: float | None, divisor: float | None):
+    def __init__(self, model, fast: bool, softcap: float | None, scale: float | None, divisor: float | None,
+                 body_module=None):  # fmt: skip
         self.model = model
         self.fast = fast
         self.softcap = softcap
         self.scale = scale
         self.divisor = divisor
+        self.body_module = body_module if body_module is not None else model.base_model
 
     @classmethod
     def for_model(cls, model) -> "OutputHead":
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        head = cls(
-            model,
-            fast=model.get_output_embeddings() is not None and model.base_model is not model,
-            softcap=getattr(config, "final_logit_softcapping", None),
-            scale=getattr(config, "logit_scale", None),
-            divisor=getattr(config, "logits_scaling", None),
-        )
+        """The fast path of the first known (body, transform) reading of ``model`` that the
+        probe confirms, else the plain path. Config keys only propose; the probe decides."""
+        candidates = list(_candidates(model)) if model.get_output_embeddings() is not None else []
         with evaluating(model):
-            reproduces = head.fast and head.reproduces_forward()
-        if head.fast and not reproduces:
+            reference = _reference_logits(model) if candidates else None
+            for head in candidates:
+                if reference is not None and head._matches(reference):
+                    return head
+        if candidates:
             log.warning(
                 "%s post-processes its logits in a way lmeval does not know; "
                 "using the plain model(...).logits path (slower, more memory).",
                 type(model).__name__,
             )
-            head.fast = False
-        return head
+        return cls(model, fast=False, softcap=None, scale=None, divisor=None)
 
     def project(self, hidden: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         """(N, H) final hidden states -> (N, V) logits, with the model's post-processing.
@@ -94,19 +97,19 @@ class OutputHead:
 
     def body(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T, H) final hidden states (after the final norm)."""
-        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        out = self.body_module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
 
-    @torch.inference_mode()
     def reproduces_forward(self) -> bool:
         """Probe: does body + project equal ``model(...).logits`` on a short input?"""
-        device = next(self.model.parameters()).device
-        vocab = self.model.get_input_embeddings().weight.shape[0]
-        ids = (torch.arange(8, device=device) * 7919 % vocab)[None, :]
-        mask = torch.ones_like(ids)
+        reference = _reference_logits(self.model)
+        return reference is not None and self._matches(reference)
+
+    @torch.inference_mode()
+    def _matches(self, reference: torch.Tensor) -> bool:
+        ids = _probe_ids(self.model)
         try:
-            reference = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-            ours = self.project(self.body(ids, mask)).float()
+            ours = self.project(self.body(ids, torch.ones_like(ids))).float()
         except Exception as exc:  # any model whose body cannot be called alone
             log.debug("fast head path unavailable: %s", exc)
             return False
@@ -117,3 +120,55 @@ class OutputHead:
         return bool(((ours - reference).abs().max() / scale) <= tolerance)
 
 
+def _probe_ids(model) -> torch.Tensor:
+    device = model.get_input_embeddings().weight.device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    return (torch.arange(8, device=device) * 7919 % vocab)[None, :]
+
+
+@torch.inference_mode()
+def _reference_logits(model) -> torch.Tensor | None:
+    ids = _probe_ids(model)
+    try:
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float()
+    except Exception as exc:
+        log.debug("the model cannot be called on a probe input: %s", exc)
+        return None
+
+
+# Config keys of logit transforms after the head, by what they do. The config names a
+# number; which operation it is differs between models (Granite divides by
+# ``logits_scaling``, HyperCLOVA X multiplies), so each reading is proposed and probed.
+_MULTIPLIERS = ("logit_scale", "lm_head_multiplier")  # Cohere, Falcon-H1
+_SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")  # Gemma-2, RecurrentGemma, xLSTM
+_BODY_NAMES = ("model", "transformer", "backbone", "language_model", "decoder")
+
+
+def _candidates(model):
+    """(body, transform) readings of a model, most likely first, as OutputHeads to probe."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scale = 1.0
+    for key in _MULTIPLIERS:
+        value = getattr(config, key, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value != 1:
+            scale *= value
+    softcap = next((v for k in _SOFTCAPS if (v := getattr(config, k, None))), None)
+    scaling = getattr(config, "logits_scaling", None)
+    readings = [(None, scaling)] if isinstance(scaling, (int, float)) and scaling != 1 else [(None, None)]
+    if readings[0][1] is not None:
+        readings.append((scaling, None))  # the multiplying reading (HyperCLOVA X)
+    for body in _bodies(model):
+        for multiplier, divisor in readings:
+            factor = scale * (multiplier or 1.0)
+            yield OutputHead(model, True, softcap, None if factor == 1.0 else factor, divisor, body)
+
+
+def _bodies(model):
+    """Modules that may return the final hidden states: ``base_model`` first, then the
+    usual attribute names (Llama-4 text keeps its body at ``model`` although its
+    ``base_model_prefix`` says ``language_model``)."""
+    seen = []
+    for module in [model.base_model] + [getattr(model, n, None) for n in _BODY_NAMES]:
+        if isinstance(module, torch.nn.Module) and module is not model and all(module is not m for m in seen):
+            seen.append(module)
+    return seen

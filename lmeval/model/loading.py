@@ -18,6 +18,7 @@ import torch
 from ..core.losses import Workspace
 from ..errors import ModelError
 from .head import OutputHead
+from .probes import Probes, probe_model
 from .spec import DTYPE_NAMES, ModelSpec, looks_like_hub_id
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,9 @@ class LoadedModel:
     """A model ready to score, with what the protocol needs to know about it.
 
     Build one with `load_model` (or `prepare_model` for a pair already in memory) and pass
-    it to `score_texts` as often as you like: loading and the head probe happen once.
-    ``commit_sha`` is the resolved hub commit of a hub model (None for a local folder).
+    it to `score_texts` as often as you like: loading and the load-time probes happen once.
+    ``commit_sha`` is the resolved hub commit of a hub model (None for a local folder);
+    ``probes`` what the causality and padding probes found, and the batching they chose.
     """
 
     name: str
@@ -49,6 +51,7 @@ class LoadedModel:
     spec: ModelSpec | None = None
     commit_sha: str | None = None
     workspace: Workspace = field(default_factory=Workspace)  # scratch reused across batches
+    probes: Probes = field(default_factory=Probes)
 
 
 
@@ -112,8 +115,10 @@ def load_model(source, **options) -> LoadedModel:
     ``source`` is a local ``save_pretrained`` folder, a hub id, or a `ModelSpec`; keyword
     options are the `ModelSpec` fields (``name``, ``dtype="auto"``, ``device="auto"``,
     ``revision=None``, ``trust_remote_code=False``, ``allow_pickle=False``,
-    ``device_map=None``, ``max_memory=None``). The load-time probe that picks the output-head
-    path runs here, once; `score_texts` with the result runs no probe again.
+    ``device_map=None``, ``max_memory=None``, ``allow_noncausal=False``). The load-time
+    probes (output-head path, causality, padding) run here, once; `score_texts` with the
+    result runs no probe again. A model that is not causal raises `ModelError` unless
+    ``allow_noncausal``.
     """
     spec = _as_spec(source, options)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -198,11 +203,22 @@ def max_positions(config) -> int | None:
     return None
 
 
-def prepare_model(model, tokenizer, name: str = "model", spec: ModelSpec | None = None) -> LoadedModel:
-    """Wrap an already loaded ``(model, tokenizer)`` pair for scoring. The model's
-    train/eval mode is left as the caller set it; scoring switches to eval and back."""
+def prepare_model(
+    model, tokenizer, name: str = "model", spec: ModelSpec | None = None, allow_noncausal: bool | None = None
+) -> LoadedModel:
+    """Wrap an already loaded ``(model, tokenizer)`` pair for scoring, after the load-time
+    probes: which output-head path, whether the model is causal, which batching is exact.
+
+    A model that is not causal raises `ModelError` unless ``allow_noncausal`` (default: the
+    spec's, else False). The model's train/eval mode is left as the caller set it; scoring
+    switches to eval and back."""
     device = model.get_input_embeddings().weight.device  # where input ids go, also under a device_map
     head = OutputHead.for_model(model)
+    if allow_noncausal is None:
+        allow_noncausal = spec.allow_noncausal if spec is not None else False
+    probes = probe_model(model, head)
+    if not probes.causal:
+        _refuse_noncausal(name, probes, allow_noncausal)
     return LoadedModel(
         name=name,
         model=model,
@@ -213,6 +229,19 @@ def prepare_model(model, tokenizer, name: str = "model", spec: ModelSpec | None 
         max_positions=max_positions(model.config),
         head=head,
         spec=spec,
+        probes=dataclasses.replace(probes, allow_noncausal=bool(allow_noncausal)),
     )
 
 
+def _refuse_noncausal(name: str, probes: Probes, allow_noncausal: bool) -> None:
+    if allow_noncausal:
+        log.warning("model %s is not causal (causality probe); scoring it anyway, as allow_noncausal asks.", name)
+        return
+    raise ModelError(
+        f"model {name}: the causality probe changed the last tokens of an input, and the logits before them "
+        f"must not move (got a change of {probes.causal_change:.3g} of the logit scale). The model attends to "
+        "later tokens (bidirectional attention), so each position sees the token it is asked to predict and its "
+        "'NLL' is no language-model probability. Use a causal model (a BERT-like one with is_decoder=True), or "
+        "set `allow_noncausal: true` for this model (load_model/prepare_model(..., allow_noncausal=True)) "
+        "to score it anyway."
+    )

@@ -56,24 +56,33 @@ def use_compiled(lm: LoadedModel, options: ScoreOptions, n_tokens: int) -> bool:
     return bool(options.compile)
 
 
-def pack_batches(windows: list[Window], batch_tokens: int) -> list[list[int]]:
+def pack_batches(windows: list[Window], batch_tokens: int, equal_length: bool = False) -> list[list[int]]:
     """Indices of windows grouped so that rows x longest row <= batch_tokens.
 
     Windows are sorted by length (longest first) to cut padding; a window longer than the
-    budget gets a batch of its own.
+    budget gets a batch of its own. With ``equal_length`` only windows of the same length
+    share a batch, so nothing is padded (for models whose logits depend on padding).
     """
     order = sorted(range(len(windows)), key=lambda i: (-len(windows[i].input_ids), i))
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
         width = len(windows[current[0]].input_ids) if current else len(windows[i].input_ids)
-        if current and (len(current) + 1) * width > batch_tokens:
+        other_length = equal_length and len(windows[i].input_ids) != width
+        if current and ((len(current) + 1) * width > batch_tokens or other_length):
             batches.append(current)
             current = []
         current.append(i)
     if current:
         batches.append(current)
     return batches
+
+
+def _pack(lm: LoadedModel, windows: list[Window], batch_tokens: int) -> list[list[int]]:
+    """`pack_batches` under the batching the load-time padding probe chose."""
+    if lm.probes.batching == "one_window":
+        return [[i] for i in range(len(windows))]
+    return pack_batches(windows, batch_tokens, equal_length=lm.probes.equal_length)
 
 
 def _pad(windows: list[Window], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +120,8 @@ def _chunk_rows(lm: LoadedModel, chunk_bytes: int | None) -> int:
 def score_batch(lm: LoadedModel, windows: list[Window], options: ScoreOptions, compiled: bool = False) -> dict[str, np.ndarray]:
     """Per-token statistics for the scored outputs of ``windows``, in window order."""
     ids, mask = _pad(windows, lm.device)
+    if not lm.probes.mask:  # a model that fails when given a mask: unpadded rows, no mask
+        mask = None
     rows, cols, targets = (t.to(lm.device) for t in _scored_index(windows))
     if lm.head.fast:
         hidden = lm.head.body(ids, mask)  # (B, T, H), on the last layer's device under a device_map
@@ -165,7 +176,7 @@ def _score_all(lm: LoadedModel, windows: list[Window], options: ScoreOptions, pr
     total = int(starts[-1])
     out: dict[str, np.ndarray] = {}
     compiled = use_compiled(lm, options, total)
-    pending = [(batch, options.batch_tokens) for batch in pack_batches(windows, options.batch_tokens)]
+    pending = [(batch, options.batch_tokens) for batch in _pack(lm, windows, options.batch_tokens)]
     while pending:
         batch, budget = pending.pop(0)
         batch_windows = [windows[i] for i in batch]
@@ -218,7 +229,7 @@ def _split_after_oom(lm: LoadedModel, windows: list[Window], batch: list[int], b
         )
     half = max(1, budget // 2)
     log.warning("out of memory at batch_tokens=%d; retrying this batch at %d", budget, half)
-    sub = pack_batches([windows[i] for i in batch], half)
+    sub = _pack(lm, [windows[i] for i in batch], half)
     if len(sub) == 1:  # the budget allows them all in one row group: split by rows instead
         sub = [list(range(len(batch) // 2)), list(range(len(batch) // 2, len(batch)))]
     return [([batch[j] for j in group], half) for group in sub]

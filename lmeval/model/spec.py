@@ -34,7 +34,9 @@ class ModelSpec:
     ``trust_remote_code`` runs the repository's own Python (off unless asked);
     ``allow_pickle`` permits pickled (.bin/.pt) weights; ``device_map`` spreads one model
     over several devices with accelerate (auto, balanced, balanced_low_0, sequential), and
-    ``max_memory`` caps each device under it, e.g. ``{0: 20GiB, cpu: 64GiB}``.
+    ``max_memory`` caps each device under it, e.g. ``{0: 20GiB, cpu: 64GiB}``;
+    ``allow_noncausal`` scores a model that the load-time causality probe finds not causal
+    (its "NLL" then conditions on the token it predicts: not a language-model probability).
     """
 
     path: str
@@ -46,6 +48,7 @@ class ModelSpec:
     allow_pickle: bool = False
     device_map: Optional[str] = None
     max_memory: Optional[dict] = None
+    allow_noncausal: bool = False
 
     @property
     def display_name(self) -> str:

@@ -206,7 +206,7 @@ def protocol_record(lm, config: Config) -> dict:
         "bos_token_id": (resolve_prefix(lm.tokenizer, s.bos) or [None])[0],
         "documents": s.documents, "separator": s.separator if s.documents == "concatenated" else None,
         "tokenizer_sha256": tokenizer_fingerprint(lm.tokenizer), "vocab_size": lm.vocab_size,
-        "commit_sha": lm.commit_sha,
+        "commit_sha": lm.commit_sha, **lm.probes.protocol(),
     }  # fmt: skip
 
 

@@ -92,8 +92,9 @@ def score_texts(
     in bits): model, doc_id, position, token_id, token, char_start, char_end, context_len,
     nll, surprisal_bits, entropy, max_prob, is_top1, rank, sum_q2, mean_neg_logq, and with
     ``top_k`` > 0 also topk_token_ids, topk_probs. An empty text yields no rows; the frame's
-    ``attrs["n_documents"]`` still counts it, and ``attrs["reductions"]`` says how the
-    per-token reductions ran (``"compiled"`` or ``"eager"``). ``compile`` fuses the per-token reductions with
+    ``attrs["n_documents"]`` still counts it, ``attrs["reductions"]`` says how the per-token
+    reductions ran (``"compiled"`` or ``"eager"``), and ``attrs`` also record the load-time
+    probes' findings (``causal``, ``allow_noncausal``, ``batching``). ``compile`` fuses the per-token reductions with
     torch.compile (``"auto"``: on CUDA, or when tokens x vocabulary >= 4e9 on CPU).
 
     ``contexts`` (one string per text) scores each text GIVEN its context: ``context +
@@ -119,6 +120,7 @@ def score_texts(
     frame.attrs["n_documents"] = len(texts)
     frame.attrs["n_empty"] = sum(d.n_scored == 0 for d in docs)
     frame.attrs["reductions"] = lm.workspace.mode_since(calls)  # "compiled", "eager", "mixed" or "none"
+    frame.attrs.update(lm.probes.protocol())  # causal, allow_noncausal, batching
     return frame
 
 

@@ -1,0 +1,212 @@
+"""The load-time probes (causality, padding invariance, mask support) and what they choose,
+each checked against a float64 log-softmax of the model's own logits on each window alone."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import CORPUS, build_model
+from tiny_arch import build_tiny, oracle_nll, reinitialise
+
+import lmeval
+from lmeval import ModelError
+from lmeval.core.windows import Window
+from lmeval.model import loading
+from lmeval.model.loading import prepare_model
+from lmeval.model.probes import Probes
+from lmeval.model.scorer import pack_batches
+
+TEXTS = [" ".join(CORPUS[:2]), CORPUS[4], "short", CORPUS[1][:30]]
+
+
+def max_error(table, model, tokenizer, texts, max_length, stride) -> float:
+    """Largest |lmeval NLL - oracle NLL| over every token, in nats."""
+    worst = 0.0
+    for i, text in enumerate(texts):
+        s = [tokenizer.eos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+        got = table.nll[table.doc_id == i].to_numpy(dtype=np.float64)
+        want = oracle_nll(model, s, max_length, stride)
+        assert len(got) == len(want)
+        worst = max(worst, float(np.abs(got - want).max()))
+    return worst
+
+
+def with_body(body_class, tokenizer):
+    """A tiny Llama whose body is ``body_class`` (a LlamaModel subclass), same weights."""
+    model = build_model("llama", len(tokenizer))
+    body = body_class(model.config)
+    body.load_state_dict(model.model.state_dict())
+    model.model = body
+    return model.eval()
+
+
+def llama_body():
+    from transformers import LlamaModel
+
+    return LlamaModel
+
+
+class InferPadding:
+    """A body that ignores the mask it is given and infers padding from id 0, assuming
+    left padding: it shifts positions by the number of 0s, so with right padding every
+    real token of a padded row moves."""
+
+    @staticmethod
+    def make():
+        class Body(llama_body()):
+            def forward(self, input_ids=None, attention_mask=None, **kwargs):
+                kwargs.pop("position_ids", None)
+                n_pad = (input_ids == 0).sum(1, keepdim=True)
+                positions = (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] - n_pad).clamp_min(0)
+                ones = torch.ones_like(input_ids)  # the mask it was given is ignored
+                return super().forward(input_ids=input_ids, attention_mask=ones, position_ids=positions, **kwargs)
+
+        return Body
+
+
+class MaskCrash:
+    """A body that raises on a mask for a batch of two or more rows (XLNet's bug)."""
+
+    @staticmethod
+    def make():
+        class Body(llama_body()):
+            def forward(self, input_ids=None, attention_mask=None, **kwargs):
+                if attention_mask is not None and input_ids.shape[0] > 1:
+                    raise RuntimeError("shape mismatch in the attention mask")
+                return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+        return Body
+
+
+class RowMixing:
+    """A body whose rows interact: every row's embeddings are shifted by the batch mean."""
+
+    @staticmethod
+    def make():
+        class Body(llama_body()):
+            def forward(self, input_ids=None, attention_mask=None, **kwargs):
+                kwargs.pop("inputs_embeds", None)
+                embeds = self.embed_tokens(input_ids)
+                embeds = embeds + 0.5 * embeds.mean(dim=0, keepdim=True)
+                return super().forward(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+
+        return Body
+
+
+@pytest.mark.parametrize(
+    "toy, batching", [(InferPadding, "equal_length"), (MaskCrash, "equal_length_no_mask"), (RowMixing, "one_window")]
+)
+def test_padding_sensitive_models_are_exact_at_every_batch_size(toy, batching, bpe_tokenizer):
+    model = with_body(toy.make(), bpe_tokenizer)
+    lm = prepare_model(model, bpe_tokenizer, name="toy")
+    assert lm.probes.batching == batching and lm.probes.causal
+    for batch_tokens in (1, 40, 100_000):  # S < L: full windows, and shorter final ones
+        table = lmeval.score_texts(TEXTS, lm, max_length=16, stride=5, batch_tokens=batch_tokens)
+        assert table.attrs["batching"] == batching
+        assert max_error(table, model, bpe_tokenizer, TEXTS, 16, 5) <= 1e-5
+
+
+def test_padded_batches_would_be_wrong_for_the_padding_sensitive_toy(bpe_tokenizer):
+    """The toy really depends on padding: forced into padded batches it is off by far more."""
+    model = with_body(InferPadding.make(), bpe_tokenizer)
+    lm = dataclasses.replace(prepare_model(model, bpe_tokenizer, name="toy"), probes=Probes(batching="padded"))
+    table = lmeval.score_texts(TEXTS, lm, max_length=16, batch_tokens=100_000)
+    assert max_error(table, model, bpe_tokenizer, TEXTS, 16, 16) > 1e-2
+
+
+def bidirectional_bert(tokenizer):
+    """BertLMHeadModel without is_decoder: every position attends to every other."""
+    from transformers import BertConfig, BertLMHeadModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, is_decoder=False, pad_token_id=None)  # fmt: skip
+    return reinitialise(BertLMHeadModel(config)).eval()  # wide weights: the leak is not subtle
+
+
+def test_bidirectional_model_is_refused_naming_probe_and_opt_in(bpe_tokenizer):
+    model = bidirectional_bert(bpe_tokenizer)
+    with pytest.raises(ModelError, match="causality probe") as caught:
+        prepare_model(model, bpe_tokenizer, name="tiny-bert")
+    message = str(caught.value)
+    assert "allow_noncausal: true" in message and "model tiny-bert" in message and "is_decoder" in message
+    with pytest.raises(ModelError, match="causality probe"):  # score_texts on a pair refuses it too
+        lmeval.score_texts(["some text"], (model, bpe_tokenizer))
+    lm = prepare_model(model, bpe_tokenizer, name="tiny-bert", allow_noncausal=True)
+    table = lmeval.score_texts(TEXTS[:2], lm, max_length=16)
+    assert table.attrs["causal"] is False and table.attrs["allow_noncausal"] is True
+    assert lm.probes.causal_change > 1e-2
+
+
+def test_causal_models_record_the_probes(tiny_models, bpe_tokenizer):
+    table = lmeval.score_texts(TEXTS[:2], (tiny_models["llama"], bpe_tokenizer), max_length=16)
+    assert {k: table.attrs[k] for k in ("causal", "allow_noncausal", "batching")} == {
+        "causal": True, "allow_noncausal": False, "batching": "padded"}  # fmt: skip
+
+
+def test_opt_in_is_a_config_key_recorded_in_run_json(tmp_path, bpe_tokenizer):
+    folder = tmp_path / "bert"
+    bidirectional_bert(bpe_tokenizer).save_pretrained(folder)
+    bpe_tokenizer.save_pretrained(folder)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS), encoding="utf-8")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"models:\n  - {{name: bert, path: {folder}, allow_noncausal: true}}\n"
+        "data: {path: docs.jsonl}\nscoring: {max_length: 16}\noutput: {dir: out}\n",
+        encoding="utf-8",
+    )
+    lmeval.run(str(config), show_progress=False, return_tokens=False)
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    protocol = record["protocol"]["models"]["bert"]
+    assert protocol["causal"] is False and protocol["allow_noncausal"] is True and protocol["batching"] == "padded"
+    assert record["config"]["models"][0]["allow_noncausal"] is True
+
+
+def test_probes_run_once_per_loaded_model(monkeypatch, tiny_models, bpe_tokenizer):
+    calls = []
+    real = loading.probe_model
+    monkeypatch.setattr(loading, "probe_model", lambda *a: calls.append(1) or real(*a))
+    lm = prepare_model(tiny_models["gpt2"], bpe_tokenizer)
+    for _ in range(3):
+        lmeval.score_texts(TEXTS[:2], lm, max_length=16)
+    assert len(calls) == 1
+
+
+def test_equal_length_batches_never_mix_lengths():
+    lengths = [5, 5, 3, 5, 3, 7, 3, 3]
+    windows = [Window(0, tuple(range(n)), 0, tuple(range(n)), tuple(range(n))) for n in lengths]
+    batches = pack_batches(windows, batch_tokens=10, equal_length=True)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # every window once
+    for batch in batches:
+        assert len({lengths[i] for i in batch}) == 1
+        assert len(batch) == 1 or len(batch) * lengths[batch[0]] <= 10
+    assert any(len({lengths[i] for i in b}) > 1 for b in pack_batches(windows, batch_tokens=100))  # padded mixes
+
+
+# Every post-head transform the issue names, set to a value that visibly changes the logits.
+TRANSFORMS = {
+    "recurrent_gemma": ({"logits_soft_cap": 0.7}, "softcap", 0.7),
+    "xlstm": ({"output_logit_soft_cap": 0.7}, "softcap", 0.7),
+    "falcon_h1": ({"lm_head_multiplier": 3.0}, "scale", None),  # x the model's own multipliers
+    "hyperclovax": ({"logits_scaling": 3.0}, "scale", 3.0),  # multiplies
+    "granite": ({"logits_scaling": 3.0}, "divisor", 3.0),  # divides
+    "cohere": ({"logit_scale": 3.0}, "scale", 3.0),
+    "llama4_text": ({}, "body_module", None),  # body at .model, not at base_model
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(TRANSFORMS))
+def test_post_head_transforms_take_the_fast_path_and_match(model_type, bpe_tokenizer):
+    overrides, attribute, value = TRANSFORMS[model_type]
+    model = build_tiny(model_type, len(bpe_tokenizer), overrides=overrides)
+    lm = prepare_model(model, bpe_tokenizer, name=model_type)
+    assert lm.head.fast
+    if attribute == "body_module":
+        assert lm.head.body_module is model.model and model.base_model is not model.model
+    else:
+        got = getattr(lm.head, attribute)
+        assert got is not None and (value is None or got == pytest.approx(value))
+    table = lmeval.score_texts(TEXTS, lm, max_length=16, stride=5, batch_tokens=40)
+    assert max_error(table, model, bpe_tokenizer, TEXTS, 16, 5) <= 1e-5
