@@ -25,6 +25,8 @@ changes only beyond their length (a sparse pattern that starts at 2k tokens) is 
 
 from __future__ import annotations
 
+import math
+
 import logging
 from dataclasses import dataclass
 
@@ -77,8 +79,10 @@ def probe_model(model, head: OutputHead) -> Probes:
     with evaluating(model), torch.inference_mode():
         batching = _batching(model, head)
         change = _causal_change(model, head, batching)
-    tolerance = _tolerance(model)
-    return Probes(causal=change <= tolerance, batching=batching, causal_change=change)
+    # A model whose probe logits are not finite cannot be judged here; scoring stops on its
+    # first non-finite logit with the document named, which is the error that helps.
+    causal = not math.isfinite(change) or change <= _tolerance(model)
+    return Probes(causal=causal, batching=batching, causal_change=change)
 
 
 def _tolerance(model, padding: bool = False) -> float:
