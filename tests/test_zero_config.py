@@ -70,7 +70,7 @@ def test_flags_yaml_and_printed_config_give_identical_runs(tmp_path, saved_gpt2,
     assert main(["run", *flags, "--out", "printed", "scoring.batch_tokens=64", "--print-config"]) == 0
     printed = capsys.readouterr().out
     assert not (tmp_path / "printed").exists()
-    assert set(re.findall(r"^(\w+):", printed, flags=re.M)) == {"models", "data", "scoring", "output", "calibration", "compare"}
+    assert set(re.findall(r"^(\w+):", printed, flags=re.M)) == {"models", "data", "scoring", "output", "calibration", "compare", "analysis"}
     (tmp_path / "printed.yaml").write_text(printed, encoding="utf-8")
     # ... which, fed back to `lmeval run`, reproduces the run ...
     assert main(["run", "printed.yaml", "-q"]) == 0

@@ -14,6 +14,19 @@ from ..errors import LmevalError
 from . import compare, pairs, run, surprisal
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not when the handler was
+    made: an embedding program (or a test) that swaps stderr keeps receiving the messages."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmeval", description="Exact per-token cross-entropy for causal LMs.",
@@ -48,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     level = logging.DEBUG if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(message)s", force=True)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     try:
         return args.func(args)
     except LmevalError as exc:

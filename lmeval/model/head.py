@@ -52,7 +52,7 @@ class OutputHead:
         self.softcap = softcap
         self.scale = scale
         self.divisor = divisor
-        self.body_module = body_module if body_module is not None else model.base_model
+        self.body_module = body_module if body_module is not None else getattr(model, "base_model", model)
 
     @classmethod
     def for_model(cls, model) -> "OutputHead":
@@ -168,7 +168,7 @@ def _bodies(model):
     usual attribute names (Llama-4 text keeps its body at ``model`` although its
     ``base_model_prefix`` says ``language_model``)."""
     seen = []
-    for module in [model.base_model] + [getattr(model, n, None) for n in _BODY_NAMES]:
+    for module in [getattr(model, "base_model", None)] + [getattr(model, n, None) for n in _BODY_NAMES]:
         if isinstance(module, torch.nn.Module) and module is not model and all(module is not m for m in seen):
             seen.append(module)
     return seen

@@ -25,9 +25,8 @@ changes only beyond their length (a sparse pattern that starts at 2k tokens) is 
 
 from __future__ import annotations
 
-import math
-
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -93,7 +92,7 @@ def _tolerance(model, padding: bool = False) -> float:
     of equal length), while a false alarm on causality would refuse a good model (whose
     earlier positions may round differently when a mixture of experts routes the changed
     tokens elsewhere)."""
-    if model.dtype != torch.float32:
+    if _weights_dtype(model) != torch.float32:
         return 2e-2
     return 2e-6 if padding else 1e-4
 
@@ -167,3 +166,9 @@ def _causal_change(model, head: OutputHead, batching: str) -> float:
     keep = _LONG - _CHANGED
     scale = before[:keep].abs().max().clamp_min(1.0)
     return float((after[:keep] - before[:keep]).abs().max() / scale)
+
+
+def _weights_dtype(model) -> torch.dtype:
+    """The weights' dtype: ``model.dtype`` for a transformers model, else its first parameter's."""
+    dtype = getattr(model, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else next(model.parameters()).dtype
