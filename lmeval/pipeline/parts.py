@@ -148,7 +148,7 @@ def open_parts(run_dir: Path, identity: dict, fresh: bool) -> Path:
     manifest = parts / "manifest.json"
     if fresh and parts.exists():
         shutil.rmtree(parts)
-    if not manifest.exists() and any(parts.glob("*/*.parquet")):
+    if not manifest.exists() and has_parts(parts):
         raise OutputError(
             f"output.dir: {parts} holds result parts but no manifest.json, so nothing says what they were "
             "scored from. Rerun with --fresh to discard them, or restore the manifest."
@@ -165,6 +165,12 @@ def open_parts(run_dir: Path, identity: dict, fresh: bool) -> Path:
         parts.mkdir(parents=True, exist_ok=True)
         write_json(identity, manifest)
     return parts
+
+
+def has_parts(parts: Path) -> bool:
+    """Whether a parts folder holds any finished part: a model's, or a divergence pair's
+    (those sit one level deeper, under ``divergence/<baseline>/<model>/``)."""
+    return any(parts.rglob("*.parquet"))
 
 
 def roundtrip(value):

@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .parts import PartError, roundtrip, verify_part
+from .parts import PartError, has_parts, roundtrip, verify_part
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ReplacedParts:
 
     def restore_if_nothing_scored(self) -> None:
         """Undo this run's changes to the parts folder when it wrote no part."""
-        if any(self.parts.glob("*/*.parquet")) or not self.created:
+        if has_parts(self.parts) or not self.created:
             return
         if self.parts.exists():
             shutil.rmtree(self.parts)
