@@ -53,6 +53,32 @@ def test_run_json_records_how_the_reductions_ran(tmp_path, saved_gpt2):
     assert record["protocol"]["models"]["tiny"]["reductions"] == "eager"
 
 
+def test_auto_compile_is_decided_once_for_the_whole_run(tmp_path, saved_gpt2, monkeypatch):
+    """Each 60-character part alone is far below the threshold; the run as a whole is above
+    it, so every part runs compiled (the compiled function is the eager one here: this tests
+    the decision, and test_losses the compiled numbers)."""
+    from lmeval.core import losses
+    from lmeval.model import scorer
+
+    rows = [{"id": f"d{i}", "text": t} for i, t in enumerate(CORPUS)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    chars = sum(len(t) for t in CORPUS)
+    vocab = lmeval.load_model(saved_gpt2).vocab_size
+    monkeypatch.setattr(losses, "_compiled_reductions", lambda: losses._reductions)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"models: [{{name: tiny, path: {saved_gpt2}}}]\ndata: {{path: docs.jsonl, id_field: id}}\n"
+        "scoring: {max_length: 16, batch_tokens: 256, compile: auto}\noutput: {dir: out, part_chars: 60}\n",
+        encoding="utf-8",
+    )
+    assert chars > 3 * 60  # several parts
+    for threshold, expected in ((chars / 8 * vocab, "compiled"), (chars * vocab, "eager")):
+        monkeypatch.setattr(scorer, "_COMPILE_MIN_LOGITS_CPU", threshold)
+        assert main(["run", str(config), "-q", "--overwrite"]) == 0
+        record = json.loads((tmp_path / "out" / "run.json").read_text(encoding="utf-8"))
+        assert record["protocol"]["models"]["tiny"]["reductions"] == expected  # not "mixed"
+
+
 def test_prefetched_keeps_order_and_raises_background_errors():
     import pytest
 

@@ -2,9 +2,12 @@
 each checked against a float64 log-softmax of the model's own logits on each window alone."""
 
 import dataclasses
+import gc
 import json
+import weakref
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import CORPUS, build_model
@@ -168,10 +171,34 @@ def test_probes_run_once_per_loaded_model(monkeypatch, tiny_models, bpe_tokenize
     calls = []
     real = loading.probe_model
     monkeypatch.setattr(loading, "probe_model", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(loading, "_PROBED", weakref.WeakKeyDictionary())
     lm = prepare_model(tiny_models["gpt2"], bpe_tokenizer)
     for _ in range(3):
         lmeval.score_texts(TEXTS[:2], lm, max_length=16)
     assert len(calls) == 1
+
+
+def test_a_pair_scored_again_is_not_probed_again(monkeypatch, bpe_tokenizer):
+    calls = []
+    real = loading.probe_model
+    monkeypatch.setattr(loading, "probe_model", lambda *a: calls.append(1) or real(*a))
+    model = build_model("gpt2", len(bpe_tokenizer))
+    first = lmeval.score_texts(TEXTS[:2], (model, bpe_tokenizer), max_length=16)
+    again = lmeval.score_texts(TEXTS[:2], (model, bpe_tokenizer), max_length=16)
+    assert len(calls) == 1
+    pd.testing.assert_frame_equal(first, again)
+    model.double()  # cast: what the probes found may no longer hold, so they run again
+    lmeval.score_texts(TEXTS[:2], (model, bpe_tokenizer), max_length=16)
+    assert len(calls) == 2
+
+
+def test_the_probe_cache_keeps_no_model_alive(bpe_tokenizer):
+    model = build_model("gpt2", len(bpe_tokenizer))
+    prepare_model(model, bpe_tokenizer)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
 
 
 def test_equal_length_batches_never_mix_lengths():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pickle
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,10 +214,9 @@ def prepare_model(
     spec's, else False). The model's train/eval mode is left as the caller set it; scoring
     switches to eval and back."""
     device = model.get_input_embeddings().weight.device  # where input ids go, also under a device_map
-    head = OutputHead.for_model(model)
+    head, probes, workspace = _probed(model)
     if allow_noncausal is None:
         allow_noncausal = spec.allow_noncausal if spec is not None else False
-    probes = probe_model(model, head)
     if not probes.causal:
         _refuse_noncausal(name, probes, allow_noncausal)
     return LoadedModel(
@@ -229,8 +229,58 @@ def prepare_model(
         max_positions=max_positions(model.config),
         head=head,
         spec=spec,
+        workspace=workspace,
         probes=dataclasses.replace(probes, allow_noncausal=bool(allow_noncausal)),
     )
+
+
+@dataclass(frozen=True)
+class _Probed:
+    """What the load-time probes of one model found, kept for the next `prepare_model` of
+    the same model object. Nothing here refers to the model itself (the body by weak
+    reference), so the cache never keeps a model alive."""
+
+    key: tuple
+    fast: bool
+    softcap: float | None
+    scale: float | None
+    divisor: float | None
+    body: weakref.ref
+    probes: Probes
+    workspace: Workspace
+
+
+# model -> _Probed. `score_texts(texts, (model, tokenizer))` in a loop (an evaluation in a
+# training loop, a benchmark) would otherwise rerun the probes, ~10 forward passes, per call.
+_PROBED: "weakref.WeakKeyDictionary[torch.nn.Module, _Probed]" = weakref.WeakKeyDictionary()
+
+
+def _probe_key(model) -> tuple:
+    """What the probes' verdicts depend on besides the architecture: a model moved, cast,
+    resized or switched to another attention implementation is probed again."""
+    head = model.get_output_embeddings()
+    weight = model.get_input_embeddings().weight
+    return (
+        type(model), weight.dtype, weight.device, tuple(weight.shape),
+        None if head is None else tuple(head.weight.shape), getattr(model.config, "_attn_implementation", None),
+    )  # fmt: skip
+
+
+def _probed(model) -> tuple[OutputHead, Probes, Workspace]:
+    """The model's `OutputHead`, `probe_model` verdicts and scratch workspace, probed once
+    per model object (and again when `_probe_key` changes)."""
+    key = _probe_key(model)
+    cached = _PROBED.get(model)
+    body = cached.body() if cached is not None else None
+    if cached is not None and cached.key == key and body is not None:
+        head = OutputHead(model, cached.fast, cached.softcap, cached.scale, cached.divisor, body)
+        return head, cached.probes, cached.workspace
+    head = OutputHead.for_model(model)
+    probes = probe_model(model, head)
+    workspace = Workspace()
+    _PROBED[model] = _Probed(key, head.fast, head.softcap, head.scale, head.divisor, weakref.ref(head.body_module),
+                             probes, workspace)  # fmt: skip
+    return head, probes, workspace
 
 
 def _refuse_noncausal(name: str, probes: Probes, allow_noncausal: bool) -> None:

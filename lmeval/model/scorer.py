@@ -9,6 +9,7 @@ the same windows; a non-finite logit stops the run naming the document.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -46,7 +47,10 @@ class ScoreOptions:
 
 
 # Below this many logits (tokens x vocabulary) a CPU run does not repay the compile time.
-_COMPILE_MIN_LOGITS_CPU = 4e9
+# Measured on 2 threads at V = 50k: compiling costs 6-7 s with Inductor's on-disk cache warm
+# and 18 s cold, and saves ~2.7 ns per logit (eager 4.5, compiled 1.8), so a warm process
+# pays back from ~2.4e9 logits (a cold one from ~7e9).
+_COMPILE_MIN_LOGITS_CPU = 2.5e9
 
 
 def use_compiled(lm: LoadedModel, options: ScoreOptions, n_tokens: int) -> bool:
@@ -54,6 +58,12 @@ def use_compiled(lm: LoadedModel, options: ScoreOptions, n_tokens: int) -> bool:
     if options.compile == "auto":
         return lm.device.type == "cuda" or n_tokens * lm.vocab_size >= _COMPILE_MIN_LOGITS_CPU
     return bool(options.compile)
+
+
+def decide_compile(lm: LoadedModel, options: ScoreOptions, n_tokens: int) -> ScoreOptions:
+    """``options`` with ``compile: auto`` settled for a job of ``n_tokens``, so that a run
+    of many parts decides once (each part alone is too small to reach the threshold)."""
+    return dataclasses.replace(options, compile=use_compiled(lm, options, n_tokens))
 
 
 def pack_batches(windows: list[Window], batch_tokens: int, equal_length: bool = False) -> list[list[int]]:
@@ -106,14 +116,21 @@ def _scored_index(windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor, to
     return tuple(torch.from_numpy(a) for a in (rows, cols, targets))
 
 
-# On CPU the reductions are fastest when a chunk's logits stay near cache size (measured:
-# ~16 MiB of float32 logits); on CUDA larger chunks keep the kernels busy.
+# The default budget of one chunk: ~16 MiB of float32 logits on CPU, where the reductions
+# cost the same per logit from 4 to 64 MiB; on CUDA larger chunks keep the kernels busy.
 _CHUNK_BYTES = {"cpu": 96 * 2**20, "cuda": 1536 * 2**20}
+# ... but never fewer rows than this under the default budget: the head's matmul reads the
+# whole (V, H) weight once per chunk, and on CPU it runs at less than half speed below ~128
+# rows (V = 128k, H = 64, 2 threads: 4.4 ns per logit at 32 rows, 1.6 at 130;
+# `python scripts/bench.py --case models`). A budget the caller passes is a hard limit.
+_MIN_CHUNK_ROWS = 128
 
 
 def _chunk_rows(lm: LoadedModel, chunk_bytes: int | None) -> int:
-    budget = chunk_bytes or _CHUNK_BYTES.get(lm.device.type, _CHUNK_BYTES["cpu"])
-    return max(1, budget // (lm.vocab_size * 4 * _CHUNK_COPIES))
+    if chunk_bytes:
+        return max(1, chunk_bytes // (lm.vocab_size * 4 * _CHUNK_COPIES))
+    budget = _CHUNK_BYTES.get(lm.device.type, _CHUNK_BYTES["cpu"])
+    return max(_MIN_CHUNK_ROWS, budget // (lm.vocab_size * 4 * _CHUNK_COPIES))
 
 
 @torch.inference_mode()

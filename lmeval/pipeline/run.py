@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import OutputError
 from ..model.loading import load_model
-from ..model.scorer import ScoreOptions, resolve_window
+from ..model.scorer import ScoreOptions, decide_compile, resolve_window
 from . import distributed, divergence_run
 from .analysis import scoring_meta
 from .chat import score_chat_group
@@ -155,6 +155,11 @@ def _score_share(config: Config, corpus: Corpus, parts: Path, plans, todo: dict,
         score_parts(model, corpus, config, folder, [plans[i] for i in shares[model.name]], bar, idh)
 
 
+# Tokens are counted only once a part is tokenized; English BPE averages about 4 characters
+# a token (code and CJK fewer, so the estimate errs toward the eager reductions).
+CHARS_PER_TOKEN = 4
+
+
 def score_parts(model, corpus: Corpus, config: Config, folder: Path, plans: list[PartPlan], bar, idh: str) -> None:
     """Score ``plans`` (this rank's unfinished parts of one model), writing each part as it finishes."""
     if not plans:
@@ -164,6 +169,8 @@ def score_parts(model, corpus: Corpus, config: Config, folder: Path, plans: list
     s = config.scoring
     options = ScoreOptions(batch_tokens=check_batch_tokens(s.batch_tokens), temperatures=config.calibration.temperatures, compile=s.compile,
                            moments=config.analysis.membership)  # Var_q[log q], for Min-K%++
+    # `compile: auto` is settled once for this rank's whole share, from its characters.
+    options = decide_compile(lm, options, int(sum(plan.weight for plan in plans) / CHARS_PER_TOKEN))
     protocol = protocol_record(lm, config)  # also checks the window against the model, before any scoring
     _check_protocol(folder, protocol, model.name)
     score = score_stream if s.documents == "concatenated" else score_group
