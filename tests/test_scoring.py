@@ -25,6 +25,65 @@ def doc_ids(tokenizer, text):
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def oracle_mean_neg_logq(model, ids: list[int]) -> np.ndarray:
+    """mean_v -log q_v at every scored position, from one full forward in float64."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    return -torch.log_softmax(logits, dim=-1)[:-1].mean(dim=1).numpy()
+
+
+def biased_head(model, scale: float) -> torch.nn.Module:
+    """``model`` with an lm_head that has a bias and, like Cohere's, a logit multiplier."""
+    head = model.get_output_embeddings()
+    new = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        new.weight.copy_(head.weight)
+        new.bias.normal_(0.0, 0.5)
+    model.set_output_embeddings(new)
+    model.config.tie_word_embeddings = False
+    model.config.logit_scale = scale
+    inner = model.forward
+
+    def forward(*args, **kwargs):  # the multiplier, applied after the head as Cohere does
+        out = inner(*args, **kwargs)
+        out.logits = out.logits * scale
+        return out
+
+    model.forward = forward
+    return model
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "biased-scaled", "gemma2"])
+def test_mean_neg_logq_from_the_heads_row_sums_matches_float64(arch, tiny_models, bpe_tokenizer):
+    """The eager reductions take sum_v z_v from the head's column sums (no pass over the
+    logits) where the head is linear; soft-capped Gemma-2 sums the logits."""
+    model = biased_head(build_model("gpt2", len(bpe_tokenizer)), 1.7) if arch == "biased-scaled" else tiny_models[arch]
+    lm = prepare_model(model, bpe_tokenizer, name=arch)
+    assert lm.head.fast
+    states = torch.randn(3, model.config.hidden_size)
+    with torch.no_grad():
+        sums = lm.head.logit_sums(states)
+        assert (sums is None) == (arch == "gemma2")
+        if sums is not None:
+            np.testing.assert_allclose(sums, lm.head.project(states).double().sum(1), rtol=1e-5)
+    table = lmeval.score_texts(TEXTS, lm, batch_tokens=256, compile=False)
+    for i, text in enumerate(TEXTS):
+        ids = [bpe_tokenizer.eos_token_id] + doc_ids(bpe_tokenizer, text)
+        got = table[table.doc_id == i].mean_neg_logq.to_numpy()
+        np.testing.assert_allclose(got, oracle_mean_neg_logq(model, ids), atol=2e-5, rtol=0)
+
+
+def test_row_sums_follow_weights_that_training_moved(bpe_tokenizer):
+    model = build_model("gpt2", len(bpe_tokenizer))
+    lm = prepare_model(model, bpe_tokenizer)
+    lmeval.score_texts(TEXTS[:1], lm, compile=False)  # caches the column sums
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(1.5).add_(0.3)  # an optimizer step, in place
+    table = lmeval.score_texts(TEXTS[:1], lm, compile=False)
+    ids = [bpe_tokenizer.eos_token_id] + doc_ids(bpe_tokenizer, TEXTS[0])
+    np.testing.assert_allclose(table.mean_neg_logq, oracle_mean_neg_logq(model, ids), atol=2e-5, rtol=0)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "gemma2"])
 def test_nll_matches_float64_full_logits(arch, tiny_models, bpe_tokenizer):
     model = tiny_models[arch]

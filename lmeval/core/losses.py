@@ -167,7 +167,8 @@ def _scratch(workspace: Workspace | None, name: str, like: torch.Tensor, dtype=N
     return workspace.get(name, tuple(like.shape), dtype or like.dtype, like.device)
 
 
-def _reductions(z: torch.Tensor, targets: torch.Tensor, temperatures: tuple[float, ...], workspace=None, moments=False):
+def _reductions(z: torch.Tensor, targets: torch.Tensor, temperatures: tuple[float, ...], workspace=None, moments=False,
+                z_sum=None):  # fmt: skip
     """The per-token reductions over the vocabulary. ``z`` is (N, V) float32; every output is
     (N,) or (N, K). Written with two explicit scratch buffers so that eager mode allocates no
     (N, V) tensor per call, and `torch.compile` can still fuse it into one loop per row.
@@ -175,10 +176,12 @@ def _reductions(z: torch.Tensor, targets: torch.Tensor, temperatures: tuple[floa
     With ``e = exp(z - max z)`` and ``s = sum e``: ``lse = max z + log s``, ``q = e / s``,
     ``H(q) = lse - sum(e z) / s`` and ``sum q^2 = sum(e^2) / s^2``; no (N, V) log q is kept.
     The passes that read only ``z`` (max, rank, sum) come first, then the ones over ``e``.
+    ``z_sum``, the row sums of ``z`` when the caller has them (a linear head gives them
+    without the logits), spares one pass.
     """
     z_y = z.gather(1, targets[:, None]).squeeze(1)
     z_max = z.amax(dim=1)
-    z_sum = z.sum(dim=1)
+    z_mean = z.sum(dim=1) / z.shape[1] if z_sum is None else (z_sum / z.shape[1]).to(z.dtype)
     work = _scratch(workspace, "work", z)  # (N, V), reused by every pass below that writes
     # 0/1 as float32: its sum is vectorised (a bool sum is not) and exact below 2^24 ids.
     rank = torch.gt(z, z_y[:, None], out=work).sum(dim=1).to(torch.int32) + 1
@@ -207,7 +210,7 @@ def _reductions(z: torch.Tensor, targets: torch.Tensor, temperatures: tuple[floa
         1.0 / s,
         rank,
         e_dot_e / (s * s),
-        lse - z_sum / z.shape[1],
+        lse - z_mean,
         torch.stack(nll_t, dim=1) if temperatures else empty,
         torch.stack(max_prob_t, dim=1) if temperatures else empty,
         lse,
@@ -244,11 +247,14 @@ def token_statistics(
     compiled: bool = False,
     workspace: Workspace | None = None,
     moments: bool = False,
+    logit_sums: torch.Tensor | None = None,
 ) -> TokenStats:
     """Per-token statistics for ``logits`` (N, V) and ``targets`` (N,), in one pass.
 
     The logits are upcast to float32 here, one chunk at a time, and log-probabilities are
     ``z - logsumexp(z)``; never ``softmax().log()``, which underflows to -inf.
+    ``logit_sums`` (N,), if given, are the rows' sums of the logits (`OutputHead.logit_sums`),
+    used by the eager reductions for ``mean_neg_logq`` instead of a pass over the chunk.
     """
     if logits.dtype == torch.float32 or compiled or workspace is None:
         z = logits.float()  # (N, V)
@@ -260,7 +266,7 @@ def token_statistics(
     if compiled:
         reduced = _run_compiled(z, targets, tuple(temperatures), moments)
     else:
-        reduced = _reductions(z, targets, tuple(temperatures), workspace, moments)
+        reduced = _reductions(z, targets, tuple(temperatures), workspace, moments, logit_sums)
     nll, ent, max_prob, rank, sum_q2, mean_neg_logq, nll_t, max_prob_t, lse, var_logq = reduced
     if top_k > 0:
         top = torch.topk(z, min(top_k, z.shape[1]), dim=1)

@@ -95,6 +95,31 @@ class OutputHead:
             logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits
 
+    def logit_sums(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """(N, H) final hidden states -> (N,) float64 sums of each row's logits, sum_v z_v,
+        without the logits: the head is linear, so sum_v (h . w_v + b_v) = h . sum_v w_v +
+        sum_v b_v. It spares the reductions one pass over the (N, V) chunk. None where the
+        post-processing is not linear (soft-capping), the head is not a plain Linear, or its
+        logits are rounded to half precision (the sum is then the rounded logits')."""
+        head = self.model.get_output_embeddings()
+        if self.softcap is not None or type(head) is not torch.nn.Linear:
+            return None
+        if head.weight.dtype not in (torch.float32, torch.float64):
+            return None
+        weight = head.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if getattr(self, "_column_sums", (None,))[0] != key:  # recomputed when training moves the weights
+            total = weight.sum(dim=0, dtype=torch.float64)  # (H,)
+            bias = 0.0 if head.bias is None else float(head.bias.sum(dtype=torch.float64))
+            self._column_sums = (key, total, bias)
+        _, total, bias = self._column_sums
+        sums = hidden.to(torch.float64) @ total.to(hidden.device) + bias
+        if self.scale is not None:
+            sums = sums * self.scale
+        if self.divisor is not None:
+            sums = sums / self.divisor
+        return sums
+
     def body(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T, H) final hidden states (after the final norm)."""
         out = self.body_module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

@@ -143,21 +143,24 @@ def score_batch(lm: LoadedModel, windows: list[Window], options: ScoreOptions, c
     if lm.head.fast:
         hidden = lm.head.body(ids, mask)  # (B, T, H), on the last layer's device under a device_map
         rows, cols = rows.to(hidden.device), cols.to(hidden.device)
-        source = lambda sl: lm.head.project(hidden[rows[sl], cols[sl]], lm.workspace)  # noqa: E731  (n, V)
+
+        def source(sl):  # (n, V) logits, and their row sums when the head gives them for free
+            states = hidden[rows[sl], cols[sl]]
+            return lm.head.project(states, lm.workspace), (None if compiled else lm.head.logit_sums(states))
     else:
         logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
         rows, cols = rows.to(logits.device), cols.to(logits.device)
-        source = lambda sl: logits[rows[sl], cols[sl]]  # noqa: E731
+        source = lambda sl: (logits[rows[sl], cols[sl]], None)  # noqa: E731
     step = _chunk_rows(lm, options.chunk_bytes)
     parts, masses = [], []
     masks = None if options.mass_masks is None else torch.from_numpy(options.mass_masks.T.astype(np.float32))
     for begin in range(0, len(targets), step):
         sl = slice(begin, begin + step)
-        chunk = source(sl)  # (n, V), on the output head's device
+        chunk, sums = source(sl)  # (n, V), on the output head's device
         parts.append(
             token_statistics(
                 chunk, targets[sl].to(chunk.device), options.temperatures, options.top_k, compiled, lm.workspace,
-                options.moments,
+                options.moments, logit_sums=sums,
             )
         )
         if masks is not None:  # the same chunk of logits, one more reduction
