@@ -95,7 +95,7 @@ def score_texts(
     ``attrs["n_documents"]`` still counts it, ``attrs["reductions"]`` says how the per-token
     reductions ran (``"compiled"`` or ``"eager"``), and ``attrs`` also record the load-time
     probes' findings (``causal``, ``allow_noncausal``, ``batching``). ``compile`` fuses the per-token reductions with
-    torch.compile (``"auto"``: on CUDA, or when tokens x vocabulary >= 4e9 on CPU).
+    torch.compile (``"auto"``: on CUDA, or when tokens x vocabulary >= 2.5e9 on CPU).
 
     ``contexts`` (one string per text) scores each text GIVEN its context: ``context +
     text`` is tokenized as one string, the context's tokens condition and get no row, and
