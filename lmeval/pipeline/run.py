@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import OutputError
 from ..model.loading import load_model
 from ..model.scorer import ScoreOptions, decide_compile, resolve_window
-from . import distributed, divergence_run
+from . import distributed, divergence_run, plots
 from .analysis import scoring_meta
 from .chat import score_chat_group
 from .config import Config, load_config
@@ -81,11 +81,14 @@ def _run_locked(config: Config, overwrite, fresh, show_progress, return_tokens, 
         groups, group_ids = _divergence_groups(config, corpus, plans)
         pair_todo = ctx.broadcast(divergence_run.unfinished(config, parts, group_ids) if ctx.is_main else None)
         bar = ScoringProgress(show_progress and ctx.is_main)
+        warm = plots.warm_up() if ctx.is_main else None  # the figures' one-time cost, paid while scoring
         try:  # the divergence pass first: a tokenizer mismatch is refused before any long scoring
             ctx.call(lambda: divergence_run.score_share(config, corpus, parts, groups, group_ids, pair_todo, ctx, bar))
             ctx.call(lambda: _score_share(config, corpus, parts, plans, todo, ctx, bar))
         finally:
             bar.close()
+            if warm is not None:
+                warm.join()
     except BaseException:
         if ctx.is_main:
             replaced.restore_if_nothing_scored()  # a run that failed before scoring changes nothing
