@@ -53,6 +53,7 @@ class OutputHead:
         self.scale = scale
         self.divisor = divisor
         self.body_module = body_module if body_module is not None else getattr(model, "base_model", model)
+        self._column_sums = None  # (weight key, sum_v w_v, sum_v b_v), for `logit_sums`
 
     @classmethod
     def for_model(cls, model) -> "OutputHead":
@@ -108,7 +109,7 @@ class OutputHead:
             return None
         weight = head.weight
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        if getattr(self, "_column_sums", (None,))[0] != key:  # recomputed when training moves the weights
+        if self._column_sums is None or self._column_sums[0] != key:  # recomputed when training moves the weights
             total = weight.sum(dim=0, dtype=torch.float64)  # (H,)
             bias = 0.0 if head.bias is None else float(head.bias.sum(dtype=torch.float64))
             self._column_sums = (key, total, bias)
