@@ -182,7 +182,7 @@ def child(args) -> dict:
     run = RUNNERS[args.method]
     base = bench.rss_mb()
     started = time.perf_counter()
-    run(model, tokenizer, texts[:2], args)
+    run(model, tokenizer, [text[:4000] for text in texts[:2]], args)  # a short slice: the strided corpus is 2 books
     warmup = time.perf_counter() - started
     started = time.perf_counter()
     out = run(model, tokenizer, texts, args)
