@@ -151,9 +151,9 @@ def run_lmeval_run(model, tokenizer, texts, args) -> dict:
 def run_scoring_only(model, tokenizer, texts, args) -> dict:
     from lmeval.model.loading import prepare_model
     from lmeval.model.scorer import ScoreOptions
-    from lmeval.pipeline.config import CalibrationConfig
-    from lmeval.pipeline.data import Document, tokenize_documents
-    from lmeval.pipeline.score import score_documents
+    from lmeval.engine.config import CalibrationConfig
+    from lmeval.engine.data import Document, tokenize_documents
+    from lmeval.producers.score import score_documents
 
     lm = prepare_model(model, tokenizer, name="m")
     options = ScoreOptions(batch_tokens=8192, temperatures=CalibrationConfig().temperatures)  # as the run

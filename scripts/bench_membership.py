@@ -107,7 +107,7 @@ def main(argv=None) -> None:
     for name, (walls, scorings) in times.items():
         wall, scoring = statistics.median(walls), statistics.median(scorings)
         print(f"{name:<14} {wall:8.2f} {wall / base_wall:7.3f} {scoring:10.2f} {scoring / base_scoring:7.3f}")
-    from lmeval.pipeline.config import CalibrationConfig
+    from lmeval.engine.config import CalibrationConfig
 
     temperatures = CalibrationConfig().temperatures  # what a run computes by default
     print(f"\none pass over a chunk of logits (eager, {len(temperatures)} temperatures), median of {5 * args.repeats}")

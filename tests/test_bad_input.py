@@ -81,7 +81,7 @@ def test_corpus_errors(content, words, workspace, capsys):
 
 def test_huge_single_document_is_windowed_not_truncated(tmp_path, gpt2_pair):
     """A 5 MB document: tokenized whole and cut into windows, every token scored once."""
-    from lmeval.pipeline.data import Document, tokenize_documents
+    from lmeval.engine.data import Document, tokenize_documents
     from lmeval.core.windows import make_windows
 
     _, tokenizer = gpt2_pair

@@ -19,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmeval.core import calibration as cal
-from lmeval.pipeline import plots
+from lmeval.analyses import plots
+from lmeval.engine.files import write_figure
 
 EPS_GRID = (0.0, 0.05, 0.1, 0.3)
 TEMPERATURES = (0.7, 0.85, 1.0, 1.15, 1.3)
@@ -387,7 +388,7 @@ def test_validate_calibration_options_accepts_defaults_and_names_where():
      r"calibration_sums.eps_grid\[1\]: eps must be in"),
     (lambda: cal.calibration_sums([1.0], [0.5], [True], [0.3], [2.0], [1.0], eps_grid=[], temperatures=[0]),
      r"calibration_sums.temperatures\[0\]: temperature must be"),
-    (lambda: plots.plot_reliability({}, "unused.png"), "plot_reliability: bins_by_model must be non-empty"),
+    (lambda: plots.plot_reliability({}), "plot_reliability: bins_by_model must be non-empty"),
 ])
 def test_bad_input_raises_value_error(call, message):
     with pytest.raises(ValueError, match=message) as info:
@@ -406,7 +407,7 @@ def test_eps_label_is_one_spelling_per_value(eps, label):
 @pytest.mark.parametrize("written", ["[0, 0.1]", "[0.0, 0.1]", "[0.00, 1e-1]"])
 def test_label_smoothing_columns_have_one_spelling_whatever_the_yaml(written, small_batch, tmp_path):
     """`label_smoothing: [0]` and `[0.0]` mean one thing, so they name the same columns."""
-    from lmeval.pipeline.config import load_config
+    from lmeval.engine.config import load_config
 
     (tmp_path / "c.yaml").write_text(f"models: [gpt2]\ndata: {{path: gpt2}}\ncalibration: {{label_smoothing: {written}}}\n")
     grid = load_config(tmp_path / "c.yaml").calibration.label_smoothing
@@ -425,7 +426,7 @@ def test_plot_reliability_writes_png(tmp_path, small_batch):
     models = {"model-a": cal.reliability_bins(stats["max_prob"], stats["is_top1"]),
               "overconfident": cal.reliability_bins(conf, rng.uniform(size=conf.size) < conf - 0.2)}
     path = tmp_path / "plots" / "reliability.png"
-    plots.plot_reliability(models, path, title="test")
+    write_figure(plots.plot_reliability(models, title="test"), path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100

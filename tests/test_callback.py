@@ -21,7 +21,7 @@ from conftest import CORPUS, build_model
 import lmeval
 from lmeval.errors import ConfigError, DataError, ModelError
 from lmeval.integrations.in_loop import InLoopEvaluator, preserved_rng
-from lmeval.pipeline.config import build_config
+from lmeval.engine.config import build_config
 
 transformers = pytest.importorskip("transformers")
 from lmeval.integrations.transformers import LmevalCallback  # noqa: E402

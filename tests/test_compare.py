@@ -23,10 +23,11 @@ from conftest import CORPUS, EOT, build_model, train_bpe
 
 import lmeval
 from lmeval.core import bootstrap
-from lmeval.pipeline import compare as cmp
-from lmeval.pipeline import plots
+from lmeval.analyses import compare as cmp
+from lmeval.engine import compare_runs as compare_runs_module
+from lmeval.analyses import plots
 from lmeval.cli import compare as compare_cli
-from lmeval.pipeline.config import CompareConfig, load_config, step_number
+from lmeval.engine.config import CompareConfig, load_config, step_number
 from lmeval.errors import DataError, LmevalError
 
 SHORT, LONG = "step-8", "step-32"  # AdamW steps each model was trained for
@@ -334,7 +335,7 @@ def test_lmeval_run_prints_the_comparison_lmeval_compare_prints(tmp_path, checkp
 
 def test_compare_runs_equals_the_in_run_comparison(together, single_runs, tmp_path, capsys):
     _, frames = together
-    merged = cmp.compare_runs([single_runs[SHORT], single_runs[LONG]], baseline=SHORT)
+    merged = compare_runs_module.compare_runs([single_runs[SHORT], single_runs[LONG]], baseline=SHORT)
     keys = ["model", "baseline", "metric", "unit"]
     pd.testing.assert_frame_equal(merged["compare"][keys], frames["compare"][keys])
     for column in ("delta", "ci_low", "ci_high", "p_value", "value", "baseline_value", "ratio_ci_low"):
@@ -373,7 +374,7 @@ def _refit_fingerprint(runs: dict, tmp_path: Path) -> list[Path]:
 def test_incomparable_runs_are_refused(pick, words, single_runs, tmp_path, capsys):
     dirs = [str(d) for d in pick(single_runs, tmp_path)]
     with pytest.raises(DataError) as caught:
-        cmp.compare_runs(dirs)
+        compare_runs_module.compare_runs(dirs)
     for word in words:
         assert word in str(caught.value)
     code, out, err = cli(["compare", *dirs], capsys)
@@ -406,6 +407,6 @@ def test_plot_checkpoints_writes_a_png(tmp_path):
     assert points.low.isna().tolist() == [True, False, False, False]  # the baseline has no bar
     assert (points.low.dropna() > 0).all() and (points.low <= points.value).iloc[1:].all()
     path = tmp_path / "checkpoints.png"
-    written = cmp.write_compare(tmp_path, frames, summary)
+    written = compare_runs_module.write_compare(tmp_path, frames, summary)
     assert path in written and path.read_bytes().startswith(PNG_SIGNATURE)
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind

@@ -20,7 +20,7 @@ from lmeval.cli import pairs as pairs_cli
 from lmeval.cli import surprisal as surprisal_cli
 from lmeval.errors import ConfigError, DataError, ModelError
 from lmeval.model.loading import prepare_model
-from lmeval.pipeline.chat import score_chats, turn_table
+from lmeval.producers.chat import score_chats, turn_table
 
 CONTEXTS = ["The quick brown fox", "The quick brown fox ", "The dog sle", ""]
 TEXTS = [" jumps over the lazy dog.", "jumps over the lazy dog.", "eps on.", "Perplexity is the word."]
@@ -267,7 +267,7 @@ def test_run_with_messages_field(tmp_path, chat_lm):
 
 
 def test_config_rejects_both_fields(tmp_path):
-    from lmeval.pipeline.config import build_config
+    from lmeval.engine.config import build_config
 
     raw = {"models": ["gpt2"], "data": {"path": "x.jsonl", "context_field": "c", "messages_field": "m"}}
     with pytest.raises(ConfigError, match="together"):

@@ -87,8 +87,8 @@ def test_assets_fit_their_budgets():
 def test_packaged_demo_config_is_the_clones_protocol():
     """The config shipped inside the package (what `lmeval demo` runs from a wheel) and the
     clone's configs/demo.yaml name the same models, data and protocol."""
-    from lmeval.pipeline.config import load_config
-    from lmeval.pipeline.demo import demo_config_path
+    from lmeval.engine.config import load_config
+    from lmeval.engine.demo import demo_config_path
 
     packaged, clone = load_config(demo_config_path()), load_config(REPO / "configs" / "demo.yaml")
     assert demo_config_path().is_relative_to(REPO / "lmeval")  # package data, not a clone file

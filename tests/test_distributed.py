@@ -18,9 +18,9 @@ from test_resume import assert_same_tables, read_tables
 from test_run import write_config, write_jsonl
 
 import lmeval
-from lmeval.pipeline.distributed import Launch, LaunchError, assign, launch_from_env, launched
+from lmeval.engine.distributed import Launch, LaunchError, assign, launch_from_env, launched
 from lmeval.errors import OutputError
-from lmeval.pipeline.parts import plan_groups
+from lmeval.engine.parts import plan_groups
 
 TEXTS = [f"{i}: {CORPUS[i % len(CORPUS)]} {CORPUS[(i * 5 + 1) % len(CORPUS)]}" for i in range(24)]
 LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")

@@ -26,11 +26,11 @@ from test_run import write_config, write_jsonl
 import lmeval
 from lmeval import ConfigError, TokenizerMismatchError
 from lmeval.cli import main
-from lmeval.pipeline.divergence import SUMMARY_COLUMNS
-from lmeval.pipeline.parts import plan_groups
-from lmeval.pipeline.schemas import DIVERGENCE
+from lmeval.producers.divergence import SUMMARY_COLUMNS
+from lmeval.engine.parts import plan_groups
+from lmeval.engine.schemas import DIVERGENCE
 
-divergence_run = importlib.import_module("lmeval.pipeline.divergence_run")
+divergence_run = importlib.import_module("lmeval.engine.divergence_run")
 TEXTS = [f"{i}: {CORPUS[i % len(CORPUS)]} {CORPUS[(i * 5 + 1) % len(CORPUS)]}" for i in range(10)]
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -82,7 +82,7 @@ def test_auto_compile_is_decided_once_for_the_whole_run(tmp_path, saved_gpt2, mo
 def test_prefetched_keeps_order_and_raises_background_errors():
     import pytest
 
-    from lmeval.pipeline.prefetch import BackgroundWriter, prefetched
+    from lmeval.engine.prefetch import BackgroundWriter, prefetched
 
     assert list(prefetched([1, 2, 3], lambda x: x * 10)) == [(1, 10), (2, 20), (3, 30)]
     assert list(prefetched([], lambda x: x)) == []

@@ -18,8 +18,8 @@ from conftest import CORPUS, build_model
 
 import lmeval
 from lmeval.core import memorization as mem
-from lmeval.pipeline.config import load_config
-from lmeval.pipeline.run import _identity
+from lmeval.engine.config import load_config
+from lmeval.engine.run import _identity
 
 KS = (10, 20, 50)
 
@@ -176,7 +176,7 @@ def test_documents_schema_types_the_new_columns(scored):
         assert schema.field(f"mink_pp_{k}").type == pa.float64()
     assert schema.field("zlib_ratio").type == schema.field("ref_ratio").type == pa.float64()
     assert schema.field("extractable_suffix").type == schema.field("zlib_bytes").type == pa.int64()
-    assert lmeval.pipeline.schemas.read_table(folder / "out" / "documents.parquet").doc_id.map(type).eq(str).all()
+    assert lmeval.engine.schemas.read_table(folder / "out" / "documents.parquet").doc_id.map(type).eq(str).all()
 
 
 def test_membership_is_off_by_default_and_part_of_the_resume_identity(scored, tmp_path):
@@ -186,7 +186,7 @@ def test_membership_is_off_by_default_and_part_of_the_resume_identity(scored, tm
     assert not [c for c in documents.columns if c.startswith(("mink", "zlib", "extractable", "ref_"))]
     plain = load_config(config)
     on = dataclasses.replace(plain, analysis=dataclasses.replace(plain.analysis, membership=True))
-    corpus = lmeval.pipeline.data.load_documents(plain.data)
+    corpus = lmeval.engine.data.load_documents(plain.data)
     assert "membership" not in _identity(plain, corpus)["config"]  # earlier runs' parts stay resumable
     assert _identity(plain, corpus) != _identity(on, corpus)  # parts without var_logq are not reused
 

@@ -12,7 +12,7 @@ from conftest import CORPUS
 import lmeval
 from lmeval.core.positions import Bins, BinnedSums, binned_sums, icl_window, log_edges, pooled_bins
 from lmeval.errors import ConfigError
-from lmeval.pipeline.config import load_config
+from lmeval.engine.config import load_config
 
 B, SEED = 400, 7
 # Three copies of each sentence: ~60-90 tokens per document, several windows each.

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import lmeval
 from lmeval.core.losses import bits_per, perplexity
-from lmeval.pipeline.tables import document_sums, documents_frame, summary_row
+from lmeval.producers.tables import document_sums, documents_frame, summary_row
 from lmeval.core.windows import make_windows
 
 

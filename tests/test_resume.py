@@ -16,9 +16,9 @@ from test_run import write_config, write_jsonl
 import lmeval
 from lmeval import OutputError
 from lmeval.cli import main
-from lmeval.pipeline.parts import plan_groups
+from lmeval.engine.parts import plan_groups
 
-run_module = importlib.import_module("lmeval.pipeline.run")
+run_module = importlib.import_module("lmeval.engine.run")
 
 TEXTS = [f"{i}: {CORPUS[i % len(CORPUS)]} {CORPUS[(i * 5 + 1) % len(CORPUS)]}" for i in range(24)]
 

@@ -11,7 +11,7 @@ from conftest import CORPUS
 
 import lmeval
 from lmeval.cli import main
-from lmeval.pipeline.config import load_config
+from lmeval.engine.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [{"id": f"doc-{i}", "text": t} for i, t in enumerate(CORPUS)] + [{"id": "blank", "text": "  \n "}]

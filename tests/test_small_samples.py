@@ -13,8 +13,8 @@ import pytest
 from lmeval.cli.common import format_compare
 from lmeval.core.bootstrap import MIN_DOCUMENTS, bootstrap_interval, resampled_sums
 from lmeval.errors import ConfigError
-from lmeval.pipeline import compare as cmp
-from lmeval.pipeline.config import CompareConfig, load_config
+from lmeval.analyses import compare as cmp
+from lmeval.engine.config import CompareConfig, load_config
 
 INTERVALS = ["ci_low", "ci_high", "p_value", "ratio_ci_low", "ratio_ci_high"]
 

@@ -24,8 +24,8 @@ from lmeval.cli import surprisal as surprisal_cli
 from lmeval.errors import DataError, ModelError, OutputError
 from lmeval.model.loading import prepare_model
 from lmeval.view.render import render_html, render_terminal, script_json, write_html
-from lmeval.pipeline import demo
-from lmeval.pipeline.demo import demo_model_path
+from lmeval.engine import demo
+from lmeval.engine.demo import demo_model_path
 from lmeval.view.surprisal import aggregate_words, surprisal_table
 
 TEXTS = [

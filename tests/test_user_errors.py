@@ -23,8 +23,8 @@ from test_run import write_config, write_jsonl
 import lmeval
 from lmeval.cli import main
 from lmeval.errors import ModelError
-from lmeval.pipeline.config import DataConfig, load_config
-from lmeval.pipeline.data import load_documents
+from lmeval.engine.config import DataConfig, load_config
+from lmeval.engine.data import load_documents
 
 DOCS = [{"id": f"d{i}", "text": t} for i, t in enumerate(CORPUS)]
 

@@ -18,8 +18,8 @@ from conftest import CORPUS
 
 import lmeval
 from lmeval.cli import build_parser, main
-from lmeval.pipeline.config import config_from_options, config_to_yaml, load_config, raw_config_from_options
-from lmeval.pipeline.detokenize import wikitext_detokenizer
+from lmeval.engine.config import config_from_options, config_to_yaml, load_config, raw_config_from_options
+from lmeval.engine.detokenize import wikitext_detokenizer
 
 PACKAGE = Path(lmeval.__file__).resolve().parent
 TABLES = ("tokens.parquet", "documents.parquet", "summary.csv", "calibration.csv", "temperature.csv")

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from ..errors import OutputError
-from ..pipeline.config import CompareConfig
+from ..engine.config import CompareConfig
 from .common import format_compare, int_at_least
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def _output_dir(path: str, overwrite: bool) -> Path:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``lmeval compare``; returns the exit code. User errors raise `LmevalError`."""
-    from ..pipeline.compare import compare_runs, write_compare
+    from ..engine.compare_runs import compare_runs, write_compare
 
     config = CompareConfig(baseline=args.baseline, bootstrap=args.bootstrap, seed=args.seed, top_k=args.top_k,
                            min_documents=args.min_documents)  # fmt: skip

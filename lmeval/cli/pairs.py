@@ -56,8 +56,8 @@ def format_pairs(table) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``lmeval pairs``; returns the exit code. User errors raise `LmevalError`."""
-    from ..pipeline.files import write_table
-    from ..pipeline.pairs import minimal_pairs, read_pairs
+    from ..engine.files import write_table
+    from ..producers.pairs import minimal_pairs, read_pairs
 
     good, bad, contexts, ids = read_pairs(args.file)
     table = minimal_pairs(good, bad, args.model, contexts, ids=ids, bos=args.bos, max_length=args.max_length,

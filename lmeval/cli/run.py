@@ -85,8 +85,8 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 def load_command_config(args):
     """The `Config` of a `run` or `validate` command line: CONFIG (a file or a shipped
     config's name) and/or the --model/--data flags, then the key=value overrides."""
-    from ..pipeline.config import config_from_options, raw_config_from_options
-    from ..pipeline.demo import shipped_config, shipped_config_names
+    from ..engine.config import config_from_options, raw_config_from_options
+    from ..engine.demo import shipped_config, shipped_config_names
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).exists():
@@ -112,11 +112,11 @@ def load_command_config(args):
 def run_command(args) -> int:
     config = load_command_config(args)
     if args.print_config:
-        from ..pipeline.config import config_to_yaml
+        from ..engine.config import config_to_yaml
 
         print(f"# lmeval run config, printed by --print-config; run it with `lmeval run FILE`\n{config_to_yaml(config)}", end="")
         return 0
-    from ..pipeline.run import run
+    from ..engine.run import run
 
     tables = run(
         config, overwrite=args.overwrite, fresh=args.fresh, show_progress=not args.quiet, return_tokens=False,
@@ -134,7 +134,7 @@ def run_command(args) -> int:
 
 def demo_command(args) -> int:
     """`lmeval run` on the packaged demo config, writing ./runs/demo unless overridden."""
-    from ..pipeline.demo import DEMO_OUTPUT, demo_config_path
+    from ..engine.demo import DEMO_OUTPUT, demo_config_path
 
     args.config = str(demo_config_path())
     args.overrides = [f"output.dir={DEMO_OUTPUT}", *args.overrides]  # later overrides win
@@ -144,7 +144,7 @@ def demo_command(args) -> int:
 
 
 def validate_command(args) -> int:
-    from ..pipeline.preflight import check_files
+    from ..engine.preflight import check_files
 
     config = load_command_config(args)
     for note in check_files(config):  # how each path that is not local was read

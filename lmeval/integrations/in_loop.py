@@ -28,14 +28,14 @@ from ..errors import ConfigError, DataError
 from ..model.loading import LoadedModel, prepare_model
 from ..model.scorer import ScoreOptions
 from ..model.spec import ModelSpec
-from ..pipeline.config import Config, build_config
-from ..pipeline.data import SEPARATOR_ID, Corpus, Document, check_texts, fingerprint_documents, load_documents
-from ..pipeline.files import prepare_output_dir, write_json
-from ..pipeline.merge import collect_model, merge_tables, run_record
-from ..pipeline.parts import part_key, write_part
-from ..pipeline.run import protocol_record
-from ..pipeline.score import check_batch_tokens, score_group, score_stream
-from ..pipeline.tables import document_sums, normalisers
+from ..engine.config import Config, build_config
+from ..engine.data import SEPARATOR_ID, Corpus, Document, check_texts, fingerprint_documents, load_documents
+from ..engine.files import prepare_output_dir, write_json
+from ..engine.merge import collect_model, merge_tables, run_record
+from ..engine.parts import part_key, write_part
+from ..engine.run import protocol_record
+from ..producers.score import check_batch_tokens, score_group, score_stream
+from ..producers.tables import document_sums, normalisers
 
 TEXTS_PATH = "<texts in memory>"  # data.path of a corpus given as a list of texts
 _LABEL = re.compile(r"^[A-Za-z0-9_.-]+$")

@@ -1,2 +1,2 @@
 """Layer 4, views: surprisal tables and their terminal and HTML renderings (templates are
-package files). Imports the pipeline, the model and the core."""
+package files). Imports the engine and the layers below it."""

@@ -19,9 +19,9 @@ import pandas as pd
 
 from ..core.units import LN2
 from ..errors import DataError
-from ..pipeline.data import check_texts
-from ..pipeline.demo import demo_model_path
-from ..pipeline.divergence import divergence
+from ..engine.data import check_texts
+from ..engine.demo import demo_model_path
+from ..producers.divergence import divergence
 from .render import _template, display_width, script_hash, script_json, segments, visible
 from .surprisal import check_spans
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import OutputError
-from ..pipeline.files import atomic_write
+from ..engine.files import atomic_write
 
 SCALE_BITS = 20.0  # top of the colour scale; anything above is drawn as the top colour
 # xterm-256 backgrounds from pale green (expected) to dark red (surprising), one per 2 bits.

@@ -32,13 +32,13 @@ import pandas as pd
 
 from ..core.units import LN2
 from ..errors import DataError
-from ..pipeline.data import check_texts
-from ..pipeline.demo import demo_model_path
+from ..engine.data import check_texts
+from ..engine.demo import demo_model_path
 from ..model.scorer import ScoreOptions
-from ..pipeline.continuation import check_contexts, score_continuations
-from ..pipeline.score import as_loaded_model
-from ..pipeline.tables import tokens_frame
-from ..pipeline.words import (
+from ..producers.continuation import check_contexts, score_continuations
+from ..producers.score import as_loaded_model
+from ..producers.tables import tokens_frame
+from ..producers.words import (
     boundary_columns, check_word_options, end_target, options_with_masses, word_starts,
 )  # fmt: skip
 

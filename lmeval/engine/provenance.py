@@ -13,6 +13,8 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+from ..model.fingerprint import tokenizer_fingerprint  # noqa: F401  (re-exported: run.json's record)
+
 PACKAGES = ("lmeval", "torch", "transformers", "tokenizers", "datasets", "numpy", "pandas", "pyarrow", "accelerate")
 # Weight files above this size are fingerprinted by size plus their first and last bytes;
 # hashing tens of GB on every run would cost more than the scoring of a small corpus.
@@ -71,8 +73,3 @@ def _fingerprint(path: str, revision: str | None, is_dir: bool, stamp: tuple) ->
     return out
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the vocabulary (piece -> id): equal exactly when two models share token ids,
-    so that per-token comparisons between them are meaningful."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()

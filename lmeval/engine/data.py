@@ -20,21 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, ModelError
+from ..producers.text import (  # noqa: F401  (re-exported: the engine's view of a text)
+    ROLES_SCORED, SEPARATOR_ID, Document, Stream, TokenizedDocument, check_messages, check_texts, count_bytes,
+    count_words, join_documents, resolve_prefix, split_stream, tokenize_documents,
+)
 from .detokenize import detokenize_documents
 
 log = logging.getLogger(__name__)
-_WORD_SPLIT = re.compile(r"\s+")
-ROLES_SCORED = "assistant"  # the role whose turns a conversation scores
-
-
-@dataclass(frozen=True)
-class Document:
-    """One text to score. ``doc_id`` is the user's id (or the row number)."""
-
-    doc_id: str | int
-    text: str
-    source: str | None = None  # the text before `data.detokenizer` rewrote it (None: not rewritten)
-    context: str | None = None  # conditions the text, never scored (data.context_field)
 
 
 @dataclass(frozen=True)
@@ -269,25 +261,6 @@ def _load_conversations(config, table) -> Corpus:
     return Corpus(documents, 0, fingerprint_documents(documents))
 
 
-def check_messages(messages, where: str) -> list[dict]:
-    """A list of ``{"role": str, "content": str}`` mappings with at least one assistant turn."""
-    if isinstance(messages, str):
-        try:
-            messages = json.loads(messages)
-        except json.JSONDecodeError:
-            raise DataError(f"{where}: must be a list of {{role, content}} messages (got a string that is not JSON).") from None
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise DataError(f"{where}: must be a non-empty list of {{role, content}} messages (got {type(messages).__name__}).")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}[{i}]: must be a mapping with string `role` and `content` (got {m!r}).")
-        out.append({"role": m["role"], "content": m["content"]})
-    if not any(m["role"] == ROLES_SCORED for m in out):
-        raise DataError(f"{where}: must hold at least one assistant message (roles: {sorted({m['role'] for m in out})}). Nothing to score.")
-    return out
-
-
 def fingerprint_documents(documents: list[Document]) -> str:
     """sha256 over ids, texts (and contexts, when given), in order: changes whenever what is scored changes."""
     digest = hashlib.sha256()
@@ -298,153 +271,3 @@ def fingerprint_documents(documents: list[Document]) -> str:
     return digest.hexdigest()
 
 
-@dataclass(frozen=True)
-class TokenizedDocument:
-    """A document's token ids, their character spans ``[char_start, char_end)`` into
-    ``text``, and the conditioning prefix (``[bos_id]`` or ``[]``)."""
-
-    doc_id: str
-    text: str
-    token_ids: np.ndarray  # (n,) int64
-    offsets: np.ndarray  # (n, 2) int64
-    prefix: tuple[int, ...]
-
-    @property
-    def n_scored(self) -> int:
-        """Tokens that get a loss: all of them with a prefix, all but the first without."""
-        return max(len(self.token_ids) - 1 + len(self.prefix), 0)
-
-    def scored_text(self) -> str:
-        """The text whose tokens are scored: without a prefix, the first token only conditions."""
-        if self.prefix or len(self.token_ids) == 0:
-            return self.text
-        return self.text[int(self.offsets[0, 1]) :]
-
-
-def count_bytes(text: str) -> int:
-    """UTF-8 bytes: the tokenizer-agnostic unit for bits per byte."""
-    return len(text.encode("utf-8"))
-
-
-def count_words(text: str) -> int:
-    """Words as lm-evaluation-harness counts them for word perplexity: ``len(re.split(r"\\s+", text))``."""
-    return len(_WORD_SPLIT.split(text))
-
-
-def resolve_prefix(tokenizer, bos) -> tuple[int, ...]:
-    """The conditioning prefix for a BOS policy.
-
-    ``"auto"``: the tokenizer's BOS, else its EOS (GPT-2's ``<|endoftext|>``).
-    ``"none"``: no prefix; each document's first token only conditions.
-    an int: that token id.
-    """
-    if bos == "none" or bos is None:
-        return ()
-    if bos == "auto":
-        for attr in ("bos_token_id", "eos_token_id"):
-            token_id = getattr(tokenizer, attr, None)
-            if token_id is not None:
-                return (int(token_id),)
-        raise ModelError(
-            "scoring.bos: `auto` needs a tokenizer with a BOS or EOS token, and this one has "
-            "neither. Set `bos` to a token id to condition on, or to `none` to leave each "
-            "document's first token unscored."
-        )
-    if isinstance(bos, bool) or not isinstance(bos, int) or bos < 0:
-        raise ModelError(f"scoring.bos: must be auto, none or a token id >= 0 (got {bos!r}).")
-    size = len(tokenizer)
-    if bos >= size:
-        named = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ModelError(
-            f"scoring.bos: a token id must be in the vocabulary of the tokenizer {named} (0..{size - 1}) (got {bos}). "
-            "Use auto (its BOS, else EOS), none, or an id it has."
-        )
-    return (bos,)
-
-
-def tokenize_documents(documents: list[Document], tokenizer, bos="auto") -> list[TokenizedDocument]:
-    """Tokenize every document with offsets, in one batched call of the fast tokenizer."""
-    prefix = resolve_prefix(tokenizer, bos)
-    if not documents:
-        return []
-    texts = [d.text for d in documents]
-    encoded = tokenizer(
-        texts,
-        add_special_tokens=False,
-        return_offsets_mapping=True,
-        return_attention_mask=False,
-        truncation=False,
-        verbose=False,
-    )
-    out = []
-    for doc, ids, offsets in zip(documents, encoded["input_ids"], encoded["offset_mapping"]):
-        out.append(
-            TokenizedDocument(
-                doc_id=doc.doc_id,
-                text=doc.text,
-                token_ids=np.asarray(ids, dtype=np.int64),
-                offsets=np.asarray(offsets, dtype=np.int64).reshape(-1, 2),
-                prefix=prefix,
-            )
-        )
-    return out
-
-
-def check_texts(texts) -> list[str]:
-    """The public API's input check: a non-empty list of strings."""
-    if isinstance(texts, str):
-        raise DataError("texts: must be a list of strings (got a single str). Wrap it: [text].")
-    texts = list(texts)
-    if not texts:
-        raise DataError("texts: must hold at least one string (got an empty list).")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise DataError(f"texts[{i}]: must be a str (got {type(text).__name__}). Convert or drop it.")
-    return texts
-
-
-SEPARATOR_ID = "<separator>"
-
-
-@dataclass(frozen=True)
-class Stream:
-    """Documents joined into one text for concatenated scoring, with each document's span."""
-
-    document: Document
-    starts: np.ndarray  # (D,) char offset of each document in the joined text
-    ends: np.ndarray  # (D,)
-
-
-def join_documents(documents: list[Document], separator: str) -> Stream:
-    """Join documents with ``separator`` into one stream, as papers score wikitext."""
-    starts, ends, cursor = [], [], 0
-    for i, doc in enumerate(documents):
-        if i:
-            cursor += len(separator)
-        starts.append(cursor)
-        cursor += len(doc.text)
-        ends.append(cursor)
-    text = separator.join(d.text for d in documents)
-    return Stream(Document("<stream>", text), np.array(starts, np.int64), np.array(ends, np.int64))
-
-
-def split_stream(stream: Stream, char_start: np.ndarray, char_end: np.ndarray):
-    """Give each stream token back to the document its first character comes from.
-
-    Returns ``(doc_index, char_start, char_end, position)`` per token: tokens in a separator
-    go to index ``D`` (reported as `SEPARATOR_ID`); spans become relative to the document;
-    ``position`` counts tokens within their document (or the separator group).
-    """
-    n_docs = len(stream.starts)
-    # A token belongs to the last document starting at or before its first character...
-    doc = np.searchsorted(stream.starts, char_start, side="right") - 1
-    # ...unless that character lies past the document's end, i.e. in a separator.
-    inside = (doc >= 0) & (char_start < stream.ends[np.clip(doc, 0, None)])
-    doc_index = np.where(inside, doc, n_docs)
-    base = np.where(inside, stream.starts[np.clip(doc, 0, None)], 0)
-    position = np.zeros(len(doc_index), dtype=np.int64)
-    order = np.argsort(doc_index, kind="stable")
-    sorted_docs = doc_index[order]
-    first = np.searchsorted(sorted_docs, sorted_docs, side="left")
-    position[order] = np.arange(len(order)) - first
-    return doc_index, char_start - base, char_end - base, position

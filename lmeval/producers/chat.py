@@ -23,8 +23,8 @@ from ..core.continuation import range_windows
 from ..errors import DataError, ModelError
 from ..model.loading import LoadedModel
 from ..model.scorer import ScoreOptions, check_vocabulary, resolve_window, score_windows
-from .data import ROLES_SCORED, Document, TokenizedDocument, check_messages, tokenize_documents
-from .plan import require_whole
+from .text import ROLES_SCORED, Document, TokenizedDocument, check_messages, tokenize_documents
+from .text import require_whole
 from .score import as_loaded_model, check_batch_tokens
 from .tables import char_spans, token_strings, tokens_frame
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..errors import DataError
-from .data import SEPARATOR_ID, Corpus
+from ..producers.text import SEPARATOR_ID, require_whole  # noqa: F401  (require_whole: re-exported)
+from .data import Corpus
 from .parts import part_key
 
 
@@ -80,12 +80,3 @@ def plan_key(corpus: Corpus, plan: PartPlan, documents_mode: str) -> str:
     """The part's file name: a hash of its document ids, and of its piece when it is one."""
     ids = part_doc_ids(corpus, plan, documents_mode)
     return part_key(ids if plan.n_pieces == 1 else [*ids, f"piece {plan.piece} of {plan.n_pieces}"])
-
-
-def require_whole(piece, documents, needs: str = "data.context_field or data.messages_field") -> None:
-    """Modes that need each document in one part (contexts, chat turns, membership scores)."""
-    if piece is not None and piece.n_pieces > 1:
-        raise DataError(
-            f"document {documents[0].doc_id!r}: with {needs} a document must fit in one part "
-            f"(got {piece.n_chars} characters > output.part_chars). Raise output.part_chars above it."
-        )

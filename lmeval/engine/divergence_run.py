@@ -27,9 +27,10 @@ from ..model.spec import ModelSpec
 from . import distributed
 from .config import Config
 from .data import SEPARATOR_ID, Corpus, join_documents, resolve_prefix
-from .divergence import SUMMARY_COLUMNS, TOP_TOKEN_COLUMNS, check_same_tokenizer, document_sums, pair_frame
-from .divergence import resolve_pair_window, score_pair_documents, summarize, top_tokens
-from .files import TokenWriter, atomic_write, write_table
+from ..producers.divergence import SUMMARY_COLUMNS, TOP_TOKEN_COLUMNS, check_same_tokenizer, document_sums, pair_frame
+from ..producers.divergence import resolve_pair_window, score_pair_documents, summarize, top_tokens
+from ..analyses.plots import plot_divergence
+from .files import TokenWriter, write_figure, write_table
 from .merge import check_parts_present
 from .parts import finished_keys, model_dirname, part_key, read_columns, read_meta, roundtrip, write_part
 from .provenance import tokenizer_fingerprint
@@ -192,54 +193,9 @@ def write_divergence(out: Path, config: Config, corpus: Corpus, parts: Path, gro
     }
     write_table(tables["divergence"], out / "divergence.csv")
     write_table(tables["divergence_tokens"], out / "divergence_tokens.csv")
-    plot_divergence({name: (np.concatenate(a.kl), a.kl_by_position, a.n_by_position) for name, a in collected.items()},
-                    chosen[0][1].name, out / "divergence.png")  # fmt: skip
+    figure = plot_divergence({name: (np.concatenate(a.kl), a.kl_by_position, a.n_by_position)
+                              for name, a in collected.items()}, chosen[0][1].name)  # fmt: skip
+    write_figure(figure, out / "divergence.png")
     record["divergence"] = {"baseline": chosen[0][1].name, "models": [m.name for m, _ in chosen],
                             "definitions": DEFINITIONS, "protocol": protocols}  # fmt: skip
     return tables
-
-
-def plot_divergence(by_model: dict, baseline: str, path) -> None:
-    """PNG: left, the share of tokens per log-spaced KL bin for each model (log-log; tokens
-    with KL = 0 cannot sit on a log axis and are counted in the legend); right, mean KL per
-    document position (binned when documents are long). ``by_model[name]`` is (every
-    token's kl, KL summed per position, tokens per position). Written atomically."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
-    fig = Figure(figsize=(11, 4.2), dpi=110, layout="constrained")
-    hist, trend = fig.subplots(1, 2)
-    positive = np.concatenate([kl[kl > 0] for kl, _, _ in by_model.values()])
-    for name, (kl, kl_sum, n) in by_model.items():
-        zeros = int((kl <= 0).sum())
-        label = f"{name} ({zeros} tokens with KL = 0 not shown)" if zeros else name
-        if len(positive):
-            edges = np.geomspace(positive.min(), positive.max() * (1 + 1e-9), 50)
-            counts, _ = np.histogram(kl[kl > 0], bins=edges)
-            share = counts / max(len(kl), 1)
-            hist.step(edges[:-1], np.where(share > 0, share, np.nan), where="post", lw=1.3, label=label)
-        centres, means = _position_bins(kl_sum, n)
-        trend.plot(centres, np.where(means > 0, means, np.nan), marker=".", ms=3, lw=1.2, label=name)
-    if len(positive):
-        hist.set(xscale="log", yscale="log")
-        trend.set_yscale("log")
-    else:
-        for ax in (hist, trend):
-            ax.text(0.5, 0.5, "every KL is 0: the models agree on every token", ha="center", transform=ax.transAxes)
-    hist.set(xlabel="KL(P_base || P_model) per token (nats)", ylabel="share of tokens", title=f"KL distribution vs {baseline}")
-    trend.set(xlabel="position in document (tokens)", ylabel="mean KL (nats)", title="KL against position")
-    for ax in (hist, trend):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-
-
-def _position_bins(kl_sum: np.ndarray, n: np.ndarray, n_bins: int = 60) -> tuple[np.ndarray, np.ndarray]:
-    """Mean KL per position, pooled into at most ``n_bins`` equal-width bins (sums, then one division)."""
-    if not len(n):
-        return np.zeros(0), np.zeros(0)
-    edges = np.unique(np.linspace(0, len(n), min(n_bins, len(n)) + 1).astype(np.int64))
-    sums, counts = np.add.reduceat(kl_sum, edges[:-1]), np.add.reduceat(n, edges[:-1])
-    centres = (edges[:-1] + edges[1:] - 1) / 2
-    return centres, np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)

@@ -25,8 +25,8 @@ from ..core.continuation import range_windows
 from ..errors import DataError
 from ..model.loading import LoadedModel
 from ..model.scorer import ScoreOptions, check_vocabulary, resolve_window, score_windows
-from .plan import require_whole
-from .data import Document, TokenizedDocument, tokenize_documents
+from .text import require_whole
+from .text import Document, TokenizedDocument, tokenize_documents
 from .tables import char_spans, token_strings
 
 log = logging.getLogger(__name__)

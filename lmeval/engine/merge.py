@@ -16,16 +16,19 @@ import pandas as pd
 
 from ..core import calibration as cal
 from ..errors import OutputError
-from .analysis import ModelAnalysis, add_reference_ratio, write_positions
-from .compare import compare_tables, write_compare
+from ..analyses.analysis import ModelAnalysis, add_reference_ratio
+from ..analyses.plots import plot_positions
+from ..analyses.compare import compare_tables
+from .compare_runs import write_compare
 from .config import Config
 from .data import Corpus
-from .files import TokenWriter, write_table
+from .files import TokenWriter, write_figure, write_table
 from .parts import PartError, read_part
-from .plots import plot_reliability
+from ..analyses.plots import plot_reliability
+from .config import AnalysisConfig
 from .provenance import fingerprint_model, versions
 from .schemas import read_table, string_ids
-from .tables import documents_frame, summary_row, tokens_frame
+from ..producers.tables import documents_frame, summary_row, tokens_frame
 
 CALIBRATION_INPUTS = ["nll", "max_prob", "is_top1", "sum_q2", "mean_neg_logq", "entropy", "nll_t", "max_prob_t"]
 
@@ -164,7 +167,7 @@ def merge_tables(out: Path, config: Config, corpus: Corpus, part_paths: dict[str
     write_table(tables["documents"], out / "documents.parquet")
     for name in ("summary", "calibration", "temperature"):
         write_table(tables[name], out / f"{name}.csv")
-    plot_reliability({name: r.bins for name, r in results}, out / "reliability.png")
+    write_figure(plot_reliability({name: r.bins for name, r in results}), out / "reliability.png")
     positions = write_positions([r.positions for _, r in results], out, config.analysis)
     if positions is not None:
         tables["positions"] = positions
@@ -199,3 +202,14 @@ def run_record(config: Config, corpus: Corpus, tables: dict, seconds: float) -> 
         "seconds": seconds,
         "tokens_per_second": dict(zip(summary.model, summary.tokens_per_second)),
     }  # fmt: skip
+
+
+def write_positions(frames: list[pd.DataFrame], out: Path, options: AnalysisConfig) -> pd.DataFrame | None:
+    """positions.csv and positions.png of every model (nothing with ``positions: false``)."""
+    if not options.positions:
+        return None
+    table = pd.concat(frames, ignore_index=True)
+    write_table(table, out / "positions.csv")
+    if len(table):
+        write_figure(plot_positions(table, log_x=options.position_bins == "log"), out / "positions.png")
+    return table

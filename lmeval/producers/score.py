@@ -18,7 +18,7 @@ from ..model.loading import LoadedModel, load_model, prepare_model
 from ..model.scorer import ScoreOptions, check_vocabulary, resolve_window, score_windows
 from ..model.spec import ModelSpec
 from .continuation import check_contexts, score_continuations
-from .data import Document, TokenizedDocument, check_texts, join_documents, split_stream, tokenize_documents
+from .text import Document, TokenizedDocument, check_texts, join_documents, split_stream, tokenize_documents
 from .tables import char_spans, token_strings, tokens_frame
 
 
@@ -101,7 +101,7 @@ def score_texts(
     text`` is tokenized as one string, the context's tokens condition and get no row, and
     positions and character spans are relative to the text. A token straddling the boundary
     is scored with the text and flagged in the extra column ``crosses_context``; see
-    `lmeval.pipeline.continuation`.
+    `lmeval.producers.continuation`.
     """
     texts = check_texts(texts)
     options = ScoreOptions(

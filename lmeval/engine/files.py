@@ -111,6 +111,12 @@ def write_table(frame: pd.DataFrame, path: Path) -> None:
         atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
+def write_figure(fig, path: Path) -> None:
+    """A matplotlib Figure as a PNG, atomically (the analyses draw, the engine writes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
 def write_json(data: dict, path: Path) -> None:
     text = json.dumps(data, indent=2, sort_keys=False, default=_json_default)
     atomic_write(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.units import LN2, bits_per, perplexity
-from .data import TokenizedDocument, count_bytes, count_words
+from .text import TokenizedDocument, count_bytes, count_words
 
 TOKEN_COLUMNS = [
     "model", "doc_id", "position", "token_id", "token", "char_start", "char_end", "context_len",

@@ -24,9 +24,9 @@ from ..core.windows import make_windows
 from ..errors import ModelError
 from ..model.pair_scorer import score_pair_windows
 from ..model.scorer import check_vocabulary, resolve_window
-from .config import ScoringConfig
-from .data import Document, check_texts, join_documents, split_stream, tokenize_documents
-from .provenance import tokenizer_fingerprint
+from ..engine.config import ScoringConfig
+from .text import Document, check_texts, join_documents, split_stream, tokenize_documents
+from ..model.fingerprint import tokenizer_fingerprint
 from .score import as_loaded_model, check_batch_tokens
 from .tables import char_spans, token_strings
 

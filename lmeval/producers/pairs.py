@@ -18,7 +18,7 @@ import pandas as pd
 from ..core.bootstrap import bootstrap_interval, resampled_sums
 from ..errors import DataError
 from .continuation import check_contexts
-from .data import check_texts
+from .text import check_texts
 from .score import as_loaded_model, check_batch_tokens, score_texts
 
 PAIR_COLUMNS = ["id", "logprob_good", "logprob_bad", "delta", "good_wins", "n_tokens_good", "n_tokens_bad",

@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..core import memorization as mem
 from ..core.positions import BinnedSums, Bins, bin_intervals, binned_sums, icl_score, icl_window, pooled_bins, window_sums
-from .config import AnalysisConfig
-from .files import write_table
-from .plots import plot_positions
+from ..engine.config import AnalysisConfig
 
 log = logging.getLogger(__name__)
 
@@ -174,14 +171,3 @@ def add_reference_ratio(documents: pd.DataFrame, reference: str | None) -> pd.Da
     ref_bytes = documents["doc_id"].map(ref["n_bytes"])
     ratio = mem.reference_ratio(documents["nll_sum"], documents["n_bytes"], ref_nll, ref_bytes)
     return documents.assign(ref_ratio=ratio)
-
-
-def write_positions(frames: list[pd.DataFrame], out: Path, options: AnalysisConfig) -> pd.DataFrame | None:
-    """positions.csv and positions.png of every model (nothing with ``positions: false``)."""
-    if not options.positions:
-        return None
-    table = pd.concat(frames, ignore_index=True)
-    write_table(table, out / "positions.csv")
-    if len(table):
-        plot_positions(table, out / "positions.png", log_x=options.position_bins == "log")
-    return table

@@ -1,20 +1,19 @@
-"""The run's figures: the reliability diagram, the checkpoint plot and the position curve, as PNG files.
+"""The run's figures: the reliability diagram, the checkpoint plot, the position curve and the
+divergence plot, each returned as a matplotlib Figure that the engine writes (atomically).
 
 matplotlib's object API only (no pyplot: no global state, no GUI backend), imported when a
-figure is drawn; every file is written atomically.
+figure is drawn.
 """
 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..core.calibration import expected_calibration_error
-from .config import step_number
-from .files import atomic_write
+from ..engine.config import step_number
 
 
 def warm_up() -> threading.Thread:
@@ -36,9 +35,9 @@ def warm_up() -> threading.Thread:
     return thread
 
 
-def plot_reliability(bins_by_model: dict, path, *, title=None) -> None:
+def plot_reliability(bins_by_model: dict, *, title=None):
     """Reliability diagram PNG: accuracy vs confidence per bin for each model, the diagonal of
-    perfect calibration, and underneath the share of tokens in each bin. Written atomically."""
+    perfect calibration, and underneath the share of tokens in each bin. Returns the matplotlib Figure (the engine writes it)."""
     if not bins_by_model:
         raise ValueError("plot_reliability: bins_by_model must be non-empty (got {}). "
                          "Pass {'model name': bins, ...}.")
@@ -62,9 +61,7 @@ def plot_reliability(bins_by_model: dict, path, *, title=None) -> None:
     top.legend(loc="upper left", fontsize=8)
     bottom.set(xlabel="confidence (top-1 probability)", ylabel="share of tokens")
     bottom.grid(alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return fig
 
 
 def checkpoint_points(summary: pd.DataFrame, compare: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -91,11 +88,11 @@ def checkpoint_points(summary: pd.DataFrame, compare: pd.DataFrame, metric: str)
     return points
 
 
-def plot_checkpoints(summary: pd.DataFrame, compare: pd.DataFrame, path) -> None:
+def plot_checkpoints(summary: pd.DataFrame, compare: pd.DataFrame):
     """PNG with two panels, perplexity and bits per byte against the checkpoint step (or the
     model, when names carry no step), with 95% paired-bootstrap error bars (`checkpoint_points`).
     Token perplexity when every model shares the baseline's tokenizer, else word perplexity.
-    Written atomically."""
+    Returns the matplotlib Figure (the engine writes it)."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     with_ppl = set(compare.loc[compare["metric"] == "ppl", "model"]) == set(compare["model"])
@@ -107,7 +104,7 @@ def plot_checkpoints(summary: pd.DataFrame, compare: pd.DataFrame, path) -> None
         _draw_panel(ax, checkpoint_points(summary, compare, metric), label, baseline)
     fig.suptitle("error bars: 95% paired document-bootstrap CI of the ratio to the baseline, "
                  "times the baseline's value", fontsize=9)  # fmt: skip
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+    return fig
 
 
 def _draw_panel(ax, points: pd.DataFrame, label: str, baseline: str) -> None:
@@ -128,10 +125,10 @@ def _draw_panel(ax, points: pd.DataFrame, label: str, baseline: str) -> None:
     ax.legend(fontsize=8)
 
 
-def plot_positions(positions: pd.DataFrame, path, *, log_x: bool = True) -> None:
+def plot_positions(positions: pd.DataFrame, *, log_x: bool = True):
     """PNG of mean NLL [nats] against the token's place, one line per model with its 95%
     document-bootstrap band: left by position in the document (1 = the first token), right
-    by context length (the tokens the prediction saw, BOS included). Written atomically."""
+    by context length (the tokens the prediction saw, BOS included). Returns the matplotlib Figure (the engine writes it)."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     fig = Figure(figsize=(11, 4), dpi=110)  # fixed margins: a constrained layout doubles the drawing time
@@ -150,6 +147,49 @@ def plot_positions(positions: pd.DataFrame, path, *, log_x: bool = True) -> None
     fig.axes[0].set_ylabel("mean NLL (nats per token)")
     fig.axes[0].legend(fontsize=8)
     fig.suptitle("bands: 95% document-bootstrap interval of each bin's mean", fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return fig
+
+
+def plot_divergence(by_model: dict, baseline: str):
+    """PNG: left, the share of tokens per log-spaced KL bin for each model (log-log; tokens
+    with KL = 0 cannot sit on a log axis and are counted in the legend); right, mean KL per
+    document position (binned when documents are long). ``by_model[name]`` is (every
+    token's kl, KL summed per position, tokens per position). Returns the Figure."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    fig = Figure(figsize=(11, 4.2), dpi=110, layout="constrained")
+    hist, trend = fig.subplots(1, 2)
+    positive = np.concatenate([kl[kl > 0] for kl, _, _ in by_model.values()])
+    for name, (kl, kl_sum, n) in by_model.items():
+        zeros = int((kl <= 0).sum())
+        label = f"{name} ({zeros} tokens with KL = 0 not shown)" if zeros else name
+        if len(positive):
+            edges = np.geomspace(positive.min(), positive.max() * (1 + 1e-9), 50)
+            counts, _ = np.histogram(kl[kl > 0], bins=edges)
+            share = counts / max(len(kl), 1)
+            hist.step(edges[:-1], np.where(share > 0, share, np.nan), where="post", lw=1.3, label=label)
+        centres, means = _position_bins(kl_sum, n)
+        trend.plot(centres, np.where(means > 0, means, np.nan), marker=".", ms=3, lw=1.2, label=name)
+    if len(positive):
+        hist.set(xscale="log", yscale="log")
+        trend.set_yscale("log")
+    else:
+        for ax in (hist, trend):
+            ax.text(0.5, 0.5, "every KL is 0: the models agree on every token", ha="center", transform=ax.transAxes)
+    hist.set(xlabel="KL(P_base || P_model) per token (nats)", ylabel="share of tokens", title=f"KL distribution vs {baseline}")
+    trend.set(xlabel="position in document (tokens)", ylabel="mean KL (nats)", title="KL against position")
+    for ax in (hist, trend):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return fig
+
+
+def _position_bins(kl_sum: np.ndarray, n: np.ndarray, n_bins: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """Mean KL per position, pooled into at most ``n_bins`` equal-width bins (sums, then one division)."""
+    if not len(n):
+        return np.zeros(0), np.zeros(0)
+    edges = np.unique(np.linspace(0, len(n), min(n_bins, len(n)) + 1).astype(np.int64))
+    sums, counts = np.add.reduceat(kl_sum, edges[:-1]), np.add.reduceat(n, edges[:-1])
+    centres = (edges[:-1] + edges[1:] - 1) / 2
+    return centres, np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)

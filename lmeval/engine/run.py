@@ -18,11 +18,13 @@ from pathlib import Path
 from ..errors import OutputError
 from ..model.loading import load_model
 from ..model.scorer import ScoreOptions, decide_compile, resolve_window
-from . import distributed, divergence_run, plots
-from .analysis import scoring_meta
-from .chat import score_chat_group
+from . import distributed
+from . import divergence_run
+from ..analyses import plots
+from ..analyses.analysis import scoring_meta
+from ..producers.chat import score_chat_group
 from .config import Config, load_config
-from .continuation import score_context_group
+from ..producers.continuation import score_context_group
 from .data import Corpus, load_documents, resolve_prefix, tokenize_documents
 from .files import clean_leftovers, prepare_output_dir, replace_outputs, write_json
 from .lock import RunLock
@@ -33,8 +35,8 @@ from .prefetch import BackgroundWriter, prefetched
 from .progress import ScoringProgress
 from .provenance import fingerprint_model, tokenizer_fingerprint
 from .resume import ReplacedParts, finished_plans
-from .score import check_batch_tokens, score_group, score_stream
-from .tables import document_sums, normalisers
+from ..producers.score import check_batch_tokens, score_group, score_stream
+from ..producers.tables import document_sums, normalisers
 
 log = logging.getLogger(__name__)
 
