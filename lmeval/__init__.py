@@ -25,7 +25,7 @@ _EXPORTS = {
     "LmevalCallback": "lmeval.integrations.transformers",
     "minimal_pairs": "lmeval.producers.pairs",
     "divergence": "lmeval.producers.divergence",
-    "divergence_summary": "lmeval.producers.divergence",
+    "divergence_summary": "lmeval.analyses.divergence",
     "TokenizerMismatchError": "lmeval.producers.divergence",
     "LmevalError": "lmeval.errors",
     "ConfigError": "lmeval.errors",

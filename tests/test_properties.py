@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 import lmeval
 from lmeval.core.losses import bits_per, perplexity
-from lmeval.producers.tables import document_sums, documents_frame, summary_row
+from lmeval.analyses.documents import documents_frame, summary_row
+from lmeval.producers.tables import document_sums
 from lmeval.core.windows import make_windows
 
 

@@ -1,1 +1,30 @@
-"""Analyses: per-part states, merges, tables and figures; plug-ins of the engine, listed in an explicit tuple."""
+"""Analyses: plug-ins of the engine (see `base` for the protocol). Each turns a model's parts
+into per-part states, merged in corpus order, then tables and figures; the engine writes them.
+
+`analyses_for` is the explicit tuple of a run's analyses, in the order their summary fields
+and document columns appear; there is no registry and no import magic.
+"""
+
+from __future__ import annotations
+
+
+def analyses_for(config) -> tuple:
+    """The analyses a config asks for. ``documents`` comes first: it owns the summary and the
+    documents table that the others add fields and columns to."""
+    from .calibration import CalibrationAnalysis
+    from .divergence import DivergenceAnalysis
+    from .documents import DocumentsAnalysis
+    from .membership import MembershipAnalysis
+    from .positions import PositionsAnalysis
+
+    a = config.analysis
+    chosen = [DocumentsAnalysis(config.output.per_token, a.reference), CalibrationAnalysis(config.calibration)]
+    if a.positions:
+        chosen.append(PositionsAnalysis(a))
+    if a.membership:
+        chosen.append(MembershipAnalysis(a))
+    if config.compare.divergence:
+        baseline = config.compare.baseline or config.models[0].name
+        others = tuple(m.name for m in config.models if m.name != baseline)
+        chosen.append(DivergenceAnalysis(config.compare, baseline, others, config.output.per_token))
+    return tuple(chosen)

@@ -82,7 +82,7 @@ class CompareConfig:
 
 @dataclass(frozen=True)
 class AnalysisConfig:
-    """What the per-token results say about the corpus (see lmeval.analyses.analysis)."""
+    """What the per-token results say about the corpus (see lmeval.analyses.positions)."""
 
     positions: bool = True  # positions.csv / positions.png and icl_score in the summary
     position_bins: Literal["log", "linear"] = "log"

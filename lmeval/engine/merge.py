@@ -1,88 +1,131 @@
-"""Merge a run's parts into its tables, run.json and the comparison (rank 0, after scoring).
+"""The merge keeps pace with scoring: each model's parts fold into the analyses' states in
+corpus order as they finish, and their token rows are appended to the token tables then.
 
-Each model's parts are read in corpus order; calibration, document and summary numbers are
-pooled from the parts' sums, and the per-token rows stream into tokens.parquet a part at a
-time, so a large corpus's tokens never sit in memory together.
+`Merger.add` takes a part just scored, in memory; a part that cannot fold yet (an earlier
+one is another rank's and not written yet) is dropped from memory and read back from disk
+when its turn comes, so out-of-order parts wait on disk, never in memory. Finished parts of
+an interrupted run are read from disk at their turn. After the last part, `Merger.finish`
+only closes the token files and asks each analysis for its tables and figures: work that
+grows with the number of documents and bins, not with the number of tokens.
 """
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from ..core import calibration as cal
-from ..errors import OutputError
-from ..analyses.analysis import ModelAnalysis, add_reference_ratio
-from ..analyses.plots import plot_positions
+from ..analyses.base import Part, RunFacts
 from ..analyses.compare import compare_tables
+from ..errors import OutputError
 from .compare_runs import write_compare
 from .config import Config
 from .data import Corpus
 from .files import TokenWriter, write_figure, write_table
 from .parts import PartError, read_part
-from ..analyses.plots import plot_reliability
-from .config import AnalysisConfig
 from .provenance import fingerprint_model, versions
-from .schemas import read_table, string_ids
-from ..producers.tables import documents_frame, summary_row, tokens_frame
-
-CALIBRATION_INPUTS = ["nll", "max_prob", "is_top1", "sum_q2", "mean_neg_logq", "entropy", "nll_t", "max_prob_t"]
 
 
-@dataclass
-class ModelTables:
-    """One model's collected results (per-token rows stay on disk)."""
+class Merger:
+    """Folds every model's parts, in config order then corpus order, into the analyses."""
 
-    documents: pd.DataFrame
-    summary: dict
-    calibration: pd.DataFrame
-    temperature: pd.DataFrame
-    bins: cal.ReliabilityBins
-    protocol: dict
-    positions: pd.DataFrame | None = None
+    def __init__(self, out: Path | None, analyses: tuple, paths: dict[str, list[Path | None]]):
+        """``paths[model]``: each part's file in corpus order (None: a part that only ever
+        exists in memory, as in the in-loop evaluator)."""
+        self.analyses, self.paths = analyses, paths
+        self.order = [(model, i) for model, files in paths.items() for i in range(len(files))]
+        self.cursor = 0
+        self.states = {model: {a.name: a.start(model) for a in analyses} for model in paths}
+        self.protocols: dict[str, dict] = {}
+        files = {a.token_file for a in analyses if a.token_file} if out is not None else set()
+        self.writers = {name: TokenWriter(out / name) for name in sorted(files)}
+
+    def add(self, model: str, index: int, part: Part) -> None:
+        """A part just scored: folded now if it is next, else left on disk for its turn."""
+        if self.cursor < len(self.order) and self.order[self.cursor] == (model, index):
+            self._fold(part)
+            self.cursor += 1
+        self.fold_ready()
+
+    def fold_ready(self, final: bool = False) -> None:
+        """Fold the parts already on disk that come next; with ``final``, every one must be there."""
+        while self.cursor < len(self.order):
+            model, index = self.order[self.cursor]
+            path = self.paths[model][index]
+            if path is None or not path.exists():
+                if final:
+                    raise OutputError(
+                        f"output.dir: every result part must be in {path.parent.parent} before the merge (parts of "
+                        f"{model} are missing). Every rank writes there: put `output.dir` on a file system all "
+                        "nodes share, then rerun to resume."
+                    )
+                return
+            columns, meta = _read_checked(path)
+            self._fold(Part(model, [str(d) for d in meta["doc_ids"]], columns, meta))
+            self.cursor += 1
+
+    def _fold(self, part: Part) -> None:
+        self.protocols.setdefault(part.model, part.meta["protocol"])
+        states = self.states[part.model]
+        for analysis in self.analyses:
+            states[analysis.name] = analysis.update(states[analysis.name], part)
+            rows = analysis.token_rows(part) if analysis.token_file in self.writers else None
+            if rows is not None:
+                self.writers[analysis.token_file].write(rows)
+
+    def finish(self, run: RunFacts) -> tuple[dict, dict, dict]:
+        """(files, tables, record additions) of every analysis, the token tables closed."""
+        self.fold_ready(final=True)
+        for writer in self.writers.values():
+            writer.close()
+        results = {a.name: {m: a.finish(m, self.states[m][a.name], run) for m in self.states} for a in self.analyses}
+        _gather_into_documents(results)
+        files, tables, record = {}, {}, {}
+        for analysis in self.analyses:
+            outputs = analysis.outputs(results[analysis.name], run)
+            files.update(outputs.files)
+            tables.update(outputs.tables)
+            record.update(outputs.record)
+        return files, tables, record
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()  # no temporary file left in the run folder
 
 
-def collect_model(name: str, corpus: Corpus, config: Config, paths: list[Path], token_sink) -> ModelTables:
-    """Merge a model's parts, in corpus order: documents, pooled summary, calibration; each
-    part's token rows go to ``token_sink`` so they never all sit in memory at once."""
-    c = config.calibration
-    sums, confidences, seconds, metas = None, [], 0.0, []
-    analysis = ModelAnalysis(name, config.analysis)
-    for path in paths:
-        columns, meta = _read_checked(path)
-        metas.append(meta)
-        analysis.add(columns, meta)
-        part_sums = cal.calibration_sums(
-            *(columns[k] for k in CALIBRATION_INPUTS[:6]), eps_grid=c.label_smoothing, nll_t=columns.get("nll_t"),
-            max_prob_t=columns.get("max_prob_t"), temperatures=c.temperatures, n_bins=c.bins,
-        )  # fmt: skip
-        sums = part_sums if sums is None else cal.merge_sums(sums, part_sums)
-        if c.binning == "mass":
-            confidences.append((columns["max_prob"], columns["is_top1"]))
-        if token_sink is not None:
-            token_sink(tokens_frame(name, string_ids(meta["doc_ids"]), columns))
-        seconds += meta["seconds"]
-    documents = analysis.documents(documents_frame(name, *_document_sums(metas)))
-    summary = summary_row(name, documents, n_skipped=corpus.n_skipped, seconds=seconds)
-    summary["n_documents"] = len(corpus.documents)
-    protocol = metas[0]["protocol"]
-    metrics = cal.summarize(sums, vocab_size=protocol["vocab_size"])
-    bins = sums.bins
-    if c.binning == "mass":
-        conf, top1 = (np.concatenate(x) for x in zip(*confidences))
-        bins = cal.reliability_bins(conf, top1, c.bins, scheme="mass")
-        metrics.update(ece=cal.expected_calibration_error(bins), mce=cal.max_calibration_error(bins))
-    summary.update(metrics)
-    summary.update(analysis.summary())
-    calibration, temperature = bins.to_frame(), cal.temperature_table(sums, c.temperatures)
-    calibration.insert(0, "model", name)
-    temperature.insert(0, "model", name)
-    positions = analysis.positions() if config.analysis.positions else None
-    return ModelTables(documents, summary, calibration, temperature, bins, protocol, positions)
+def _gather_into_documents(results: dict) -> None:
+    """Each analysis's summary fields and per-document columns join the documents analysis's
+    rows (it writes documents.parquet and summary.csv), in the analyses' tuple order."""
+    for model, result in results["documents"].items():
+        frame = result.tables["documents"]
+        for name, by_model in results.items():
+            if name != "documents":
+                result.summary.update(by_model[model].summary)
+            if by_model[model].documents:
+                frame = frame.assign(**by_model[model].documents)
+        result.tables["documents"] = frame
+
+
+def _read_checked(path: Path) -> tuple[dict, dict]:
+    """A part's columns and metadata; one that fails its checksum since the run began is
+    removed and named, so that a rerun scores it again."""
+    try:
+        return read_part(path)
+    except PartError as exc:
+        path.unlink(missing_ok=True)
+        raise OutputError(
+            f"output.dir: result part {path} cannot be merged: {exc}. It has been removed; "
+            "rerun the same command to score it again (every other part is kept)."
+        ) from None
+
+
+def write_outputs(out: Path, files: dict) -> None:
+    """Every analysis's files: DataFrames by suffix (parquet under its schema, or CSV), figures as PNG."""
+    for name, value in files.items():
+        if isinstance(value, pd.DataFrame):
+            write_table(value, out / name)
+        else:
+            write_figure(value, out / name)
 
 
 PROTOCOL_NOTES = {
@@ -103,79 +146,6 @@ PROTOCOL_NOTES = {
 }
 
 
-
-
-def _read_checked(path: Path) -> tuple[dict, dict]:
-    """A part's columns and metadata; one that fails its checksum since the run began is
-    removed and named, so that a rerun scores it again."""
-    try:
-        return read_part(path)
-    except PartError as exc:
-        path.unlink(missing_ok=True)
-        raise OutputError(
-            f"output.dir: result part {path} cannot be merged: {exc}. It has been removed; "
-            "rerun the same command to score it again (every other part is kept)."
-        ) from None
-
-
-def _document_sums(metas: list[dict]) -> tuple[list[str], list, list, list, list]:
-    """Per document, in corpus order: (ids, n_tokens, n_bytes, n_words, nll_sum), adding up
-    the pieces of a document that was scored as several parts."""
-    fields = ("doc_ids", "n_tokens", "n_bytes", "n_words", "nll_sum")
-    rows = pd.DataFrame({k: list(itertools.chain.from_iterable(m[k] for m in metas)) for k in fields})
-    rows["doc_ids"] = string_ids(rows["doc_ids"])
-    if rows["doc_ids"].is_unique:  # no pieces: keep the float64 sums exactly as they were
-        merged = rows
-    else:
-        merged = rows.groupby("doc_ids", sort=False, as_index=False).sum()
-    return tuple(merged[k].tolist() for k in fields)
-
-
-def check_parts_present(part_paths: dict[str, list[Path]], parts: Path) -> None:
-    """Every part must be on disk before the merge (ranks of a multi-node job write to one folder)."""
-    missing = [name for name, paths in part_paths.items() if not all(p.exists() for p in paths)]
-    if missing:
-        raise OutputError(
-            f"output.dir: every result part must be in {parts} before the merge (parts of {', '.join(missing)} are missing). "
-            "Every rank writes there: put `output.dir` on a file system all nodes share, then rerun to resume."
-        )
-
-
-def merge_tables(out: Path, config: Config, corpus: Corpus, part_paths: dict[str, list[Path]], return_tokens: bool) -> dict:
-    """Every model's parts (``part_paths[name]``, in corpus order) merged into the run's tables,
-    written to ``out``; the token table streams to disk a part at a time."""
-    writer = TokenWriter(out / "tokens.parquet") if config.output.per_token else None
-    results = []
-    try:
-        for model in config.models:
-            sink = writer.write if writer else None
-            results.append((model.name, collect_model(model.name, corpus, config, part_paths[model.name], sink)))
-    except BaseException:
-        if writer is not None:
-            writer.abort()  # no temporary file left in the run folder
-        raise
-    if writer is not None:
-        writer.close()
-    tables = {
-        "documents": add_reference_ratio(pd.concat([r.documents for _, r in results], ignore_index=True),
-                                         config.analysis.reference),
-        "summary": pd.DataFrame([r.summary for _, r in results]),
-        "calibration": pd.concat([r.calibration for _, r in results], ignore_index=True),
-        "temperature": pd.concat([r.temperature for _, r in results], ignore_index=True),
-        "protocol": {name: r.protocol for name, r in results},
-    }
-    write_table(tables["documents"], out / "documents.parquet")
-    for name in ("summary", "calibration", "temperature"):
-        write_table(tables[name], out / f"{name}.csv")
-    write_figure(plot_reliability({name: r.bins for name, r in results}), out / "reliability.png")
-    positions = write_positions([r.positions for _, r in results], out, config.analysis)
-    if positions is not None:
-        tables["positions"] = positions
-    if return_tokens and config.output.per_token:
-        tables["tokens"] = read_table(out / "tokens.parquet")
-    return tables
-
-
 def write_comparison(out: Path, config: Config, tables: dict, record: dict) -> dict:
     """compare.csv (and the per-token diff) of every model against the baseline."""
     with_tokens = dict(tables)
@@ -187,10 +157,8 @@ def write_comparison(out: Path, config: Config, tables: dict, record: dict) -> d
     return frames
 
 
-def run_record(config: Config, corpus: Corpus, tables: dict, seconds: float) -> dict:
+def run_record(config: Config, corpus: Corpus, protocols: dict, summary: pd.DataFrame, seconds: float) -> dict:
     """run.json: the config, the protocol of each model, versions, fingerprints and timing."""
-    summary = tables["summary"]
-    protocols = tables.pop("protocol")
     return {
         "config": config.to_dict(),
         "protocol": {**PROTOCOL_NOTES, "models": protocols},
@@ -202,14 +170,3 @@ def run_record(config: Config, corpus: Corpus, tables: dict, seconds: float) -> 
         "seconds": seconds,
         "tokens_per_second": dict(zip(summary.model, summary.tokens_per_second)),
     }  # fmt: skip
-
-
-def write_positions(frames: list[pd.DataFrame], out: Path, options: AnalysisConfig) -> pd.DataFrame | None:
-    """positions.csv and positions.png of every model (nothing with ``positions: false``)."""
-    if not options.positions:
-        return None
-    table = pd.concat(frames, ignore_index=True)
-    write_table(table, out / "positions.csv")
-    if len(table):
-        write_figure(plot_positions(table, log_x=options.position_bins == "log"), out / "positions.png")
-    return table

@@ -1,44 +1,37 @@
-"""`lmeval run`: config -> documents -> parts (scored, resumable) -> merged tables -> files.
+"""`lmeval run`: config -> documents -> plan -> passes -> parts -> merge -> files.
 
 A run is planned as fixed parts of the corpus (`plan`), each written as soon as it is
 scored, so an interrupted run resumes where it stopped. Rank 0 holds the run folder's lock
-for the whole run, checks every finished part (`resume`), and merges them at the end
-(`merge`); under torchrun / accelerate launch the ranks share the unfinished parts.
+for the whole run, checks every finished part (`resume`) and folds parts into the analyses
+as they finish (`merge`); under torchrun / accelerate launch the ranks share the unfinished
+parts of each pass (`passes`). The engine knows no metric: the analyses (`lmeval.analyses`)
+say what scoring must produce and return the tables and figures it writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import logging
 import shutil
 import time
 from pathlib import Path
 
-from ..errors import OutputError
-from ..model.loading import load_model
-from ..model.scorer import ScoreOptions, decide_compile, resolve_window
-from . import distributed
-from . import divergence_run
+from ..analyses import analyses_for
+from ..analyses.base import RunFacts
 from ..analyses import plots
-from ..analyses.analysis import scoring_meta
-from ..producers.chat import score_chat_group
+from . import distributed
 from .config import Config, load_config
-from ..producers.continuation import score_context_group
-from .data import Corpus, load_documents, resolve_prefix, tokenize_documents
+from .data import SEPARATOR_ID, Corpus, join_documents, load_documents
 from .files import clean_leftovers, prepare_output_dir, replace_outputs, write_json
 from .lock import RunLock
-from .merge import check_parts_present, merge_tables, run_record, write_comparison
-from .parts import finished_keys, identity_hash, model_dirname, open_parts, read_meta, roundtrip, write_part
-from .plan import PartPlan, part_doc_ids, plan_key, plan_parts, require_whole
-from .prefetch import BackgroundWriter, prefetched
+from .merge import Merger, run_record, write_comparison, write_outputs
+from .parts import identity_hash, model_dirname, open_parts
+from .passes import Models, PassJob, check_tokenizers, plan_passes, score_share
+from .plan import PartPlan, plan_key, plan_parts, require_whole
 from .progress import ScoringProgress
-from .provenance import fingerprint_model, tokenizer_fingerprint
+from .provenance import fingerprint_model
 from .resume import ReplacedParts, finished_plans
-from ..producers.score import check_batch_tokens, score_group, score_stream
-from ..producers.tables import document_sums, normalisers
-
-log = logging.getLogger(__name__)
+from .schemas import read_table
 
 
 def run(
@@ -72,33 +65,41 @@ def run(
 
 def _run_locked(config: Config, overwrite, fresh, show_progress, return_tokens, ctx, lock: RunLock):
     started = time.time()
-    opened = ctx.call(lambda: _open_run(config, overwrite, fresh, lock), main_only=True)  # rank 0 first
-    out, corpus, parts, replaced = ctx.call(lambda: opened if ctx.is_main else _join_run(config))
+    analyses = analyses_for(config)
+    opened = ctx.call(lambda: _open_run(config, analyses, overwrite, fresh, lock), main_only=True)  # rank 0 first
+    out, corpus, parts, replaced = ctx.call(lambda: opened if ctx.is_main else _join_run(config, analyses))
+    merger = None
     try:
         plans = plan_parts(corpus, config.scoring.documents, config.scoring.separator, config.output.part_chars)
-        if config.analysis.membership:  # per-document scores need every token of a document in one part
-            for plan in plans:
-                require_whole(plan, [corpus.documents[i] for i in plan.docs], "analysis.membership")
-        todo = ctx.broadcast(_unfinished(corpus, config, parts, plans) if ctx.is_main else None)
-        groups, group_ids = _divergence_groups(config, corpus, plans)
-        pair_todo = ctx.broadcast(divergence_run.unfinished(config, parts, group_ids) if ctx.is_main else None)
+        _require_whole(analyses, plans, corpus)
+        idh = identity_hash(_identity(config, corpus, analyses))
+        todo = ctx.broadcast(_unfinished(corpus, config, parts, plans, idh) if ctx.is_main else None)
+        merger = Merger(out, analyses, _part_paths(config, corpus, parts, plans)) if ctx.is_main else _NoMerge()
         bar = ScoringProgress(show_progress and ctx.is_main)
         warm = plots.warm_up() if ctx.is_main else None  # the figures' one-time cost, paid while scoring
-        try:  # the divergence pass first: a tokenizer mismatch is refused before any long scoring
-            ctx.call(lambda: divergence_run.score_share(config, corpus, parts, groups, group_ids, pair_todo, ctx, bar))
-            ctx.call(lambda: _score_share(config, corpus, parts, plans, todo, ctx, bar))
+        try:
+            ctx.call(lambda: _score_passes(config, corpus, parts, plans, todo, analyses, idh, merger, ctx, bar))
         finally:
             bar.close()
             if warm is not None:
                 warm.join()
     except BaseException:
         if ctx.is_main:
+            if merger is not None:
+                merger.abort()
             replaced.restore_if_nothing_scored()  # a run that failed before scoring changes nothing
         raise
-    return ctx.call(lambda: _finish(out, config, corpus, parts, plans, return_tokens, started, replaced), main_only=True)
+    return ctx.call(lambda: _finish(out, config, corpus, parts, merger, return_tokens, started, replaced), main_only=True)
 
 
-def _open_run(config: Config, overwrite: bool, fresh: bool, lock: RunLock):
+class _NoMerge:
+    """Ranks other than 0 score and write parts; rank 0 merges them."""
+
+    def add(self, *args) -> None:
+        pass
+
+
+def _open_run(config: Config, analyses: tuple, overwrite: bool, fresh: bool, lock: RunLock):
     """Rank 0's start: the lock, the run dir, the corpus, and the parts folder stamped with
     the run's identity (an older run's parts of another identity are set aside, not deleted,
     under --overwrite)."""
@@ -106,38 +107,48 @@ def _open_run(config: Config, overwrite: bool, fresh: bool, lock: RunLock):
     lock.acquire()
     clean_leftovers(out)
     corpus = load_documents(config.data)
-    identity = _identity(config, corpus)
+    identity = _identity(config, corpus, analyses)
     replaced = ReplacedParts(out / "parts", overwrite)
     if overwrite and not fresh:
         replaced.set_aside_if_foreign(identity)
     return out, corpus, open_parts(out, identity, fresh=fresh), replaced
 
 
-def _join_run(config: Config):
+def _join_run(config: Config, analyses: tuple):
     """Another rank's start, once rank 0's is done: the same corpus, checked against the manifest."""
     out = Path(config.output.dir)
     corpus = load_documents(config.data)
-    return out, corpus, open_parts(out, _identity(config, corpus), fresh=False), ReplacedParts(out / "parts")
+    return out, corpus, open_parts(out, _identity(config, corpus, analyses), fresh=False), ReplacedParts(out / "parts")
 
 
-def _identity(config: Config, corpus: Corpus) -> dict:
+def _identity(config: Config, corpus: Corpus, analyses: tuple) -> dict:
     """What the parts depend on: changing any of it makes earlier parts invalid. Every field
-    of every model record counts, whatever fields the record grows."""
+    of every model record counts, whatever fields the record grows; each analysis adds what
+    its parts carry (membership's moments, a pair's baseline)."""
     raw = config.to_dict()
+    added: dict = {}
+    for analysis in analyses:
+        added.update(analysis.identity())
     return {
         "config": {"models": [dataclasses.asdict(m) for m in config.models], "data": raw["data"], "scoring": raw["scoring"],
                    "temperatures": raw["calibration"]["temperatures"], "part_chars": raw["output"]["part_chars"],
-                   # parts scored for membership carry var_logq and zlib sizes; others do not
-                   **({"membership": True} if config.analysis.membership else {})},
+                   "per_token": raw["output"]["per_token"], **added},
         "data": corpus.fingerprint,
         "models": {m.name: fingerprint_model(m.path, m.revision)["fingerprint"] for m in config.models},
     }  # fmt: skip
 
 
-def _unfinished(corpus: Corpus, config: Config, parts: Path, plans: list[PartPlan]) -> dict[str, list[int]]:
+def _require_whole(analyses: tuple, plans: list[PartPlan], corpus: Corpus) -> None:
+    """Analyses that need every token of a document in one part refuse pieces up front."""
+    for needs in (a.needs().whole_documents for a in analyses):
+        if needs:
+            for plan in plans:
+                require_whole(plan, [corpus.documents[i] for i in plan.docs[:1]], needs)
+
+
+def _unfinished(corpus: Corpus, config: Config, parts: Path, plans: list[PartPlan], idh: str) -> dict[str, list[int]]:
     """Per model, the indices of the plans whose part must still be scored (listed once, by
     rank 0): missing ones, and finished ones that fail their checks (named in a warning)."""
-    idh = identity_hash(_identity(config, corpus))
     keys = [plan_key(corpus, p, config.scoring.documents) for p in plans]
     todo = {}
     for model in config.models:
@@ -146,108 +157,29 @@ def _unfinished(corpus: Corpus, config: Config, parts: Path, plans: list[PartPla
     return todo
 
 
-def _score_share(config: Config, corpus: Corpus, parts: Path, plans, todo: dict, ctx, bar) -> None:
-    """Score this rank's share of each model's unfinished parts, balanced by characters."""
+def _score_passes(config, corpus, parts, plans, todo, analyses, idh, merger, ctx, bar) -> None:
+    """Every pass in config order, each over this rank's share of its model's unfinished parts."""
+    passes = plan_passes(config)
     shares = {}
-    for model in config.models:
-        left = todo[model.name]
+    for p in passes:
+        left = todo[p.model.name]
         share = distributed.assign([plans[i] for i in left], [plans[i].weight for i in left], ctx.world_size)[ctx.rank]
-        shares[model.name] = [left[j] for j in share]
-        bar.plan(sum(plans[i].weight for i in shares[model.name]))
-    idh = identity_hash(_identity(config, corpus))
-    for k, model in enumerate(config.models):
-        folder = parts / model_dirname(model.name)
-        score_parts(model, corpus, config, folder, [plans[i] for i in shares[model.name]], bar, idh,
-                    another_follows=k + 1 < len(config.models))  # fmt: skip
-
-
-# Tokens are counted only once a part is tokenized; English BPE averages about 4 characters
-# a token (code and CJK fewer, so the estimate errs toward the eager reductions).
-CHARS_PER_TOKEN = 4
-
-
-def score_parts(model, corpus: Corpus, config: Config, folder: Path, plans: list[PartPlan], bar, idh: str,
-                another_follows: bool = True) -> None:  # fmt: skip
-    """Score ``plans`` (this rank's unfinished parts of one model), writing each part as it finishes."""
-    if not plans:
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    lm = load_model(model)
-    s = config.scoring
-    options = ScoreOptions(batch_tokens=check_batch_tokens(s.batch_tokens), temperatures=config.calibration.temperatures, compile=s.compile,
-                           moments=config.analysis.membership)  # Var_q[log q], for Min-K%++
-    # `compile: auto` is settled once for this rank's whole share, from its characters.
-    options = decide_compile(lm, options, int(sum(plan.weight for plan in plans) / CHARS_PER_TOKEN))
-    protocol = protocol_record(lm, config)  # also checks the window against the model, before any scoring
-    _check_protocol(folder, protocol, model.name)
-    score = score_stream if s.documents == "concatenated" else score_group
-    if config.data.context_field is not None:
-        score = score_context_group
-    elif config.data.messages_field is not None:
-        score = score_chat_group
-    cache: dict = {}  # the pieces of one document share its tokenization
-    # Independent documents: the next part is tokenized, and the last one written, while one is
-    # scored (pieces after the first reuse their document's tokens).
-    tokenize = (lambda plan: {"docs": tokenize_documents([corpus.documents[i] for i in plan.docs], lm.tokenizer, s.bos)}
-                if plan.piece == 0 else {}) if score is score_group else (lambda plan: {})  # fmt: skip
-    with BackgroundWriter() as writer:
-        for plan, ready in prefetched(plans, tokenize):
-            started = time.perf_counter()
-            bar.group(plan.weight, tokenizing=not ready and (plan.piece == 0 or not cache))
-            calls = dict(lm.workspace.calls)
-            documents = [corpus.documents[i] for i in plan.docs]
-            columns, texts = score(lm, documents, config, options, bar.progress, piece=plan, cache=cache, **ready)
-            n_tokens, nll_sum = document_sums(columns["doc_index"], columns["nll"], len(texts))
-            n_bytes, n_words = normalisers(texts)
-            meta = {
-                "doc_ids": part_doc_ids(corpus, plan, s.documents), "piece": [plan.piece, plan.n_pieces],
-                "n_tokens": n_tokens.tolist(), "nll_sum": nll_sum.tolist(), "n_bytes": n_bytes, "n_words": n_words,
-                "seconds": time.perf_counter() - started, "identity": idh,
-                "protocol": {**protocol, "reductions": lm.workspace.mode_since(calls)},  # how they ran: compiled or eager
-                **scoring_meta(texts, config.analysis),
-            }  # fmt: skip
-            writer.submit(write_part, folder / f"{plan_key(corpus, plan, s.documents)}.parquet", columns, meta)
-    del lm
-    if another_follows:  # free this model's reference cycles before the next one loads (0.5 s)
-        gc.collect()
-
-
-def protocol_record(lm, config: Config) -> dict:
-    """The resolved protocol of one model in a run: what its numbers mean (also the in-loop evaluator's)."""
-    s = config.scoring
-    length, stride = resolve_window(lm, s.max_length, s.stride)
-    return {
-        "max_length": length, "stride": stride, "bos": s.bos,
-        "bos_token_id": (resolve_prefix(lm.tokenizer, s.bos) or [None])[0],
-        "documents": s.documents, "separator": s.separator if s.documents == "concatenated" else None,
-        "tokenizer_sha256": tokenizer_fingerprint(lm.tokenizer), "vocab_size": lm.vocab_size,
-        "commit_sha": lm.commit_sha, **lm.probes.protocol(),
-    }  # fmt: skip
-
-
-def _check_protocol(folder: Path, protocol: dict, name: str) -> None:
-    """Finished parts of a model must have been scored with the protocol just resolved. A hub
-    model whose branch moved (another commit) passes the identity check, which is made before
-    loading; mixing it with the parts of the old commit would put two models in one table."""
-    done = sorted(finished_keys(folder))
-    if not done:
-        return
-    previous = read_meta(folder / f"{done[0]}.parquet")["protocol"]
-    # How the reductions ran (compiled or eager) is recorded, but changes no number.
-    changed = sorted(k for k in (set(previous) | set(protocol)) - {"reductions"} if previous.get(k) != roundtrip(protocol).get(k))
-    if changed:
-        details = ", ".join(f"{k}: {previous.get(k)!r} -> {protocol.get(k)!r}" for k in changed)
-        raise OutputError(
-            f"output.dir: the finished parts of model {name} were scored with another protocol ({details}). "
-            "Rerun with --fresh to discard them, or pin `revision` to the commit they were scored with."
-        )
-
-
-def _divergence_groups(config: Config, corpus: Corpus, plans: list[PartPlan]) -> tuple[list, list]:
-    """The divergence pass's parts: the plan's document groups, each whole (the pieces of a
-    huge document are one divergence part)."""
-    groups = list(dict.fromkeys(plan.docs for plan in plans))
-    return [list(g) for g in groups], [part_doc_ids(corpus, PartPlan(g), config.scoring.documents) for g in groups]
+        shares[p.model.name] = [left[j] for j in share]
+        bar.plan(sum(plans[i].weight for i in shares[p.model.name]))
+    if any(shares.values()):
+        check_tokenizers(config, passes)  # a mismatched pair costs two tokenizer loads, not a pass
+    models = Models(config)
+    for k, p in enumerate(passes):
+        chosen = sorted(shares[p.model.name])
+        if not chosen:
+            continue
+        job = PassJob(config, corpus, analyses, idh, parts / model_dirname(p.model.name), merger, bar)
+        lm = models.get(p.model)
+        base = models.get(p.baseline) if p.baseline is not None else None
+        score_share(job, lm, base, [(i, plans[i]) for i in chosen])
+        if k + 1 < len(passes) and p.model.name not in models.kept:
+            del lm  # free this model before the next one loads (its reference cycles: gc, 0.5 s)
+            gc.collect()
 
 
 def _part_paths(config: Config, corpus: Corpus, parts: Path, plans) -> dict[str, list[Path]]:
@@ -256,22 +188,61 @@ def _part_paths(config: Config, corpus: Corpus, parts: Path, plans) -> dict[str,
     return {m.name: [parts / model_dirname(m.name) / f"{k}.parquet" for k in keys] for m in config.models}
 
 
-def _finish(out: Path, config: Config, corpus: Corpus, parts: Path, plans, return_tokens: bool, started: float,
-            replaced: ReplacedParts) -> dict:  # fmt: skip
-    """Merge every part into the tables, write run.json, and drop the parts (rank 0 only).
+def _run_facts(config: Config, corpus: Corpus) -> RunFacts:
+    texts = {}
+
+    def text_of(doc_id: str) -> str:  # only the few top divergence tokens ask, once, at the end
+        if not texts:
+            texts.update({str(d.doc_id): d.text for d in corpus.documents})
+            if config.scoring.documents == "concatenated":  # separator tokens' spans point into the whole stream
+                texts[SEPARATOR_ID] = join_documents(list(corpus.documents), config.scoring.separator).document.text
+        return texts[doc_id]
+
+    return RunFacts(tuple(m.name for m in config.models), len(corpus.documents), corpus.n_skipped, text_of)
+
+
+def run_loaded(config: Config, corpus: Corpus, lm, out: Path | None = None) -> dict:
+    """Score a model already in memory (``lm``, named as ``config.models[0]``) over ``corpus``
+    with the plan, producer, pass and analyses of `run`, merged in memory (no parts, no resume):
+    the in-loop evaluator's engine. With ``out``, the run's files and run.json are written there.
+    Returns the tables and ``run``, the record."""
+    started = time.perf_counter()
+    analyses = analyses_for(config)
+    plans = plan_parts(corpus, config.scoring.documents, config.scoring.separator, config.output.part_chars)
+    _require_whole(analyses, plans, corpus)
+    merger = Merger(out, analyses, {lm.name: [None] * len(plans)})
+    job = PassJob(config, corpus, analyses, "in-memory", None, merger, ScoringProgress(False))
+    try:
+        score_share(job, lm, None, list(enumerate(plans)))
+        files, tables, extra = merger.finish(_run_facts(config, corpus))
+    except BaseException:
+        merger.abort()
+        raise
+    record = run_record(config, corpus, merger.protocols, tables["summary"], time.perf_counter() - started)
+    record.update(extra)
+    if out is not None:
+        write_outputs(out, files)
+        write_json(record, out / "run.json")
+    tables["run"] = record
+    return tables
+
+
+def _finish(out: Path, config: Config, corpus: Corpus, parts: Path, merger: Merger, return_tokens: bool,
+            started: float, replaced: ReplacedParts) -> dict:  # fmt: skip
+    """Close the merge, write every analysis's files and run.json, and drop the parts (rank 0 only).
 
     The previous results of the folder (under --overwrite) are replaced here, file by file,
     atomically; files of theirs this run does not write are removed after run.json."""
-    part_paths = _part_paths(config, corpus, parts, plans)
-    check_parts_present(part_paths, parts)
     with replace_outputs(out):
-        tables = merge_tables(out, config, corpus, part_paths, return_tokens)
-        record = run_record(config, corpus, tables, time.time() - started)
+        files, tables, extra = merger.finish(_run_facts(config, corpus))
+        write_outputs(out, files)
+        record = run_record(config, corpus, merger.protocols, tables["summary"], time.time() - started)
+        record.update(extra)
         if len(config.models) >= 2:
             tables.update(write_comparison(out, config, tables, record))
-        _, group_ids = _divergence_groups(config, corpus, plans)
-        tables.update(divergence_run.write_divergence(out, config, corpus, parts, group_ids, record))
         write_json(record, out / "run.json")
+    if return_tokens and config.output.per_token:
+        tables["tokens"] = read_table(out / "tokens.parquet")
     shutil.rmtree(parts)  # run.json marks the run complete; the tables now hold every row
     replaced.discard()
     tables["run"] = record

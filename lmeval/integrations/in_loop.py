@@ -18,24 +18,18 @@ import contextlib
 import dataclasses
 import random
 import re
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..model.loading import LoadedModel, prepare_model
-from ..model.scorer import ScoreOptions
 from ..model.spec import ModelSpec
 from ..engine.config import Config, build_config
-from ..engine.data import SEPARATOR_ID, Corpus, Document, check_texts, fingerprint_documents, load_documents
-from ..engine.files import prepare_output_dir, write_json
-from ..engine.merge import collect_model, merge_tables, run_record
-from ..engine.parts import part_key, write_part
-from ..engine.run import protocol_record
-from ..producers.score import check_batch_tokens, score_group, score_stream
-from ..producers.tables import document_sums, normalisers
+from ..engine.data import Corpus, Document, check_texts, fingerprint_documents, load_documents
+from ..engine.files import prepare_output_dir
+from ..engine.run import run_loaded
+from ..producers.score import check_batch_tokens
 
 TEXTS_PATH = "<texts in memory>"  # data.path of a corpus given as a list of texts
 _LABEL = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -124,9 +118,7 @@ class InLoopEvaluator:
                               "It names the metrics lmeval/<label>/ppl, ...; pass label='heldout'.")  # fmt: skip
         self.out_dir = None if out_dir is None else Path(self.config.output.dir)
         self.corpus = texts_corpus(texts) if texts is not None else load_documents(self.config.data)
-        s = self.config.scoring
-        self.options = ScoreOptions(batch_tokens=check_batch_tokens(s.batch_tokens),
-                                    temperatures=self.config.calibration.temperatures, compile=s.compile)  # fmt: skip
+        check_batch_tokens(self.config.scoring.batch_tokens)
         self._loaded: LoadedModel | None = None
 
     def _prepared(self, model, tokenizer, name: str) -> LoadedModel:
@@ -138,42 +130,14 @@ class InLoopEvaluator:
     def evaluate(self, model, tokenizer, step: int) -> dict:
         """Score ``model`` as it is now; returns the summary row of model ``step-<step>``
         (ppl, bits_per_token, bits_per_byte, word_ppl, ppl_doc_mean, ece, brier, ...), the
-        numbers `lmeval run` writes to summary.csv."""
+        numbers `lmeval run` writes to summary.csv. The engine of `lmeval run` does the work:
+        the same plan, producer (plain, concatenated, contexts or chat turns) and analyses."""
         name = f"step-{step}"
         config = dataclasses.replace(self.config, models=(ModelSpec(path=f"<in-memory model at step {step}>", name=name),))
+        out = None
+        if self.out_dir is not None:  # a re-evaluation at the same step (after resuming) replaces it
+            out = prepare_output_dir(str(self.out_dir / name), overwrite=True)
+            config = dataclasses.replace(config, output=dataclasses.replace(config.output, dir=str(out)))
         with preserved_rng():
-            lm = self._prepared(model, tokenizer, name)
-            protocol = protocol_record(lm, config)
-            started, calls = time.perf_counter(), dict(lm.workspace.calls)
-            score = score_stream if config.scoring.documents == "concatenated" else score_group
-            columns, texts = score(lm, self.corpus.documents, config, self.options, None)
-            seconds = time.perf_counter() - started
-            protocol["reductions"] = lm.workspace.mode_since(calls)  # as `lmeval run` records it
-        n_tokens, nll_sum = document_sums(columns["doc_index"], columns["nll"], len(texts))
-        n_bytes, n_words = normalisers(texts)
-        ids = [d.doc_id for d in self.corpus.documents]
-        ids += [SEPARATOR_ID] if config.scoring.documents == "concatenated" else []
-        meta = {"doc_ids": ids, "n_tokens": n_tokens.tolist(), "nll_sum": nll_sum.tolist(), "n_bytes": n_bytes,
-                "n_words": n_words, "seconds": seconds, "protocol": protocol}  # fmt: skip
-        if self.out_dir is None:
-            with tempfile.TemporaryDirectory(prefix="lmeval-step-") as folder:
-                part = Path(folder) / f"{part_key(ids)}.parquet"
-                write_part(part, columns, meta)
-                return collect_model(name, self.corpus, config, [part], None).summary
-        return self._write_run(config, name, columns, meta, seconds)
-
-    def _write_run(self, config: Config, name: str, columns: dict, meta: dict, seconds: float) -> dict:
-        """``<out_dir>/step-<N>/``: the files of an `lmeval run` of this one model (a
-        re-evaluation at the same step, e.g. after resuming, replaces them)."""
-        out = prepare_output_dir(str(self.out_dir / name), overwrite=True)
-        parts = out / "parts"
-        parts.mkdir(exist_ok=True)
-        part = parts / f"{part_key(meta['doc_ids'])}.parquet"
-        write_part(part, columns, meta)
-        config = dataclasses.replace(config, output=dataclasses.replace(config.output, dir=str(out)))
-        tables = merge_tables(out, config, self.corpus, {name: [part]}, return_tokens=False)
-        record = run_record(config, self.corpus, tables, seconds)
-        write_json(record, out / "run.json")
-        part.unlink()
-        parts.rmdir()
+            tables = run_loaded(config, self.corpus, self._prepared(model, tokenizer, name), out)
         return tables["summary"].iloc[0].to_dict()

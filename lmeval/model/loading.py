@@ -295,3 +295,16 @@ def _refuse_noncausal(name: str, probes: Probes, allow_noncausal: bool) -> None:
         "set `allow_noncausal: true` for this model (load_model/prepare_model(..., allow_noncausal=True)) "
         "to score it anyway."
     )
+
+
+def load_tokenizer(spec: ModelSpec):
+    """A model's tokenizer alone, as `load_model` loads it: to refuse a pair whose tokenizers
+    differ before any model is loaded or any text scored."""
+    from transformers import AutoTokenizer
+
+    path = Path(spec.path).expanduser()
+    source = str(path) if path.exists() else spec.path
+    try:
+        return AutoTokenizer.from_pretrained(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.path: cannot load the tokenizer of {source!r}: {exc}".strip()) from exc

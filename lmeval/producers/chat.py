@@ -111,7 +111,7 @@ def score_chats(
     return frame
 
 
-def score_chat_documents(lm: LoadedModel, chats, bos, max_length, stride, options, progress=None):
+def score_chat_documents(lm: LoadedModel, chats, bos, max_length, stride, options, progress=None, baseline=None):
     """``chats`` is ``[(doc_id, messages)]``. Returns the scorer's columns (plus ``turn`` and
     ``end_of_turn``) and the rendered, tokenized conversations."""
     rendered = [(doc_id, *render(messages, lm.tokenizer, f"messages of {doc_id!r}")) for doc_id, messages in chats]
@@ -135,7 +135,7 @@ def score_chat_documents(lm: LoadedModel, chats, bos, max_length, stride, option
                     eot_at.add(eot)
         windows += range_windows(i, d.token_ids.tolist(), d.prefix, length, step, ranges)
         labels.append((turn_of, eot_at))
-    columns = score_windows(lm, windows, options, progress=progress, doc_names=[d.doc_id for d in docs])
+    columns = score_windows(lm, windows, options, progress=progress, doc_names=[d.doc_id for d in docs], baseline=baseline)
     pairs = list(zip(columns["doc_index"].tolist(), columns["position"].tolist()))
     columns["turn"] = np.array([labels[i][0][p] for i, p in pairs], dtype=np.int64)
     columns["end_of_turn"] = np.array([p in labels[i][1] for i, p in pairs], dtype=bool)
@@ -153,14 +153,14 @@ def turn_table(frame: pd.DataFrame) -> pd.DataFrame:
                        nll_sum_content=("nll", "sum")).reset_index()  # fmt: skip
 
 
-def score_chat_group(lm, documents, config, options, progress, piece=None, cache=None):
+def score_chat_group(lm, documents, config, options, progress, piece=None, cache=None, baseline=None):
     """`lmeval run` with ``data.messages_field``: the assistant turns of each conversation
     (a document's text is its messages as JSON). Returns the part's columns and the scored
     text of each conversation: its assistant contents joined by newlines (for bytes and words)."""
     require_whole(piece, documents)
     s = config.scoring
     chats = [(d.doc_id, json.loads(d.text)) for d in documents]
-    columns, docs = score_chat_documents(lm, chats, s.bos, s.max_length, s.stride, options, progress)
+    columns, docs = score_chat_documents(lm, chats, s.bos, s.max_length, s.stride, options, progress, baseline)
     columns["char_start"], columns["char_end"] = char_spans(docs, columns["doc_index"], columns["position"]).T
     columns["token"] = token_strings(lm.tokenizer, columns["token_id"])
     del columns["topk_ids"], columns["topk_probs"]

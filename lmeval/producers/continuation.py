@@ -82,7 +82,7 @@ class ScoredContinuations:
 
 def score_continuations(
     lm: LoadedModel, texts: list[str], contexts: list[str] | None, *, bos, max_length, stride,
-    options: ScoreOptions, end_id: int | None = None, progress=None,
+    options: ScoreOptions, end_id: int | None = None, progress=None, baseline=None,
 ) -> ScoredContinuations:  # fmt: skip
     """Score every text given its context (or alone when ``contexts`` is None)."""
     docs, bounds = tokenize_continuations(texts, contexts, lm.tokenizer, bos)
@@ -94,7 +94,7 @@ def score_continuations(
         for i, (d, b) in enumerate(zip(docs, bounds))
         for w in range_windows(i, d.token_ids.tolist(), d.prefix, length, step, [(b.first_token, len(d.token_ids))], end_id)
     ]
-    columns = score_windows(lm, windows, options, progress=progress, doc_names=[d.doc_id for d in docs])
+    columns = score_windows(lm, windows, options, progress=progress, doc_names=[d.doc_id for d in docs], baseline=baseline)
     n_tokens = np.array([len(d.token_ids) for d in docs], dtype=np.int64)
     is_end = columns["position"] == n_tokens[columns["doc_index"]] if docs else np.zeros(0, dtype=bool)
     end = {k: v[is_end] for k, v in columns.items()} if end_id is not None else None
@@ -111,14 +111,14 @@ def score_continuations(
     return ScoredContinuations(columns, end, docs, bounds)
 
 
-def score_context_group(lm, documents, config, options, progress, piece=None, cache=None):
+def score_context_group(lm, documents, config, options, progress, piece=None, cache=None, baseline=None):
     """`lmeval run` with ``data.context_field``: each document's text scored given its
     context. Returns the part's columns and the scored texts (for bytes and words)."""
     require_whole(piece, documents)
     s = config.scoring
     texts, contexts = [d.text for d in documents], [d.context or "" for d in documents]
     scored = score_continuations(lm, texts, contexts, bos=s.bos, max_length=s.max_length, stride=s.stride,
-                                 options=options, progress=progress)  # fmt: skip
+                                 options=options, progress=progress, baseline=baseline)  # fmt: skip
     columns = scored.columns
     del columns["topk_ids"], columns["topk_probs"]
     crossing = [documents[i].doc_id for i, b in enumerate(scored.boundaries) if b.crosses]

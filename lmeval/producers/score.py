@@ -44,11 +44,14 @@ def check_batch_tokens(batch_tokens) -> int:
     return batch_tokens
 
 
-def document_windows(lm: LoadedModel, docs: list[TokenizedDocument], max_length: int | None, stride: int | None):
+def document_windows(lm: LoadedModel, docs: list[TokenizedDocument], max_length: int | None, stride: int | None,
+                     baseline: LoadedModel | None = None):  # fmt: skip
     """Every window of every document under the protocol; ``doc_id`` indexes ``docs``."""
     length, step = resolve_window(lm, max_length, stride)
     if docs:
-        check_vocabulary(lm, int(np.concatenate([d.token_ids for d in docs] + [np.zeros(1, np.int64)]).max()))
+        top = int(np.concatenate([d.token_ids for d in docs] + [np.zeros(1, np.int64)]).max())
+        for model in (lm, baseline) if baseline is not None else (lm,):
+            check_vocabulary(model, top)
     return [w for i, d in enumerate(docs) for w in make_windows(i, d.token_ids.tolist(), d.prefix, length, step)]
 
 
@@ -60,15 +63,16 @@ def score_documents(
     options: ScoreOptions,
     progress=None,
     piece=None,
+    baseline: LoadedModel | None = None,
 ) -> dict[str, np.ndarray]:
     """Window every document and score the windows; columns carry ``doc_index`` into ``docs``.
 
     ``piece`` (a `PartPlan` of one document or stream) keeps only the windows it owns, by
     the character offset of each window's first scored token."""
-    windows = document_windows(lm, docs, max_length, stride)
+    windows = document_windows(lm, docs, max_length, stride, baseline)
     if piece is not None and piece.n_pieces > 1:
         windows = [w for w in windows if piece.owns(int(docs[w.doc_id].offsets[w.positions[0], 0]))]
-    return score_windows(lm, windows, options, progress=progress, doc_names=[d.doc_id for d in docs])
+    return score_windows(lm, windows, options, progress=progress, doc_names=[d.doc_id for d in docs], baseline=baseline)
 
 
 def score_texts(
@@ -147,13 +151,15 @@ def finish_columns(lm, columns: dict, docs: list[TokenizedDocument]) -> dict:
     return columns
 
 
-def score_group(lm, documents: list[Document], config, options, progress, piece=None, cache=None, docs=None):
+def score_group(lm, documents: list[Document], config, options, progress, piece=None, cache=None, docs=None,
+                baseline=None):  # fmt: skip
     """Score documents independently; columns' ``doc_index`` indexes ``documents``. For a
     piece, only its windows are scored and only piece 0 counts the documents' bytes and words
     (so the pieces of a document add up to it once). ``docs`` are the documents already
     tokenized (a run does it in the background)."""
     docs = _tokenized(cache, documents, lambda: tokenize_documents(documents, lm.tokenizer, config.scoring.bos), docs)
-    columns = score_documents(lm, docs, config.scoring.max_length, config.scoring.stride, options, progress, piece)
+    s = config.scoring
+    columns = score_documents(lm, docs, s.max_length, s.stride, options, progress, piece, baseline)
     if getattr(config.data, "count_on", "scored") == "source":  # lm-eval's wikitext: the text before detokenizing
         texts = [d.text if d.source is None else d.source for d in documents]
     else:
@@ -161,14 +167,16 @@ def score_group(lm, documents: list[Document], config, options, progress, piece=
     return finish_columns(lm, columns, docs), _counted(texts, piece)
 
 
-def score_stream(lm, documents: list[Document], config, options, progress, piece=None, cache=None):
+def score_stream(lm, documents: list[Document], config, options, progress, piece=None, cache=None, baseline=None):
     """Score documents joined into one stream; ``doc_index`` D marks separator tokens."""
     stream = join_documents(documents, config.scoring.separator)
     (doc,) = _tokenized(cache, documents, lambda: tokenize_documents([stream.document], lm.tokenizer, config.scoring.bos))
-    columns = finish_columns(lm, score_documents(lm, [doc], config.scoring.max_length, config.scoring.stride, options, progress, piece), [doc])
+    s = config.scoring
+    columns = finish_columns(lm, score_documents(lm, [doc], s.max_length, s.stride, options, progress, piece, baseline), [doc])
     index, start, end, position = split_stream(stream, columns["char_start"], columns["char_end"])
     columns.update(doc_index=index, char_start=start, char_end=end, position=position)
-    texts = [d.text if d.source is None or config.data.count_on == "scored" else d.source for d in documents]
+    count_on = getattr(config.data, "count_on", "scored")
+    texts = [d.text if d.source is None or count_on == "scored" else d.source for d in documents]
     if not doc.prefix and len(doc.token_ids):  # the stream's first token only conditions
         texts[0] = texts[0][int(doc.offsets[0, 1]) :]
     return columns, _counted(texts + [config.scoring.separator * (len(texts) - 1)], piece)

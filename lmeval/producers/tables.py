@@ -7,20 +7,15 @@ the end (``ppl = exp(sum nll / sum tokens)``), never a mean of per-document rati
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 
-from ..core.units import LN2, bits_per, perplexity
+from ..core.units import LN2
 from .text import TokenizedDocument, count_bytes, count_words
 
 TOKEN_COLUMNS = [
     "model", "doc_id", "position", "token_id", "token", "char_start", "char_end", "context_len",
     "nll", "surprisal_bits", "entropy", "max_prob", "is_top1", "rank",
-]  # fmt: skip
-DOCUMENT_COLUMNS = [
-    "model", "doc_id", "n_tokens", "n_bytes", "n_words", "nll_sum", "ppl", "bits_per_token", "bits_per_byte",
 ]  # fmt: skip
 
 
@@ -82,60 +77,3 @@ def document_sums(doc_index: np.ndarray, nll: np.ndarray, n_docs: int) -> tuple[
 def normalisers(texts: list[str]) -> tuple[list[int], list[int]]:
     """UTF-8 bytes and lm-eval words of each scored text (a blank text has no words)."""
     return [count_bytes(t) for t in texts], [count_words(t) if t.strip() else 0 for t in texts]
-
-
-def documents_frame(model_name: str, doc_ids: list, n_tokens, n_bytes, n_words, nll_sum) -> pd.DataFrame:
-    """One row per document: its sums and counts, and ratios pooled within it."""
-    rows = pd.DataFrame(
-        {
-            "model": model_name,
-            "doc_id": pd.Series(doc_ids, dtype=object),
-            "n_tokens": np.asarray(n_tokens, dtype=np.int64),
-            "n_bytes": np.asarray(n_bytes, dtype=np.int64),
-            "n_words": np.asarray(n_words, dtype=np.int64),
-            "nll_sum": np.asarray(nll_sum, dtype=np.float64),
-        }
-    )
-    rows["ppl"] = [perplexity(s, n) for s, n in zip(rows.nll_sum, rows.n_tokens)]
-    rows["bits_per_token"] = [bits_per(s, n) for s, n in zip(rows.nll_sum, rows.n_tokens)]
-    rows["bits_per_byte"] = [bits_per(s, n) for s, n in zip(rows.nll_sum, rows.n_bytes)]
-    return rows
-
-
-def summary_row(model_name: str, documents: pd.DataFrame, n_skipped: int = 0, seconds: float | None = None) -> dict:
-    """Pooled corpus metrics for one model, from the per-document sums."""
-    nll_sum = float(documents["nll_sum"].sum())
-    n_tokens = int(documents["n_tokens"].sum())
-    n_bytes = int(documents["n_bytes"].sum())
-    n_words = int(documents["n_words"].sum())
-    row = {
-        "model": model_name,
-        "n_documents": len(documents),
-        "n_skipped": n_skipped,
-        "n_tokens": n_tokens,
-        "n_bytes": n_bytes,
-        "n_words": n_words,
-        "nll_sum": nll_sum,
-        "nll_mean": nll_sum / n_tokens if n_tokens else math.nan,
-        "ppl": perplexity(nll_sum, n_tokens),
-        "bits_per_token": bits_per(nll_sum, n_tokens),
-        "bits_per_byte": bits_per(nll_sum, n_bytes),
-        "word_ppl": perplexity(nll_sum, n_words),
-        "byte_ppl": perplexity(nll_sum, n_bytes),
-        "ppl_doc_mean": ppl_doc_mean(documents),
-    }
-    if seconds is not None:
-        row["tokens_per_second"] = n_tokens / seconds if seconds > 0 else math.nan
-    return row
-
-
-def ppl_doc_mean(documents: pd.DataFrame) -> float:
-    """The mean over documents of each document's own perplexity (HF evaluate's
-    ``mean_perplexity``). Not lmeval's ``ppl``: a mean of ratios weighs a ten-token document
-    like a ten-thousand-token one, so it is shown only under this name, beside the pooled
-    value. Documents with no scored token have no perplexity and are left out (NaN if none)."""
-    scored = documents[documents["n_tokens"] > 0]
-    if not len(scored):
-        return math.nan
-    per_document = np.exp(scored["nll_sum"].to_numpy(np.float64) / scored["n_tokens"].to_numpy(np.float64))
-    return float(per_document.mean())

@@ -23,7 +23,8 @@ import pandas as pd
 
 from ..core import memorization as mem
 from ..core.positions import BinnedSums, Bins, bin_intervals, binned_sums, icl_score, icl_window, pooled_bins, window_sums
-from ..engine.config import AnalysisConfig
+from .base import Analysis, ModelResult, Needs, Outputs, Part, RunFacts, accumulate
+from .plots import plot_positions
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,13 @@ def percent_name(k: float) -> str:
     return f"{k:g}"
 
 
-def membership_columns(options: AnalysisConfig) -> list[str]:
+def membership_columns(options) -> list[str]:
     """The per-document columns ``membership: true`` adds, in table order."""
     ks = [percent_name(k) for k in options.mink_k]
     return [f"mink_prob_{k}" for k in ks] + [f"mink_pp_{k}" for k in ks] + ["zlib_bytes", "zlib_ratio", "extractable_suffix"]
 
 
-def scoring_meta(texts: list[str], options: AnalysisConfig) -> dict:
+def scoring_meta(texts: list[str], options) -> dict:
     """What a part must record at scoring time for the analysis: the zlib-compressed size of
     each scored text (membership only; the merge no longer has the scored texts)."""
     return {"zlib_bytes": [mem.compressed_bytes(t) for t in texts]} if options.membership else {}
@@ -51,7 +52,7 @@ def scoring_meta(texts: list[str], options: AnalysisConfig) -> dict:
 class ModelAnalysis:
     """One model's analysis sums, fed a part at a time (`add`), in corpus order."""
 
-    def __init__(self, name: str, options: AnalysisConfig):
+    def __init__(self, name: str, options):
         self.name, self.options = name, options
         self.bins = Bins(options.position_bins, options.bins_per_octave, options.bin_width)
         self.windows = [icl_window(c) for c in options.icl_context]
@@ -78,7 +79,7 @@ class ModelAnalysis:
             self.longest_context = max(self.longest_context, int(columns["context_len"].max(initial=0)))
             for i, window in enumerate(self.windows):
                 for j, values in enumerate(window_sums(doc, columns["context_len"], nll, window, self.n_docs)):
-                    self.icl[2 * i + j] = _accumulate(self.icl[2 * i + j], values)
+                    self.icl[2 * i + j] = accumulate(self.icl[2 * i + j], values)
         if self.options.membership:
             if meta.get("piece", [0, 1])[1] > 1:
                 raise RuntimeError("membership scores need whole documents: the run should have refused pieces")
@@ -103,11 +104,11 @@ class ModelAnalysis:
         out["extractable_suffix"] = mem.extractable_suffix(doc, columns["position"], columns["is_top1"], n_docs)
         return out
 
-    def documents(self, documents: pd.DataFrame) -> pd.DataFrame:
-        """``documents`` (this model's rows, in corpus order) with the membership columns."""
+    def document_columns(self) -> dict[str, np.ndarray]:
+        """The membership columns of this model's documents, in corpus order (none without membership)."""
         if not self.options.membership:
-            return documents
-        return documents.assign(**{key: np.concatenate(parts) for key, parts in self.scores.items()})
+            return {}
+        return {key: np.concatenate(parts) for key, parts in self.scores.items()}
 
     def positions(self) -> pd.DataFrame:
         """positions.csv rows of this model: columns `POSITION_COLUMNS`, ``lo``/``hi`` the bin's
@@ -138,7 +139,7 @@ class ModelAnalysis:
         if not self.options.positions:
             return {}
         order = self._canonical()
-        icl = [_accumulate(values, np.zeros(self.n_docs)) for values in self.icl]
+        icl = [accumulate(values, np.zeros(self.n_docs)) for values in self.icl]
         early, late = ((icl[i][order], icl[i + 1][order]) for i in (0, 2))
         result = icl_score(early, late, self.options.bootstrap, self.options.seed)
         (e_lo, e_hi), (l_lo, l_hi) = self.windows
@@ -153,21 +154,30 @@ class ModelAnalysis:
         return result
 
 
-def _accumulate(total: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """``total + values``, per document, the shorter one padded with zeros (new documents)."""
-    out = np.zeros(max(len(total), len(values)))
-    out[: len(total)] += total
-    out[: len(values)] += values
-    return out
+class PositionsAnalysis(Analysis):
+    """positions.csv, positions.png and ``icl_score`` in the summary (``analysis.positions``)."""
 
+    name = "positions"
 
-def add_reference_ratio(documents: pd.DataFrame, reference: str | None) -> pd.DataFrame:
-    """Every model's documents with ``ref_ratio`` against the ``reference`` model's rows
-    (matched by doc_id; 1 for the reference itself). Unchanged without a reference."""
-    if reference is None:
-        return documents
-    ref = documents[documents["model"] == reference].set_index("doc_id")
-    ref_nll = documents["doc_id"].map(ref["nll_sum"])
-    ref_bytes = documents["doc_id"].map(ref["n_bytes"])
-    ratio = mem.reference_ratio(documents["nll_sum"], documents["n_bytes"], ref_nll, ref_bytes)
-    return documents.assign(ref_ratio=ratio)
+    def __init__(self, options):
+        self.options = dataclasses.replace(options, membership=False)  # the config's `analysis` section
+
+    def needs(self) -> Needs:
+        return Needs(token_columns=frozenset({"doc_index", "nll", *AXES}))
+
+    def start(self, model: str) -> ModelAnalysis:
+        return ModelAnalysis(model, self.options)
+
+    def update(self, state: ModelAnalysis, part: Part) -> ModelAnalysis:
+        state.add(part.columns, part.meta)
+        return state
+
+    def finish(self, model: str, state: ModelAnalysis, run: RunFacts) -> ModelResult:
+        return ModelResult(summary=state.summary(), tables={"positions": state.positions()})
+
+    def outputs(self, results: dict, run: RunFacts) -> Outputs:
+        table = pd.concat([r.tables["positions"] for r in results.values()], ignore_index=True)
+        files = {"positions.csv": table}
+        if len(table):
+            files["positions.png"] = plot_positions(table, log_x=self.options.position_bins == "log")
+        return Outputs(files=files, tables={"positions": table})

@@ -1,0 +1,119 @@
+"""The protocol every analysis follows, in the spirit of torchmetrics' update / compute.
+
+An analysis turns a model's per-token results into tables and figures. The engine knows no
+metric: for every model it calls, in corpus order, one part at a time,
+
+    state = analysis.start(model)
+    state = analysis.update(state, part)       # a `Part`: one part's columns and metadata
+    result = analysis.finish(model, state, run)  # a `ModelResult`
+
+and, once every model is finished, ``analysis.outputs(results, run)`` for the run's files.
+What an analysis needs from scoring (`Needs`: extra reductions, per-token columns a part must
+keep, whole documents, text facts such as zlib sizes) and what it adds to the run identity
+(``identity``) are declared up front, so that the engine scores, keeps and checks exactly
+that. States hold sums, counts and per-document rows, never every token (the one exception,
+``calibration.binning: mass``, is documented where it is built). The engine writes every file.
+
+An explicit tuple lists the analyses of a run (`lmeval.analyses.ANALYSES`); there is no registry.
+A new analysis is one module here plus its entry in that tuple.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What an analysis asks of scoring."""
+
+    token_columns: frozenset = frozenset()  # per-token columns a part must keep for `update`
+    moments: bool = False  # Var_q[log q] per token (membership scores)
+    whole_documents: str | None = None  # the config key that needs every document in one part
+
+
+@dataclass(frozen=True)
+class Part:
+    """One scored part of one model: per-token ``columns`` (``doc_index`` indexes ``doc_ids``)
+    and the ``meta`` the part was written with (per-document sums, text facts, protocol)."""
+
+    model: str
+    doc_ids: list
+    columns: dict
+    meta: dict
+
+
+@dataclass
+class ModelResult:
+    """What an analysis found for one model: summary fields, per-document columns (in corpus
+    order) and this model's rows of the analysis's tables."""
+
+    summary: dict = field(default_factory=dict)
+    documents: dict = field(default_factory=dict)
+    tables: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # anything `outputs` needs (e.g. a plot's data)
+
+
+@dataclass
+class Outputs:
+    """A run's files from one analysis: ``files`` maps a file name to a DataFrame (written
+    as parquet or CSV by its suffix) or a matplotlib Figure (PNG); ``tables`` are returned by
+    `lmeval.run`; ``record`` is merged into run.json."""
+
+    files: dict = field(default_factory=dict)
+    tables: dict = field(default_factory=dict)
+    record: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What every analysis may read about the run at the end."""
+
+    model_names: tuple
+    n_documents: int
+    n_skipped: int
+    text_of: object  # doc_id (string) -> the document's text, for token excerpts
+
+
+class Analysis:
+    """Defaults for the protocol's optional parts; subclasses override what they use."""
+
+    name = "analysis"
+    token_file: str | None = None  # a per-token table this analysis streams (e.g. tokens.parquet)
+
+    def needs(self) -> Needs:
+        return Needs()
+
+    def identity(self) -> dict:
+        """What the parts depend on beyond the scoring protocol (changing it rescores)."""
+        return {}
+
+    def text_facts(self, texts: list[str]) -> dict:
+        """Per-document facts of the scored texts, recorded in the part at scoring time."""
+        return {}
+
+    def start(self, model: str):
+        raise NotImplementedError
+
+    def update(self, state, part: Part):
+        raise NotImplementedError
+
+    def token_rows(self, part: Part):
+        """This part's rows of `token_file` (a DataFrame), or None."""
+        return None
+
+    def finish(self, model: str, state, run: RunFacts) -> ModelResult:
+        return ModelResult()
+
+    def outputs(self, results: dict, run: RunFacts) -> Outputs:
+        return Outputs()
+
+
+def accumulate(total: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``total + values``, per document, the shorter one padded with zeros (new documents)."""
+    out = np.zeros(max(len(total), len(values)))
+    out[: len(total)] += total
+    out[: len(values)] += values
+    return out

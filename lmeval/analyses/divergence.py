@@ -1,0 +1,260 @@
+"""Divergence from a baseline as an analysis: KL both ways, delta p and top-1 agreement, pooled
+per model with paired document-bootstrap intervals.
+
+The pass of a model with its baseline (`lmeval.model.scorer.score_windows` with a baseline)
+adds ``kl, kl_reverse, delta_p, same_top1, nll_baseline`` to the model's own columns; this
+analysis folds them a part at a time. The summary pools tokens as the rest of lmeval does:
+means are sums over all tokens divided once (never a mean of per-document means), and every
+mean gets a paired document-bootstrap 95% interval: documents, not tokens, are resampled
+(tokens of one document share its topic and style), and both models' numbers of a resampled
+document travel together, since they are computed on the same tokens. Owns
+``divergence.parquet`` (``per_token``), ``divergence.csv``, ``divergence_tokens.csv`` and
+``divergence.png``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ..core.bootstrap import bootstrap_interval, resampled_sums
+from ..core.divergence import PAIR_FIELDS
+from .base import Analysis, ModelResult, Needs, Outputs, Part, RunFacts
+from .plots import plot_divergence
+
+DIVERGENCE_COLUMNS = [
+    "model", "baseline", "doc_id", "position", "kl", "kl_reverse", "delta_p", "same_top1", "nll", "nll_baseline",
+    "token_id", "token", "char_start", "char_end", "context_len",
+]  # fmt: skip
+# Per-document sums the bootstrap resamples; column 0 counts the tokens.
+SUMS = ("n_tokens", "kl", "kl_reverse", "delta_p", "delta_p_sq", "same_top1", "nll", "nll_baseline")
+KL_PERCENTILES = {"kl_median": 50.0, "kl_p90": 90.0, "kl_p99": 99.0, "kl_p999": 99.9}
+DELTA_P_PERCENTILES = {
+    "delta_p_p001": 0.1, "delta_p_p01": 1.0, "delta_p_p05": 5.0, "delta_p_p10": 10.0, "delta_p_p25": 25.0,
+    "delta_p_median": 50.0, "delta_p_p75": 75.0, "delta_p_p90": 90.0, "delta_p_p95": 95.0, "delta_p_p99": 99.0,
+    "delta_p_p999": 99.9,
+}  # fmt: skip
+TOP_TOKEN_COLUMNS = [
+    "model", "baseline", "doc_id", "position", "token", "token_text", "context", "kl", "kl_reverse", "delta_p",
+    "same_top1", "nll", "nll_baseline", "char_start", "char_end",
+]  # fmt: skip
+CONTEXT_CHARS = 40  # characters of text before a top token, in divergence_tokens.csv
+
+
+def pair_frame(model: str, baseline: str, doc_ids: list, columns: dict) -> pd.DataFrame:
+    """One row per scored token (`DIVERGENCE_COLUMNS`), in document then position order."""
+    doc_index = columns["doc_index"]
+    frame = pd.DataFrame({
+        "model": model, "baseline": baseline,
+        "doc_id": np.array(doc_ids, dtype=object)[doc_index] if len(doc_index) else np.array([], dtype=object),
+        **{key: columns[key] for key in DIVERGENCE_COLUMNS[3:]},
+    })  # fmt: skip
+    order = np.lexsort((columns["position"], doc_index))
+    return frame.iloc[order].reset_index(drop=True)
+
+
+def document_sums(doc_index: np.ndarray, columns: dict, n_docs: int) -> np.ndarray:
+    """(n_docs, len(SUMS)) float64 per-document sums of the per-token columns (see `SUMS`)."""
+    def total(values):
+        return np.bincount(doc_index, weights=np.asarray(values, dtype=np.float64), minlength=n_docs)
+
+    delta_p = columns["delta_p"].astype(np.float64)
+    return np.column_stack([
+        np.bincount(doc_index, minlength=n_docs).astype(np.float64), total(columns["kl"]), total(columns["kl_reverse"]),
+        total(delta_p), total(delta_p * delta_p), total(columns["same_top1"]), total(columns["nll"]),
+        total(columns["nll_baseline"]),
+    ]).reshape(n_docs, len(SUMS))  # fmt: skip
+
+
+# Each pooled mean from a vector (or (B, k) matrix) of `SUMS`; ratios divide once at the end.
+MEANS = {
+    "kl_mean": lambda s: s[..., 1] / s[..., 0],
+    "kl_reverse_mean": lambda s: s[..., 2] / s[..., 0],
+    "same_top1": lambda s: s[..., 5] / s[..., 0],
+    "delta_p_mean": lambda s: s[..., 3] / s[..., 0],
+    "delta_p_rms": lambda s: np.sqrt(s[..., 4] / s[..., 0]),
+    "ln_ppl_ratio": lambda s: (s[..., 6] - s[..., 7]) / s[..., 0],
+}
+WITH_P_VALUE = ("delta_p_mean", "ln_ppl_ratio")  # the means whose sign is a question
+
+
+def summarize(sums: np.ndarray, kl: np.ndarray, delta_p: np.ndarray, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """The pooled figures of one model against its baseline.
+
+    ``sums`` holds one row of `SUMS` per document (documents without scored tokens are
+    dropped: they carry nothing and would only change how many documents a resample
+    draws); ``kl`` and ``delta_p`` are every token's values, for the percentiles (numpy's
+    linear interpolation). Each of `MEANS` comes with ``_ci_low``/``_ci_high``, the 95%
+    percentile interval over ``n_resamples`` document resamples (`resampled_sums`, so the
+    draw is ``default_rng(seed).integers(0, D, (B, D))``), and `WITH_P_VALUE` with a
+    two-sided ``_p_value`` (`bootstrap_interval`). ``ppl_ratio`` = exp(ln_ppl_ratio).
+    """
+    sums = np.asarray(sums, dtype=np.float64)
+    sums = sums[sums[:, 0] > 0]
+    total = sums.sum(axis=0)
+    row: dict = {"n_documents": len(sums), "n_tokens": int(total[0]) if len(sums) else 0}
+    boot = resampled_sums(sums, n_resamples, seed) if len(sums) else np.zeros((0, len(SUMS)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for name, mean in MEANS.items():
+            row[name] = float(mean(total)) if row["n_tokens"] else float("nan")
+            low, high, p = bootstrap_interval(mean(boot))
+            row[f"{name}_ci_low"], row[f"{name}_ci_high"] = low, high
+            if name in WITH_P_VALUE:
+                row[f"{name}_p_value"] = p
+    kl, delta_p = np.asarray(kl, dtype=np.float64), np.asarray(delta_p, dtype=np.float64)
+    for name, q in KL_PERCENTILES.items():
+        row[name] = float(np.percentile(kl, q)) if len(kl) else float("nan")
+    row["kl_max"] = float(kl.max()) if len(kl) else float("nan")
+    row["delta_p_min"] = float(delta_p.min()) if len(delta_p) else float("nan")
+    for name, q in DELTA_P_PERCENTILES.items():
+        row[name] = float(np.percentile(delta_p, q)) if len(delta_p) else float("nan")
+    row["delta_p_max"] = float(delta_p.max()) if len(delta_p) else float("nan")
+    row["ppl_ratio"] = float(np.exp(row["ln_ppl_ratio"]))
+    row["ppl_ratio_ci_low"], row["ppl_ratio_ci_high"] = np.exp(row["ln_ppl_ratio_ci_low"]), np.exp(row["ln_ppl_ratio_ci_high"])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        row["nll_mean"], row["nll_baseline_mean"] = total[6] / total[0], total[7] / total[0]
+    row["n_resamples"] = n_resamples
+    return row
+
+
+SUMMARY_COLUMNS = [
+    "model", "baseline", "n_documents", "n_tokens",
+    "kl_mean", "kl_mean_ci_low", "kl_mean_ci_high", *KL_PERCENTILES, "kl_max",
+    "kl_reverse_mean", "kl_reverse_mean_ci_low", "kl_reverse_mean_ci_high",
+    "same_top1", "same_top1_ci_low", "same_top1_ci_high",
+    "delta_p_mean", "delta_p_mean_ci_low", "delta_p_mean_ci_high", "delta_p_mean_p_value",
+    "delta_p_rms", "delta_p_rms_ci_low", "delta_p_rms_ci_high", "delta_p_min", *DELTA_P_PERCENTILES, "delta_p_max",
+    "ln_ppl_ratio", "ln_ppl_ratio_ci_low", "ln_ppl_ratio_ci_high", "ln_ppl_ratio_p_value",
+    "ppl_ratio", "ppl_ratio_ci_low", "ppl_ratio_ci_high", "nll_mean", "nll_baseline_mean", "n_resamples",
+]  # fmt: skip
+
+
+def divergence_summary(tokens: pd.DataFrame, bootstrap: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """One row per (model, baseline) pair of a `divergence` table: `SUMMARY_COLUMNS`.
+
+    Documents are the table's doc_ids in order of first appearance, each pair resampled with
+    its own ``default_rng(seed)`` (see `summarize`)."""
+    rows = []
+    for (model, baseline), frame in tokens.groupby(["model", "baseline"], sort=False):
+        doc_index, doc_ids = pd.factorize(frame["doc_id"], sort=False)
+        columns = {key: frame[key].to_numpy() for key in PAIR_FIELDS}
+        sums = document_sums(doc_index, columns, len(doc_ids))
+        row = summarize(sums, columns["kl"], columns["delta_p"], bootstrap, seed)
+        rows.append({"model": model, "baseline": baseline, **row})
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def top_tokens(frame: pd.DataFrame, top_k: int, text_of) -> pd.DataFrame:
+    """The ``top_k`` tokens with the largest ``kl`` (first in table order among ties), with
+    their text and up to `CONTEXT_CHARS` characters before it; ``text_of(doc_id)`` is the text."""
+    top = frame.loc[frame["kl"].nlargest(top_k, keep="first").index] if top_k else frame.iloc[:0]
+    return with_text(top, text_of)
+
+
+DEFINITIONS = {
+    "kl": "KL(P_baseline || P_model) = sum_v p_v (log p_v - log q_v), nats, per scored token",
+    "kl_reverse": "KL(P_model || P_baseline), nats",
+    "delta_p": "q_y - p_y: the true token's probability under the model minus under the baseline",
+    "same_top1": "both models' argmax token is the same",
+    "ln_ppl_ratio": "ln PPL(model) - ln PPL(baseline) = mean(nll - nll_baseline) over the same tokens, nats",
+    "intervals": "95% percentile intervals of a paired document bootstrap (documents resampled, both models together)",
+    "percentiles": "over all scored tokens, numpy linear interpolation",
+}
+TOKEN_INPUTS = frozenset({*PAIR_FIELDS, "doc_index", "position", "token_id", "token", "char_start", "char_end",
+                          "context_len"})  # fmt: skip
+
+
+class DivergenceAnalysis(Analysis):
+    """Each model but the baseline against the baseline (``compare.divergence``)."""
+
+    name = "divergence"
+
+    def __init__(self, options, baseline: str, models: tuple, per_token: bool):
+        self.options, self.baseline, self.models = options, baseline, tuple(models)  # `compare` section
+        self.token_file = "divergence.parquet" if per_token else None
+
+    def needs(self) -> Needs:
+        return Needs(token_columns=TOKEN_INPUTS)
+
+    def identity(self) -> dict:
+        return {"divergence_baseline": self.baseline}  # a model's parts carry its pair's columns
+
+    def start(self, model: str):
+        return _Collected() if model in self.models else None
+
+    def update(self, state, part: Part):
+        if state is not None:
+            state.add(part, self.options.top_k, self.baseline)
+        return state
+
+    def token_rows(self, part: Part):
+        if self.token_file is None or part.model not in self.models:
+            return None
+        return pair_frame(part.model, self.baseline, part.doc_ids, part.columns)
+
+    def finish(self, model: str, state, run: RunFacts) -> ModelResult:
+        if state is None:
+            return ModelResult()
+        c = self.options
+        kl, delta_p = np.concatenate(state.kl or [np.zeros(0)]), np.concatenate(state.delta_p or [np.zeros(0)])
+        summary = summarize(np.concatenate(state.sums), kl, delta_p, c.bootstrap, c.seed)
+        top = pd.concat(state.top).sort_values("kl", ascending=False, kind="stable").head(c.top_k)
+        top = with_text(top, run.text_of)
+        row = {"model": model, "baseline": self.baseline, **summary}
+        return ModelResult(tables={"divergence": row, "divergence_tokens": top},
+                           extra={"plot": (kl, state.kl_by_position, state.n_by_position), "protocol": state.protocol})
+
+    def outputs(self, results: dict, run: RunFacts) -> Outputs:
+        chosen = {m: r for m, r in results.items() if m in self.models}
+        tables = {
+            "divergence": pd.DataFrame([r.tables["divergence"] for r in chosen.values()], columns=SUMMARY_COLUMNS),
+            "divergence_tokens": pd.concat([r.tables["divergence_tokens"] for r in chosen.values()],
+                                           ignore_index=True)[TOP_TOKEN_COLUMNS],
+        }  # fmt: skip
+        figure = plot_divergence({m: r.extra["plot"] for m, r in chosen.items()}, self.baseline)
+        record = {"divergence": {"baseline": self.baseline, "models": list(chosen), "definitions": DEFINITIONS,
+                                 "protocol": {m: r.extra["protocol"] for m, r in chosen.items()}}}  # fmt: skip
+        files = {"divergence.csv": tables["divergence"], "divergence_tokens.csv": tables["divergence_tokens"],
+                 "divergence.png": figure}  # fmt: skip
+        return Outputs(files=files, tables=tables, record=record)
+
+
+class _Collected:
+    """One pair's merge state: per-document sums, every token's kl and delta_p (for the
+    percentiles, float32), KL summed by position (for the plot) and top-k candidates."""
+
+    def __init__(self):
+        self.sums, self.kl, self.delta_p, self.top = [], [], [], []
+        self.kl_by_position, self.n_by_position = np.zeros(0), np.zeros(0)
+        self.protocol = None
+
+    def add(self, part: Part, top_k: int, baseline: str) -> None:
+        columns, self.protocol = part.columns, part.meta["protocol"]
+        self.sums.append(document_sums(columns["doc_index"], columns, len(part.doc_ids)))
+        self.kl.append(columns["kl"])
+        self.delta_p.append(columns["delta_p"])
+        self.top.append(top_candidates(columns, part.doc_ids, top_k, part.model, baseline))
+        position = columns["position"]
+        size = max(len(self.n_by_position), int(position.max()) + 1 if len(position) else 0)
+        kl = np.bincount(position, weights=columns["kl"].astype(np.float64), minlength=size)
+        n = np.bincount(position, minlength=size)
+        self.kl_by_position = np.pad(self.kl_by_position, (0, size - len(self.kl_by_position))) + kl
+        self.n_by_position = np.pad(self.n_by_position, (0, size - len(self.n_by_position))) + n
+
+
+def top_candidates(columns: dict, doc_ids: list, top_k: int, model: str, baseline: str) -> pd.DataFrame:
+    """A part's ``top_k`` tokens of largest KL (first in document-then-position order among
+    ties), without their text yet: a part's candidates are few, the text is fetched once at the end."""
+    frame = pair_frame(model, baseline, doc_ids, columns)
+    top = frame.loc[frame["kl"].nlargest(top_k, keep="first").index] if top_k else frame.iloc[:0]
+    return top.reset_index(drop=True)
+
+
+def with_text(top: pd.DataFrame, text_of) -> pd.DataFrame:
+    """``top`` with each token's text and up to `CONTEXT_CHARS` characters before it."""
+    texts = [text_of(str(d)) for d in top["doc_id"]]
+    starts, ends = top["char_start"].to_numpy(), top["char_end"].to_numpy()
+    return top.assign(
+        token_text=[t[s:e] for t, s, e in zip(texts, starts, ends)],
+        context=[t[max(0, s - CONTEXT_CHARS) : s] for t, s in zip(texts, starts)],
+    )[TOP_TOKEN_COLUMNS].reset_index(drop=True)  # fmt: skip

@@ -1,0 +1,225 @@
+"""Passes: one pass per model over its unfinished parts, a model with its baseline in one pass.
+
+A run of k models with ``compare.divergence`` makes k passes: the baseline's own, and one per
+other model in which the baseline's body and head run beside the model's (the pair's logits
+meet a chunk at a time), so the pair pass also feeds that model's own analyses. Every model,
+the baseline included, is loaded once: at most 2k - 1 model forwards over the corpus, where
+scoring each model, then each pair, took 3k - 2.
+
+Each part is scored by the config's producer, its text facts recorded, its columns trimmed to
+what the tables and analyses read, written atomically in the background, and handed to the
+`Merger` at once, so the merge keeps pace with scoring.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..analyses.base import Part
+from ..errors import OutputError
+from ..model.loading import load_model
+from ..model.scorer import ScoreOptions, decide_compile, pair_batching, resolve_window
+from ..model.spec import ModelSpec
+from ..producers import producer_for
+from ..producers.divergence import check_same_tokenizer, resolve_pair_window
+from ..producers.score import check_batch_tokens
+from ..producers.tables import document_sums
+from ..producers.text import resolve_prefix
+from .config import Config
+from .data import Corpus
+from .parts import finished_keys, read_meta, roundtrip, write_part
+from .plan import PartPlan, part_doc_ids
+from .prefetch import BackgroundWriter, prefetched
+from .provenance import tokenizer_fingerprint
+
+# Tokens are counted only once a part is tokenized; English BPE averages about 4 characters
+# a token (code and CJK fewer, so the estimate errs toward the eager reductions).
+CHARS_PER_TOKEN = 4
+ALWAYS_KEPT = frozenset({"doc_index"})
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One model's pass; with a ``baseline``, the pair's divergence columns come with it."""
+
+    model: ModelSpec
+    baseline: ModelSpec | None = None
+
+
+def plan_passes(config: Config) -> list[Pass]:
+    """One pass per model, in config order (the token tables list models in that order)."""
+    if not config.compare.divergence:
+        return [Pass(m) for m in config.models]
+    base = baseline_spec(config)
+    return [Pass(m, None if m.name == base.name else base) for m in config.models]
+
+
+def baseline_spec(config: Config) -> ModelSpec:
+    name = config.compare.baseline or config.models[0].name
+    return next(m for m in config.models if m.name == name)
+
+
+class Models:
+    """Loads a pass's models when it starts; the baseline stays loaded for the run (loaded once)."""
+
+    def __init__(self, config: Config):
+        self.keep = baseline_spec(config).name if config.compare.divergence else None
+        self.kept: dict = {}
+        self.loads: list[str] = []  # every load, in order (a test counts them)
+
+    def get(self, spec: ModelSpec):
+        if spec.name in self.kept:
+            return self.kept[spec.name]
+        lm = load_model(spec)
+        self.loads.append(spec.name)
+        if spec.name == self.keep:
+            self.kept[spec.name] = lm
+        return lm
+
+
+def check_tokenizers(config: Config, passes: list[Pass]) -> None:
+    """Refuse a pair whose tokenizers differ before any scoring (the tokenizers alone are loaded)."""
+    from types import SimpleNamespace
+
+    from ..model.loading import load_tokenizer
+
+    pairs = [p for p in passes if p.baseline is not None]
+    if not pairs:
+        return
+    base = SimpleNamespace(name=pairs[0].baseline.name, tokenizer=load_tokenizer(pairs[0].baseline))
+    for p in pairs:
+        check_same_tokenizer(SimpleNamespace(name=p.model.name, tokenizer=load_tokenizer(p.model)), base)
+
+
+@dataclass
+class PassJob:
+    """What scoring a pass's share needs besides the models."""
+
+    config: Config
+    corpus: Corpus
+    analyses: tuple
+    identity_hash: str
+    folder: Path | None  # where its parts are written (None: in memory only, no resume)
+    merger: object
+    bar: object
+
+
+def score_share(job: PassJob, lm, base, plans: list[tuple[int, PartPlan]]) -> None:
+    """Score this rank's unfinished parts of one pass (``(index, plan)`` in corpus order)."""
+    if not plans:
+        return
+    config, s = job.config, job.config.scoring
+    options = _options(job, lm, sum(plan.weight for _, plan in plans))
+    protocol = protocol_record(lm, config, base)  # also checks the window, before any scoring
+    if job.folder is not None:
+        job.folder.mkdir(parents=True, exist_ok=True)
+        check_protocol(job.folder, protocol, lm.name)
+    produce, cache = producer_for(config), {}
+    keep = _kept_columns(job.analyses)
+    tokenize = _tokenizer_ahead(config, job.corpus, lm, produce)
+    with BackgroundWriter() as writer:
+        for (index, plan), ready in prefetched(plans, lambda item: tokenize(item[1])):
+            started = time.perf_counter()
+            job.bar.group(plan.weight, tokenizing=not ready and (plan.piece == 0 or not cache))
+            calls = dict(lm.workspace.calls)
+            documents = job.corpus.take(plan.docs) if hasattr(job.corpus, "take") else [job.corpus.documents[i] for i in plan.docs]
+            columns, texts = produce(lm, documents, config, options, job.bar.progress, piece=plan, cache=cache,
+                                     baseline=base, **ready)  # fmt: skip
+            meta = _meta(job, plan, columns, texts, protocol, lm.workspace.mode_since(calls), started)
+            kept = {k: v for k, v in columns.items() if k in keep}
+            if job.folder is not None:
+                writer.submit(write_part, job.folder / f"{plan_key_of(job, plan)}.parquet", kept, meta)
+            job.merger.add(lm.name, index, Part(lm.name, [str(d) for d in meta["doc_ids"]], kept, meta))
+
+
+def _options(job: PassJob, lm, n_chars: float) -> ScoreOptions:
+    needs = [a.needs() for a in job.analyses]
+    s = job.config.scoring
+    options = ScoreOptions(batch_tokens=check_batch_tokens(s.batch_tokens), temperatures=job.config.calibration.temperatures,
+                           compile=s.compile, moments=any(n.moments for n in needs))  # fmt: skip
+    # `compile: auto` is settled once for this rank's whole share, from its characters.
+    return decide_compile(lm, options, int(n_chars / CHARS_PER_TOKEN))
+
+
+def _kept_columns(analyses: tuple) -> frozenset:
+    """The per-token columns a part keeps: what the analyses and token tables read."""
+    return ALWAYS_KEPT.union(*(a.needs().token_columns for a in analyses))
+
+
+def _tokenizer_ahead(config: Config, corpus: Corpus, lm, produce):
+    """Independent documents: the next part is tokenized while one is scored (pieces after the
+    first reuse their document's tokens); other producers tokenize in their own call."""
+    from ..producers.score import score_group
+    from ..producers.text import tokenize_documents
+
+    if produce is not score_group:
+        return lambda plan: {}
+    take = corpus.take if hasattr(corpus, "take") else (lambda idx: [corpus.documents[i] for i in idx])
+    return lambda plan: {"docs": tokenize_documents(take(plan.docs), lm.tokenizer, config.scoring.bos)} if plan.piece == 0 else {}
+
+
+def _meta(job: PassJob, plan: PartPlan, columns: dict, texts: list[str], protocol: dict, reductions: str, started: float) -> dict:
+    n_tokens, nll_sum = document_sums(columns["doc_index"], columns["nll"], len(texts))
+    facts = {}
+    for analysis in job.analyses:
+        facts.update(analysis.text_facts(texts))
+    return {
+        "doc_ids": part_doc_ids(job.corpus, plan, job.config.scoring.documents), "piece": [plan.piece, plan.n_pieces],
+        "n_tokens": n_tokens.tolist(), "nll_sum": nll_sum.tolist(), **facts,
+        "seconds": time.perf_counter() - started, "identity": job.identity_hash,
+        "protocol": {**protocol, "reductions": reductions},  # how they ran: compiled or eager
+    }  # fmt: skip
+
+
+def plan_key_of(job: PassJob, plan: PartPlan) -> str:
+    from .plan import plan_key
+
+    return plan_key(job.corpus, plan, job.config.scoring.documents)
+
+
+def protocol_record(lm, config: Config, baseline=None) -> dict:
+    """The resolved protocol of one model in a run: what its numbers mean (also the in-loop
+    evaluator's). With a baseline: the pair's window, the batching both probes allow, and the
+    baseline's identity and probe verdicts."""
+    s = config.scoring
+    length, stride = resolve_window(lm, s.max_length, s.stride) if baseline is None else \
+        resolve_pair_window(lm, baseline, s.max_length, s.stride)  # fmt: skip
+    record = {
+        "max_length": length, "stride": stride, "bos": s.bos,
+        "bos_token_id": (resolve_prefix(lm.tokenizer, s.bos) or [None])[0],
+        "documents": s.documents, "separator": s.separator if s.documents == "concatenated" else None,
+        "tokenizer_sha256": tokenizer_fingerprint(lm.tokenizer), "vocab_size": lm.vocab_size,
+        "commit_sha": lm.commit_sha, **lm.probes.protocol(),
+    }  # fmt: skip
+    if baseline is not None:
+        record.update(baseline=baseline.name, baseline_commit_sha=baseline.commit_sha,
+                      baseline_probes=baseline.probes.protocol(), batching=pair_batching(lm, baseline))  # fmt: skip
+    return record
+
+
+def check_protocol(folder: Path, protocol: dict, name: str) -> None:
+    """Finished parts of a model must have been scored with the protocol just resolved. A hub
+    model whose branch moved (another commit) passes the identity check, which is made before
+    loading; mixing it with the parts of the old commit would put two models in one table."""
+    done = sorted(finished_keys(folder))
+    if not done:
+        return
+    previous = read_meta(folder / f"{done[0]}.parquet")["protocol"]
+    # How the reductions ran (compiled or eager) is recorded, but changes no number.
+    changed = sorted(k for k in (set(previous) | set(protocol)) - {"reductions"} if previous.get(k) != roundtrip(protocol).get(k))
+    if changed:
+        details = ", ".join(f"{k}: {previous.get(k)!r} -> {protocol.get(k)!r}" for k in changed)
+        raise OutputError(
+            f"output.dir: the finished parts of model {name} were scored with another protocol ({details}). "
+            "Rerun with --fresh to discard them, or pin `revision` to the commit they were scored with."
+        )
+
+
+def release(lm, models: Models, another_follows: bool) -> None:
+    """Free a model that is not kept before the next one loads (0.5 s of reference cycles)."""
+    if another_follows and lm.name not in models.kept:
+        del lm
+        gc.collect()
