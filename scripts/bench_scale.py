@@ -1,0 +1,359 @@
+"""Scale benchmark: does `lmeval run` stay flat in memory as the corpus grows, and is planning fast?
+
+What it measures, side by side in one invocation:
+
+1. Peak RSS of `lmeval run` against corpus size. A tiny GPT-2 (built here, see 3) scores
+   corpora of 0.3M, 5M and 50M tokens, each with ``output.per_token: false`` and ``true``,
+   every measurement in a fresh ``python -m lmeval run cfg.yaml ... -q`` subprocess.
+   A streaming run should hold one part at a time, so its memory should not grow with the
+   corpus: the printed target is RSS at the largest size <= 1.1x RSS at the smallest (same
+   per_token). Peak RSS is the kernel's high-water mark of the child itself, read with
+   ``os.wait4(pid)`` when it exits (``ru_maxrss``): exact, with no sampling gaps, and never a
+   sum over processes (a descendant the child reaped counts only if it alone was larger).
+   Each row: tokens scored (summary.csv ``n_tokens``), per_token, peak RSS MB, wall seconds
+   (process start to exit: imports, model load, scoring, merge, figures), tokens per wall
+   second, scoring tokens/s as summary.csv reports it, and the ratio to the smallest size's RSS.
+   ``scoring.compile`` is ``false`` by default (``--compile auto`` for the user default): on
+   CPU, ``auto`` turns the fused reductions on only above ~5M tokens for this vocabulary, and
+   compiling's own memory would then be mistaken for the corpus's.
+
+2. Planning time for many short documents: 1M documents of ~50 characters (``--plan-docs``).
+   Planning is internal, so this is the one place that imports below the public API: the
+   planner and its ``load_documents`` from ``lmeval.engine`` (or, before the restructuring,
+   ``lmeval.pipeline``). Loading the corpus and ``plan_parts(corpus, "independent", "\\n\\n",
+   part_chars)`` are timed separately (the load is a cold read: `datasets` converts the JSONL
+   to Arrow); the target printed is planning < 5 s.
+
+3. The tiny model is built once per invocation in a temp dir, as tests/conftest.py does: a
+   byte-level BPE tokenizer (vocabulary 512) trained on generated text, wrapped in
+   ``PreTrainedTokenizerFast`` with ``<|endoftext|>`` as bos/eos, and
+   ``GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=256))`` (37k
+   parameters: the embeddings are tied, and a 512-token vocabulary is small), saved as
+   safetensors. Corpora are JSONL documents of a few thousand characters of pseudo-random
+   words (fixed seed), sized to the token target from the tokenizer's characters per token
+   on a sample. Config: ``max_length: 256``, ``batch_tokens: 16384``, ``documents:
+   independent``, one model (so no comparison), a fresh ``output.dir`` per measurement.
+
+    python scripts/bench_scale.py                    # 0.3M, 5M, 50M tokens x per_token both; 1M plan docs
+    python scripts/bench_scale.py --quick            # 0.05M, 0.2M tokens; 100k plan docs (smoke check)
+    python scripts/bench_scale.py --tokens 300000 5000000 --per-token false --plan-docs 0
+    python scripts/bench_scale.py --json scale.json --keep   # rows as JSON; keep the temp dir
+
+Progress goes to the log (stderr); the table goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("bench_scale")
+
+EOT = "<|endoftext|>"
+SEED = 0
+VOCAB = 512
+N_WORDS = 4000  # distinct pseudo-words in the generated text
+DOC_CHARS = (2000, 6000)  # document lengths of the scale corpora
+PLAN_DOC_CHARS = 50
+RSS_TARGET = 1.1
+PLAN_TARGET_S = 5.0
+DEFAULT_TOKENS = [300_000, 5_000_000, 50_000_000]
+QUICK_TOKENS = [50_000, 200_000]
+
+
+# ---- generated text -------------------------------------------------------------------------
+
+
+class Words:
+    """Pseudo-random words with Zipf-like frequencies, drawn from one seeded generator."""
+
+    def __init__(self, seed: int = SEED):
+        self.rng = np.random.default_rng(seed)
+        # Words of 1-3 consonant-vowel syllables, so that BPE merges find something to merge
+        # (random letters give ~1.3 characters a token at this vocabulary; English gives ~3).
+        syllables = np.array([c + v for c in "bdfgklmnprstvz" for v in "aeiou"])
+        lengths = self.rng.integers(1, 4, size=N_WORDS)
+        self.words = np.array(["".join(self.rng.choice(syllables, size=k)) for k in lengths])
+        weights = 1.0 / np.arange(1, N_WORDS + 1)
+        self.p = weights / weights.sum()
+        self.mean_chars = float(self.p @ (np.char.str_len(self.words) + 1))  # a word and its space
+
+    def text(self, n_chars: int) -> str:
+        """About ``n_chars`` characters of words (never fewer than one word)."""
+        n_words = max(1, round(n_chars / self.mean_chars))
+        words = self.words[self.rng.choice(N_WORDS, size=n_words, p=self.p)]
+        return " ".join(words.tolist())
+
+
+def write_jsonl(path: Path, texts) -> tuple[int, int]:
+    """Write ``texts`` as ``{"id", "text"}`` lines; returns (documents, characters)."""
+    n_docs = n_chars = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"id": f"doc-{i}", "text": text}) + "\n")
+            n_docs += 1
+            n_chars += len(text)
+    return n_docs, n_chars
+
+
+def scale_texts(n_chars: int, seed: int = SEED):
+    """Documents of a few thousand characters until ``n_chars`` characters in all (the same
+    prefix for every size)."""
+    words, total = Words(seed), 0
+    while total < n_chars:
+        text = words.text(int(words.rng.integers(*DOC_CHARS)))
+        total += len(text)
+        yield text
+
+
+# ---- the tiny model -------------------------------------------------------------------------
+
+
+def train_tokenizer(folder: Path):
+    """A byte-level BPE (GPT-2 style) trained on generated text, as tests/conftest.py builds one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sample = folder / "tokenizer_corpus.txt"
+    sample.write_text("\n".join(scale_texts(400_000, seed=SEED + 1)), encoding="utf-8")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train([str(sample)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT)
+
+
+def build_model(folder: Path) -> tuple[Path, object, int]:
+    """The tiny GPT-2 and its tokenizer saved (safetensors) under ``folder/model``; returns
+    the folder, the tokenizer and the number of parameters."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = train_tokenizer(folder)
+    torch.manual_seed(SEED)
+    eot = tokenizer.eos_token_id
+    config = GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=256, vocab_size=len(tokenizer), bos_token_id=eot,
+                        eos_token_id=eot)  # fmt: skip
+    model = GPT2LMHeadModel(config).eval()
+    target = folder / "model"
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target, tokenizer, sum(p.numel() for p in model.parameters())
+
+
+def chars_per_token(tokenizer) -> float:
+    """Characters per token of the scale corpora, from a sample drawn with another seed."""
+    sample = list(scale_texts(200_000, seed=SEED + 2))
+    n_tokens = sum(len(ids) for ids in tokenizer(sample, add_special_tokens=False)["input_ids"])
+    return sum(map(len, sample)) / n_tokens
+
+
+# ---- 1. peak RSS of `lmeval run` against corpus size ----------------------------------------
+
+
+def write_config(folder: Path, model_dir: Path, data: Path, compile_: str) -> Path:
+    config = folder / "cfg.yaml"
+    config.write_text(
+        f"models: [{{name: tiny, path: {model_dir}, dtype: float32}}]\n"
+        f"data: {{path: {data}, id_field: id}}\n"
+        f"scoring: {{max_length: 256, batch_tokens: 16384, documents: independent, compile: {compile_}}}\n"
+        f"output: {{dir: {folder / 'out'}}}\n",
+        encoding="utf-8",
+    )
+    return config
+
+
+def run_child(config: Path, per_token: bool, out_dir: Path, env: dict) -> tuple[float, float]:
+    """One ``python -m lmeval run``; returns (peak RSS MB of the child, wall seconds)."""
+    command = [sys.executable, "-m", "lmeval", "run", str(config), f"output.per_token={str(per_token).lower()}",
+               f"output.dir={out_dir}", "--overwrite", "-q"]  # fmt: skip
+    log_path = out_dir.with_suffix(".log")
+    with open(log_path, "w") as output:
+        started = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    if proc.returncode:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"lmeval run exited {proc.returncode}: {' '.join(command)}\n{tail}")
+    return usage.ru_maxrss / 1024, wall  # ru_maxrss is in KiB on Linux
+
+
+def measure(folder: Path, config: Path, per_token: bool, env: dict) -> dict:
+    import pandas as pd
+
+    out_dir = folder / f"out-per_token-{str(per_token).lower()}"
+    rss, wall = run_child(config, per_token, out_dir, env)
+    summary = pd.read_csv(out_dir / "summary.csv").iloc[0]
+    n_tokens = int(summary.n_tokens)
+    scoring = float(summary.get("tokens_per_second", float("nan")))
+    return {"tokens": n_tokens, "per_token": per_token, "peak_rss_mb": rss, "wall_s": wall,
+            "tokens_per_s": n_tokens / wall, "scoring_tokens_per_s": scoring}  # fmt: skip
+
+
+def rss_rows(root: Path, model_dir: Path, cpt: float, args, env: dict) -> list[dict]:
+    rows = []
+    for target in args.tokens:
+        folder = root / f"tokens-{target}"
+        folder.mkdir()
+        started = time.perf_counter()
+        n_docs, n_chars = write_jsonl(folder / "docs.jsonl", scale_texts(int(target * cpt)))
+        log.info("corpus for %d tokens: %d documents, %.1f M characters (%.1f s)", target, n_docs, n_chars / 1e6,
+                 time.perf_counter() - started)  # fmt: skip
+        config = write_config(folder, model_dir, folder / "docs.jsonl", args.compile)
+        for per_token in args.per_token_values:
+            row = {"target_tokens": target, "documents": n_docs, **measure(folder, config, per_token, env)}
+            log.info("%d tokens, per_token=%s: peak RSS %.0f MB, %.1f s", row["tokens"], per_token, row["peak_rss_mb"],
+                     row["wall_s"])  # fmt: skip
+            rows.append(row)
+        if not args.keep:  # the corpus and the tables of a 50M-token run are large
+            shutil.rmtree(folder)
+    return with_ratios(rows)
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Each row's RSS over the smallest size's RSS with the same per_token."""
+    for row in rows:
+        same = [r for r in rows if r["per_token"] == row["per_token"]]
+        row["rss_ratio"] = row["peak_rss_mb"] / min(same, key=lambda r: r["target_tokens"])["peak_rss_mb"]
+    return rows
+
+
+# ---- 2. planning time for many short documents ----------------------------------------------
+
+
+def import_planner():
+    """``(plan_parts, load_documents)`` wherever the restructuring has put them."""
+    try:
+        from lmeval.engine.data import load_documents
+        from lmeval.engine.plan import plan_parts
+    except ImportError:
+        from lmeval.pipeline.data import load_documents
+        from lmeval.pipeline.plan import plan_parts
+    return plan_parts, load_documents
+
+
+def call_plan_parts(plan_parts, corpus, part_chars: int):
+    """``plan_parts(corpus, "independent", "\\n\\n", part_chars)``, by parameter name so that a
+    reordered signature still works; an unknown required parameter fails with the signature."""
+    signature = inspect.signature(plan_parts)
+    known = {"corpus": corpus, "documents_mode": "independent", "documents": "independent", "mode": "independent",
+             "separator": "\n\n", "part_chars": part_chars}  # fmt: skip
+    params = signature.parameters
+    unknown = [n for n, p in params.items() if n not in known and p.default is p.empty
+               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]  # fmt: skip
+    if unknown:
+        raise TypeError(f"plan_parts{signature}: no value for {unknown}; adapt call_plan_parts")
+    return plan_parts(**{n: known[n] for n in params if n in known})
+
+
+def plan_row(root: Path, model_dir: Path, n_docs: int) -> dict:
+    import lmeval
+
+    folder = root / "plan"
+    folder.mkdir()
+    words = Words(SEED + 3)
+    write_jsonl(folder / "docs.jsonl", (words.text(PLAN_DOC_CHARS) for _ in range(n_docs)))
+    config = write_config(folder, model_dir, folder / "docs.jsonl", "false")
+    loaded = lmeval.load_config(config)
+    plan_parts, load_documents = import_planner()
+    log.info("planning with %s.%s%s", plan_parts.__module__, plan_parts.__name__, inspect.signature(plan_parts))
+    started = time.perf_counter()
+    corpus = load_documents(loaded.data)
+    load_s = time.perf_counter() - started
+    log.info("loaded %d documents in %.1f s; planning", len(corpus.documents), load_s)
+    started = time.perf_counter()
+    plans = call_plan_parts(plan_parts, corpus, loaded.output.part_chars)
+    plan_s = time.perf_counter() - started
+    chars = sum(len(d.text) for d in corpus.documents)
+    return {"documents": len(corpus.documents), "mean_chars": chars / len(corpus.documents), "parts": len(plans),
+            "part_chars": loaded.output.part_chars, "load_s": load_s, "plan_s": plan_s}  # fmt: skip
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+
+def format_rss(rows: list[dict]) -> list[str]:
+    lines = [f"{'tokens':>10} {'per_token':>9} {'docs':>7} {'peak RSS MB':>11} {'wall s':>8} {'tok/s (wall)':>12} "
+             f"{'scoring tok/s':>13} {'RSS ratio':>9}"]  # fmt: skip
+    for r in rows:
+        lines.append(f"{r['tokens']:>10} {str(r['per_token']).lower():>9} {r['documents']:>7} "
+                     f"{r['peak_rss_mb']:>11.0f} {r['wall_s']:>8.1f} {r['tokens_per_s']:>12.0f} "
+                     f"{r['scoring_tokens_per_s']:>13.0f} {r['rss_ratio']:>9.2f}")  # fmt: skip
+    for per_token in dict.fromkeys(r["per_token"] for r in rows):
+        same = sorted((r for r in rows if r["per_token"] == per_token), key=lambda r: r["target_tokens"])
+        ratio = same[-1]["peak_rss_mb"] / same[0]["peak_rss_mb"]
+        lines.append(f"target (per_token={str(per_token).lower()}): RSS at {same[-1]['tokens']} tokens <= {RSS_TARGET}x "
+                     f"RSS at {same[0]['tokens']}: {ratio:.2f}x {'PASS' if ratio <= RSS_TARGET else 'FAIL'}")  # fmt: skip
+    return lines
+
+
+def format_plan(plan: dict) -> list[str]:
+    verdict = "PASS" if plan["plan_s"] < PLAN_TARGET_S else "FAIL"
+    return [f"planning {plan['documents']} documents of ~{plan['mean_chars']:.0f} characters "
+            f"(part_chars {plan['part_chars']}, {plan['parts']} parts): load {plan['load_s']:.2f} s, "
+            f"plan_parts {plan['plan_s']:.2f} s; target plan < {PLAN_TARGET_S:.0f} s: {verdict}"]  # fmt: skip
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=DEFAULT_TOKENS, help="corpus sizes in tokens")
+    parser.add_argument("--per-token", choices=("both", "true", "false"), default="both", help="output.per_token")
+    parser.add_argument("--plan-docs", type=int, default=1_000_000, help="short documents to plan (0: skip)")
+    parser.add_argument("--compile", choices=("false", "auto", "true"), default="false", help="scoring.compile")
+    parser.add_argument("--quick", action="store_true", help="0.05M and 0.2M tokens, 100k plan documents")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (its path is logged)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tokens, args.plan_docs = QUICK_TOKENS, 100_000
+    args.tokens = sorted(args.tokens)
+    args.per_token_values = {"both": [False, True], "true": [True], "false": [False]}[args.per_token]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    started = time.perf_counter()
+    root = Path(tempfile.mkdtemp(prefix="bench_scale-"))
+    # `datasets` caches every corpus it reads as Arrow; keep those copies in the temp dir.
+    os.environ["HF_DATASETS_CACHE"] = str(root / "hf_datasets")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    try:
+        model_dir, tokenizer, n_params = build_model(root)
+        cpt = chars_per_token(tokenizer)
+        log.info("tiny model in %s: %d parameters, vocabulary %d, %.2f characters per token",
+                 model_dir, n_params, len(tokenizer), cpt)  # fmt: skip
+        rows = rss_rows(root, model_dir, cpt, args, env) if args.tokens and args.per_token_values else []
+        plan = plan_row(root, model_dir, args.plan_docs) if args.plan_docs else None
+    finally:
+        if args.keep:
+            log.info("kept %s", root)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    setup = {"parameters": n_params, "vocab_size": len(tokenizer), "chars_per_token": cpt, "compile": args.compile,
+             "seconds": time.perf_counter() - started}  # fmt: skip
+    print("\n".join((format_rss(rows) if rows else []) + (format_plan(plan) if plan else [])))
+    print(f"tiny GPT-2: {n_params} parameters, vocabulary {len(tokenizer)}; whole benchmark {setup['seconds']:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "plan": plan, "setup": setup}, indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
