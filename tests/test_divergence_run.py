@@ -26,11 +26,11 @@ from test_run import write_config, write_jsonl
 import lmeval
 from lmeval import ConfigError, TokenizerMismatchError
 from lmeval.cli import main
-from lmeval.producers.divergence import SUMMARY_COLUMNS
-from lmeval.engine.parts import plan_groups
+from lmeval.analyses.divergence import SUMMARY_COLUMNS
+from lmeval.engine.parts import model_dirname, plan_groups
 from lmeval.engine.schemas import DIVERGENCE
 
-divergence_run = importlib.import_module("lmeval.engine.divergence_run")
+passes = importlib.import_module("lmeval.engine.passes")
 TEXTS = [f"{i}: {CORPUS[i % len(CORPUS)]} {CORPUS[(i * 5 + 1) % len(CORPUS)]}" for i in range(10)]
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -121,7 +121,7 @@ def test_run_writes_the_divergence_tables(reference, checkpoints):
 def test_ctrl_c_during_the_divergence_pass_resumes_to_identical_tables(reference, checkpoints, tmp_path, monkeypatch):
     ref_folder = reference[0]
     config = workspace(tmp_path, checkpoints)
-    real, written = divergence_run.write_part, []
+    real, written = passes.write_part, []
 
     def interrupt_after_two(path, columns, meta):
         if len(written) == 2:
@@ -129,14 +129,15 @@ def test_ctrl_c_during_the_divergence_pass_resumes_to_identical_tables(reference
         written.append(path)
         real(path, columns, meta)
 
-    monkeypatch.setattr(divergence_run, "write_part", interrupt_after_two)
+    monkeypatch.setattr(passes, "write_part", interrupt_after_two)
     assert main(["run", str(config), "-q"]) == 130
-    assert len(list((tmp_path / "out" / "parts" / "divergence").rglob("*.parquet"))) == 2
+    pair_parts = tmp_path / "out" / "parts" / model_dirname("ft")  # ft's pass is the pair's (ft comes first)
+    assert len(list(pair_parts.glob("*.parquet"))) == 2
     written.clear()
-    monkeypatch.setattr(divergence_run, "write_part", lambda p, c, m: (written.append(p), real(p, c, m)))
+    monkeypatch.setattr(passes, "write_part", lambda p, c, m: (written.append(p), real(p, c, m)))
     assert main(["run", str(config), "-q"]) == 0
     n_groups = len(plan_groups([len(t) for t in TEXTS], 300))
-    assert len(written) == n_groups - 2  # only the missing groups were scored again
+    assert len([p for p in written if p.parent == pair_parts]) == n_groups - 2  # only the missing groups were scored again
     assert_same(read_divergence(tmp_path / "out"), read_divergence(ref_folder / "out"))
 
 
@@ -146,7 +147,7 @@ def test_sigkill_mid_divergence_then_rerun_gives_identical_tables(reference, che
     command = [sys.executable, "-m", "lmeval", "run", str(config), "-q"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parts = tmp_path / "out" / "parts" / "divergence"
+    parts = tmp_path / "out" / "parts" / model_dirname("ft")
     deadline = time.time() + 300
     while time.time() < deadline and len(list(parts.rglob("*.parquet"))) < 2 and proc.poll() is None:
         time.sleep(0.02)

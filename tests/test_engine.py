@@ -1,0 +1,165 @@
+"""The run engine: one pass per model (a model with its baseline in one), the baseline loaded
+once, analyses as plug-ins, divergence parts checked on resume like any part, and the in-loop
+evaluator scoring chat and context data with the producers `lmeval run` uses."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import CORPUS
+from test_context_pairs_chat import CONTEXTS, CONVERSATIONS, TEXTS as CONTEXT_TEXTS, chat_lm  # noqa: F401
+from test_divergence import finetuned
+from test_run import write_config, write_jsonl
+
+import lmeval
+from lmeval.analyses.base import Analysis, ModelResult, Needs, Outputs
+from lmeval.engine import passes as passes_module
+from lmeval.engine import run as run_module
+from lmeval.engine.parts import model_dirname
+
+TEXTS = [f"{i}: {CORPUS[i % len(CORPUS)]} {CORPUS[(i * 3 + 1) % len(CORPUS)]}" for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def three_checkpoints(tmp_path_factory, tiny_models, bpe_tokenizer):
+    folder = tmp_path_factory.mktemp("three")
+    models = {"base": tiny_models["gpt2"], "ft1": finetuned(tiny_models["gpt2"], 0.2, seed=1),
+              "ft2": finetuned(tiny_models["gpt2"], 0.2, seed=2)}  # fmt: skip
+    for name, model in models.items():
+        model.save_pretrained(folder / name)
+        bpe_tokenizer.save_pretrained(folder / name)
+    return {name: folder / name for name in models}
+
+
+def three_model_config(tmp_path, paths, extra: str = "") -> str:
+    write_jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(TEXTS)])
+    models = ", ".join(f"{{name: {n}, path: {p}}}" for n, p in paths.items())
+    return str(write_config(tmp_path, f"""
+models: [{models}]
+data: {{path: docs.jsonl, id_field: id}}
+scoring: {{max_length: 16, batch_tokens: 64}}
+output: {{dir: out, part_chars: 400}}
+compare: {{baseline: base, divergence: true, bootstrap: 50}}
+{extra}"""))
+
+
+def test_three_models_with_divergence_cost_three_loads_and_five_passes(tmp_path, three_checkpoints, monkeypatch):
+    loads, forwards = [], []
+    real_load, real_share = passes_module.load_model, run_module.score_share
+    monkeypatch.setattr(passes_module, "load_model", lambda spec: (loads.append(spec.name), real_load(spec))[1])
+
+    def counted(job, lm, base, plans):
+        forwards.append((lm.name, None if base is None else base.name))
+        return real_share(job, lm, base, plans)
+
+    monkeypatch.setattr(run_module, "score_share", counted)
+    tables = lmeval.run(three_model_config(tmp_path, three_checkpoints), show_progress=False)
+    assert sorted(loads) == ["base", "ft1", "ft2"]  # the baseline is loaded once
+    assert forwards == [("base", None), ("ft1", "base"), ("ft2", "base")]
+    assert sum(1 + (base is not None) for _, base in forwards) == 5  # 2k - 1 model passes over the corpus
+    # The pair pass feeds the model's own tables: the same numbers as a run without divergence.
+    alone = lmeval.run(_without_divergence(tmp_path, three_checkpoints), show_progress=False)
+    np.testing.assert_allclose(tables["summary"]["nll_sum"], alone["summary"]["nll_sum"], rtol=1e-6)
+    np.testing.assert_allclose(tables["tokens"]["entropy"], alone["tokens"]["entropy"], rtol=1e-5, atol=1e-6)
+    assert set(tables["divergence"]["model"]) == {"ft1", "ft2"}
+    pair = tables["run"]["divergence"]["protocol"]["ft1"]
+    assert pair["baseline"] == "base" and pair["baseline_probes"]["batching"] == "padded" and "batching" in pair
+
+
+def _without_divergence(tmp_path, paths) -> str:
+    folder = tmp_path / "alone"
+    folder.mkdir()
+    path = three_model_config(folder, paths)
+    text = open(path, encoding="utf-8").read().replace("divergence: true", "divergence: false")
+    open(path, "w", encoding="utf-8").write(text)
+    return path
+
+
+def test_a_flipped_byte_in_a_pair_part_is_rescored_on_resume(tmp_path, three_checkpoints, monkeypatch):
+    paths = {k: three_checkpoints[k] for k in ("base", "ft1")}
+    config = three_model_config(tmp_path, paths)
+    reference = lmeval.run(config, show_progress=False)["divergence"]
+    real, written = passes_module.write_part, []
+
+    def stop_after_pair_parts(path, columns, meta):
+        real(path, columns, meta)
+        written.append(path)
+        if path.parent.name == model_dirname("ft1") and sum(p.parent == path.parent for p in written) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(passes_module, "write_part", stop_after_pair_parts)
+    with pytest.raises(KeyboardInterrupt):
+        lmeval.run(config, overwrite=True, fresh=True, show_progress=False)
+    monkeypatch.setattr(passes_module, "write_part", real)
+    part = sorted((tmp_path / "out" / "parts" / model_dirname("ft1")).glob("*.parquet"))[0]
+    data = bytearray(part.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # one flipped byte inside the columns
+    part.write_bytes(bytes(data))
+    resumed = lmeval.run(config, overwrite=True, show_progress=False)["divergence"]  # no traceback: rescored
+    numeric = reference.select_dtypes("number").columns
+    np.testing.assert_allclose(resumed[numeric], reference[numeric], rtol=1e-6)
+
+
+class LongTokens(Analysis):
+    """A toy analysis defined here, plugged in without touching a library file: per model,
+    how many scored tokens had an NLL above 3 nats."""
+
+    name = "long_tokens"
+
+    def needs(self) -> Needs:
+        return Needs(token_columns=frozenset({"nll"}))
+
+    def start(self, model):
+        return 0
+
+    def update(self, state, part):
+        return state + int((part.columns["nll"] > 3.0).sum())
+
+    def finish(self, model, state, run):
+        return ModelResult(summary={"n_above_3_nats": state}, tables={"long": {"model": model, "n": state}})
+
+    def outputs(self, results, run):
+        frame = pd.DataFrame([r.tables["long"] for r in results.values()])
+        return Outputs(files={"long_tokens.csv": frame}, tables={"long_tokens": frame})
+
+
+def test_a_toy_analysis_plugs_in_without_touching_the_library(tmp_path, three_checkpoints, monkeypatch):
+    real = run_module.analyses_for
+    monkeypatch.setattr(run_module, "analyses_for", lambda config: (*real(config), LongTokens()))
+    config = three_model_config(tmp_path, {"base": three_checkpoints["base"]}, "")
+    config_text = open(config, encoding="utf-8").read().replace("compare: {baseline: base, divergence: true, bootstrap: 50}", "")
+    open(config, "w", encoding="utf-8").write(config_text)
+    tables = lmeval.run(config, show_progress=False)
+    expected = int((tables["tokens"]["nll"] > 3.0).sum())
+    assert expected > 0
+    assert pd.read_csv(tmp_path / "out" / "long_tokens.csv")["n"].tolist() == [expected]
+    assert tables["summary"]["n_above_3_nats"].tolist() == [expected]
+
+
+def test_in_loop_evaluator_scores_chat_turns_like_lmeval_run(tmp_path, chat_lm):  # noqa: F811
+    folder = tmp_path / "chat-model"
+    chat_lm.model.save_pretrained(folder)
+    chat_lm.tokenizer.save_pretrained(folder)
+    write_jsonl(tmp_path / "chats.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    data = {"path": str(tmp_path / "chats.jsonl"), "messages_field": "messages"}
+    evaluator = lmeval.InLoopEvaluator(data, label="chat")
+    got = evaluator.evaluate(chat_lm.model, chat_lm.tokenizer, step=3)
+    want = lmeval.run(write_config(tmp_path, json.dumps({"models": [{"path": str(folder), "name": "m"}], "data": data,
+                                                         "output": {"dir": str(tmp_path / "out")}})),
+                      show_progress=False)["summary"].iloc[0]  # fmt: skip
+    assert got["n_tokens"] == want["n_tokens"]  # the assistant tokens, not the JSON text of the conversation
+    assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-6)
+
+
+def test_in_loop_evaluator_scores_text_given_its_context(tmp_path, gpt2_pair, saved_gpt2):
+    model, tokenizer = gpt2_pair
+    rows = [{"id": f"d{i}", "context": c, "text": t} for i, (c, t) in enumerate(zip(CONTEXTS, CONTEXT_TEXTS))]
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    data = {"path": str(tmp_path / "data.jsonl"), "id_field": "id", "context_field": "context"}
+    got = lmeval.InLoopEvaluator(data, label="ctx").evaluate(model, tokenizer, step=1)
+    expected = lmeval.score_texts(CONTEXT_TEXTS, (model, tokenizer), contexts=CONTEXTS)
+    assert got["n_tokens"] == len(expected)
+    assert got["nll_sum"] == pytest.approx(float(expected["nll"].astype(np.float64).sum()), rel=1e-6)
