@@ -39,7 +39,11 @@ What it measures, side by side in one invocation:
     python scripts/bench_scale.py --tokens 300000 5000000 --per-token false --plan-docs 0
     python scripts/bench_scale.py --json scale.json --keep   # rows as JSON; keep the temp dir
 
-Progress goes to the log (stderr); the table goes to stdout.
+Progress goes to the log (stderr); the table goes to stdout. A run holds a whole part
+(``output.part_chars``, 262,144 characters: ~105k tokens of this text) however small the corpus,
+so the RSS ratio means something only when the smallest corpus fills a part: --quick's 0.05M
+tokens does not (its ratio reads ~1.15; 0.2M -> 1M tokens measured 1.00-1.04). Timings on a
+shared machine vary by 2x or more between identical runs; RSS does not.
 """
 
 from __future__ import annotations
