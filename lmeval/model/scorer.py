@@ -1,14 +1,22 @@
-"""Score windows with a loaded model. The ONLY code that runs a model forward.
+"""Score windows with a loaded model, alone or beside a baseline. The ONLY code that runs a
+model forward.
 
 Windows are batched by a token budget (sorted by length to cut padding), right-padded with
 an attention mask, run through the body, and only their scored positions reach the output
 head, a chunk of rows at a time (`OutputHead`); per-token statistics come from one pass
 over each chunk of logits (`token_statistics`). Out of memory halves the budget and retries
-the same windows; a non-finite logit stops the run naming the document.
+the same windows; a non-finite logit stops the run naming the model and the document.
+
+With a baseline, both bodies run on the same padded batch under the stricter of the two
+models' load-time batchings, and both heads are applied to the same chunk of scored
+positions: the model's chunk gets the single-model statistics, then meets the baseline's in
+`divergence_statistics`, and both are dropped. Each model may live on its own device; the
+baseline's chunk is copied to the model's head device, where the reductions run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -16,12 +24,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..core.losses import token_statistics
+from ..core.divergence import PAIR_FIELDS, divergence_statistics
+from ..core.losses import Workspace, token_statistics
 from ..core.words import log_mass
 from ..core.windows import Window
 from ..errors import ModelError
 from .head import evaluating
 from .loading import LoadedModel
+from .pair_scorer import check_pair
+from .probes import BATCHINGS, Probes
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +40,8 @@ log = logging.getLogger(__name__)
 # q, and the temporaries of the reductions.
 _CHUNK_COPIES = 6
 
-
+# The divergence columns a pair adds; the model's ``nll`` is token_statistics' own.
+_PAIR_EXTRA = tuple(key for key in PAIR_FIELDS if key != "nll")
 
 
 @dataclass(frozen=True)
@@ -88,11 +100,26 @@ def pack_batches(windows: list[Window], batch_tokens: int, equal_length: bool = 
     return batches
 
 
-def _pack(lm: LoadedModel, windows: list[Window], batch_tokens: int) -> list[list[int]]:
-    """`pack_batches` under the batching the load-time padding probe chose."""
-    if lm.probes.batching == "one_window":
+def pair_batching(lm: LoadedModel, baseline: LoadedModel | None) -> str:
+    """The stricter of the two models' load-time batchings (`BATCHINGS` runs from the least
+    to the most strict), so that the shared batch is exact for both; ``lm``'s own without a
+    baseline. No mask is passed when either model's batching forbids one."""
+    if baseline is None:
+        return lm.probes.batching
+    return max(lm.probes.batching, baseline.probes.batching, key=BATCHINGS.index)
+
+
+def _probes(lm: LoadedModel, baseline: LoadedModel | None) -> Probes:
+    """The probes that pack and mask the batches: one batching for every model in them."""
+    return Probes(batching=pair_batching(lm, baseline))
+
+
+def _pack(lm: LoadedModel, windows: list[Window], batch_tokens: int, baseline: LoadedModel | None = None) -> list[list[int]]:
+    """`pack_batches` under the batching the load-time padding probes chose."""
+    probes = _probes(lm, baseline)
+    if probes.batching == "one_window":
         return [[i] for i in range(len(windows))]
-    return pack_batches(windows, batch_tokens, equal_length=lm.probes.equal_length)
+    return pack_batches(windows, batch_tokens, equal_length=probes.equal_length)
 
 
 def _pad(windows: list[Window], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,79 +160,124 @@ def _chunk_rows(lm: LoadedModel, chunk_bytes: int | None) -> int:
     return max(_MIN_CHUNK_ROWS, budget // (lm.vocab_size * 4 * _CHUNK_COPIES))
 
 
-@torch.inference_mode()
-def score_batch(lm: LoadedModel, windows: list[Window], options: ScoreOptions, compiled: bool = False) -> dict[str, np.ndarray]:
-    """Per-token statistics for the scored outputs of ``windows``, in window order."""
-    ids, mask = _pad(windows, lm.device)
-    if not lm.probes.mask:  # a model that fails when given a mask: unpadded rows, no mask
-        mask = None
-    rows, cols, targets = (t.to(lm.device) for t in _scored_index(windows))
+def _logit_source(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor | None, rows, cols, workspace: Workspace,
+                  sums: bool):  # fmt: skip
+    """A function slice -> ((n, V) logits of the scored positions ``rows[slice], cols[slice]``,
+    their row sums or None). The body runs here, once; each call applies the head to one chunk.
+
+    The logits are the head's reused buffer (in ``workspace``) or a fresh gather from the
+    plain path's (B, T, V) logits, so the caller may overwrite them once it has read them."""
+    ids = ids.to(lm.device)
+    mask = None if mask is None else mask.to(lm.device)
     if lm.head.fast:
         hidden = lm.head.body(ids, mask)  # (B, T, H), on the last layer's device under a device_map
         rows, cols = rows.to(hidden.device), cols.to(hidden.device)
 
-        def source(sl):  # (n, V) logits, and their row sums when the head gives them for free
+        def source(sl):  # the row sums come from a linear head without a pass over the logits
             states = hidden[rows[sl], cols[sl]]
-            return lm.head.project(states, lm.workspace), (None if compiled else lm.head.logit_sums(states))
-    else:
-        logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
-        rows, cols = rows.to(logits.device), cols.to(logits.device)
-        source = lambda sl: (logits[rows[sl], cols[sl]], None)  # noqa: E731
-    step = _chunk_rows(lm, options.chunk_bytes)
-    parts, masses = [], []
+            return lm.head.project(states, workspace), (lm.head.logit_sums(states) if sums else None)
+
+        return source
+    logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
+    rows, cols = rows.to(logits.device), cols.to(logits.device)
+    return lambda sl: (logits[rows[sl], cols[sl]], None)
+
+
+def _base_workspace(lm: LoadedModel, baseline: LoadedModel) -> Workspace:
+    """The baseline head's scratch. One model given twice shares one workspace, and its two
+    heads' outputs must not share a buffer, so the baseline then gets a fresh one."""
+    return baseline.workspace if baseline.workspace is not lm.workspace else Workspace()
+
+
+def _gather(parts: list, keys) -> dict[str, np.ndarray]:
+    """One device-to-host copy per batch and key, not one per chunk."""
+    return {key: torch.cat([getattr(p, key) for p in parts]).cpu().numpy() for key in keys}
+
+
+@torch.inference_mode()
+def score_batch(
+    lm: LoadedModel, windows: list[Window], options: ScoreOptions, compiled: bool = False,
+    baseline: LoadedModel | None = None,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Per-token statistics for the scored outputs of ``windows``, in window order: the
+    `TokenStats` fields (and ``log_mass`` under ``options.mass_masks``), and with a
+    ``baseline`` also the `PAIR_FIELDS` other than ``nll`` (the model's nll is the
+    `TokenStats` one)."""
+    ids, mask = _pad(windows, lm.device)
+    if not _probes(lm, baseline).mask:  # a model that fails when given a mask: unpadded rows, no mask
+        mask = None
+    rows, cols, targets = _scored_index(windows)
+    targets = targets.to(lm.device)
+    source = _logit_source(lm, ids, mask, rows, cols, lm.workspace, sums=not compiled)
+    base_source = None if baseline is None else \
+        _logit_source(baseline, ids, mask, rows, cols, _base_workspace(lm, baseline), sums=False)  # fmt: skip
     masks = None if options.mass_masks is None else torch.from_numpy(options.mass_masks.T.astype(np.float32))
+    # A pair holds five float32 (n, V) buffers on the model's head device (both heads' logits,
+    # the reductions' two scratch, divergence's d = w - z): within the single model's budget.
+    step = _chunk_rows(lm, options.chunk_bytes)
+    parts, masses, pairs = [], [], []
     for begin in range(0, len(targets), step):
         sl = slice(begin, begin + step)
         chunk, sums = source(sl)  # (n, V), on the output head's device
-        parts.append(
-            token_statistics(
-                chunk, targets[sl].to(chunk.device), options.temperatures, options.top_k, compiled, lm.workspace,
-                options.moments, logit_sums=sums,
-            )
-        )
+        y = targets[sl].to(chunk.device)
+        parts.append(token_statistics(chunk, y, options.temperatures, options.top_k, compiled, lm.workspace,
+                                      options.moments, logit_sums=sums))  # fmt: skip
         if masks is not None:  # the same chunk of logits, one more reduction
             scratch = lm.workspace.get("mass_e", tuple(chunk.shape), torch.float32, chunk.device) \
                 if chunk.dtype != torch.float64 else None  # fmt: skip
             masses.append(log_mass(chunk, masks.to(chunk.device), scratch).float())
-    # One device-to-host copy per batch, not one per chunk and statistic.
-    fields = parts[0].__dataclass_fields__
-    out = {key: torch.cat([getattr(p, key) for p in parts]).cpu().numpy() for key in fields}
+        if base_source is not None:  # last: it overwrites both chunks, which nothing reads again
+            w = base_source(sl)[0].to(chunk.device)  # (n, V), copied there when the baseline lives elsewhere
+            pairs.append(divergence_statistics(chunk, w, y, lm.workspace, overwrite=True))
+    out = _gather(parts, parts[0].__dataclass_fields__)
     if masses:
         out["log_mass"] = torch.cat(masses).cpu().numpy()
+    if pairs:
+        out.update(_gather(pairs, _PAIR_EXTRA))
     return out
 
 
 def score_windows(
-    lm: LoadedModel, windows: list[Window], options: ScoreOptions, progress=None, doc_names=None
-) -> dict[str, np.ndarray]:
+    lm: LoadedModel, windows: list[Window], options: ScoreOptions, progress=None, doc_names=None,
+    baseline: LoadedModel | None = None,
+) -> dict[str, np.ndarray]:  # fmt: skip
     """Score every window; return per-token columns in window order (not batch order).
 
     Columns: ``doc_index, position, token_id, context_len`` and the `TokenStats` fields
     (present, with zero rows, when nothing is scored). ``progress``, if given, is called as
     ``progress(tokens_in_batch, tokens_in_total)`` after each batch. ``doc_names[w.doc_id]``
-    is the user's id of a window's document, for error messages. The model is scored in
-    eval mode and left in the mode it had.
+    is the user's id of a window's document, for error messages.
+
+    With a ``baseline`` (a second `LoadedModel` over the same vocabulary), both models score
+    the same batches, packed under the stricter of their batchings (`pair_batching`), and
+    the columns also hold ``nll_baseline, kl, kl_reverse, delta_p, same_top1``
+    (`core.divergence`); the model's own columns are the ones it gets scored alone.
+    Every model is scored in eval mode and left in the mode it had.
     """
-    with evaluating(lm.model):
-        return _score_all(lm, windows, options, progress, doc_names)
+    if baseline is not None:
+        check_pair(lm, baseline)
+    base_mode = evaluating(baseline.model) if baseline is not None else contextlib.nullcontext()
+    with evaluating(lm.model), base_mode:
+        return _score_all(lm, windows, options, progress, doc_names, baseline)
 
 
-def _score_all(lm: LoadedModel, windows: list[Window], options: ScoreOptions, progress, doc_names) -> dict[str, np.ndarray]:
+def _score_all(lm: LoadedModel, windows: list[Window], options: ScoreOptions, progress, doc_names,
+               baseline: LoadedModel | None) -> dict[str, np.ndarray]:  # fmt: skip
     counts = np.array([w.n_scored for w in windows], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)])
     total = int(starts[-1])
     out: dict[str, np.ndarray] = {}
     compiled = use_compiled(lm, options, total)
-    pending = [(batch, options.batch_tokens) for batch in _pack(lm, windows, options.batch_tokens)]
+    pending = [(batch, options.batch_tokens) for batch in _pack(lm, windows, options.batch_tokens, baseline)]
     while pending:
         batch, budget = pending.pop(0)
         batch_windows = [windows[i] for i in batch]
         try:
-            stats, compiled = _score_batch_safely(lm, batch_windows, options, compiled)
+            stats, compiled = _score_batch_safely(lm, batch_windows, options, compiled, baseline)
         except torch.OutOfMemoryError:
-            pending[:0] = _split_after_oom(lm, windows, batch, budget, doc_names)
+            pending[:0] = _split_after_oom(lm, windows, batch, budget, doc_names, baseline)
             continue
-        _check_finite(lm, batch_windows, stats, doc_names)
+        _check_batch_finite(lm, baseline, batch_windows, stats, doc_names)
         # Where each of the batch's rows goes in window order: one scatter per column.
         b = np.asarray(batch)
         where = np.repeat(starts[b] - (np.cumsum(counts[b]) - counts[b]), counts[b]) + np.arange(counts[b].sum())
@@ -217,18 +289,20 @@ def _score_all(lm: LoadedModel, windows: list[Window], options: ScoreOptions, pr
         if progress is not None:
             progress(offset, total)
     if total == 0:  # nothing to score: the same columns, with zero rows
-        out = _empty_stats(lm, options)
+        out = _empty_stats(lm, options, baseline)
     out.update(_window_columns(windows, counts, total))
     return out
 
 
-def _empty_stats(lm: LoadedModel, options: ScoreOptions) -> dict[str, np.ndarray]:
+def _empty_stats(lm: LoadedModel, options: ScoreOptions, baseline: LoadedModel | None = None) -> dict[str, np.ndarray]:
     logits = torch.zeros((0, lm.vocab_size))
     stats = token_statistics(logits, torch.zeros(0, dtype=torch.long), options.temperatures, options.top_k,
                              moments=options.moments)
     out = {key: getattr(stats, key).numpy() for key in stats.__dataclass_fields__}
     if options.mass_masks is not None:
         out["log_mass"] = np.zeros((0, len(options.mass_masks)), dtype=np.float32)
+    if baseline is not None:
+        out.update({key: np.zeros(0, dtype=bool if key == "same_top1" else np.float32) for key in _PAIR_EXTRA})
     return out
 
 
@@ -236,35 +310,39 @@ def _doc_name(window: Window, doc_names) -> object:
     return window.doc_id if doc_names is None else doc_names[window.doc_id]
 
 
-def _split_after_oom(lm: LoadedModel, windows: list[Window], batch: list[int], budget: int, doc_names=None):
+def _split_after_oom(lm: LoadedModel, windows: list[Window], batch: list[int], budget: int, doc_names=None,
+                     baseline: LoadedModel | None = None):  # fmt: skip
     """Out of memory: halve the batch's token budget and re-pack the same windows, so the
     batch is retried in smaller pieces and nothing is lost or scored twice."""
-    if lm.device.type == "cuda":
+    if any(m is not None and m.device.type == "cuda" for m in (lm, baseline)):
         torch.cuda.empty_cache()
     if len(batch) == 1:
         w = windows[batch[0]]
+        pair = "" if baseline is None else f" (with its baseline {baseline.name})"
         raise ModelError(
-            f"model {lm.name}: out of memory on a single window of {len(w.input_ids)} tokens "
+            f"model {lm.name}{pair}: out of memory on a single window of {len(w.input_ids)} tokens "
             f"(document {_doc_name(w, doc_names)!r}). Lower `scoring.max_length`, or use a smaller dtype or a larger device."
         )
     half = max(1, budget // 2)
     log.warning("out of memory at batch_tokens=%d; retrying this batch at %d", budget, half)
-    sub = _pack(lm, [windows[i] for i in batch], half)
+    sub = _pack(lm, [windows[i] for i in batch], half, baseline)
     if len(sub) == 1:  # the budget allows them all in one row group: split by rows instead
         sub = [list(range(len(batch) // 2)), list(range(len(batch) // 2, len(batch)))]
     return [([batch[j] for j in group], half) for group in sub]
 
 
-def _score_batch_safely(lm, windows, options, compiled):
+def _score_batch_safely(lm, windows, options, compiled, baseline=None):
     """Score a batch, dropping to the eager reductions if compiling fails (no C++ compiler,
     an unsupported backend). Returns the stats and whether to keep compiling."""
+    # A single model gets the call `score_batch` has always had: wrappers of it rely on that.
+    pair = {} if baseline is None else {"baseline": baseline}
     if not compiled:
-        return score_batch(lm, windows, options), False
+        return score_batch(lm, windows, options, **pair), False
     try:
-        return score_batch(lm, windows, options, compiled=True), True
+        return score_batch(lm, windows, options, compiled=True, **pair), True
     except Exception as exc:  # torch.compile raises backend-specific errors
         log.warning("torch.compile of the token statistics failed (%s); using eager mode.", type(exc).__name__)
-        return score_batch(lm, windows, options), False
+        return score_batch(lm, windows, options, **pair), False
 
 
 def _window_columns(windows: list[Window], counts: np.ndarray, total: int) -> dict[str, np.ndarray]:
@@ -280,6 +358,16 @@ def _window_columns(windows: list[Window], counts: np.ndarray, total: int) -> di
         "token_id": np.fromiter((t for w in windows for t in w.targets), dtype=np.int64, count=total),
         "context_len": np.repeat(first_context, counts) + within,
     }
+
+
+def _check_batch_finite(lm, baseline, windows, stats, doc_names) -> None:
+    """A NaN or inf logit in either model stops the run naming that model and the document."""
+    _check_finite(lm, windows, stats, doc_names)
+    if baseline is None:
+        return
+    _check_finite(baseline, windows, {"nll": stats["nll_baseline"], "entropy": stats["nll_baseline"]}, doc_names)
+    # Finite nlls but a NaN KL: both heads put -inf on the same tokens (their difference is NaN).
+    _check_finite(lm, windows, {"nll": stats["kl"], "entropy": stats["kl_reverse"]}, doc_names)
 
 
 def _check_finite(lm: LoadedModel, windows: list[Window], stats: dict[str, np.ndarray], doc_names=None) -> None:
