@@ -14,7 +14,7 @@ from conftest import CORPUS, build_model, train_bpe
 
 import lmeval
 from lmeval import ModelError, TokenizerMismatchError
-from lmeval.model import pair_scorer
+from lmeval.model import pair_scorer, scorer
 from lmeval.model.loading import prepare_model
 
 TEXTS = CORPUS[:4] + ["short", "é 猫 😀 mixed scripts and emoji"]
@@ -161,15 +161,15 @@ def test_non_finite_logits_name_the_model(tiny_models, bpe_tokenizer):
 def test_out_of_memory_halves_the_batch_and_loses_nothing(tiny_models, bpe_tokenizer, monkeypatch):
     model, base = (finetuned(tiny_models["gpt2"]), bpe_tokenizer), (tiny_models["gpt2"], bpe_tokenizer)
     reference = lmeval.divergence(TEXTS, model, base, max_length=16, batch_tokens=4096)
-    real, sizes = pair_scorer.score_pair_batch, []
+    real, sizes = scorer.score_batch, []
 
-    def tight(lm, baseline, windows, chunk_bytes=None):
+    def tight(lm, windows, options, compiled=False, baseline=None):
         if len(windows) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         sizes.append(len(windows))
-        return real(lm, baseline, windows, chunk_bytes)
+        return real(lm, windows, options, compiled, baseline)
 
-    monkeypatch.setattr(pair_scorer, "score_pair_batch", tight)
+    monkeypatch.setattr(scorer, "score_batch", tight)
     retried = lmeval.divergence(TEXTS, model, base, max_length=16, batch_tokens=4096)
     assert sizes and max(sizes) <= 2
     pd.testing.assert_frame_equal(retried, reference, check_exact=False, atol=1e-6, rtol=1e-6)

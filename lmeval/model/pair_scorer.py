@@ -15,16 +15,7 @@ import numpy as np
 from ..core.windows import Window
 from ..errors import ModelError
 from .loading import LoadedModel
-
-
-def check_pair(lm: LoadedModel, baseline: LoadedModel) -> None:
-    """Both heads must score the same vocabulary: KL is a sum over one set of tokens."""
-    if lm.vocab_size != baseline.vocab_size:
-        raise ModelError(
-            f"model {lm.name}: its logits must be as wide as the baseline {baseline.name}'s for divergence "
-            f"(got {lm.vocab_size} vs {baseline.vocab_size} columns). The checkpoints pad their vocabularies "
-            "differently; compare them in bits_per_byte (`compare:` without `divergence`) instead."
-        )
+from .scorer import ScoreOptions, check_pair, score_windows  # noqa: F401  (check_pair: re-exported)
 
 
 def score_pair_windows(
@@ -38,8 +29,5 @@ def score_pair_windows(
     tokens_in_total)`` is called after each batch; ``doc_names[w.doc_id]`` names a window's
     document in errors. Both models are scored in eval mode and left in the modes they had.
     """
-    # Imported here: the scorer imports `check_pair` from this module.
-    from .scorer import ScoreOptions, score_windows
-
     options = ScoreOptions(batch_tokens=batch_tokens, chunk_bytes=chunk_bytes)
     return score_windows(lm, windows, options, progress, doc_names, baseline=baseline)

@@ -31,7 +31,6 @@ from ..core.windows import Window
 from ..errors import ModelError
 from .head import evaluating
 from .loading import LoadedModel
-from .pair_scorer import check_pair
 from .probes import BATCHINGS, Probes
 
 log = logging.getLogger(__name__)
@@ -98,6 +97,16 @@ def pack_batches(windows: list[Window], batch_tokens: int, equal_length: bool = 
     if current:
         batches.append(current)
     return batches
+
+
+def check_pair(lm: LoadedModel, baseline: LoadedModel) -> None:
+    """Both heads must score the same vocabulary: KL is a sum over one set of tokens."""
+    if lm.vocab_size != baseline.vocab_size:
+        raise ModelError(
+            f"model {lm.name}: its logits must be as wide as the baseline {baseline.name}'s for divergence "
+            f"(got {lm.vocab_size} vs {baseline.vocab_size} columns). The checkpoints pad their vocabularies "
+            "differently; compare them in bits_per_byte (`compare:` without `divergence`) instead."
+        )
 
 
 def pair_batching(lm: LoadedModel, baseline: LoadedModel | None) -> str:
