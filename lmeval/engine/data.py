@@ -14,7 +14,11 @@ import json
 import logging
 import os
 import re
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
+from itertools import compress
 from pathlib import Path
 
 import numpy as np
@@ -31,17 +35,115 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Corpus:
-    """The documents to score, how many were skipped as empty, and a content fingerprint."""
+    """The documents to score, how many were skipped as empty, and a content fingerprint.
 
-    documents: list[Document]
+    ``documents`` is a list (in-memory texts, conversations) or an `ArrowDocuments` that reads
+    texts from the dataset on demand, so a large corpus is never held as Python strings.
+    """
+
+    documents: Sequence[Document]
     n_skipped: int
     fingerprint: str
+
+    @cached_property
+    def lengths(self) -> np.ndarray:
+        """Characters of each document's scored text (after `data.detokenizer`), int64; planning needs no texts."""
+        own = getattr(self.documents, "lengths", None)
+        return own if own is not None else np.array([len(d.text) for d in self.documents], dtype=np.int64)
+
+    @cached_property
+    def doc_ids(self) -> Sequence:
+        """Each document's id, in corpus order: naming parts needs no texts."""
+        own = getattr(self.documents, "doc_ids", None)
+        return own if own is not None else [d.doc_id for d in self.documents]
+
+    def take(self, indices) -> list[Document]:
+        """The documents at ``indices`` (a part's), read in one call where the corpus is Arrow-backed."""
+        take = getattr(self.documents, "take", None)
+        return take(indices) if take is not None else [self.documents[i] for i in indices]
+
+
+class ArrowDocuments(Sequence):
+    """A read-only sequence of `Document` read from an Arrow table on demand.
+
+    Why: a corpus of millions of documents as Python objects costs gigabytes; the table is
+    memory-mapped by `datasets`, so only ``rows`` (document index -> table row), the ids and the
+    lengths are kept. A text is read, BOM-stripped and detokenized when it is asked for,
+    exactly as `load_documents` validated and fingerprinted it.
+    """
+
+    def __init__(self, columns: tuple, rows: np.ndarray, doc_ids: list, lengths: np.ndarray, detokenizer):
+        (self.texts, self.contexts), self.detokenizer = columns, detokenizer  # _Column each; contexts may be None
+        self.rows, self.doc_ids, self.lengths = rows, doc_ids, lengths
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.take(range(len(self))[index])
+        return self.take([range(len(self))[index]])[0]  # range: negative indices and IndexError as a list's
+
+    def __iter__(self):
+        """In corpus order, read ``BATCH_ROWS`` documents or about ``READ_CHARS`` characters at a time."""
+        ends, start = np.cumsum(self.lengths), 0
+        while start < len(self):
+            budget = (ends[start - 1] if start else 0) + READ_CHARS
+            stop = max(start + 1, min(start + BATCH_ROWS, int(np.searchsorted(ends, budget, side="right"))))
+            yield from self.take(range(start, stop))
+            start = stop
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(other) == len(self) and list(self) == list(other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"ArrowDocuments({len(self)} documents)"
+
+    def take(self, indices) -> list[Document]:
+        """The documents at ``indices``, their texts fetched from the table chunk by chunk."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        rows = self.rows[indices]
+        texts = self.texts.fetch(rows)
+        contexts = self.contexts.fetch(rows) if self.contexts is not None else [None] * len(rows)
+        ids = [self.doc_ids[i] for i in indices.tolist()]
+        documents = [Document(i, strip_bom(t), context=c) for i, t, c in zip(ids, texts, contexts)]
+        return detokenize_documents(documents, self.detokenizer)
+
+
+class _Column:
+    """One column of a table, read at given rows without concatenating its chunks, as Python
+    values decoded as ``dataset[name]`` decodes them (``decode``: see `_decoder`).
+
+    Why: ``ChunkedArray.take`` costs time in the number of chunks (10 ms for 1,000 chunks) on
+    every call; resolving rows to chunks here costs only the rows asked for.
+    """
+
+    def __init__(self, column, decode=None):
+        self.chunks, self.decode = [c for c in column.chunks if len(c)], decode
+        self.starts = np.cumsum([0] + [len(c) for c in self.chunks], dtype=np.int64)
+
+    def fetch(self, rows: np.ndarray) -> list:
+        """The Python values at ``rows``: a slice for a run of consecutive rows in one chunk, else a take."""
+        chunk = np.searchsorted(self.starts, rows, side="right") - 1
+        values = []
+        for run in np.split(np.arange(len(rows)), np.flatnonzero(np.diff(chunk)) + 1) if len(rows) else []:
+            c = int(chunk[run[0]])
+            local = rows[run] - self.starts[c]
+            if np.all(np.diff(local) == 1):
+                values.extend(self.chunks[c].slice(int(local[0]), len(run)).to_pylist())
+            else:
+                values.extend(self.chunks[c].take(local).to_pylist())
+        return self.decode(values) if self.decode is not None else values
 
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 # Compressed text files (`x.jsonl.gz`): `datasets` decompresses them by their last suffix.
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
 BOM = "\ufeff"
+BATCH_ROWS = 10_000  # rows per record batch of the validating pass, and most documents per read when iterating
+READ_CHARS = 2**20  # about the most characters one read holds when iterating (at least one document)
 
 
 def file_format(name) -> str:
@@ -181,15 +283,16 @@ def check_utf8(path: str) -> bool:
 
 def load_documents(config) -> Corpus:
     """Read documents from ``config`` (a `DataConfig`); empty or whitespace-only texts are
-    skipped and counted, never scored as zero."""
-    table = _load_dataset(config)
-    columns = list(table.column_names)
+    skipped and counted, never scored as zero. Texts stay in the Arrow table (`ArrowDocuments`):
+    one streaming pass validates every row and computes the lengths and the fingerprint."""
+    dataset = _load_dataset(config)
+    columns = list(dataset.column_names)
     for key in ("context_field", "messages_field"):
         name = getattr(config, key, None)
         if name is not None and name not in columns:
             raise DataError(f"data.{key}: {name!r} is not a column of {config.path}. Available columns: {', '.join(columns)}.")
     if getattr(config, "messages_field", None) is not None:
-        return _load_conversations(config, table)
+        return _load_conversations(config, dataset)
     if config.text_field not in columns:
         raise DataError(
             f"data.text_field: {config.text_field!r} is not a column of {config.path}. "
@@ -199,14 +302,155 @@ def load_documents(config) -> Corpus:
         raise DataError(
             f"data.id_field: {config.id_field!r} is not a column of {config.path}. Available columns: {', '.join(columns)}."
         )
-    texts = table[config.text_field]
-    ids = table[config.id_field] if config.id_field else list(range(len(texts)))
-    context_field = getattr(config, "context_field", None)
-    contexts = table[context_field] if context_field else [None] * len(texts)
-    documents, n_skipped, seen = [], 0, {}
-    for row, (doc_id, text, context) in enumerate(zip(ids, texts, contexts)):
-        if config.max_documents is not None and len(documents) >= config.max_documents:
+    table, context_field = arrow_table(dataset), getattr(config, "context_field", None)
+    names = [n for n in (config.id_field, config.text_field, context_field) if n is not None]
+    scan = _Scan(config, {name: _decoder(dataset, name) for name in names})
+    for start, batch in _record_batches(table, names):
+        if not scan.add_batch(start, batch):
             break
+    if not scan.n_documents:
+        raise DataError(f"data.path: {config.path} holds no non-empty documents ({scan.n_skipped} empty). Nothing to score.")
+    fields = (config.text_field, context_field)
+    readers = tuple(_Column(table.column(n), scan.decoders[n]) if n else None for n in fields)
+    rows, lengths = np.concatenate(scan.rows).astype(np.int64), np.concatenate(scan.lengths).astype(np.int64)
+    documents = ArrowDocuments(readers, rows, scan.doc_ids, lengths, scan.detokenizer)
+    return Corpus(documents, scan.n_skipped, scan.digest.hexdigest())
+
+
+def arrow_table(dataset):
+    """The `pyarrow.Table` behind a `datasets.Dataset`, in the dataset's row order."""
+    if getattr(dataset, "_indices", None) is not None:  # a select/shuffle view: write its rows in order
+        dataset = dataset.flatten_indices()
+    return dataset.data.table
+
+
+def _decoder(dataset, name: str):
+    """How ``dataset[name]`` turns the column's stored Python values into its values (e.g. the
+    `Json` feature parses its strings), or None when they are the same."""
+    from datasets.features.features import require_decoding
+
+    features = dataset.features
+    if not features or name not in features or not require_decoding(features[name]):
+        return None
+    return lambda values: features.decode_column(values, name)
+
+
+def _record_batches(table, names: list[str]):
+    """``(first row, record batch)`` over the columns ``names``, `BATCH_ROWS` rows at a time."""
+    start = 0
+    for batch in table.select(list(dict.fromkeys(names))).to_batches(max_chunksize=BATCH_ROWS):
+        yield start, batch
+        start += batch.num_rows
+
+
+def strip_bom(text: str) -> str:
+    """A text without its leading BOM: a file's BOM is an encoding mark, not text."""
+    return text[1:] if text.startswith(BOM) else text
+
+
+class _Scan:
+    """The one validating pass over a corpus's rows: which rows are documents, their ids,
+    the scored lengths and the fingerprint, accumulated batch by batch.
+
+    A batch that passes every check at once (typed, null-free columns, new unique ids, no BOM,
+    no detokenizer) is measured and hashed in Arrow; any other goes row by row in Python, so
+    the first faulty row raises exactly its own error."""
+
+    def __init__(self, config, decoders: dict):
+        self.config, self.detokenizer, self.decoders = config, getattr(config, "detokenizer", None), decoders
+        self.context_field = getattr(config, "context_field", None)
+        self.rows, self.doc_ids, self.lengths, self.n_skipped, self.seen = [], [], [], 0, {}
+        self.digest = hashlib.sha256()
+
+    @property
+    def n_documents(self) -> int:
+        return len(self.doc_ids)
+
+    def add_batch(self, start: int, batch) -> bool:
+        """Validate one record batch and keep its documents; False once `max_documents` are kept."""
+        config, n = self.config, batch.num_rows
+        ids = self._values(batch, config.id_field) if config.id_field else list(range(start, start + n))
+        if self._clean(batch, ids):
+            self._keep_arrow(start, batch, ids)
+            return True
+        texts = self._values(batch, config.text_field)
+        contexts = self._values(batch, self.context_field) if self.context_field else [None] * n
+        return self._add_rows(start, ids, texts, contexts)
+
+    def _values(self, batch, name: str) -> list:
+        """A column of the batch as the Python values ``dataset[name]`` gives."""
+        values, decode = batch.column(name).to_pylist(), self.decoders[name]
+        return decode(values) if decode is not None else values
+
+    def _clean(self, batch, ids) -> bool:
+        """Whether the whole batch passes every row check and needs no rewrite of its texts."""
+        import pyarrow as pa
+
+        config, limit = self.config, self.config.max_documents
+        if self.detokenizer is not None or (limit is not None and self.n_documents + batch.num_rows > limit):
+            return False
+        if any(decode is not None for decode in self.decoders.values()):
+            return False
+        strings = [batch.column(config.text_field)] + ([batch.column(self.context_field)] if self.context_field else [])
+        if any(not _is_string(c.type) or c.null_count for c in strings) or _has_bom(strings[0]):
+            return False
+        if config.id_field is not None:
+            column = batch.column(config.id_field)
+            if column.null_count or not (pa.types.is_integer(column.type) or _is_string(column.type)):
+                return False
+        return len(set(ids)) == len(ids) and self.seen.keys().isdisjoint(ids)
+
+    def _keep_arrow(self, start: int, batch, ids: list) -> None:
+        """Keep a clean batch's non-blank rows: lengths and fingerprint computed by Arrow."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        texts = batch.column(self.config.text_field)
+        keep = _non_blank(texts)
+        self.seen.update(zip(ids, range(start, start + batch.num_rows)))
+        self.n_skipped += int((~keep).sum())
+        kept = pa.array(keep)
+        self.rows.append(np.flatnonzero(keep) + start)
+        self.doc_ids.extend(compress(ids, keep))
+        texts = texts.filter(kept)
+        self.lengths.append(pc.utf8_length(texts).to_numpy(zero_copy_only=False).astype(np.int64))
+        id_column = batch.column(self.config.id_field) if self.config.id_field else pa.array(ids, pa.int64())
+        id_texts = id_column.filter(kept).cast(pa.string())  # as str(id): decimal digits for an integer
+        contexts = batch.column(self.context_field).filter(kept) if self.context_field else None
+        _arrow_fingerprint_update(self.digest, id_texts, texts, contexts)
+
+    def _add_rows(self, start: int, ids, texts, contexts) -> bool:
+        """`add_batch` row by row: the first faulty row raises its own error; False at `max_documents`."""
+        limit, kept = self.config.max_documents, []
+        for row, doc_id, text, context in zip(range(start, start + len(texts)), ids, texts, contexts):
+            if limit is not None and self.n_documents + len(kept) >= limit:
+                self._keep(kept)
+                return False
+            text = self._check_row(row, doc_id, text, context)
+            if not text.strip():
+                self.n_skipped += 1
+                continue
+            kept.append((row, doc_id if isinstance(doc_id, int) else str(doc_id), text, context))
+        self._keep(kept)
+        return True
+
+    def _keep(self, kept: list[tuple]) -> None:
+        """Record the kept rows, and their scored texts' lengths and fingerprint (after the detokenizer)."""
+        if not kept:
+            return
+        rows, ids, texts, contexts = zip(*kept)
+        self.rows.append(np.array(rows, dtype=np.int64))
+        self.doc_ids.extend(ids)
+        if self.detokenizer is not None:  # per document (no neighbours needed): as `ArrowDocuments.take` reads them
+            documents = [Document(i, t, context=c) for i, t, c in zip(ids, texts, contexts)]
+            scored = detokenize_documents(documents, self.detokenizer)
+            ids, texts, contexts = [d.doc_id for d in scored], [d.text for d in scored], [d.context for d in scored]
+        self.lengths.append(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)))
+        _fingerprint_update(self.digest, ids, texts, contexts)
+
+    def _check_row(self, row: int, doc_id, text, context) -> str:
+        """One row's id (not null, unique), text (a string) and context (a string); returns the text BOM-stripped."""
+        config = self.config
         if doc_id is None or doc_id != doc_id or isinstance(doc_id, (list, dict, bytes)):  # doc_id != doc_id: NaN
             kind = "null" if doc_id is None or doc_id != doc_id else type(doc_id).__name__
             raise DataError(
@@ -219,26 +463,44 @@ def load_documents(config) -> Corpus:
                 f"{config.path}: row {row} (id {doc_id!r}) has a {kind} `{config.text_field}`; it must be text. "
                 "Fix or remove that row."
             )
-        text = text[1:] if text.startswith(BOM) else text  # a file's BOM is an encoding mark, not text
-        if doc_id in seen:
+        if doc_id in self.seen:
             raise DataError(
-                f"data.id_field: id {doc_id!r} appears in rows {seen[doc_id]} and {row}; ids must be unique. "
+                f"data.id_field: id {doc_id!r} appears in rows {self.seen[doc_id]} and {row}; ids must be unique. "
                 "Deduplicate the corpus or drop `id_field` to use row numbers."
             )
-        seen[doc_id] = row
-        if context_field and not isinstance(context, str):
+        self.seen[doc_id] = row
+        if self.context_field and not isinstance(context, str):
             raise DataError(
-                f"{config.path}: row {row} (id {doc_id!r}) has a {type(context).__name__} `{context_field}`; "
+                f"{config.path}: row {row} (id {doc_id!r}) has a {type(context).__name__} `{self.context_field}`; "
                 "it must be text (an empty string for no context). Fix or remove that row."
             )
-        if not text.strip():
-            n_skipped += 1
-            continue
-        documents.append(Document(doc_id if isinstance(doc_id, int) else str(doc_id), text, context=context))
-    if not documents:
-        raise DataError(f"data.path: {config.path} holds no non-empty documents ({n_skipped} empty). Nothing to score.")
-    documents = detokenize_documents(documents, getattr(config, "detokenizer", None))
-    return Corpus(documents, n_skipped, fingerprint_documents(documents))
+        return strip_bom(text)
+
+
+def _has_bom(column) -> bool:
+    """Whether any text of a string column starts with a BOM (most batches: none, so no per-text strip)."""
+    import pyarrow.compute as pc
+
+    return bool(pc.any(pc.starts_with(column, BOM)).as_py())
+
+
+def _non_blank(texts) -> np.ndarray:
+    """Which texts hold more than whitespace, as Python's ``str.strip`` decides; a visible ASCII
+    character settles most texts in Arrow, only the rest are tested in Python."""
+    import pyarrow.compute as pc
+
+    keep = np.array(pc.match_substring_regex(texts, "[!-~]").to_numpy(zero_copy_only=False), dtype=bool)
+    unsure = np.flatnonzero(~keep)
+    if len(unsure):
+        keep[unsure] = [bool(t.strip()) for t in texts.take(unsure).to_pylist()]
+    return keep
+
+
+def _is_string(arrow_type) -> bool:
+    """Whether a column holds plain text (its Python values are `str`, or None)."""
+    import pyarrow as pa
+
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
 
 
 def _load_conversations(config, table) -> Corpus:
@@ -264,10 +526,50 @@ def _load_conversations(config, table) -> Corpus:
 def fingerprint_documents(documents: list[Document]) -> str:
     """sha256 over ids, texts (and contexts, when given), in order: changes whenever what is scored changes."""
     digest = hashlib.sha256()
-    for doc in documents:
-        for part in (str(doc.doc_id), doc.text) + (() if doc.context is None else ("\x00context", doc.context)):
-            data = part.encode("utf-8")
-            digest.update(len(data).to_bytes(8, "little") + data)
+    for start in range(0, len(documents), BATCH_ROWS):  # a batch's bytes at a time, never the corpus's
+        batch = documents[start : start + BATCH_ROWS]
+        _fingerprint_update(digest, [d.doc_id for d in batch], [d.text for d in batch], [d.context for d in batch])
     return digest.hexdigest()
 
 
+def _fingerprint_update(digest, ids, texts, contexts) -> None:
+    """Add documents to a fingerprint, in order: each id, text (and context) length-prefixed, so no
+    two corpora collide by concatenation; one ``update`` per call (the same digest as one per part)."""
+    pieces = []
+    for doc_id, text, context in zip(ids, texts, contexts):
+        doc_id, text = str(doc_id).encode("utf-8"), text.encode("utf-8")
+        pieces += (_LENGTH(len(doc_id)), doc_id, _LENGTH(len(text)), text)
+        if context is not None:
+            context = context.encode("utf-8")
+            pieces += (_CONTEXT_MARK, _LENGTH(len(context)), context)
+    digest.update(b"".join(pieces))
+
+
+def _arrow_fingerprint_update(digest, ids, texts, contexts) -> None:
+    """`_fingerprint_update` on Arrow string arrays: each document's length-prefixed parts joined
+    by Arrow, then hashed in one call (the same bytes, so the same digest)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not len(ids):
+        return
+    parts = [_length_prefixes(ids), ids, _length_prefixes(texts), texts]
+    if contexts is not None:
+        parts += [pa.scalar(_CONTEXT_MARK, pa.large_binary()), _length_prefixes(contexts), contexts]
+    parts = [p if isinstance(p, pa.Scalar) else p.cast(pa.large_binary()) for p in parts]
+    joined = pc.binary_join_element_wise(*parts, pa.scalar(b"", pa.large_binary()))
+    offsets = np.frombuffer(joined.buffers()[1], np.int64)[joined.offset : joined.offset + len(joined) + 1]
+    digest.update(joined.buffers()[2].slice(int(offsets[0]), int(offsets[-1] - offsets[0])))
+
+
+def _length_prefixes(strings):
+    """Each string's UTF-8 byte count as 8 little-endian bytes, an Arrow binary array."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    counts = pc.binary_length(strings).to_numpy(zero_copy_only=False).astype("<u8")
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(8), len(counts), [None, pa.py_buffer(counts.tobytes())])
+
+
+_LENGTH = struct.Struct("<Q").pack  # the 8-byte little-endian length before each part
+_CONTEXT_MARK = _LENGTH(len(b"\x00context")) + b"\x00context"

@@ -42,27 +42,28 @@ class PartPlan:
 
 
 def plan_parts(corpus: Corpus, documents_mode: str, separator: str, part_chars: int) -> list[PartPlan]:
-    """Every part of a run, in corpus order."""
-    lengths = [len(d.text) for d in corpus.documents]
+    """Every part of a run, in corpus order; linear in the documents (a running sum per group)."""
+    lengths = corpus.lengths.tolist()  # Python ints: fast to loop over, and JSON-safe in PartPlan.n_chars
     if documents_mode == "concatenated":
         n_chars = sum(lengths) + len(separator) * (len(lengths) - 1)
         return _pieces(tuple(range(len(lengths))), n_chars, part_chars)
-    plans, group = [], []
+    plans, start, total = [], 0, 0  # the open group is documents [start, i), of `total` characters
     for i, n_chars in enumerate(lengths):
         if n_chars > part_chars:  # a document of its own, in pieces
-            plans.extend(_group(group, lengths))
+            plans.extend(_group(start, i, total))
             plans.extend(_pieces((i,), n_chars, part_chars))
-            group = []
+            start, total = i + 1, 0
             continue
-        group.append(i)
-        if sum(lengths[j] for j in group) >= part_chars:
-            plans.extend(_group(group, lengths))
-            group = []
-    return plans + _group(group, lengths)
+        total += n_chars
+        if total >= part_chars:
+            plans.extend(_group(start, i + 1, total))
+            start, total = i + 1, 0
+    return plans + _group(start, len(lengths), total)
 
 
-def _group(group: list[int], lengths: list[int]) -> list[PartPlan]:
-    return [PartPlan(tuple(group), 0, 1, sum(lengths[i] for i in group))] if group else []
+def _group(start: int, stop: int, n_chars: int) -> list[PartPlan]:
+    """The part of documents ``[start, stop)`` (none when that is empty)."""
+    return [PartPlan(tuple(range(start, stop)), 0, 1, n_chars)] if stop > start else []
 
 
 def _pieces(docs: tuple[int, ...], n_chars: int, part_chars: int) -> list[PartPlan]:
@@ -72,7 +73,7 @@ def _pieces(docs: tuple[int, ...], n_chars: int, part_chars: int) -> list[PartPl
 
 def part_doc_ids(corpus: Corpus, plan: PartPlan, documents_mode: str) -> list:
     """The user's ids of a part's documents (plus the separator's, for a stream)."""
-    ids = [corpus.documents[i].doc_id for i in plan.docs]
+    ids = [corpus.doc_ids[i] for i in plan.docs]  # ids only: no text is read
     return ids + [SEPARATOR_ID] if documents_mode == "concatenated" else ids
 
 
