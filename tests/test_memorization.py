@@ -19,7 +19,13 @@ from conftest import CORPUS, build_model
 import lmeval
 from lmeval.core import memorization as mem
 from lmeval.engine.config import load_config
-from lmeval.engine.run import _identity
+from lmeval.analyses import analyses_for
+from lmeval.engine.run import _identity as identity_of
+
+
+def _identity(config, corpus):
+    return identity_of(config, corpus, analyses_for(config))
+
 
 KS = (10, 20, 50)
 

@@ -15,6 +15,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from test_divergence import finetuned
 from conftest import build_model
 from test_probes import TEXTS, InferPadding, MaskCrash, RowMixing, with_body
 from tiny_arch import oracle_nll
@@ -117,19 +118,9 @@ def test_the_stricter_batching_of_the_two_is_used(tiny_models, bpe_tokenizer):
     assert pair_batching(lm, None) == lm.probes.batching
 
 
-def nudged(model, scale: float = 0.05, seed: int = 7):
-    """A copy of ``model`` with every weight moved a little: a stand-in for a fine-tune."""
-    other = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * scale * p.std().clamp_min(1e-3))
-    return other
-
-
 def test_kl_matches_a_float64_oracle_on_a_plain_model(tiny_models, bpe_tokenizer):
     base = tiny_models["llama"]
-    model = nudged(base)
+    model = finetuned(base)
     lm, base_lm = prepare_model(model, bpe_tokenizer, name="m"), prepare_model(base, bpe_tokenizer, name="b")
     windows = windows_of(sequences(bpe_tokenizer))
     columns = score_windows(lm, windows, ScoreOptions(batch_tokens=40), baseline=base_lm)
@@ -161,7 +152,7 @@ def test_the_model_nll_is_the_same_from_both_reductions():
 
 
 def test_out_of_memory_halves_a_pair_batch_and_loses_nothing(tiny_models, bpe_tokenizer, monkeypatch):
-    lm = prepare_model(nudged(tiny_models["llama"]), bpe_tokenizer, name="m")
+    lm = prepare_model(finetuned(tiny_models["llama"]), bpe_tokenizer, name="m")
     base = prepare_model(tiny_models["llama"], bpe_tokenizer, name="b")
     windows, options = windows_of(sequences(bpe_tokenizer)), ScoreOptions(batch_tokens=4096)
     reference = score_windows(lm, windows, options, baseline=base)

@@ -18,7 +18,7 @@ from lmeval import OutputError
 from lmeval.cli import main
 from lmeval.engine.parts import plan_groups
 
-run_module = importlib.import_module("lmeval.engine.run")
+run_module = importlib.import_module("lmeval.engine.passes")  # where parts are written
 
 TEXTS = [f"{i}: {CORPUS[i % len(CORPUS)]} {CORPUS[(i * 5 + 1) % len(CORPUS)]}" for i in range(24)]
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 
 from ..core import memorization as mem
-from .base import Analysis, ModelResult, Needs, Part, RunFacts
-from .positions import ModelAnalysis
+from .base import ModelResult, Needs, RunFacts
+from .positions import ModelAnalysis, PerDocumentAnalysis
 
 TOKEN_COLUMNS = frozenset({"doc_index", "nll", "entropy", "var_logq", "position", "is_top1"})
 
 
-class MembershipAnalysis(Analysis):
+class MembershipAnalysis(PerDocumentAnalysis):
     name = "membership"
 
     def __init__(self, options):
@@ -33,12 +33,5 @@ class MembershipAnalysis(Analysis):
     def text_facts(self, texts: list[str]) -> dict:
         return {"zlib_bytes": [mem.compressed_bytes(t) for t in texts]}
 
-    def start(self, model: str) -> ModelAnalysis:
-        return ModelAnalysis(model, self.options)
-
-    def update(self, state: ModelAnalysis, part: Part) -> ModelAnalysis:
-        state.add(part.columns, part.meta)
-        return state
-
     def finish(self, model: str, state: ModelAnalysis, run: RunFacts) -> ModelResult:
-        return ModelResult(documents={key: values for key, values in state.document_columns().items()})
+        return ModelResult(documents=state.document_columns())

@@ -43,12 +43,6 @@ def membership_columns(options) -> list[str]:
     return [f"mink_prob_{k}" for k in ks] + [f"mink_pp_{k}" for k in ks] + ["zlib_bytes", "zlib_ratio", "extractable_suffix"]
 
 
-def scoring_meta(texts: list[str], options) -> dict:
-    """What a part must record at scoring time for the analysis: the zlib-compressed size of
-    each scored text (membership only; the merge no longer has the scored texts)."""
-    return {"zlib_bytes": [mem.compressed_bytes(t) for t in texts]} if options.membership else {}
-
-
 class ModelAnalysis:
     """One model's analysis sums, fed a part at a time (`add`), in corpus order."""
 
@@ -154,7 +148,20 @@ class ModelAnalysis:
         return result
 
 
-class PositionsAnalysis(Analysis):
+class PerDocumentAnalysis(Analysis):
+    """An analysis whose state is a `ModelAnalysis`: sums kept per document and per bin."""
+
+    options = None
+
+    def start(self, model: str) -> ModelAnalysis:
+        return ModelAnalysis(model, self.options)
+
+    def update(self, state: ModelAnalysis, part: Part) -> ModelAnalysis:
+        state.add(part.columns, part.meta)
+        return state
+
+
+class PositionsAnalysis(PerDocumentAnalysis):
     """positions.csv, positions.png and ``icl_score`` in the summary (``analysis.positions``)."""
 
     name = "positions"
@@ -164,13 +171,6 @@ class PositionsAnalysis(Analysis):
 
     def needs(self) -> Needs:
         return Needs(token_columns=frozenset({"doc_index", "nll", *AXES}))
-
-    def start(self, model: str) -> ModelAnalysis:
-        return ModelAnalysis(model, self.options)
-
-    def update(self, state: ModelAnalysis, part: Part) -> ModelAnalysis:
-        state.add(part.columns, part.meta)
-        return state
 
     def finish(self, model: str, state: ModelAnalysis, run: RunFacts) -> ModelResult:
         return ModelResult(summary=state.summary(), tables={"positions": state.positions()})
