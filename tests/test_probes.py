@@ -236,4 +236,7 @@ def test_post_head_transforms_take_the_fast_path_and_match(model_type, bpe_token
         got = getattr(lm.head, attribute)
         assert got is not None and (value is None or got == pytest.approx(value))
     table = lmeval.score_texts(TEXTS, lm, max_length=16, stride=5, batch_tokens=40)
-    assert max_error(table, model, bpe_tokenizer, TEXTS, 16, 5) <= 1e-5
+    # float32 rounding of scaled logits: 1.17e-5 nats measured for cohere, falcon_h1 and
+    # hyperclovax under transformers 5.25 (1e-5 held under the previous release); a missed
+    # transform or a padding leak is off by 1e-2 or more.
+    assert max_error(table, model, bpe_tokenizer, TEXTS, 16, 5) <= 3e-5
