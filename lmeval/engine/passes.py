@@ -13,7 +13,6 @@ what the tables and analyses read, written atomically in the background, and han
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from ..producers.text import resolve_prefix
 from .config import Config
 from .data import Corpus
 from .parts import finished_keys, read_meta, roundtrip, write_part
-from .plan import PartPlan, part_doc_ids
+from .plan import PartPlan, part_doc_ids, plan_key
 from .prefetch import BackgroundWriter, prefetched
 from .provenance import tokenizer_fingerprint
 
@@ -68,13 +67,11 @@ class Models:
     def __init__(self, config: Config):
         self.keep = baseline_spec(config).name if config.compare.divergence else None
         self.kept: dict = {}
-        self.loads: list[str] = []  # every load, in order (a test counts them)
 
     def get(self, spec: ModelSpec):
         if spec.name in self.kept:
             return self.kept[spec.name]
         lm = load_model(spec)
-        self.loads.append(spec.name)
         if spec.name == self.keep:
             self.kept[spec.name] = lm
         return lm
@@ -125,13 +122,14 @@ def score_share(job: PassJob, lm, base, plans: list[tuple[int, PartPlan]]) -> No
             started = time.perf_counter()
             job.bar.group(plan.weight, tokenizing=not ready and (plan.piece == 0 or not cache))
             calls = dict(lm.workspace.calls)
-            documents = job.corpus.take(plan.docs) if hasattr(job.corpus, "take") else [job.corpus.documents[i] for i in plan.docs]
+            documents = job.corpus.take(plan.docs)
             columns, texts = produce(lm, documents, config, options, job.bar.progress, piece=plan, cache=cache,
                                      baseline=base, **ready)  # fmt: skip
             meta = _meta(job, plan, columns, texts, protocol, lm.workspace.mode_since(calls), started)
             kept = {k: v for k, v in columns.items() if k in keep}
             if job.folder is not None:
-                writer.submit(write_part, job.folder / f"{plan_key_of(job, plan)}.parquet", kept, meta)
+                key = plan_key(job.corpus, plan, s.documents)
+                writer.submit(write_part, job.folder / f"{key}.parquet", kept, meta)
             job.merger.add(lm.name, index, Part(lm.name, [str(d) for d in meta["doc_ids"]], kept, meta))
 
 
@@ -157,8 +155,7 @@ def _tokenizer_ahead(config: Config, corpus: Corpus, lm, produce):
 
     if produce is not score_group:
         return lambda plan: {}
-    take = corpus.take if hasattr(corpus, "take") else (lambda idx: [corpus.documents[i] for i in idx])
-    return lambda plan: {"docs": tokenize_documents(take(plan.docs), lm.tokenizer, config.scoring.bos)} if plan.piece == 0 else {}
+    return lambda plan: {"docs": tokenize_documents(corpus.take(plan.docs), lm.tokenizer, config.scoring.bos)} if plan.piece == 0 else {}
 
 
 def _meta(job: PassJob, plan: PartPlan, columns: dict, texts: list[str], protocol: dict, reductions: str, started: float) -> dict:
@@ -172,12 +169,6 @@ def _meta(job: PassJob, plan: PartPlan, columns: dict, texts: list[str], protoco
         "seconds": time.perf_counter() - started, "identity": job.identity_hash,
         "protocol": {**protocol, "reductions": reductions},  # how they ran: compiled or eager
     }  # fmt: skip
-
-
-def plan_key_of(job: PassJob, plan: PartPlan) -> str:
-    from .plan import plan_key
-
-    return plan_key(job.corpus, plan, job.config.scoring.documents)
 
 
 def protocol_record(lm, config: Config, baseline=None) -> dict:
@@ -216,10 +207,3 @@ def check_protocol(folder: Path, protocol: dict, name: str) -> None:
             f"output.dir: the finished parts of model {name} were scored with another protocol ({details}). "
             "Rerun with --fresh to discard them, or pin `revision` to the commit they were scored with."
         )
-
-
-def release(lm, models: Models, another_follows: bool) -> None:
-    """Free a model that is not kept before the next one loads (0.5 s of reference cycles)."""
-    if another_follows and lm.name not in models.kept:
-        del lm
-        gc.collect()
