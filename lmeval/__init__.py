@@ -7,8 +7,12 @@ The public API is the names below. They are imported on first use, so ``import l
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 
-__version__ = "0.2.0"
+try:  # the version is written once, in pyproject.toml; the installed metadata carries it
+    __version__ = importlib.metadata.version("lmeval")
+except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 # public name -> the module that defines it
 _EXPORTS = {
