@@ -118,6 +118,9 @@ class LongTokens(Analysis):
     def update(self, state, part):
         return state + int((part.columns["nll"] > 3.0).sum())
 
+    def merge(self, state, later):
+        return state + later
+
     def finish(self, model, state, run):
         return ModelResult(summary={"n_above_3_nats": state}, tables={"long": {"model": model, "n": state}})
 
@@ -163,3 +166,46 @@ def test_in_loop_evaluator_scores_text_given_its_context(tmp_path, gpt2_pair, sa
     expected = lmeval.score_texts(CONTEXT_TEXTS, (model, tokenizer), contexts=CONTEXTS)
     assert got["n_tokens"] == len(expected)
     assert got["nll_sum"] == pytest.approx(float(expected["nll"].astype(np.float64).sum()), rel=1e-6)
+
+
+def _finished(analysis, model, state, run):
+    result = analysis.finish(model, state, run)
+    frames = {k: v for k, v in result.tables.items() if isinstance(v, pd.DataFrame)}
+    return result.summary, {k: v for k, v in result.documents.items()}, frames
+
+
+def test_states_of_two_stretches_merge_to_the_state_of_the_whole(tmp_path, three_checkpoints, monkeypatch):
+    """Every analysis's ``merge``: the parts folded as two stretches scored apart (two ranks),
+    each merged part by part, then the two states merged, finish exactly as the whole."""
+    from lmeval.analyses.base import RunFacts
+    from lmeval.engine import merge as merge_module
+    from lmeval.engine.config import load_config
+
+    seen = []
+    real_fold = merge_module.Merger._fold
+    monkeypatch.setattr(merge_module.Merger, "_fold", lambda self, part: (seen.append(part), real_fold(self, part))[1])
+    path = three_model_config(tmp_path, {"base": three_checkpoints["base"], "ft1": three_checkpoints["ft1"]},
+                              "analysis: {positions: true, membership: true, bootstrap: 50}")  # fmt: skip
+    text = open(path, encoding="utf-8").read().replace("part_chars: 400", "part_chars: 150")
+    open(path, "w", encoding="utf-8").write(text)
+    lmeval.run(path, show_progress=False)
+    analyses = run_module.analyses_for(load_config(path))
+    assert {a.name for a in analyses} == {"documents", "calibration", "positions", "membership", "divergence"}
+    run = RunFacts(("base", "ft1"), len(TEXTS), 0, lambda doc_id: TEXTS[int(doc_id[1:])])
+    for model in ("base", "ft1"):
+        parts = [p for p in seen if p.model == model]
+        assert len(parts) >= 3  # part_chars 150: a few parts, so the split is real
+        for analysis in analyses:
+            def fold(chunk, a=analysis):
+                state = a.start(model)
+                for part in chunk:
+                    state = a.merge(state, a.update(a.start(model), part))
+                return state
+
+            whole = _finished(analysis, model, fold(parts), run)
+            split = _finished(analysis, model, analysis.merge(fold(parts[:2]), fold(parts[2:])), run)
+            assert split[0] == pytest.approx(whole[0], nan_ok=True), analysis.name
+            for key in whole[1]:
+                np.testing.assert_array_equal(split[1][key], whole[1][key])
+            for key in whole[2]:
+                pd.testing.assert_frame_equal(split[2][key], whole[2][key])

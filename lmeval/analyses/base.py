@@ -4,15 +4,18 @@ An analysis turns a model's per-token results into tables and figures. The engin
 metric: for every model it calls, in corpus order, one part at a time,
 
     state = analysis.start(model)
-    state = analysis.update(state, part)       # a `Part`: one part's columns and metadata
-    result = analysis.finish(model, state, run)  # a `ModelResult`
+    for part in parts:                              # a `Part`: one part's columns and metadata
+        state = analysis.merge(state, analysis.update(analysis.start(model), part))
+    result = analysis.finish(model, state, run)     # a `ModelResult`
 
 and, once every model is finished, ``analysis.outputs(results, run)`` for the run's files.
 What an analysis needs from scoring (`Needs`: extra reductions, per-token columns a part must
 keep, whole documents, text facts such as zlib sizes) and what it adds to the run identity
 (``identity``) are declared up front, so that the engine scores, keeps and checks exactly
-that. States hold sums, counts and per-document rows, never every token (the one exception,
-``calibration.binning: mass``, is documented where it is built). The engine writes every file.
+that. States hold sums, counts, per-document rows and mergeable sketches, never every token
+(the one exception, ``calibration.binning: mass``, is documented where it is built). Each
+part's state is merged into the running one (``merge``), so the states of two stretches of
+the corpus scored apart (two ranks, two runs) combine the same way. The engine writes every file.
 
 An explicit tuple lists the analyses of a run (`lmeval.analyses.ANALYSES`); there is no registry.
 A new analysis is one module here plus its entry in that tuple.
@@ -98,6 +101,12 @@ class Analysis:
         raise NotImplementedError
 
     def update(self, state, part: Part):
+        raise NotImplementedError
+
+    def merge(self, state, later):
+        """One state from ``state`` and ``later``, the state of the parts that follow
+        ``state``'s in corpus order (sums add, per-document rows append, sketches merge).
+        It may reuse either argument; the engine keeps only the result."""
         raise NotImplementedError
 
     def token_rows(self, part: Part):

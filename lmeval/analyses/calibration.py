@@ -46,6 +46,14 @@ class CalibrationAnalysis(Analysis):
         state["vocab_size"] = part.meta["protocol"]["vocab_size"]
         return state
 
+    def merge(self, state, later):
+        if state["sums"] is None or later["sums"] is None:
+            sums = later["sums"] if state["sums"] is None else state["sums"]
+        else:
+            sums = cal.merge_sums(state["sums"], later["sums"])
+        return {"sums": sums, "confidences": state["confidences"] + later["confidences"],
+                "vocab_size": later["vocab_size"] or state["vocab_size"]}  # fmt: skip
+
     def finish(self, model: str, state, run: RunFacts) -> ModelResult:
         c, sums = self.options, state["sums"]
         metrics = cal.summarize(sums, vocab_size=state["vocab_size"])

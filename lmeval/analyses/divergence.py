@@ -19,6 +19,7 @@ import pandas as pd
 
 from ..core.bootstrap import bootstrap_interval, resampled_sums
 from ..core.divergence import PAIR_FIELDS
+from ..core.sketch import QuantileSketch
 from .base import Analysis, ModelResult, Needs, Outputs, Part, RunFacts
 from .plots import plot_divergence
 
@@ -78,13 +79,15 @@ MEANS = {
 WITH_P_VALUE = ("delta_p_mean", "ln_ppl_ratio")  # the means whose sign is a question
 
 
-def summarize(sums: np.ndarray, kl: np.ndarray, delta_p: np.ndarray, n_resamples: int = 1000, seed: int = 0) -> dict:
+def summarize(sums: np.ndarray, kl, delta_p, n_resamples: int = 1000, seed: int = 0) -> dict:
     """The pooled figures of one model against its baseline.
 
     ``sums`` holds one row of `SUMS` per document (documents without scored tokens are
     dropped: they carry nothing and would only change how many documents a resample
-    draws); ``kl`` and ``delta_p`` are every token's values, for the percentiles (numpy's
-    linear interpolation). Each of `MEANS` comes with ``_ci_low``/``_ci_high``, the 95%
+    draws); ``kl`` and ``delta_p`` are every token's values, or `QuantileSketch` es of them,
+    for the percentiles (numpy's linear interpolation; exact up to the sketch's
+    ``exact_limit`` tokens, then within its relative accuracy, see `lmeval.core.sketch`).
+    Each of `MEANS` comes with ``_ci_low``/``_ci_high``, the 95%
     percentile interval over ``n_resamples`` document resamples (`resampled_sums`, so the
     draw is ``default_rng(seed).integers(0, D, (B, D))``), and `WITH_P_VALUE` with a
     two-sided ``_p_value`` (`bootstrap_interval`). ``ppl_ratio`` = exp(ln_ppl_ratio).
@@ -101,14 +104,14 @@ def summarize(sums: np.ndarray, kl: np.ndarray, delta_p: np.ndarray, n_resamples
             row[f"{name}_ci_low"], row[f"{name}_ci_high"] = low, high
             if name in WITH_P_VALUE:
                 row[f"{name}_p_value"] = p
-    kl, delta_p = np.asarray(kl, dtype=np.float64), np.asarray(delta_p, dtype=np.float64)
+    kl, delta_p = as_sketch(kl), as_sketch(delta_p)
     for name, q in KL_PERCENTILES.items():
-        row[name] = float(np.percentile(kl, q)) if len(kl) else float("nan")
-    row["kl_max"] = float(kl.max()) if len(kl) else float("nan")
-    row["delta_p_min"] = float(delta_p.min()) if len(delta_p) else float("nan")
+        row[name] = kl.percentile(q)
+    row["kl_max"] = float(kl.max) if kl.count else float("nan")
+    row["delta_p_min"] = float(delta_p.min) if delta_p.count else float("nan")
     for name, q in DELTA_P_PERCENTILES.items():
-        row[name] = float(np.percentile(delta_p, q)) if len(delta_p) else float("nan")
-    row["delta_p_max"] = float(delta_p.max()) if len(delta_p) else float("nan")
+        row[name] = delta_p.percentile(q)
+    row["delta_p_max"] = float(delta_p.max) if delta_p.count else float("nan")
     row["ppl_ratio"] = float(np.exp(row["ln_ppl_ratio"]))
     row["ppl_ratio_ci_low"], row["ppl_ratio_ci_high"] = np.exp(row["ln_ppl_ratio_ci_low"]), np.exp(row["ln_ppl_ratio_ci_high"])
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -127,6 +130,14 @@ SUMMARY_COLUMNS = [
     "ln_ppl_ratio", "ln_ppl_ratio_ci_low", "ln_ppl_ratio_ci_high", "ln_ppl_ratio_p_value",
     "ppl_ratio", "ppl_ratio_ci_low", "ppl_ratio_ci_high", "nll_mean", "nll_baseline_mean", "n_resamples",
 ]  # fmt: skip
+
+
+def as_sketch(values) -> QuantileSketch:
+    """``values`` as a sketch; an array is kept exact whatever its length."""
+    if isinstance(values, QuantileSketch):
+        return values
+    values = np.asarray(values)
+    return QuantileSketch(exact_limit=max(len(values), 1)).add(values)
 
 
 def divergence_summary(tokens: pd.DataFrame, bootstrap: int = 1000, seed: int = 0) -> pd.DataFrame:
@@ -158,7 +169,8 @@ DEFINITIONS = {
     "same_top1": "both models' argmax token is the same",
     "ln_ppl_ratio": "ln PPL(model) - ln PPL(baseline) = mean(nll - nll_baseline) over the same tokens, nats",
     "intervals": "95% percentile intervals of a paired document bootstrap (documents resampled, both models together)",
-    "percentiles": "over all scored tokens, numpy linear interpolation",
+    "percentiles": "over all scored tokens, numpy linear interpolation: exact up to 2,097,152 tokens per model, "
+    "beyond that within 0.5% of the exact value (logarithmic buckets, DDSketch's mapping; min and max exact)",
 }
 TOKEN_INPUTS = frozenset({*PAIR_FIELDS, "doc_index", "position", "token_id", "token", "char_start", "char_end",
                           "context_len"})  # fmt: skip
@@ -180,12 +192,15 @@ class DivergenceAnalysis(Analysis):
         return {"divergence_baseline": self.baseline}  # a model's parts carry its pair's columns
 
     def start(self, model: str):
-        return _Collected() if model in self.models else None
+        return _Collected(self.options.top_k) if model in self.models else None
 
     def update(self, state, part: Part):
         if state is not None:
-            state.add(part, self.options.top_k, self.baseline)
+            state.add(part, self.baseline)
         return state
+
+    def merge(self, state, later):
+        return later if state is None else state.merge(later)
 
     def token_rows(self, part: Part):
         if self.token_file is None or part.model not in self.models:
@@ -196,13 +211,11 @@ class DivergenceAnalysis(Analysis):
         if state is None:
             return ModelResult()
         c = self.options
-        kl, delta_p = np.concatenate(state.kl or [np.zeros(0)]), np.concatenate(state.delta_p or [np.zeros(0)])
-        summary = summarize(np.concatenate(state.sums), kl, delta_p, c.bootstrap, c.seed)
-        top = pd.concat(state.top).sort_values("kl", ascending=False, kind="stable").head(c.top_k)
-        top = with_text(top, run.text_of)
+        summary = summarize(np.concatenate(state.sums), state.kl, state.delta_p, c.bootstrap, c.seed)
+        top = with_text(state.top if state.top is not None else pd.DataFrame(columns=DIVERGENCE_COLUMNS), run.text_of)
         row = {"model": model, "baseline": self.baseline, **summary}
         return ModelResult(tables={"divergence": row, "divergence_tokens": top},
-                           extra={"plot": (kl, state.kl_by_position, state.n_by_position), "protocol": state.protocol})
+                           extra={"plot": (state.kl, state.kl_by_position, state.n_by_position), "protocol": state.protocol})
 
     def outputs(self, results: dict, run: RunFacts) -> Outputs:
         chosen = {m: r for m, r in results.items() if m in self.models}
@@ -220,26 +233,49 @@ class DivergenceAnalysis(Analysis):
 
 
 class _Collected:
-    """One pair's merge state: per-document sums, every token's kl and delta_p (for the
-    percentiles, float32), KL summed by position (for the plot) and top-k candidates."""
+    """One pair's merge state, none of it growing with the tokens: per-document sums, sketches
+    of every token's kl and delta_p (for the percentiles, `QuantileSketch`), KL summed by
+    position (for the plot) and the ``top_k`` tokens of largest KL so far."""
 
-    def __init__(self):
-        self.sums, self.kl, self.delta_p, self.top = [], [], [], []
+    def __init__(self, top_k: int):
+        self.top_k, self.sums, self.top = top_k, [], None
+        self.kl, self.delta_p = QuantileSketch(), QuantileSketch()
         self.kl_by_position, self.n_by_position = np.zeros(0), np.zeros(0)
         self.protocol = None
 
-    def add(self, part: Part, top_k: int, baseline: str) -> None:
+    def add(self, part: Part, baseline: str) -> None:
         columns, self.protocol = part.columns, part.meta["protocol"]
         self.sums.append(document_sums(columns["doc_index"], columns, len(part.doc_ids)))
-        self.kl.append(columns["kl"])
-        self.delta_p.append(columns["delta_p"])
-        self.top.append(top_candidates(columns, part.doc_ids, top_k, part.model, baseline))
+        self.kl.add(columns["kl"])
+        self.delta_p.add(columns["delta_p"])
+        self._keep_top(top_candidates(columns, part.doc_ids, self.top_k, part.model, baseline))
         position = columns["position"]
-        size = max(len(self.n_by_position), int(position.max()) + 1 if len(position) else 0)
-        kl = np.bincount(position, weights=columns["kl"].astype(np.float64), minlength=size)
-        n = np.bincount(position, minlength=size)
-        self.kl_by_position = np.pad(self.kl_by_position, (0, size - len(self.kl_by_position))) + kl
-        self.n_by_position = np.pad(self.n_by_position, (0, size - len(self.n_by_position))) + n
+        n = max(int(position.max()) + 1 if len(position) else 0, 0)
+        self._add_positions(np.bincount(position, weights=columns["kl"].astype(np.float64), minlength=n),
+                            np.bincount(position, minlength=n))  # fmt: skip
+
+    def merge(self, later: _Collected) -> _Collected:
+        """This state followed by ``later``'s (the parts after this state's)."""
+        self.sums += later.sums
+        self.kl.merge(later.kl)
+        self.delta_p.merge(later.delta_p)
+        self._keep_top(later.top)
+        self._add_positions(later.kl_by_position, later.n_by_position)
+        self.protocol = later.protocol or self.protocol
+        return self
+
+    def _keep_top(self, candidates: pd.DataFrame | None) -> None:
+        """The ``top_k`` largest KL of the tokens so far; ties keep corpus order (a stable sort)."""
+        if candidates is None:
+            return
+        frames = [candidates] if self.top is None else [self.top, candidates]
+        merged = pd.concat(frames, ignore_index=True).sort_values("kl", ascending=False, kind="stable")
+        self.top = merged.head(self.top_k).reset_index(drop=True)
+
+    def _add_positions(self, kl_sum: np.ndarray, n: np.ndarray) -> None:
+        size = max(len(self.n_by_position), len(n))
+        self.kl_by_position = np.pad(self.kl_by_position, (0, size - len(self.kl_by_position))) + np.pad(kl_sum, (0, size - len(kl_sum)))
+        self.n_by_position = np.pad(self.n_by_position, (0, size - len(self.n_by_position))) + np.pad(n, (0, size - len(n)))
 
 
 def top_candidates(columns: dict, doc_ids: list, top_k: int, model: str, baseline: str) -> pd.DataFrame:

@@ -58,6 +58,9 @@ class DocumentsAnalysis(Analysis):
         state["seconds"] += part.meta["seconds"]
         return state
 
+    def merge(self, state, later):
+        return {"rows": state["rows"] + later["rows"], "seconds": state["seconds"] + later["seconds"]}
+
     def token_rows(self, part: Part):
         return tokens_frame(part.model, part.doc_ids, part.columns) if self.per_token else None
 

@@ -153,24 +153,25 @@ def plot_positions(positions: pd.DataFrame, *, log_x: bool = True):
 def plot_divergence(by_model: dict, baseline: str):
     """PNG: left, the share of tokens per log-spaced KL bin for each model (log-log; tokens
     with KL = 0 cannot sit on a log axis and are counted in the legend); right, mean KL per
-    document position (binned when documents are long). ``by_model[name]`` is (every
-    token's kl, KL summed per position, tokens per position). Returns the Figure."""
+    document position (binned when documents are long). ``by_model[name]`` is (a
+    `QuantileSketch` of every token's kl, KL summed per position, tokens per position).
+    Returns the Figure."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     fig = Figure(figsize=(11, 4.2), dpi=110, layout="constrained")
     hist, trend = fig.subplots(1, 2)
-    positive = np.concatenate([kl[kl > 0] for kl, _, _ in by_model.values()])
+    sketches = [kl for kl, _, _ in by_model.values() if kl.count and kl.max > 0]
     for name, (kl, kl_sum, n) in by_model.items():
-        zeros = int((kl <= 0).sum())
+        zeros = kl.count_at_most(0.0)
         label = f"{name} ({zeros} tokens with KL = 0 not shown)" if zeros else name
-        if len(positive):
-            edges = np.geomspace(positive.min(), positive.max() * (1 + 1e-9), 50)
-            counts, _ = np.histogram(kl[kl > 0], bins=edges)
-            share = counts / max(len(kl), 1)
+        if sketches:
+            low, high = min(s.min_positive for s in sketches), max(s.max for s in sketches)
+            edges = np.geomspace(low, high * (1 + 1e-9), 50)
+            share = kl.histogram(edges) / max(kl.count, 1)
             hist.step(edges[:-1], np.where(share > 0, share, np.nan), where="post", lw=1.3, label=label)
         centres, means = _position_bins(kl_sum, n)
         trend.plot(centres, np.where(means > 0, means, np.nan), marker=".", ms=3, lw=1.2, label=name)
-    if len(positive):
+    if sketches:
         hist.set(xscale="log", yscale="log")
         trend.set_yscale("log")
     else:

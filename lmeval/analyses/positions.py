@@ -61,11 +61,7 @@ class ModelAnalysis:
         """Take one part's per-token ``columns`` (``doc_index`` into ``meta["doc_ids"]``). A
         document scored as several pieces (parts) is one document here."""
         n_docs = len(meta["doc_ids"])
-        for doc_id in map(str, meta["doc_ids"]):
-            if doc_id not in self.index:
-                self.index[doc_id] = len(self.doc_ids)
-                self.doc_ids.append(doc_id)
-        corpus_index = np.array([self.index[str(d)] for d in meta["doc_ids"]], dtype=np.int64)
+        corpus_index = self._indices(meta["doc_ids"])
         doc, nll = corpus_index[columns["doc_index"]], columns["nll"]
         if self.options.positions:
             for axis in AXES:
@@ -79,6 +75,29 @@ class ModelAnalysis:
                 raise RuntimeError("membership scores need whole documents: the run should have refused pieces")
             for key, values in self._membership(columns, meta, n_docs).items():
                 self.scores[key].append(values)
+
+    def merge(self, later: ModelAnalysis) -> ModelAnalysis:
+        """These sums followed by ``later``'s (parts after this state's, in corpus order); a
+        document in both (pieces of one document) is one document."""
+        remap = self._indices(later.doc_ids)  # later's corpus index -> this state's
+        for axis in AXES:
+            self.sums[axis] += [dataclasses.replace(s, doc=remap[s.doc]) for s in later.sums[axis]]
+        self.longest_context = max(self.longest_context, later.longest_context)
+        for i, values in enumerate(later.icl):
+            grown = accumulate(self.icl[i], np.zeros(self.n_docs))
+            np.add.at(grown, remap[: len(values)], values)
+            self.icl[i] = grown
+        for key, parts in later.scores.items():
+            self.scores[key] += parts  # membership refuses pieces: each document appears once
+        return self
+
+    def _indices(self, doc_ids) -> np.ndarray:
+        """Corpus-wide indices of ``doc_ids``, new documents appended in order."""
+        for doc_id in map(str, doc_ids):
+            if doc_id not in self.index:
+                self.index[doc_id] = len(self.doc_ids)
+                self.doc_ids.append(doc_id)
+        return np.array([self.index[str(d)] for d in doc_ids], dtype=np.int64)
 
     @property
     def n_docs(self) -> int:
@@ -159,6 +178,9 @@ class PerDocumentAnalysis(Analysis):
     def update(self, state: ModelAnalysis, part: Part) -> ModelAnalysis:
         state.add(part.columns, part.meta)
         return state
+
+    def merge(self, state: ModelAnalysis, later: ModelAnalysis) -> ModelAnalysis:
+        return state.merge(later)
 
 
 class PositionsAnalysis(PerDocumentAnalysis):

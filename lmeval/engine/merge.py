@@ -68,7 +68,8 @@ class Merger:
         self.protocols.setdefault(part.model, part.meta["protocol"])
         states = self.states[part.model]
         for analysis in self.analyses:
-            states[analysis.name] = analysis.update(states[analysis.name], part)
+            state = analysis.update(analysis.start(part.model), part)  # this part's state, merged in
+            states[analysis.name] = analysis.merge(states[analysis.name], state)
             rows = analysis.token_rows(part) if analysis.token_file in self.writers else None
             if rows is not None:
                 self.writers[analysis.token_file].write(rows)
