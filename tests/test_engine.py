@@ -209,3 +209,25 @@ def test_states_of_two_stretches_merge_to_the_state_of_the_whole(tmp_path, three
                 np.testing.assert_array_equal(split[1][key], whole[1][key])
             for key in whole[2]:
                 pd.testing.assert_frame_equal(split[2][key], whole[2][key])
+
+
+def test_the_run_compares_tokens_a_part_at_a_time_as_the_in_memory_comparison_does(tmp_path, three_checkpoints, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from lmeval.analyses.compare import compare_tables
+    from lmeval.engine.schemas import read_table
+
+    reads = []
+    real_read = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups",
+                        lambda self, groups, **kw: (reads.append(len(groups)), real_read(self, groups, **kw))[1])  # fmt: skip
+    path = three_model_config(tmp_path, three_checkpoints, "compare: {baseline: base, top_k: 7, bootstrap: 50}")
+    text = open(path, encoding="utf-8").read().replace("compare: {baseline: base, divergence: true, bootstrap: 50}\n", "")
+    open(path, "w", encoding="utf-8").write(text.replace("part_chars: 400", "part_chars: 150"))
+    tables = lmeval.run(path, show_progress=False)
+    # two models against the baseline, a pair of reads per part and at least 3 parts, one row group each
+    assert len(reads) % 4 == 0 and len(reads) >= 12 and max(reads) == 1
+    in_memory = compare_tables({"documents": tables["documents"], "tokens": read_table(tmp_path / "out" / "tokens.parquet")},
+                               tables["run"], tables["run"]["config"]["compare"])["compare_tokens"]  # fmt: skip
+    assert len(in_memory) == 14
+    pd.testing.assert_frame_equal(tables["compare_tokens"].reset_index(drop=True), in_memory.reset_index(drop=True))

@@ -237,30 +237,54 @@ def document_differences(docs: pd.DataFrame, base: pd.DataFrame, model: str, bas
     return frame.iloc[order].reset_index(drop=True)
 
 
-def token_differences(tokens: pd.DataFrame, model: str, baseline: str, top_k: int) -> pd.DataFrame:
+def token_differences(chunks, model: str, baseline: str, top_k: int) -> pd.DataFrame:
     """The ``top_k`` tokens whose nll [nats] moved most between baseline and model, aligned
-    by (doc_id, position); refuses tokens that do not align (another text or protocol)."""
+    by (doc_id, position); refuses tokens that do not align (another text or protocol).
+
+    ``chunks`` yields pairs (the model's token rows, the baseline's) that hold the same
+    documents, such as one result part of each, so that only one pair is in memory at a
+    time. Ties in |delta_nll| go to the first row in (doc_id, position) order."""
     keys = ["doc_id", "position"]
-    mine = tokens.loc[tokens["model"] == model, keys + ["token_id", "token", "nll", "char_start", "char_end"]]
-    theirs = tokens.loc[tokens["model"] == baseline, keys + ["token_id", "nll"]]
-    merged = mine.merge(theirs, on=keys, how="outer", suffixes=("", "_baseline"), indicator=True)
-    unmatched = int((merged["_merge"] != "both").sum())
-    mismatched = int((merged["token_id"] != merged["token_id_baseline"]).sum()) - unmatched
+    best, unmatched, mismatched = None, 0, 0
+    for mine, theirs in chunks:
+        merged = mine[keys + ["token_id", "token", "nll", "char_start", "char_end"]].merge(
+            theirs[keys + ["token_id", "nll"]], on=keys, how="outer", suffixes=("", "_baseline"), indicator=True)
+        absent = int((merged["_merge"] != "both").sum())
+        unmatched += absent
+        mismatched += int((merged["token_id"] != merged["token_id_baseline"]).sum()) - absent
+        merged["delta_nll"] = merged["nll"].astype(np.float64) - merged["nll_baseline"].astype(np.float64)
+        candidates = merged.loc[merged["delta_nll"].abs().nlargest(top_k, keep="all").index]
+        best = _largest_moves(candidates if best is None else pd.concat([best, candidates]), top_k)
     if unmatched or mismatched:
         raise DataError(
             f"compare: the tokens of {model!r} must align with the baseline {baseline!r} by (doc_id, position) "
             f"(got {unmatched} unmatched positions and {mismatched} different token ids). "
             "Score both models with the same tokenizer, data and scoring protocol."
         )
-    merged["delta_nll"] = merged["nll"].astype(np.float64) - merged["nll_baseline"].astype(np.float64)
-    top = merged.loc[merged["delta_nll"].abs().nlargest(top_k, keep="first").index]
+    top = best if best is not None else pd.DataFrame(columns=TOKEN_DIFF_COLUMNS[2:])
     return top.assign(model=model, baseline=baseline)[TOKEN_DIFF_COLUMNS].reset_index(drop=True)
 
 
-def compare_tables(tables: dict, run_record: dict, compare_config=None) -> dict:
+def _largest_moves(frame: pd.DataFrame, top_k: int) -> pd.DataFrame:
+    """The ``top_k`` rows of largest |delta_nll|, ties to the first in (doc_id, position) order."""
+    ordered = frame.sort_values(["doc_id", "position"], kind="stable").reset_index(drop=True)
+    return ordered.loc[ordered["delta_nll"].abs().nlargest(top_k, keep="first").index]
+
+
+def tokens_in_memory(tokens: pd.DataFrame):
+    """`compare_tables`' ``token_chunks`` for a token table held in memory: one pair per model."""
+    def chunks(model: str, baseline: str):
+        yield tokens[tokens["model"] == model], tokens[tokens["model"] == baseline]
+
+    return chunks
+
+
+def compare_tables(tables: dict, run_record: dict, compare_config=None, token_chunks=None) -> dict:
     """Compare every model with the baseline on the run's documents.
 
-    ``tables`` holds ``documents`` (and ``tokens`` for the per-token diff); ``run_record`` is
+    ``tables`` holds ``documents`` (and ``tokens`` for the per-token diff, or else
+    ``token_chunks(model, baseline)`` yields the two models' token rows a part at a time, see
+    `token_differences`); ``run_record`` is
     the run.json dict; ``compare_config`` a `CompareConfig` or its dict (baseline null = the
     first model). Returns ``compare`` (columns `COMPARE_COLUMNS`, then `EXTRA_COLUMNS`),
     ``compare_tokens`` (top_k largest |delta_nll| per model; None without a shared tokenizer
@@ -273,7 +297,8 @@ def compare_tables(tables: dict, run_record: dict, compare_config=None) -> dict:
     cfg = CompareConfig(**compare_config) if isinstance(compare_config, dict) else compare_config or CompareConfig()
     names = _model_names(tables)
     baseline = _baseline(names, cfg.baseline, "compare.baseline")
-    tokens = tables.get("tokens")
+    if token_chunks is None and tables.get("tokens") is not None:
+        token_chunks = tokens_in_memory(tables["tokens"])
     rows, token_rows, document_rows = [], [], []
     for model in (n for n in names if n != baseline):
         docs, base = aligned_documents(tables["documents"], model, baseline)
@@ -284,8 +309,8 @@ def compare_tables(tables: dict, run_record: dict, compare_config=None) -> dict:
                                      small_sample_note(len(base), cfg.min_documents)) if n)  # fmt: skip
         rows.append(table.assign(model=model, baseline=baseline, n_documents=len(base), n_resamples=cfg.bootstrap, note=note))
         document_rows.append(document_differences(docs, base, model, baseline, shared))
-        if shared and tokens is not None:
-            token_rows.append(token_differences(tokens, model, baseline, cfg.top_k))
+        if shared and token_chunks is not None:
+            token_rows.append(token_differences(token_chunks(model, baseline), model, baseline, cfg.top_k))
     compare = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=COMPARE_COLUMNS + EXTRA_COLUMNS)
     return {
         "compare": compare[COMPARE_COLUMNS + EXTRA_COLUMNS],

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from ..analyses.base import Part, RunFacts
 from ..analyses.compare import compare_tables
@@ -39,6 +41,9 @@ class Merger:
         self.protocols: dict[str, dict] = {}
         files = {a.token_file for a in analyses if a.token_file} if out is not None else set()
         self.writers = {name: TokenWriter(out / name) for name in sorted(files)}
+        # file -> model -> each part's [start, stop) rows in that file, for readers that pair parts
+        self.row_ranges: dict[str, dict[str, list[tuple[int, int]]]] = {name: {} for name in self.writers}
+        self.rows_written = dict.fromkeys(self.writers, 0)
 
     def add(self, model: str, index: int, part: Part) -> None:
         """A part just scored: folded now if it is next, else left on disk for its turn."""
@@ -72,7 +77,13 @@ class Merger:
             states[analysis.name] = analysis.merge(states[analysis.name], state)
             rows = analysis.token_rows(part) if analysis.token_file in self.writers else None
             if rows is not None:
-                self.writers[analysis.token_file].write(rows)
+                self._write_rows(analysis.token_file, part.model, rows)
+
+    def _write_rows(self, name: str, model: str, rows: pd.DataFrame) -> None:
+        start = self.rows_written[name]
+        self.writers[name].write(rows)
+        self.rows_written[name] = start + len(rows)
+        self.row_ranges[name].setdefault(model, []).append((start, start + len(rows)))
 
     def finish(self, run: RunFacts) -> tuple[dict, dict, dict]:
         """(files, tables, record additions) of every analysis, the token tables closed."""
@@ -147,15 +158,37 @@ PROTOCOL_NOTES = {
 }
 
 
-def write_comparison(out: Path, config: Config, tables: dict, record: dict) -> dict:
-    """compare.csv (and the per-token diff) of every model against the baseline."""
-    with_tokens = dict(tables)
-    if "tokens" not in tables and (out / "tokens.parquet").exists():
-        columns = ["model", "doc_id", "position", "token_id", "token", "nll", "char_start", "char_end"]
-        with_tokens["tokens"] = pd.read_parquet(out / "tokens.parquet", columns=columns)
-    frames = compare_tables(with_tokens, record, config.compare)
+def write_comparison(out: Path, config: Config, tables: dict, record: dict, row_ranges: dict | None = None) -> dict:
+    """compare.csv (and the per-token diff) of every model against the baseline. The token
+    diff reads tokens.parquet one part of each model at a time (``row_ranges``: the merge's
+    rows of each part), never the whole table."""
+    chunks = None
+    if "tokens" not in tables and (out / "tokens.parquet").exists() and row_ranges:
+        chunks = part_pairs(out / "tokens.parquet", row_ranges)
+    frames = compare_tables(tables, record, config.compare, token_chunks=chunks)
     write_compare(out, frames, tables["summary"])
     return frames
+
+
+TOKEN_DIFF_INPUTS = ["model", "doc_id", "position", "token_id", "token", "nll", "char_start", "char_end"]
+
+
+def part_pairs(path: Path, row_ranges: dict[str, list[tuple[int, int]]]):
+    """``token_chunks`` of `compare_tables` over a token file: part i of the model with part i
+    of the baseline (every model's parts hold the same documents: the plan comes from the
+    corpus alone). A part's rows are whole row groups, since each part was one write."""
+    parquet = pq.ParquetFile(path)
+    starts = np.cumsum([0] + [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)])
+
+    def rows(start: int, stop: int) -> pd.DataFrame:
+        groups = [i for i in range(parquet.num_row_groups) if start <= starts[i] < stop]
+        return parquet.read_row_groups(groups, columns=TOKEN_DIFF_INPUTS).to_pandas()
+
+    def chunks(model: str, baseline: str):
+        for mine, theirs in zip(row_ranges[model], row_ranges[baseline], strict=True):
+            yield rows(*mine), rows(*theirs)
+
+    return chunks
 
 
 def run_record(config: Config, corpus: Corpus, protocols: dict, summary: pd.DataFrame, seconds: float) -> dict:

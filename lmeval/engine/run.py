@@ -30,7 +30,7 @@ from .passes import Models, PassJob, check_tokenizers, plan_passes, score_share
 from .plan import PartPlan, plan_key, plan_parts, require_whole
 from .progress import ScoringProgress
 from .provenance import fingerprint_model
-from .resume import ReplacedParts, finished_plans
+from .resume import ReplacedParts, finished_plans, missing_folders
 from .schemas import read_table
 
 
@@ -103,15 +103,20 @@ def _open_run(config: Config, analyses: tuple, overwrite: bool, fresh: bool, loc
     """Rank 0's start: the lock, the run dir, the corpus, and the parts folder stamped with
     the run's identity (an older run's parts of another identity are set aside, not deleted,
     under --overwrite)."""
+    made = missing_folders(Path(config.output.dir))
     out = prepare_output_dir(config.output.dir, overwrite)
     lock.acquire()
-    clean_leftovers(out)
-    corpus = load_documents(config.data)
-    identity = _identity(config, corpus, analyses)
-    replaced = ReplacedParts(out / "parts", overwrite)
-    if overwrite and not fresh:
-        replaced.set_aside_if_foreign(identity)
-    return out, corpus, open_parts(out, identity, fresh=fresh), replaced
+    replaced = ReplacedParts(out / "parts", made)
+    try:
+        clean_leftovers(out)
+        corpus = load_documents(config.data)
+        identity = _identity(config, corpus, analyses)
+        if overwrite or fresh:
+            replaced.set_aside(identity, always=fresh)
+        return out, corpus, open_parts(out, identity, fresh=fresh), replaced
+    except BaseException:
+        replaced.restore_if_nothing_scored()  # a start that fails leaves the folder as it found it
+        raise
 
 
 def _join_run(config: Config, analyses: tuple):
@@ -239,7 +244,7 @@ def _finish(out: Path, config: Config, corpus: Corpus, parts: Path, merger: Merg
         record = run_record(config, corpus, merger.protocols, tables["summary"], time.time() - started)
         record.update(extra)
         if len(config.models) >= 2:
-            tables.update(write_comparison(out, config, tables, record))
+            tables.update(write_comparison(out, config, tables, record, merger.row_ranges.get("tokens.parquet")))
         write_json(record, out / "run.json")
     if return_tokens and config.output.per_token:
         tables["tokens"] = read_table(out / "tokens.parquet")
