@@ -145,7 +145,8 @@ def run_lmeval_run(model, tokenizer, texts, args) -> dict:
         tables = lmeval.run(str(config), show_progress=False, return_tokens=False)
         seconds = time.perf_counter() - started - load
         return {"tokens": int(tables["summary"].n_tokens.sum()), "doc_nll": tables["documents"].nll_sum.tolist(),
-                "seconds_override": seconds, "load_seconds": load}  # fmt: skip
+                "seconds_override": seconds, "load_seconds": load,
+                "after_last_part_seconds": tables["run"]["seconds_after_last_part"]}  # fmt: skip
 
 
 def run_scoring_only(model, tokenizer, texts, args) -> dict:
@@ -219,6 +220,9 @@ def compare(args) -> None:
               f"(tokens/s of the fastest runs; per-round {' '.join(f'{x:.2f}' for x in ratios)})")  # fmt: skip
         agreement(ra, rb)
     for name, r in results.items():
+        if "after_last_part_seconds" in r:  # the merge keeps pace: this should not grow with the corpus
+            print(f"{name}: {r['after_last_part_seconds']:.2f} s after the last part (merge close, tables, figures, "
+                  f"comparison, run.json) of {r['seconds']:.2f} s")  # fmt: skip
         if "reductions" in r:
             print(f"{name}: reductions ran {r['reductions']}")
 

@@ -89,7 +89,8 @@ def _run_locked(config: Config, overwrite, fresh, show_progress, return_tokens, 
                 merger.abort()
             replaced.restore_if_nothing_scored()  # a run that failed before scoring changes nothing
         raise
-    return ctx.call(lambda: _finish(out, config, corpus, parts, merger, return_tokens, started, replaced), main_only=True)
+    timing = {"started": started, "scored": time.time()}
+    return ctx.call(lambda: _finish(out, config, corpus, parts, merger, return_tokens, timing, replaced), main_only=True)
 
 
 class _NoMerge:
@@ -233,7 +234,7 @@ def run_loaded(config: Config, corpus: Corpus, lm, out: Path | None = None) -> d
 
 
 def _finish(out: Path, config: Config, corpus: Corpus, parts: Path, merger: Merger, return_tokens: bool,
-            started: float, replaced: ReplacedParts) -> dict:  # fmt: skip
+            timing: dict, replaced: ReplacedParts) -> dict:  # fmt: skip
     """Close the merge, write every analysis's files and run.json, and drop the parts (rank 0 only).
 
     The previous results of the folder (under --overwrite) are replaced here, file by file,
@@ -241,10 +242,12 @@ def _finish(out: Path, config: Config, corpus: Corpus, parts: Path, merger: Merg
     with replace_outputs(out):
         files, tables, extra = merger.finish(_run_facts(config, corpus))
         write_outputs(out, files)
-        record = run_record(config, corpus, merger.protocols, tables["summary"], time.time() - started)
+        record = run_record(config, corpus, merger.protocols, tables["summary"], time.time() - timing["started"])
         record.update(extra)
         if len(config.models) >= 2:
             tables.update(write_comparison(out, config, tables, record, merger.row_ranges.get("tokens.parquet")))
+        # The merge keeps pace with scoring: what is left after the last part does not grow with the tokens.
+        record["seconds_after_last_part"] = time.time() - timing["scored"]
         write_json(record, out / "run.json")
     if return_tokens and config.output.per_token:
         tables["tokens"] = read_table(out / "tokens.parquet")
