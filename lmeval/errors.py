@@ -7,6 +7,12 @@ without a traceback and exits with code 2; anything else is a bug and keeps its 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
+# Set while the `lmeval` command runs: a fix is spelled the way its caller types it.
+_ON_COMMAND_LINE = contextvars.ContextVar("lmeval_on_command_line", default=False)
+
 
 class LmevalError(Exception):
     """Base class for errors caused by the user's input, config, data or environment."""
@@ -36,3 +42,21 @@ class ModelError(LmevalError):
 
 class OutputError(LmevalError):
     """An output directory or file cannot be written."""
+
+
+def option(name: str) -> str:
+    """How the caller spells the run option ``name`` (``overwrite``, ``fresh``) in a message:
+    ``--overwrite`` on the command line; ``overwrite=True`` for a Python caller of `lmeval.run`,
+    with the flag beside it for whoever runs the same folder from a shell."""
+    flag = "--" + name.replace("_", "-")
+    return flag if _ON_COMMAND_LINE.get() else f"{name}=True ({flag} on the command line)"
+
+
+@contextlib.contextmanager
+def on_command_line():
+    """Within this block, messages spell options as command-line flags (see `option`)."""
+    token = _ON_COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _ON_COMMAND_LINE.reset(token)

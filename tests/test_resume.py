@@ -105,10 +105,14 @@ def test_sigkill_mid_run_then_rerun_gives_identical_tables(resumable):
 def test_resume_refuses_a_changed_config_and_fresh_starts_over(resumable, monkeypatch):
     folder, config = resumable
 
-    def interrupt(path, columns, meta):
-        raise KeyboardInterrupt
+    real_write, written = run_module.write_part, []
 
-    real_write = run_module.write_part
+    def interrupt(path, columns, meta):  # after one part: a run stopped before its first leaves nothing
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        real_write(path, columns, meta)
+
     monkeypatch.setattr(run_module, "write_part", interrupt)
     with pytest.raises(KeyboardInterrupt):
         lmeval.run(str(config), show_progress=False)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from ..errors import ConfigError, DataError
 
 COMPARE_COLUMNS = ["model", "baseline", "metric", "delta", "ci_low", "ci_high", "p_value", "unit"]
 EXTRA_COLUMNS = ["value", "baseline_value", "ratio", "ratio_ci_low", "ratio_ci_high", "n_documents", "n_resamples", "note"]
+log = logging.getLogger(__name__)
 TOKEN_DIFF_COLUMNS = [
     "model", "baseline", "doc_id", "position", "token", "delta_nll", "nll", "nll_baseline", "char_start", "char_end",
 ]  # fmt: skip
@@ -279,6 +281,17 @@ def tokens_in_memory(tokens: pd.DataFrame):
     return chunks
 
 
+def _unscored(documents: pd.DataFrame, names: list[str], baseline: str) -> set[str]:
+    """Models with no scored token, left out of every comparison with a warning (all of them when
+    it is the baseline): their bytes and words carry no loss, and would read as a perfect model."""
+    totals = documents.groupby("model", sort=False)["n_tokens"].sum()
+    unscored = {n for n in names if totals.get(n, 0) == 0}
+    if unscored:
+        log.warning("compare: model(s) %s scored no token, so they are compared with nothing%s.",
+                    ", ".join(sorted(unscored)), " (the baseline among them: no comparison)" if baseline in unscored else "")
+    return set(names) if baseline in unscored else unscored
+
+
 def compare_tables(tables: dict, run_record: dict, compare_config=None, token_chunks=None) -> dict:
     """Compare every model with the baseline on the run's documents.
 
@@ -300,7 +313,8 @@ def compare_tables(tables: dict, run_record: dict, compare_config=None, token_ch
     if token_chunks is None and tables.get("tokens") is not None:
         token_chunks = tokens_in_memory(tables["tokens"])
     rows, token_rows, document_rows = [], [], []
-    for model in (n for n in names if n != baseline):
+    unscored = _unscored(tables["documents"], names, baseline)
+    for model in (n for n in names if n != baseline and n not in unscored):
         docs, base = aligned_documents(tables["documents"], model, baseline)
         shared = shared_tokenizer(run_record, [model, baseline])
         metrics = tuple(METRICS) if shared else TOKEN_FREE_METRICS

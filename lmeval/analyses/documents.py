@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..core import memorization as mem
-from ..core.units import bits_per, perplexity
+from ..core.units import bits_per, perplexity, scored_count
 from ..producers.tables import normalisers, tokens_frame
 from .base import Analysis, ModelResult, Needs, Outputs, Part, RunFacts
 
@@ -115,7 +115,7 @@ def documents_frame(model_name: str, doc_ids: list, n_tokens, n_bytes, n_words, 
     )
     rows["ppl"] = [perplexity(s, n) for s, n in zip(rows.nll_sum, rows.n_tokens)]
     rows["bits_per_token"] = [bits_per(s, n) for s, n in zip(rows.nll_sum, rows.n_tokens)]
-    rows["bits_per_byte"] = [bits_per(s, n) for s, n in zip(rows.nll_sum, rows.n_bytes)]
+    rows["bits_per_byte"] = [bits_per(s, scored_count(n, t)) for s, n, t in zip(rows.nll_sum, rows.n_bytes, rows.n_tokens)]
     return rows
 
 
@@ -136,9 +136,9 @@ def summary_row(model_name: str, documents: pd.DataFrame, n_skipped: int = 0, se
         "nll_mean": nll_sum / n_tokens if n_tokens else math.nan,
         "ppl": perplexity(nll_sum, n_tokens),
         "bits_per_token": bits_per(nll_sum, n_tokens),
-        "bits_per_byte": bits_per(nll_sum, n_bytes),
-        "word_ppl": perplexity(nll_sum, n_words),
-        "byte_ppl": perplexity(nll_sum, n_bytes),
+        "bits_per_byte": bits_per(nll_sum, scored_count(n_bytes, n_tokens)),
+        "word_ppl": perplexity(nll_sum, scored_count(n_words, n_tokens)),
+        "byte_ppl": perplexity(nll_sum, scored_count(n_bytes, n_tokens)),
         "ppl_doc_mean": ppl_doc_mean(documents),
     }
     if seconds is not None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from ..errors import LmevalError
+from ..errors import LmevalError, on_command_line
 from . import compare, pairs, run, surprisal
 
 
@@ -25,6 +26,18 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, _value):
         pass
+
+    def filter(self, record) -> bool:
+        """Skip a record that a library's own handler has printed already (huggingface_hub and
+        datasets attach one to their logger and still propagate), so that it shows once."""
+        logger = logging.getLogger(record.name)
+        while logger is not None and logger is not logging.root:
+            if logger.handlers:
+                return False
+            if not logger.propagate:
+                break
+            logger = logger.parent
+        return super().filter(record)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     try:
-        return args.func(args)
+        with on_command_line():
+            code = args.func(args)
+        sys.stdout.flush()  # here, so that a closed pipe is met below and not at exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except LmevalError as exc:
         print(f"lmeval: error: {exc}", file=sys.stderr)
         return 2
@@ -76,6 +94,23 @@ def main(argv: list[str] | None = None) -> int:
             hint = f" Finished parts are kept; rerun {again} to resume."
         print(f"lmeval: interrupted.{hint}", file=sys.stderr)
         return 130
+
+
+# What a Unix tool killed by SIGPIPE reports (128 + 13): `lmeval run ... | head` ends quietly.
+EXIT_STDOUT_CLOSED = 141
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (`| head`): stop without a traceback, and point stdout at
+    /dev/null so that Python's final flush does not complain either. The run's files are
+    written before anything is printed, so nothing is lost."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (embedded, tests)
+        pass
+    return EXIT_STDOUT_CLOSED
 
 
 if __name__ == "__main__":

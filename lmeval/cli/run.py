@@ -93,7 +93,8 @@ def load_command_config(args):
         config, overrides = None, [config, *overrides]  # `lmeval run --model m --data d key=value`
     if config is not None and not Path(config).exists() and shipped_config(config) is not None:
         name, config = Path(config).stem, shipped_config(config)
-        overrides = [f"output.dir=runs/{name}", *overrides]  # ./runs/<name>, never inside the package
+        if args.out is None:  # ./runs/<name>, never inside the package; --out and later overrides win
+            overrides = [f"output.dir=runs/{name}", *overrides]
     options = raw_config_from_options(
         args.model, args.data, data_name=args.data_name, split=args.split, text_field=args.text_field,
         max_length=args.max_length, stride=args.stride, out=args.out,

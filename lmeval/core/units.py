@@ -25,3 +25,10 @@ def perplexity(nll_sum: float, count: int) -> float:
 def bits_per(nll_sum: float, count: int) -> float:
     """Pooled bits per unit (token, byte, ...): sum nll / ln 2 / count. NaN when count is 0."""
     return nll_sum / LN2 / count if count > 0 else float("nan")
+
+
+def scored_count(count: int, n_tokens: int) -> int:
+    """A text unit's count (bytes, words) as a pooled ratio's denominator: 0 when no token was
+    scored. Why: text with no scored token still has bytes and words, and dividing its nll sum
+    of 0 by them would report a perfect 0 bits per byte and a word perplexity of 1."""
+    return count if n_tokens > 0 else 0

@@ -194,6 +194,9 @@ def read_yaml(path: Path) -> dict:
     except DuplicateKeyError as exc:
         raise ConfigError(str(exc), source=str(path)) from None
     except yaml.YAMLError as exc:
+        for mark in (getattr(exc, "context_mark", None), getattr(exc, "problem_mark", None)):
+            if mark is not None:  # PyYAML names a parsed string "<unicode string>": name the file
+                mark.name = str(path)
         raise ConfigError(f"malformed YAML: {exc}", source=str(path)) from None
     if raw is None:
         raw = {}

@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import OutputError
+from ..errors import OutputError, option
 from .schemas import schema_for, to_arrow
 
 # Every file `lmeval run` may write; --overwrite removes exactly these, nothing else.
@@ -41,7 +41,7 @@ def prepare_output_dir(path: str, overwrite: bool) -> Path:
     if existing and not (overwrite or interrupted):
         raise OutputError(
             f"output.dir: {out} already holds results ({', '.join(existing)}). "
-            "Pass --overwrite to replace them, or choose another `output.dir`."
+            f"Pass {option('overwrite')} to replace them, or choose another `output.dir`."
         )
     try:
         out.mkdir(parents=True, exist_ok=True)

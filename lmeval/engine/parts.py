@@ -8,7 +8,7 @@ killed run keeps every finished part and a rerun scores only the missing groups.
 ``parts/manifest.json`` records what the parts were computed from; resuming with a different
 config, model or corpus is refused.
 
-Parts prove themselves: each records a checksum of its columns, the hash of the run identity
+Parts prove themselves: each records a checksum of its columns and metadata, the hash of the run identity
 it was scored for, and the protocol it was scored with. A part that is unreadable, truncated,
 corrupted or foreign fails `verify_part`, and the run rescores it.
 """
@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import OutputError
+from ..errors import OutputError, option
 from .files import atomic_write, write_json
 
 META_KEY = b"lmeval"
@@ -71,9 +71,19 @@ def write_part(path: Path, columns: dict[str, np.ndarray], meta: dict) -> None:
                 arrays[f"{name}.{k}"] = values[:, k]
         else:
             arrays[name] = values
-    meta = {**meta, "checksum": columns_checksum(arrays)}
+    meta = {**meta, "checksum": part_checksum(arrays, meta)}
     table = pa.table(arrays).replace_schema_metadata({META_KEY: json.dumps(meta, default=_plain).encode("utf-8")})
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def part_checksum(arrays: dict[str, np.ndarray], meta: dict) -> str:
+    """sha256 over the columns (`columns_checksum`) and every metadata field but the checksum
+    itself. Why the metadata too: the merge reads the per-document sums (``nll_sum``,
+    ``n_tokens``, ``n_bytes``, ``n_words``, ...) and ``doc_ids`` from it, not from the columns,
+    so one flipped bit there would change a table while the columns still pass."""
+    fields = {k: v for k, v in meta.items() if k != "checksum"}
+    text = json.dumps(fields, sort_keys=True, default=_plain, allow_nan=True).encode("utf-8")
+    return hashlib.sha256(columns_checksum(arrays).encode("ascii") + b"\0" + text).hexdigest()
 
 
 def columns_checksum(arrays: dict[str, np.ndarray]) -> str:
@@ -111,8 +121,8 @@ def read_part(path: Path) -> tuple[dict[str, np.ndarray], dict]:
         flat = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise PartError(f"unreadable ({type(exc).__name__}: {exc})") from None
-    if columns_checksum(flat) != meta.get("checksum"):
-        raise PartError("its checksum does not match its contents (corrupted)")
+    if part_checksum(flat, meta) != meta.get("checksum"):
+        raise PartError("its checksum does not match its columns and metadata (corrupted)")
     return _stack(flat), meta
 
 
@@ -151,20 +161,39 @@ def open_parts(run_dir: Path, identity: dict, fresh: bool) -> Path:
     if not manifest.exists() and has_parts(parts):
         raise OutputError(
             f"output.dir: {parts} holds result parts but no manifest.json, so nothing says what they were "
-            "scored from. Rerun with --fresh to discard them, or restore the manifest."
+            f"scored from. Rerun with {option('fresh')} to discard them, or restore the manifest."
         )
     if manifest.exists():
-        previous = json.loads(manifest.read_text(encoding="utf-8"))
+        previous = read_manifest(manifest)
         changed = [key for key in identity if previous.get(key) != roundtrip(identity[key])]
         if changed:
             raise OutputError(
                 f"output.dir: {run_dir} holds a partial run made with a different {', '.join(changed)}. "
-                "Rerun with --fresh to discard it and start over, or choose another `output.dir`."
+                f"Rerun with {option('fresh')} to discard it and start over, or choose another `output.dir`."
             )
     else:
         parts.mkdir(parents=True, exist_ok=True)
         write_json(identity, manifest)
     return parts
+
+
+def read_manifest(manifest: Path) -> dict:
+    """The identity a parts folder was stamped with; `OutputError` when the file is damaged
+    (cut short by a full disk or a copy, or edited), since nothing then says what the parts are."""
+    try:
+        previous = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+        raise OutputError(
+            f"output.dir: {manifest} must be the JSON record of what the finished parts were scored from, and it "
+            f"cannot be read ({reason}). Rerun with {option('fresh')} to discard the finished parts and start over."
+        ) from None
+    if not isinstance(previous, dict):
+        raise OutputError(
+            f"output.dir: {manifest} must hold a JSON object (got {type(previous).__name__}). "
+            f"Rerun with {option('fresh')} to discard the finished parts and start over."
+        )
+    return previous
 
 
 def has_parts(parts: Path) -> bool:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..analyses.base import Part
-from ..errors import OutputError
+from ..errors import OutputError, option
 from ..model.loading import load_model
 from ..model.scorer import ScoreOptions, decide_compile, pair_batching, resolve_window
 from ..model.spec import ModelSpec
@@ -205,5 +205,5 @@ def check_protocol(folder: Path, protocol: dict, name: str) -> None:
         details = ", ".join(f"{k}: {previous.get(k)!r} -> {protocol.get(k)!r}" for k in changed)
         raise OutputError(
             f"output.dir: the finished parts of model {name} were scored with another protocol ({details}). "
-            "Rerun with --fresh to discard them, or pin `revision` to the commit they were scored with."
+            f"Rerun with {option('fresh')} to discard them, or pin `revision` to the commit they were scored with."
         )

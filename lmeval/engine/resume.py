@@ -14,6 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .lock import LOCK_NAME
 from .parts import PartError, has_parts, roundtrip, verify_part
 
 log = logging.getLogger(__name__)
@@ -38,34 +39,64 @@ def finished_plans(folder: Path, keys: list[str], idh: str) -> set[str]:
     return done
 
 
-class ReplacedParts:
-    """Under --overwrite, an older run's parts of another identity are moved aside, not
-    deleted: if the new run fails before it scores anything, they are put back; once it has
-    finished, they are dropped."""
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first: what a run
+    that creates ``folder`` creates, and removes again if it fails before its first part."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
 
-    def __init__(self, parts: Path, overwrite: bool = False):
+
+class ReplacedParts:
+    """What a run changes in its folder before its first part, undone if it fails before one:
+    the parts folder and manifest it creates, an older run's parts it sets aside (under
+    --overwrite, those of another identity; under --fresh, any), and the output folder itself
+    when the run created it. So a start that fails (a missing GPU, a bad `bos`) leaves the
+    folder as it found it, and the corrected rerun is not refused as a partial run of another
+    config. Set-aside parts are put back then, or dropped once the new run has finished.
+
+    Made under the run lock, so nothing it sees missing belongs to another run."""
+
+    def __init__(self, parts: Path, made_folders: list[Path] | None = None):
         self.parts = parts
         self.aside = parts.with_name(f".parts-replaced-{os.getpid()}")
-        self.created = overwrite and not parts.exists()  # only --overwrite undoes its changes
+        self.created = not parts.exists()
+        made = list(made_folders or [])
+        # Only the lock inside: no other run used the folder between its creation and the lock.
+        self.made_folders = made if made and {p.name for p in made[0].iterdir()} <= {LOCK_NAME} else []
 
-    def set_aside_if_foreign(self, identity: dict) -> None:
-        manifest = self.parts / "manifest.json"
-        try:
-            previous = json.loads(manifest.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+    def set_aside(self, identity: dict, always: bool = False) -> None:
+        """Move the parts folder aside when its manifest names another identity, or ``always``."""
+        if not self.parts.exists():
             return
-        if previous != roundtrip(identity):
-            os.replace(self.parts, self.aside)
-            self.created = True
+        if not always:
+            try:
+                previous = json.loads((self.parts / "manifest.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return
+            if previous == roundtrip(identity):
+                return
+        os.replace(self.parts, self.aside)
+        self.created = True
 
     def restore_if_nothing_scored(self) -> None:
-        """Undo this run's changes to the parts folder when it wrote no part."""
-        if has_parts(self.parts) or not self.created:
+        """Undo this run's changes to its folder when it wrote no part."""
+        if has_parts(self.parts):
             return
-        if self.parts.exists():
+        if self.created and self.parts.exists():
             shutil.rmtree(self.parts)
         if self.aside.exists():
             os.replace(self.aside, self.parts)
+        if self.made_folders:
+            shutil.rmtree(self.made_folders[0], ignore_errors=True)  # this run made it: all it holds is this run's
+            for folder in self.made_folders[1:]:
+                try:
+                    folder.rmdir()  # only while empty: another process may have put something there since
+                except OSError:
+                    break
 
     def discard(self) -> None:
         if self.aside.exists():

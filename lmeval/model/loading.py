@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ..core.losses import Workspace
 from ..errors import ModelError
@@ -23,6 +24,7 @@ from .probes import Probes, probe_model
 from .spec import DTYPE_NAMES, ModelSpec, looks_like_hub_id
 
 log = logging.getLogger(__name__)
+_SPEC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelSpec) if f.name != "path"}
 
 DTYPES = {
     "float32": torch.float32,
@@ -110,17 +112,28 @@ def _check_local_weights(path: Path, allow_pickle: bool) -> None:
         )
 
 
-def load_model(source, **options) -> LoadedModel:
+def load_model(
+    source, *, name: str | None = None, dtype: str = "auto", device: str = "auto", revision: str | None = None,
+    trust_remote_code: bool = False, allow_pickle: bool = False, device_map: str | None = None,
+    max_memory: dict | None = None, allow_noncausal: bool = False, **unknown,
+) -> LoadedModel:  # fmt: skip
     """Load a causal LM and its fast tokenizer once, ready to score many times.
 
-    ``source`` is a local ``save_pretrained`` folder, a hub id, or a `ModelSpec`; keyword
-    options are the `ModelSpec` fields (``name``, ``dtype="auto"``, ``device="auto"``,
-    ``revision=None``, ``trust_remote_code=False``, ``allow_pickle=False``,
-    ``device_map=None``, ``max_memory=None``, ``allow_noncausal=False``). The load-time
-    probes (output-head path, causality, padding) run here, once; `score_texts` with the
-    result runs no probe again. A model that is not causal raises `ModelError` unless
-    ``allow_noncausal``.
+    ``source`` is a local ``save_pretrained`` folder, a hub id, or a `ModelSpec`; the keywords
+    are the `ModelSpec` fields, with its defaults (with a `ModelSpec` source, a keyword given
+    a value other than its default replaces that field). The load-time probes (output-head
+    path, causality, padding) run here, once; `score_texts` with the result runs no probe
+    again. A model that is not causal raises `ModelError` unless ``allow_noncausal``. A folder
+    whose tokenizer has an empty vocabulary (no tokenizer files: transformers then builds an
+    empty one, and every text would become zero tokens) raises `ModelError`, naming it.
     """
+    if unknown:  # a misspelt keyword is named with the known ones, not a bare TypeError
+        known = ", ".join(_SPEC_DEFAULTS)
+        raise ModelError(f"load_model: unknown option ({', '.join(sorted(unknown))}). Known options: {known}.")
+    options = {k: v for k, v in dict(
+        name=name, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle, device_map=device_map, max_memory=max_memory, allow_noncausal=allow_noncausal,
+    ).items() if v != _SPEC_DEFAULTS[k]}  # fmt: skip
     spec = _as_spec(source, options)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -146,6 +159,7 @@ def load_model(source, **options) -> LoadedModel:
     common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        check_tokenizer(tokenizer, source, spec.display_name)  # before the weights: a refusal costs no load
         placed = dict(device_map=spec.device_map, max_memory=spec.max_memory) if spec.device_map else {}
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, use_safetensors=None if spec.allow_pickle else True, **common, **placed
@@ -158,6 +172,12 @@ def load_model(source, **options) -> LoadedModel:
             f"loader refused them (got {_unpickler_reason(exc)}); nothing in them was run. Use safetensors "
             "weights from the source, or convert the file where you trust it."
         ) from exc
+    except SafetensorError as exc:
+        raise ModelError(
+            f"model {spec.display_name}: the safetensors weights in {source} must be complete and intact, and they "
+            f"cannot be read (got SafetensorError: {exc}): a download or copy was cut short, or the file was damaged. "
+            "Delete the damaged file and download or `save_pretrained` the model again."
+        ) from None
     except (OSError, ValueError) as exc:
         taken = "" if is_local else " (not a local folder, so it was taken for a hub id)"
         raise ModelError(f"model.path: cannot load {source!r}{taken}: {exc}".strip()) from exc
@@ -172,6 +192,23 @@ def load_model(source, **options) -> LoadedModel:
     lm = prepare_model(model, tokenizer, name=spec.display_name, spec=spec)
     lm.commit_sha = None if is_local else getattr(model.config, "_commit_hash", None)
     return lm
+
+
+def check_tokenizer(tokenizer, source, name: str | None = None) -> None:
+    """Refuse a tokenizer with an empty vocabulary. Why: a model folder without tokenizer files
+    still loads under transformers 5, as an empty tokenizer built from config.json, and every
+    text then becomes zero tokens while its bytes and words are counted: a perfect score."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # not a fast tokenizer: refused by name elsewhere
+        return
+    if backend.get_vocab_size(with_added_tokens=False) == 0:
+        named = f"model {name}: " if name else ""
+        raise ModelError(
+            f"{named}the tokenizer of {source} must have a vocabulary (got an empty one: "
+            f"{len(tokenizer)} special token(s) and no other token), so every text would become zero tokens. "
+            "This is what a folder without tokenizer files gives (tokenizer.json, or vocab.json and merges.txt, or "
+            "tokenizer.model): save the tokenizer beside the weights (`tokenizer.save_pretrained(folder)`)."
+        )
 
 
 def _unpickler_reason(exc: Exception) -> str:
@@ -213,6 +250,7 @@ def prepare_model(
     A model that is not causal raises `ModelError` unless ``allow_noncausal`` (default: the
     spec's, else False). The model's train/eval mode is left as the caller set it; scoring
     switches to eval and back."""
+    check_tokenizer(tokenizer, getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__, name)
     device = model.get_input_embeddings().weight.device  # where input ids go, also under a device_map
     head, probes, workspace = _probed(model)
     if allow_noncausal is None:
@@ -305,6 +343,8 @@ def load_tokenizer(spec: ModelSpec):
     path = Path(spec.path).expanduser()
     source = str(path) if path.exists() else spec.path
     try:
-        return AutoTokenizer.from_pretrained(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.path: cannot load the tokenizer of {source!r}: {exc}".strip()) from exc
+    check_tokenizer(tokenizer, source, spec.display_name)
+    return tokenizer

@@ -129,6 +129,8 @@ def tokenize_documents(documents: list[Document], tokenizer, bos="auto") -> list
     )
     out = []
     for doc, ids, offsets in zip(documents, encoded["input_ids"], encoded["offset_mapping"]):
+        if not ids and doc.text.strip():
+            _refuse_tokenless(doc, tokenizer)
         out.append(
             TokenizedDocument(
                 doc_id=doc.doc_id,
@@ -139,6 +141,18 @@ def tokenize_documents(documents: list[Document], tokenizer, bos="auto") -> list
             )
         )
     return out
+
+
+def _refuse_tokenless(doc: Document, tokenizer) -> None:
+    """A text with visible characters that the tokenizer turns into no token would count its
+    bytes and words with no loss (a perfect score): refuse it by name."""
+    named = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    raise DataError(
+        f"document {doc.doc_id!r}: a non-empty text must tokenize to at least one token, and the tokenizer "
+        f"{named} gives none for it (got {doc.text[:40]!r}{'...' if len(doc.text) > 40 else ''}): its vocabulary "
+        "covers none of these characters and it has no unknown token. Use the model's own tokenizer, or drop "
+        "that document."
+    )
 
 
 def check_texts(texts) -> list[str]:
