@@ -66,7 +66,7 @@ def test_python_tags_never_execute(tmp_path):
         ('{"id": "a", "text": "caf\xe9"}\n'.encode("latin-1"), ["docs.jsonl", "UTF-8", "byte"]),
         (b'{"id": "a", "text": "ok"}\n{"id": "b", "text": \n', ["docs.jsonl"]),  # a line that is not JSON
         (b'{"id": "a", "body": "x"}\n', ["Available columns: id, body"]),  # a missing text field
-        (b'{"id": "a", "text": "fine"}\n{"id": "b", "text": null}\n', ["row 1", "'b'", "null"]),
+        (b'{"id": "a", "text": "fine"}\n{"id": "b", "text": null}\n', ["docs.jsonl: line 2", "'b'", "null"]),
     ],
     ids=["empty", "not-utf8", "not-json", "missing-field", "null-text"],
 )

@@ -166,12 +166,12 @@ def _error_rows(fault: str) -> list[dict]:
 
 
 ERRORS = {
-    "duplicate": "data.id_field: id 'd2' appears in rows 2 and 7; ids must be unique. Deduplicate the corpus or "
-                 "drop `id_field` to use row numbers.",
-    "null id": "{path}: row 5 has a null `id` (None); an id must be a string or an integer. Fix that row, "
+    "duplicate": "data.id_field: id 'd2' appears twice ({path}: line 3 and {path}: line 8); ids must be unique. "
+                 "Deduplicate the corpus or drop `id_field` to use row numbers.",
+    "null id": "{path}: line 6 has a null `id` (None); an id must be a string or an integer. Fix that row, "
                "choose another data.id_field, or drop id_field to use row numbers.",
-    "int text": "{path}: row 0 (id 'd0') has a int `text`; it must be text. Fix or remove that row.",
-    "null context": "{path}: row 4 (id 'd4') has a NoneType `ctx`; it must be text (an empty string for no "
+    "int text": "{path}: line 1 (id 'd0') has a int `text`; it must be text. Fix or remove that row.",
+    "null context": "{path}: line 5 (id 'd4') has a NoneType `ctx`; it must be text (an empty string for no "
                     "context). Fix or remove that row.",
 }  # fmt: skip
 
@@ -193,7 +193,7 @@ def test_each_fault_raises_its_unchanged_message_at_its_row(fault, batch_rows, t
 
 def test_a_nan_id_is_named_as_null(tmp_path):
     pq.write_table(pa.table({"id": [1.0, float("nan")], "text": ["a", "b"]}), tmp_path / "docs.parquet")
-    with pytest.raises(lmeval.DataError, match=r"row 1 has a null `id` \(nan\)"):
+    with pytest.raises(lmeval.DataError, match=r"docs\.parquet: row 2 \(counting from 1\) has a null `id` \(nan\)"):
         load_documents(DataConfig(path=str(tmp_path / "docs.parquet"), id_field="id"))
 
 
@@ -208,7 +208,7 @@ def test_a_float_id_column_keeps_string_ids(tmp_path):
 def test_a_json_feature_column_is_read_decoded_as_dataset_indexing_reads_it(tmp_path):
     # Mixed JSON values make `datasets` store a column as its `Json` feature (JSON strings in Arrow).
     path = write_jsonl(tmp_path / "ids.jsonl", [{"id": "a", "text": "x"}, {"id": {"k": 1}, "text": "y"}])
-    with pytest.raises(lmeval.DataError, match=r"ids\.jsonl: row 1 has a dict `id` \(\{'k': 1\}\)"):
+    with pytest.raises(lmeval.DataError, match=r"ids\.jsonl: line 2 has a dict `id` \(\{'k': 1\}\)"):
         load_documents(DataConfig(path=path, id_field="id"))
     path = write_jsonl(tmp_path / "texts.jsonl", [{"id": "a", "text": "x y"}, {"id": "b", "text": {"k": 1}}])
     config = DataConfig(path=path, id_field="id", max_documents=1)  # the dict text lies past the limit

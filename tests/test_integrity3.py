@@ -217,3 +217,268 @@ def test_a_broken_pipe_in_process_returns_141(saved_gpt2, monkeypatch, capsys):
 
     monkeypatch.setattr(sys, "stdout", Closed())
     assert main(["surprisal", "--model", str(saved_gpt2), "Some text."]) == 141
+
+
+# --------------------------------------------------------------------------------------
+# 5. Messages that say what happened, and inputs no longer accepted silently
+# --------------------------------------------------------------------------------------
+
+
+def test_data_path_failures_say_what_happened(tmp_path, monkeypatch):
+    import datasets
+    import pyarrow as pa
+
+    from lmeval.engine.config import DataConfig
+    from lmeval.engine.data import load_documents
+
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "zero.parquet")
+    with pytest.raises(DataError, match=r"zero\.parquet must hold documents \(got a Parquet file with 0 rows\)") as caught:
+        load_documents(DataConfig(path=str(tmp_path / "zero.parquet")))
+    assert "UTF-8" not in str(caught.value)
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n\n{"text": \n')
+    with pytest.raises(DataError, match=r"bad\.jsonl: line 3 is not JSON"):
+        load_documents(DataConfig(path=str(tmp_path / "bad.jsonl")))
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'someone/corpus' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(DataError, match=r"hub dataset 'someone/corpus' cannot be loaded \(ConnectionError") as caught:
+        load_documents(DataConfig(path="someone/corpus"))
+    assert "UTF-8" not in str(caught.value) and "network" in str(caught.value)
+
+
+def test_a_library_warning_is_printed_once(tmp_path, monkeypatch, capsys):
+    """huggingface_hub and datasets attach their own handler and still propagate to the root."""
+    import datasets
+
+    library = logging.getLogger("huggingface_hub")
+    own = logging.StreamHandler()  # made now, so it writes to the captured stderr
+    monkeypatch.setattr(library, "handlers", [own])
+
+    def retrying(*args, **kwargs):
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        raise ConnectionError("Couldn't reach the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", retrying)
+    assert main(["validate", "--model", "gpt2", "--data", "someone/corpus"]) == 0  # validate reads no data
+    write_jsonl(tmp_path / "docs.jsonl", [{"text": "x"}])
+    assert main(["run", "--model", "gpt2", "--data", "someone/corpus", "--out", str(tmp_path / "o"), "-q"]) == 2
+    assert capsys.readouterr().err.count("Retrying in 1s") == 1
+
+
+def test_run_errors_name_one_based_lines(tmp_path, saved_gpt2, capsys):
+    (tmp_path / "docs.jsonl").write_text('{"id": "a", "text": "x"}\n\n{"id": "b", "text": "y"}\n{"id": "a", "text": "z"}\n')
+    config = _run_config(tmp_path, saved_gpt2)
+    assert main(["run", str(config), "-q"]) == 2
+    assert "docs.jsonl: line 1 and " in (err := _error(capsys)) and "docs.jsonl: line 4)" in err
+
+
+def _pairs_file(folder: Path, rows: list[dict]) -> str:
+    path = folder / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("ids, words", [
+    ([1, "1"], ["line 2", "'1'", "unique"]),
+    (["a", ["x", 1]], ["line 2", "list", "string or a number"]),
+    (["a", None], ["line 2", "null"]),
+], ids=["1-and-'1'", "list", "null"])  # fmt: skip
+def test_pairs_refuses_ids_lmeval_run_refuses(ids, words, tmp_path, saved_gpt2, capsys):
+    rows = [{"id": i, "sentence_good": "The dog sleeps.", "sentence_bad": "The dog sleep."} for i in ids]
+    assert main(["pairs", _pairs_file(tmp_path, rows), "--model", str(saved_gpt2)]) == 2
+    err = _error(capsys)
+    assert all(w in err for w in words), err
+
+
+def test_pairs_names_a_missing_output_folder_not_the_disk(tmp_path, saved_gpt2, capsys):
+    rows = [{"sentence_good": "The dog sleeps.", "sentence_bad": "The dog sleep."}]
+    out = tmp_path / "no" / "such" / "x.csv"
+    assert main(["pairs", _pairs_file(tmp_path, rows), "--model", str(saved_gpt2), "--output", str(out)]) == 2
+    err = _error(capsys)
+    assert "does not exist" in err and str(out.parent) in err and "disk" not in err
+
+
+def test_pairs_join_context_and_sentence_verbatim_and_warn_when_they_touch(gpt2_pair, caplog):
+    good, bad = ["He loved himself.", " He loved himself."], ["Himself loved he.", " Himself loved he."]
+    with caplog.at_level(logging.WARNING):
+        table = lmeval.minimal_pairs(good, bad, gpt2_pair, ["David wept.", "David wept."], bootstrap=0)
+    assert "1 pair(s) join context and sentence with no whitespace" in caplog.text and "pair 1 (id 0)" in caplog.text
+    assert "'David wept.He loved himself.'" in caplog.text
+    # Verbatim, as lmeval run joins data.context_field: the same numbers as score_texts(contexts=...).
+    alone = lmeval.score_texts(good, gpt2_pair, contexts=["David wept."] * 2)
+    np.testing.assert_allclose(-table["logprob_good"], alone.groupby("doc_id").nll.sum().astype(np.float64), rtol=1e-6)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        lmeval.minimal_pairs(good[:1], bad[:1], gpt2_pair, ["David wept. "], bootstrap=0)
+    assert "no whitespace" not in caplog.text
+
+
+def test_words_keep_the_top_k_alternatives_in_every_view(saved_gpt2, tmp_path, capsys):
+    page = tmp_path / "words.html"
+    assert main(["surprisal", "--model", str(saved_gpt2), "--words", "--top-k", "3", "--format", "json",
+                 "--html", str(page), "The quick brown fox."]) == 0  # fmt: skip
+    words = json.loads(capsys.readouterr().out)
+    assert [w["word"] for w in words] == ["The", "quick", "brown", "fox."]
+    assert all(len(w["topk"]) == 3 for w in words)
+    html = page.read_text()
+    assert html.count('"topk": [{"token"') + html.count('"topk":[{"token"') == len(words)
+
+
+def test_validate_checks_what_run_refuses(tmp_path, saved_gpt2, monkeypatch, capsys):
+    import pyarrow as pa
+
+    monkeypatch.chdir(tmp_path)
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(saved_gpt2 / name, no_weights / name)
+    pq.write_table(pa.table({"body": ["one text", "another"]}), tmp_path / "docs.parquet")
+    write_jsonl(tmp_path / "chats.jsonl", [{"id": 1, "text": "x"}])
+    cases = [
+        (["--model", str(no_weights), "--data", "docs.parquet", "data.text_field=body"], ["no-weights must hold model weights"]),
+        (["--model", str(saved_gpt2), "--data", "docs.parquet"], ["data.text_field: 'text' must be a column", "body"]),
+        (["--model", str(saved_gpt2), "--data", "chats.jsonl", "data.messages_field=messages"],
+         ["data.messages_field: 'messages' must be a column", "id, text"]),
+    ]  # fmt: skip
+    for argv, words in cases:
+        assert main(["validate", *argv]) == 2, argv
+        err = _error(capsys)
+        assert all(w in err for w in words), err
+    assert main(["validate", "--model", str(saved_gpt2), "--data", "docs.parquet", "data.text_field=body"]) == 0
+
+
+def _with_untrimmed_offsets(saved_gpt2: Path, folder: Path) -> Path:
+    """The model with a tokenizer whose 'Ġlazy' span starts at its space, as GPT-2's own does."""
+    shutil.copytree(saved_gpt2, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["post_processor"]["trim_offsets"] = False
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return folder
+
+
+def test_the_straddling_warning_is_said_once_and_only_for_a_real_straddle(tmp_path, saved_gpt2, caplog):
+    model = _with_untrimmed_offsets(saved_gpt2, tmp_path / "untrimmed")
+    ordinary = [{"id": f"space{i}", "ctx": "The quick brown fox jumps over the ", "text": "lazy dog."} for i in range(3)]
+    inside = [{"id": f"word{i}", "ctx": "The quick brown fox jumps over the lazy dog; the dog sl", "text": "eeps on."}
+              for i in range(3)]  # fmt: skip
+    write_jsonl(tmp_path / "docs.jsonl", ordinary + inside)
+    config = _run_config(tmp_path, model, "", "docs.jsonl")
+    with caplog.at_level(logging.WARNING):
+        lmeval.run(str(config), ["data.context_field=ctx", "output.part_chars=10"], show_progress=False)
+    warnings = [r.getMessage() for r in caplog.records if "straddling" in r.getMessage()]
+    assert len(warnings) == 1 and "'word0'" in warnings[0], warnings
+
+
+def test_a_whitespace_only_continuation_has_no_rows(gpt2_pair):
+    table = lmeval.surprisal_table(["  ", "The dog."], gpt2_pair, words=True, contexts=["Hello.", "Hello. "])
+    assert set(table["doc_id"]) == {1} and "" not in set(table["word"].str.strip())
+    frame = lmeval.score_texts(["\n ", "The dog."], gpt2_pair, contexts=["Hello.", "Hello. "])
+    assert set(frame["doc_id"]) == {1} and frame.attrs["n_empty"] == 1
+    frame = lmeval.score_texts(["\n ", "The dog."], gpt2_pair)
+    assert set(frame["doc_id"]) == {1} and frame.attrs["n_empty"] == 1
+
+
+def test_surprisal_baseline_with_another_tokenizer_speaks_in_flags(tmp_path, saved_gpt2, capsys):
+    from conftest import build_model, train_bpe
+
+    tokenizer = train_bpe(tmp_path, vocab_size=300)
+    other = tmp_path / "other"
+    build_model("gpt2", len(tokenizer)).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    assert main(["surprisal", "--model", str(other), "--baseline", str(saved_gpt2), "Some text."]) == 2
+    err = _error(capsys)
+    assert "--baseline" in err and "compare.divergence" not in err and "identical tokenizers" in err
+
+
+def test_yaml_syntax_errors_name_the_file(tmp_path, capsys):
+    config = write_config(tmp_path, "models: [{path: m}\ndata: {path: docs.jsonl}\n")
+    assert main(["validate", str(config)]) == 2
+    err = _error(capsys)
+    assert f'in "{config}", line 1' in err and "<unicode string>" not in err
+
+
+def test_output_errors_spell_the_fix_for_each_caller(tmp_path, saved_gpt2, capsys):
+    config = _run_config(tmp_path, saved_gpt2)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "summary.csv").write_text("old\n")
+    with pytest.raises(OutputError, match=r"Pass overwrite=True \(--overwrite on the command line\)"):
+        lmeval.run(str(config), show_progress=False)
+    assert main(["run", str(config), "-q"]) == 2
+    err = _error(capsys)
+    assert "Pass --overwrite to replace them" in err and "overwrite=True" not in err
+
+
+def test_load_model_shows_its_keywords():
+    import dataclasses
+
+    parameters = inspect.signature(lmeval.load_model).parameters
+    for spec_field in dataclasses.fields(lmeval.ModelSpec):
+        if spec_field.name != "path":
+            assert parameters[spec_field.name].default == spec_field.default, spec_field.name
+    assert parameters["dtype"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_a_shipped_config_writes_where_out_says(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "lm_eval_wikitext", "--model", "gpt2", "--out", "mine", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["output"]["dir"] == str(tmp_path / "mine")
+    assert main(["run", "lm_eval_wikitext", "--model", "gpt2", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["output"]["dir"] == str(tmp_path / "runs" / "lm_eval_wikitext")
+
+
+@pytest.mark.parametrize("messages, words", [
+    ([{"role": "user", "content": "Hi"}, {"role": "robot", "content": "Hello."}, {"role": "assistant", "content": "Yes."}],
+     ["[1]", "'robot'", "system, developer, user, assistant, tool"]),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}], ["[1]", "assistant turn must have content"]),
+], ids=["unknown-role", "empty-assistant-turn"])  # fmt: skip
+def test_chat_roles_the_project_does_not_know_and_empty_turns_are_refused(messages, words):
+    from lmeval.producers.text import check_messages
+
+    with pytest.raises(DataError) as caught:
+        check_messages(messages, "conversation 'c1'")
+    assert all(w in str(caught.value) for w in words), str(caught.value)
+
+
+# --------------------------------------------------------------------------------------
+# 6. Figures, and the detokenizer with a context
+# --------------------------------------------------------------------------------------
+
+
+def test_the_divergence_trend_is_linear_over_a_narrow_range():
+    from lmeval.analyses import plots
+    from lmeval.core.sketch import QuantileSketch
+
+    kl = QuantileSketch().add(np.linspace(1.07, 1.36, 50))
+    narrow = plots.plot_divergence({"m": (kl, np.linspace(1.07, 1.36, 50), np.ones(50))}, "base")
+    assert narrow.axes[1].get_yscale() == "linear"
+    wide = plots.plot_divergence({"m": (kl, np.geomspace(0.01, 2.0, 50), np.ones(50))}, "base")
+    assert wide.axes[1].get_yscale() == "log"
+
+
+def test_the_checkpoint_legend_names_an_interval_only_when_one_is_drawn():
+    from lmeval.analyses import plots
+
+    summary = pd.DataFrame({"model": ["step-1", "step-2"], "ppl": [30.0, 20.0], "bits_per_byte": [2.0, 1.8]})
+    compare = pd.DataFrame({"model": ["step-2"] * 2, "baseline": ["step-1"] * 2, "metric": ["ppl", "bits_per_byte"],
+                            "baseline_value": [30.0, 2.0], "ratio_ci_low": [np.nan] * 2, "ratio_ci_high": [np.nan] * 2})  # fmt: skip
+    fig = plots.plot_checkpoints(summary, compare)
+    labels = [t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]
+    assert "model" in labels and not any("CI" in label for label in labels)
+    assert "error bars" not in fig._suptitle.get_text() and "no interval" in fig._suptitle.get_text()
+    compare = compare.assign(ratio_ci_low=0.6, ratio_ci_high=0.7)
+    labels = [t.get_text() for ax in plots.plot_checkpoints(summary, compare).axes for t in ax.get_legend().get_texts()]
+    assert "model (95% CI vs baseline)" in labels
+
+
+def test_the_detokenizer_keeps_and_rewrites_a_context(tmp_path):
+    from lmeval.engine.config import DataConfig
+    from lmeval.engine.data import load_documents
+
+    write_jsonl(tmp_path / "docs.jsonl", [{"text": "a @-@ b", "ctx": "c @,@ d "}])
+    corpus = load_documents(DataConfig(path=str(tmp_path / "docs.jsonl"), detokenizer="wikitext", context_field="ctx"))
+    (document,) = corpus.documents
+    assert (document.text, document.source, document.context) == ("a-b", "a @-@ b", "c,d ")

@@ -161,7 +161,10 @@ def test_every_packaged_config_validates(path):
 
 def test_shipped_wikitext_config_validates_offline_by_name(tmp_path, corpus, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["validate", "lm_eval_wikitext", f"data.path={corpus}", "--model", "gpt2"]) == 0
+    # The corpus's column is `text`, the config's `page`: validate refuses what run would refuse.
+    assert main(["validate", "lm_eval_wikitext", f"data.path={corpus}", "--model", "gpt2"]) == 2
+    assert "data.text_field: 'page' must be a column" in capsys.readouterr().err
+    assert main(["validate", "lm_eval_wikitext", f"data.path={corpus}", "data.text_field=text", "--model", "gpt2"]) == 0
     config = load_config(PACKAGE / "configs" / "lm_eval_wikitext.yaml")
     assert (config.data.path, config.data.name, config.data.split) == ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test")
     assert (config.data.text_field, config.data.detokenizer, config.data.count_on) == ("page", "wikitext", "source")

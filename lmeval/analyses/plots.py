@@ -100,18 +100,24 @@ def plot_checkpoints(summary: pd.DataFrame, compare: pd.DataFrame):
               ("bits_per_byte", "bits per byte")]  # fmt: skip
     baseline = ", ".join(map(str, pd.unique(compare["baseline"])))
     fig = Figure(figsize=(10, 4), dpi=110, layout="constrained")
+    drawn = False
     for ax, (metric, label) in zip(fig.subplots(1, 2), panels):
-        _draw_panel(ax, checkpoint_points(summary, compare, metric), label, baseline)
-    fig.suptitle("error bars: 95% paired document-bootstrap CI of the ratio to the baseline, "
-                 "times the baseline's value", fontsize=9)  # fmt: skip
+        drawn |= _draw_panel(ax, checkpoint_points(summary, compare, metric), label, baseline)
+    if drawn:
+        fig.suptitle("error bars: 95% paired document-bootstrap CI of the ratio to the baseline, "
+                     "times the baseline's value", fontsize=9)  # fmt: skip
+    else:  # e.g. fewer documents than compare.min_documents: say so, never a legend for bars that are not there
+        fig.suptitle("no interval: too few documents for a document bootstrap (compare.min_documents)", fontsize=9)
     return fig
 
 
-def _draw_panel(ax, points: pd.DataFrame, label: str, baseline: str) -> None:
+def _draw_panel(ax, points: pd.DataFrame, label: str, baseline: str) -> bool:
+    """One panel; True when it drew an interval (error bars)."""
+    has_interval = bool((points["low"].notna() & points["high"].notna()).any())
     below = (points["value"] - points["low"]).clip(lower=0).fillna(0)
     above = (points["high"] - points["value"]).clip(lower=0).fillna(0)
-    ax.errorbar(points["x"], points["value"], yerr=[below, above], fmt="o-", ms=5, lw=1.2, capsize=4,
-                label="model (95% CI vs baseline)")  # fmt: skip
+    ax.errorbar(points["x"], points["value"], yerr=[below, above] if has_interval else None, fmt="o-", ms=5, lw=1.2,
+                capsize=4, label="model (95% CI vs baseline)" if has_interval else "model")  # fmt: skip
     base = points[points["is_baseline"]]
     ax.plot(base["x"], base["value"], "s", ms=10, mfc="none", mec="crimson", mew=1.5, label=f"baseline ({baseline})")
     by_step = points.attrs["by_step"]
@@ -123,6 +129,7 @@ def _draw_panel(ax, points: pd.DataFrame, label: str, baseline: str) -> None:
     ax.set(xlabel=axis, ylabel=label, title=f"{label} vs {axis}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return has_interval
 
 
 def plot_positions(positions: pd.DataFrame, *, log_x: bool = True):
@@ -161,6 +168,7 @@ def plot_divergence(by_model: dict, baseline: str):
     fig = Figure(figsize=(11, 4.2), dpi=110, layout="constrained")
     hist, trend = fig.subplots(1, 2)
     sketches = [kl for kl, _, _ in by_model.values() if kl.count and kl.max > 0]
+    trend_means = []
     for name, (kl, kl_sum, n) in by_model.items():
         zeros = kl.count_at_most(0.0)
         label = f"{name} ({zeros} tokens with KL = 0 not shown)" if zeros else name
@@ -171,9 +179,10 @@ def plot_divergence(by_model: dict, baseline: str):
             hist.step(edges[:-1], np.where(share > 0, share, np.nan), where="post", lw=1.3, label=label)
         centres, means = _position_bins(kl_sum, n)
         trend.plot(centres, np.where(means > 0, means, np.nan), marker=".", ms=3, lw=1.2, label=name)
+        trend_means.append(means)
     if sketches:
         hist.set(xscale="log", yscale="log")
-        trend.set_yscale("log")
+        trend.set_yscale(axis_scale(np.concatenate(trend_means)))
     else:
         for ax in (hist, trend):
             ax.text(0.5, 0.5, "every KL is 0: the models agree on every token", ha="center", transform=ax.transAxes)
@@ -184,6 +193,20 @@ def plot_divergence(by_model: dict, baseline: str):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     return fig
+
+
+# A log axis pays only when values span a factor of this or more; over a narrow range (KL
+# between 1.07 and 1.36 nats) it shows a single tick and hides the differences.
+LOG_AXIS_MIN_RATIO = 10.0
+
+
+def axis_scale(values: np.ndarray) -> str:
+    """``"log"`` when the positive finite ``values`` span at least `LOG_AXIS_MIN_RATIO`, else ``"linear"``."""
+    values = np.asarray(values, dtype=np.float64)
+    positive = values[np.isfinite(values) & (values > 0)]
+    if len(positive) < 2:
+        return "linear"
+    return "log" if positive.max() / positive.min() >= LOG_AXIS_MIN_RATIO else "linear"
 
 
 def _position_bins(kl_sum: np.ndarray, n: np.ndarray, n_bins: int = 60) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="which sentence of each minimal pair the model prefers, and the pooled accuracy",
         description="Score minimal pairs from a jsonl file (sentence_good, sentence_bad, optional context and id): "
         "the total log-probability of each sentence in nats, their difference, whether the good one wins, "
-        "and the accuracy over pairs with a bootstrap interval.",
+        "and the accuracy over pairs with a bootstrap interval. A context is joined to its sentence verbatim "
+        "(context + sentence, no separator added, as `lmeval run` joins data.context_field to the text): end a "
+        "context with a space where a new word begins.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("file", help="jsonl file, one pair per line")

@@ -153,13 +153,18 @@ def main(args: argparse.Namespace) -> int:
 
 def _divergence_main(args: argparse.Namespace, texts: list[str]) -> int:
     """``--baseline``: the per-token divergence of --model from it, printed and drawn."""
+    from ..producers.divergence import TokenizerMismatchError, mismatch_message
     from ..view.divergence import divergence_table, render_divergence_html, render_divergence_terminal
     from ..view.render import write_html
 
     for flag, used in (("--words", args.words), ("--top-k", args.top_k)):
         if used:
             raise DataError(f"{flag}: must not be combined with --baseline (got both). Drop {flag} to compare two models.")
-    table = divergence_table(texts, args.model, args.baseline, bos=args.bos, max_length=args.max_length)
+    try:
+        table = divergence_table(texts, args.model, args.baseline, bos=args.bos, max_length=args.max_length)
+    except TokenizerMismatchError as exc:  # said in the flags of this command, not a config key or a keyword
+        raise TokenizerMismatchError(mismatch_message(exc.names, exc.fingerprints, "--baseline"),
+                                     exc.names, exc.fingerprints) from None  # fmt: skip
     if args.format == "json":
         sys.stdout.write(json.dumps(_records(table), ensure_ascii=False, indent=1) + "\n")
     elif args.format == "csv":

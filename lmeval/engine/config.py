@@ -40,7 +40,7 @@ class DataConfig:
     sample_by: Literal["document", "paragraph", "line"] = "document"  # for .txt files
     detokenizer: Optional[Literal["wikitext"]] = None  # a named rewrite of each text before tokenizing
     count_on: Literal["scored", "source"] = "scored"  # the text whose bytes and words normalise
-    context_field: Optional[str] = None  # score text_field GIVEN this column (it conditions, never scores)
+    context_field: Optional[str] = None  # score text_field GIVEN this column (it conditions, never scores; joined verbatim)
     messages_field: Optional[str] = None  # a column of [{role, content}]: score the assistant turns only
 
 

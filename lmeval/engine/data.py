@@ -198,19 +198,51 @@ def _with_documents(files: list[str], path: str) -> list[str]:
     empty = []
     for name in files:
         has_text = os.path.getsize(name) > 0
-        if has_text and file_format(name) != ".parquet":
+        if has_text and file_format(name) == ".parquet":
+            has_text = _parquet_rows(name) != 0
+        elif has_text:
             has_text = check_utf8(name)
         if not has_text:
             empty.append(name)
     if len(empty) == 1 == len(files):
-        raise DataError(f"data.path: {empty[0]} must hold documents (got an empty file: {os.path.getsize(empty[0])} "
-                        "bytes, no text). Point data.path at the corpus.")  # fmt: skip
+        got = ("a Parquet file with 0 rows" if file_format(empty[0]) == ".parquet" and os.path.getsize(empty[0])
+               else f"an empty file: {os.path.getsize(empty[0])} bytes, no text")  # fmt: skip
+        raise DataError(f"data.path: {empty[0]} must hold documents (got {got}). Point data.path at the corpus.")
     if len(empty) == len(files):
         raise DataError(f"data.path: {path} must hold documents (got {len(empty)} empty files, e.g. {empty[0]}). "
                         "Point data.path at the corpus.")  # fmt: skip
     if empty:
         log.warning("data.path: skipping %d empty file(s): %s", len(empty), ", ".join(empty))
     return [f for f in files if f not in empty]
+
+
+def _first_bad_json_line(files: list[str]) -> str | None:
+    """``file: line N (1-based) ...`` for the first non-blank line that is not a JSON object, if any."""
+    import io
+
+    for name in files:
+        with _open_binary(name) as raw:
+            for number, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace"), 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except ValueError as exc:
+                    return f"{name}: line {number} is not JSON ({exc.msg if hasattr(exc, 'msg') else exc})"
+                if not isinstance(value, dict):
+                    return f"{name}: line {number} is not a JSON object (got {type(value).__name__})"
+    return None
+
+
+def _parquet_rows(path: str) -> int | None:
+    """A Parquet file's row count from its footer (None when the footer cannot be read: the
+    reader then names the damage)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(path).num_rows
+    except Exception:  # noqa: BLE001  (pyarrow raises several types for a damaged file)
+        return None
 
 
 def _load_dataset(config):
@@ -241,9 +273,23 @@ def _load_dataset(config):
     except DataError:
         raise
     except Exception as exc:  # datasets wraps parser errors in several types
-        cause = exc.__cause__ or exc
-        raise DataError(f"data.path: cannot read {config.path}: {type(cause).__name__}: {cause}. "
-                        "Check that the file is valid UTF-8 in the format its extension says.") from exc
+        raise DataError(_unreadable(config, files, exc)) from exc
+
+
+def _unreadable(config, files: list[str] | None, exc: Exception) -> str:
+    """What went wrong reading ``data.path``, and the fix that goes with it."""
+    cause = exc.__cause__ or exc
+    what = f"{type(cause).__name__}: {cause}"
+    if files is None:
+        return (f"data.path: the hub dataset {config.path!r} cannot be loaded ({what}). Check the id (and "
+                "data.name, data.split), the network, or the hub token; offline (HF_HUB_OFFLINE=1) only a cached "
+                "copy loads. A local corpus must be a path that exists.")  # fmt: skip
+    bad_line = _first_bad_json_line(files) if file_format(files[0]) == ".jsonl" else None
+    if bad_line is not None:
+        return f"data.path: {bad_line}. Each line of a JSON Lines file must be one JSON object: fix or remove that line."
+    kind = {".jsonl": "JSON Lines (one JSON object per line)", ".json": "JSON", ".csv": "CSV with a header row",
+            ".parquet": "Parquet", ".txt": "UTF-8 text"}.get(file_format(files[0]), "a supported format")  # fmt: skip
+    return f"data.path: cannot read {config.path} ({what}). Each file must be {kind}, as its extension says: fix or replace it."
 
 
 def _open_binary(path: str):
@@ -454,27 +500,63 @@ class _Scan:
         if doc_id is None or doc_id != doc_id or isinstance(doc_id, (list, dict, bytes)):  # doc_id != doc_id: NaN
             kind = "null" if doc_id is None or doc_id != doc_id else type(doc_id).__name__
             raise DataError(
-                f"{config.path}: row {row} has a {kind} `{config.id_field}` ({doc_id!r}); an id must be a string "
+                f"{row_place(config, row)} has a {kind} `{config.id_field}` ({doc_id!r}); an id must be a string "
                 "or an integer. Fix that row, choose another data.id_field, or drop id_field to use row numbers."
             )
         if text is None or not isinstance(text, str):
             kind = "null" if text is None else type(text).__name__
             raise DataError(
-                f"{config.path}: row {row} (id {doc_id!r}) has a {kind} `{config.text_field}`; it must be text. "
+                f"{row_place(config, row)} (id {doc_id!r}) has a {kind} `{config.text_field}`; it must be text. "
                 "Fix or remove that row."
             )
         if doc_id in self.seen:
             raise DataError(
-                f"data.id_field: id {doc_id!r} appears in rows {self.seen[doc_id]} and {row}; ids must be unique. "
-                "Deduplicate the corpus or drop `id_field` to use row numbers."
+                f"data.id_field: id {doc_id!r} appears twice ({row_place(config, self.seen[doc_id])} and "
+                f"{row_place(config, row)}); ids must be unique. Deduplicate the corpus or drop `id_field` to use row numbers."
             )
         self.seen[doc_id] = row
         if self.context_field and not isinstance(context, str):
             raise DataError(
-                f"{config.path}: row {row} (id {doc_id!r}) has a {type(context).__name__} `{self.context_field}`; "
+                f"{row_place(config, row)} (id {doc_id!r}) has a {type(context).__name__} `{self.context_field}`; "
                 "it must be text (an empty string for no context). Fix or remove that row."
             )
         return strip_bom(text)
+
+
+def row_place(config, row: int) -> str:
+    """Where a table row (0-based) is, for a message, always 1-based and named: ``file: line N``
+    in a JSON Lines or CSV file (blank lines and a CSV header or multi-line cell counted, as an
+    editor numbers lines), else ``path: row N (counting from 1)``. Read only when a message
+    needs it."""
+    try:
+        files = _local_files(config.path) if not is_saved_dataset(config.path) else None
+    except DataError:
+        files = None
+    if files and all(file_format(f) in (".jsonl", ".csv") for f in files):
+        for name in files:
+            lines = _record_lines(name)
+            if row < len(lines):
+                return f"{name}: line {lines[row]}"
+            row -= len(lines)
+    return f"{config.path}: row {row + 1} (counting from 1)"
+
+
+def _record_lines(path: str) -> list[int]:
+    """The 1-based line on which each record of a JSON Lines or CSV file starts, as `datasets`
+    reads them: blank lines are no record, and a CSV's header is none."""
+    import csv
+    import io
+
+    with _open_binary(path) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
+        if file_format(path) == ".jsonl":
+            return [number for number, line in enumerate(text, 1) if line.strip()]
+        reader, starts, previous = csv.reader(text), [], 0
+        for record in reader:
+            if any(cell.strip() for cell in record):
+                starts.append(previous + 1)
+            previous = reader.line_num
+        return starts[1:]
 
 
 def _has_bom(column) -> bool:
@@ -513,9 +595,10 @@ def _load_conversations(config, table) -> Corpus:
         if config.max_documents is not None and len(documents) >= config.max_documents:
             break
         if doc_id in seen:
-            raise DataError(f"data.id_field: id {doc_id!r} appears in rows {seen[doc_id]} and {row}; ids must be unique.")
+            raise DataError(f"data.id_field: id {doc_id!r} appears twice ({row_place(config, seen[doc_id])} and "
+                            f"{row_place(config, row)}); ids must be unique.")  # fmt: skip
         seen[doc_id] = row
-        messages = check_messages(messages, f"{config.path}: row {row} `{config.messages_field}`")
+        messages = check_messages(messages, f"{row_place(config, row)} `{config.messages_field}`")
         doc_id = doc_id if isinstance(doc_id, int) else str(doc_id)
         documents.append(Document(doc_id, json.dumps(messages, ensure_ascii=False)))
     if not documents:

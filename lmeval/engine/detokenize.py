@@ -10,6 +10,7 @@ kept (``Document.source``) so the word and byte normalisers can be counted on it
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 # (pattern, replacement, is_regex) in order: the order matters, as in the reference.
@@ -59,8 +60,10 @@ DETOKENIZERS = {"wikitext": wikitext_detokenizer}
 
 def detokenize_documents(documents: list, name: str | None) -> list:
     """Each document rewritten by the detokenizer ``name`` (None: unchanged), its original
-    text kept as ``source``."""
+    text kept as ``source``. A context (``data.context_field``) is the same corpus's text, so it
+    is rewritten the same way, and never dropped."""
     if name is None:
         return documents
     rewrite = DETOKENIZERS[name]
-    return [type(d)(d.doc_id, rewrite(d.text), source=d.text) for d in documents]
+    return [dataclasses.replace(d, text=rewrite(d.text), source=d.text,
+                                context=None if d.context is None else rewrite(d.context)) for d in documents]  # fmt: skip

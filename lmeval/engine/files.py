@@ -7,6 +7,7 @@ crash or a full disk never leaves a half-written file under the real name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -95,10 +96,21 @@ def atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: could not be written ({exc.strerror or exc}). Free disk space or fix permissions.") from exc
+        raise OutputError(f"{path}: could not be written ({exc.strerror or exc}). {write_fix(path, exc)}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_fix(path: Path, exc: OSError) -> str:
+    """The fix for a failed write, by its cause: a missing folder is not a full disk."""
+    if not path.parent.is_dir():  # pandas says so without an errno
+        return f"Its folder {path.parent} does not exist: create it, or choose another path."
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "Free disk space, or write somewhere with room."
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"Fix the permissions of {path.parent}, or choose another path."
+    return "Check the path, its permissions and the free disk space."
 
 
 def write_table(frame: pd.DataFrame, path: Path) -> None:
@@ -149,7 +161,7 @@ class TokenWriter:
                 self.writer = pq.ParquetWriter(self.tmp, self.schema)
             self.writer.write_table(table)
         except OSError as exc:
-            raise OutputError(f"{self.path}: could not be written ({exc}). Free disk space or fix permissions.") from exc
+            raise OutputError(f"{self.path}: could not be written ({exc.strerror or exc}). {write_fix(self.path, exc)}") from exc
 
     def abort(self) -> None:
         """Give up: close and remove the temporary file."""

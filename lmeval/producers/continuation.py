@@ -2,7 +2,10 @@
 
 Each ``context + text`` is tokenized as ONE string, with offsets, so the tokens are exactly
 those the model would see for the whole string (never two separately tokenized pieces glued
-together). The boundary is the character ``c = len(context)``: the first scored token is
+together). The two are joined verbatim, with no separator added, everywhere a context is
+taken (``data.context_field``, ``score_texts(contexts=...)``, ``lmeval surprisal --context``,
+``lmeval pairs``): the data says where a space goes, so that a continuation may also go on
+mid-word. The boundary is the character ``c = len(context)``: the first scored token is
 the first whose span ends past ``c``, and every token after it is scored. A token that
 STRADDLES the boundary (it starts inside the context and ends inside the text, e.g. 'cats'
 for context 'The cat' and text 's sat', or a SentencePiece '▁sat' whose space ends the
@@ -17,6 +20,7 @@ context longer than ``max_length`` keeps its last tokens.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,9 +93,10 @@ def score_continuations(
     length, step = resolve_window(lm, max_length, stride)
     if docs:
         check_vocabulary(lm, max((int(d.token_ids.max()) for d in docs if len(d.token_ids)), default=0))
+    # A text of whitespace alone has no rows (no END row either), as `lmeval run` skips such a document.
     windows = [
         w
-        for i, (d, b) in enumerate(zip(docs, bounds))
+        for i, (d, b) in enumerate(zip(docs, bounds)) if texts[i].strip()
         for w in range_windows(i, d.token_ids.tolist(), d.prefix, length, step, [(b.first_token, len(d.token_ids))], end_id)
     ]
     columns = score_windows(lm, windows, options, progress=progress, doc_names=[d.doc_id for d in docs], baseline=baseline)
@@ -121,8 +126,36 @@ def score_context_group(lm, documents, config, options, progress, piece=None, ca
                                  options=options, progress=progress, baseline=baseline)  # fmt: skip
     columns = scored.columns
     del columns["topk_ids"], columns["topk_probs"]
-    crossing = [documents[i].doc_id for i, b in enumerate(scored.boundaries) if b.crosses]
-    if crossing:  # the tokens table has no column for it: say so here
-        log.warning("%d documents have a token straddling the context boundary (first: %r); each is scored "
-                    "with the text, as score_texts(contexts=...) flags in crosses_context.", len(crossing), crossing[0])
+    crossing = [i for i, (d, b) in enumerate(zip(scored.docs, scored.boundaries)) if straddles(d, b)]
+    if crossing and _first_time(config):  # the tokens table has no column for it: say so here, once per run
+        i = crossing[0]
+        d, b = scored.docs[i], scored.boundaries[i]
+        piece = d.text[int(d.offsets[b.first_token, 0]) : int(d.offsets[b.first_token, 1])]
+        log.warning("document %r has a token straddling the context boundary (%r: its first characters end the "
+                    "context); it is scored with the text, as score_texts(contexts=...) flags in crosses_context. "
+                    "Said once per run: other documents may have one too.", documents[i].doc_id, piece)  # fmt: skip
     return columns, texts
+
+
+def straddles(doc: TokenizedDocument, boundary: Boundary) -> bool:
+    """Whether the first scored token takes visible characters from the context. A token that
+    takes only the context's trailing whitespace (GPT-2's 'Ġmat' after 'on the ') is the
+    ordinary case, flagged in ``crosses_context`` but worth no warning."""
+    if not boundary.crosses:
+        return False
+    start = int(doc.offsets[boundary.first_token, 0])
+    return bool(doc.text[start : boundary.char].strip())
+
+
+# id(config) -> a weak reference to it: the runs already warned (a run's parts share its Config).
+_WARNED: dict[int, weakref.ref] = {}
+
+
+def _first_time(config) -> bool:
+    """True once per run (per `Config` object), however many parts and passes it has."""
+    key = id(config)
+    known = _WARNED.get(key)
+    if known is not None and known() is config:
+        return False
+    _WARNED[key] = weakref.ref(config, lambda _, key=key: _WARNED.pop(key, None))
+    return True

@@ -29,19 +29,40 @@ from .score import as_loaded_model, check_batch_tokens, score_group, score_strea
 from .text import Document, check_texts
 
 class TokenizerMismatchError(ModelError):
-    """Divergence needs one vocabulary: the two models' tokenizers differ."""
+    """Divergence needs one vocabulary: the two models' tokenizers differ. ``names`` and
+    ``fingerprints`` are the (model, baseline) pair's; `mismatch_message` words it for a caller."""
+
+    def __init__(self, message: str, names: tuple = (), fingerprints: tuple = ()):
+        super().__init__(message)
+        self.names, self.fingerprints = names, fingerprints
 
 
-def check_same_tokenizer(lm, baseline) -> None:
-    """Refuse a pair whose tokenizers differ (sha256 of the vocabulary, as run.json records it)."""
+# What each caller changes to compare two models with different tokenizers.
+MISMATCH_FIXES = {
+    "compare.divergence": "compare these models in bits_per_byte instead (`compare:` without `divergence: true`, "
+                          "or `lmeval compare`)",
+    "divergence": "compare these models in bits_per_byte instead (`lmeval.run` of both models, without "
+                  "compare.divergence)",
+    "--baseline": "give a --baseline with the same tokenizer, or compare these models in bits_per_byte instead "
+                  "(`lmeval run --model A --model B --data FILE`)",
+}  # fmt: skip
+
+
+def mismatch_message(names: tuple, fingerprints: tuple, where: str) -> str:
+    """The refusal of a pair with different tokenizers, for the caller ``where`` (`MISMATCH_FIXES`)."""
+    (model, base), (mine, theirs) = names, fingerprints
+    return (f"{where}: model {model} must share the baseline {base}'s tokenizer (got sha256 {mine[:12]}… vs "
+            f"{theirs[:12]}…). Divergence compares two distributions over the same tokens, so it needs identical "
+            f"tokenizers; {MISMATCH_FIXES[where]}.")  # fmt: skip
+
+
+def check_same_tokenizer(lm, baseline, where: str = "compare.divergence") -> None:
+    """Refuse a pair whose tokenizers differ (sha256 of the vocabulary, as run.json records it);
+    ``where`` names the caller's setting in the message (`MISMATCH_FIXES`)."""
     mine, theirs = tokenizer_fingerprint(lm.tokenizer), tokenizer_fingerprint(baseline.tokenizer)
     if mine != theirs:
-        raise TokenizerMismatchError(
-            f"compare.divergence: model {lm.name} must share the baseline {baseline.name}'s tokenizer "
-            f"(got sha256 {mine[:12]}… vs {theirs[:12]}…). Divergence compares two distributions over the same "
-            "tokens, so it needs identical tokenizers; compare these models in bits_per_byte instead "
-            "(`compare:` without `divergence: true`, or `lmeval compare`)."
-        )
+        names, fingerprints = (lm.name, baseline.name), (mine, theirs)
+        raise TokenizerMismatchError(mismatch_message(names, fingerprints, where), names, fingerprints)
 
 
 def resolve_pair_window(lm, baseline, max_length, stride) -> tuple[int, int]:
@@ -61,11 +82,12 @@ def resolve_pair_window(lm, baseline, max_length, stride) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------
 
 
-def score_pair_documents(lm, baseline, documents: list[Document], scoring: ScoringConfig, progress=None) -> dict:
+def score_pair_documents(lm, baseline, documents: list[Document], scoring: ScoringConfig, progress=None,
+                         where: str = "compare.divergence") -> dict:  # fmt: skip
     """Per-token divergence columns of ``documents`` (scored independently, or joined into one
     stream under ``scoring.documents: concatenated``); ``doc_index`` indexes ``documents``,
     and in a stream index ``len(documents)`` marks separator tokens."""
-    check_same_tokenizer(lm, baseline)
+    check_same_tokenizer(lm, baseline, where)
     resolve_pair_window(lm, baseline, scoring.max_length, scoring.stride)
     options = ScoreOptions(batch_tokens=check_batch_tokens(scoring.batch_tokens))
     produce = score_stream if scoring.documents == "concatenated" else score_group
@@ -100,7 +122,7 @@ def divergence(
     texts = check_texts(texts)
     scoring = ScoringConfig(max_length=max_length, stride=stride, bos=bos, batch_tokens=check_batch_tokens(batch_tokens))
     lm, base = as_loaded_model(model, name), as_loaded_model(baseline, baseline_name)
-    columns = score_pair_documents(lm, base, [Document(i, t) for i, t in enumerate(texts)], scoring)
+    columns = score_pair_documents(lm, base, [Document(i, t) for i, t in enumerate(texts)], scoring, where="divergence")
     frame = pair_frame(lm.name, base.name, list(range(len(texts))), columns)
     frame.attrs["n_documents"] = len(texts)
     return frame

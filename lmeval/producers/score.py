@@ -95,8 +95,9 @@ def score_texts(
     ``doc_id`` is the text's index in ``texts``. Columns (``nll`` in nats, ``surprisal_bits``
     in bits): model, doc_id, position, token_id, token, char_start, char_end, context_len,
     nll, surprisal_bits, entropy, max_prob, is_top1, rank, sum_q2, mean_neg_logq, and with
-    ``top_k`` > 0 also topk_token_ids, topk_probs. An empty text yields no rows; the frame's
-    ``attrs["n_documents"]`` still counts it, ``attrs["reductions"]`` says how the per-token
+    ``top_k`` > 0 also topk_token_ids, topk_probs. An empty or whitespace-only text yields no
+    rows, as `lmeval run` skips such a document; the frame's ``attrs["n_documents"]`` still
+    counts it and ``attrs["n_empty"]`` counts the texts with no row, ``attrs["reductions"]`` says how the per-token
     reductions ran (``"compiled"`` or ``"eager"``), and ``attrs`` also record the load-time
     probes' findings (``causal``, ``allow_noncausal``, ``batching``). ``compile`` fuses the per-token reductions with
     torch.compile (``"auto"``: on CUDA, or when tokens x vocabulary >= 2.5e9 on CPU).
@@ -114,7 +115,8 @@ def score_texts(
     lm = as_loaded_model(model, name)
     if contexts is not None:
         return _score_given_contexts(lm, texts, check_contexts(contexts, len(texts)), max_length, stride, bos, options)
-    docs = tokenize_documents([Document(i, t) for i, t in enumerate(texts)], lm.tokenizer, bos)
+    # A text of whitespace alone is not scored (no rows), as `lmeval run` skips such a document.
+    docs = tokenize_documents([Document(i, t if t.strip() else "") for i, t in enumerate(texts)], lm.tokenizer, bos)
     calls = dict(lm.workspace.calls)
     columns = score_documents(lm, docs, max_length, stride, options)
     spans = char_spans(docs, columns["doc_index"], columns["position"])

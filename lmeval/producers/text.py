@@ -18,6 +18,9 @@ from ..errors import DataError, ModelError
 
 _WORD_SPLIT = re.compile(r"\s+")
 ROLES_SCORED = "assistant"  # the role whose turns a conversation scores
+# The roles a conversation may hold: what chat templates are written for. Another name (a typo,
+# 'robot') renders as whatever a template does with an unknown role, often silently nothing.
+KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,12 @@ def check_messages(messages, where: str) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f"{where}[{i}]: must be a mapping with string `role` and `content` (got {m!r}).")
+        if m["role"] not in KNOWN_ROLES:
+            raise DataError(f"{where}[{i}]: role must be one of {', '.join(KNOWN_ROLES)} (got {m['role']!r}). "
+                            "Rename that role; a chat template may render a role it does not know as nothing.")  # fmt: skip
+        if m["role"] == ROLES_SCORED and not m["content"].strip():
+            raise DataError(f"{where}[{i}]: an assistant turn must have content (got {m['content']!r}): only its "
+                            "end-of-turn token would be scored. Drop that turn, or the conversation.")  # fmt: skip
         out.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == ROLES_SCORED for m in out):
         raise DataError(f"{where}: must hold at least one assistant message (roles: {sorted({m['role'] for m in out})}). Nothing to score.")

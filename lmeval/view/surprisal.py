@@ -246,8 +246,10 @@ def aggregate_words(tokens_df: pd.DataFrame, texts, word_correction: str | None 
 
     Summed over a text, corrected word log-probabilities telescope: they equal the token
     sum plus the first word's boundary_before and the last word's boundary_after terms.
-    A text with tokens but no non-space character yields one row, whose word is the text
-    itself, so that no surprisal is dropped. Words without scored tokens have no row.
+    A text of whitespace alone holds no word and has no row, as `lmeval run` skips such a
+    document. Words without scored tokens have no row. A token table with ``topk`` (made with
+    ``top_k`` > 0) gives each word the alternatives at its first token: the k likeliest
+    tokens where the word's first token stands.
     """
     texts = list(texts)
     check_spans(tokens_df, texts)
@@ -263,9 +265,9 @@ def aggregate_words(tokens_df: pd.DataFrame, texts, word_correction: str | None 
         )
     parts = [
         _document_words(doc_id, texts[int(doc_id)], rows, word_correction == "bow")
-        for doc_id, rows in tokens_df.groupby("doc_id", sort=True)
+        for doc_id, rows in tokens_df.groupby("doc_id", sort=True) if texts[int(doc_id)].strip()
     ]
-    columns = WORD_TABLE_COLUMNS + (["crosses_context"] if "crosses_context" in tokens_df.columns else [])
+    columns = WORD_TABLE_COLUMNS + [c for c in ("crosses_context", "topk") if c in tokens_df.columns]
     out = pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame({c: [] for c in columns})
     out.attrs.update({k: v for k, v in tokens_df.attrs.items() if k in ("text_end", "word_start_marker")})
     out.attrs["word_correction"] = word_correction
@@ -334,6 +336,8 @@ def _document_words(doc_id, text: str, rows: pd.DataFrame, correct: bool) -> pd.
         rank=("rank", "max"), crosses_word=("crosses_word", "any"), crosses_context=("crosses_context", "any"),
         before=("before", "first"), after=("after", "last"),
     )  # fmt: skip
+    if "topk" in rows:  # the alternatives where the word's first token stands
+        sums["topk"] = pd.Series(list(rows["topk"]), index=word).groupby(level=0, sort=True).first()
     index = sums.index.to_numpy()
     # Token 0 always anchors in word 0 (it starts the text), so a missing position 0 means
     # word 0 lacks a token: its first token was never predicted, so no boundary before it.
@@ -362,5 +366,6 @@ def _document_words(doc_id, text: str, rows: pd.DataFrame, correct: bool) -> pd.
             "complete": complete,
             "crosses_word": sums["crosses_word"].to_numpy(),
             "crosses_context": sums["crosses_context"].to_numpy(),
+            **({"topk": list(sums["topk"])} if "topk" in sums else {}),
         }
     )
