@@ -21,6 +21,7 @@ import re
 import shlex
 import shutil
 import sys
+import time
 import unittest
 from pathlib import Path
 
@@ -120,8 +121,9 @@ def test_code_blocks_run(page: Path, demo_clone: Path, tmp_path: Path, monkeypat
     monkeypatch.chdir(work)
     document = SYBIL.parse(page)
     document.namespace["__name__"] = "__docs__"
-    ran, skipped = 0, []
+    ran, skipped, seconds = 0, [], {}
     for example in document.examples():
+        started = time.perf_counter()
         try:
             example.evaluate()
         except unittest.SkipTest as reason:
@@ -129,7 +131,8 @@ def test_code_blocks_run(page: Path, demo_clone: Path, tmp_path: Path, monkeypat
             continue
         if example.region.evaluator is not SYBIL.parsers[2].skipper:
             ran += 1
-    print(f"{page_id(page)}: {ran} blocks ran, {len(skipped)} skipped: {skipped}")
+            seconds[example.line] = round(time.perf_counter() - started, 1)
+    print(f"\n{page_id(page)}: {ran} blocks ran (seconds by line: {seconds}), {len(skipped)} skipped: {skipped}")
 
 
 @pytest.mark.parametrize("page", PAGES, ids=page_id)
@@ -263,15 +266,15 @@ def test_glossary_covers_the_python_api_tables() -> None:
     from lmeval.producers.chat import score_chats, turn_table
     from lmeval.view.divergence import divergence_table
 
-    final, early = str(demo_model_path()), str(demo_model_path().parent / "early")
-    lm = lmeval.load_model(final)
+    lm = lmeval.load_model(demo_model_path())
+    early = str(demo_model_path().parent / "early")
     texts, contexts = ["sat on the mat."], ["The cat "]
     tables = {
         "score_texts()": lmeval.score_texts(texts, lm, top_k=2, contexts=contexts).columns,
         "surprisal_table()": lmeval.surprisal_table(texts, lm, top_k=2, contexts=contexts).columns,
         "surprisal_table(words=True)": lmeval.surprisal_table(texts, lm, words=True, contexts=contexts).columns,
         "minimal_pairs()": lmeval.minimal_pairs(["The cat sat."], ["The cat sit."], lm, contexts=["Once, "]).columns,
-        "lmeval surprisal --baseline": divergence_table(texts, final, early).columns,
+        "lmeval surprisal --baseline": divergence_table(texts, lm, early).columns,
     }
     lm.tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
                                   "{% if add_generation_prompt %}assistant: {% endif %}")
