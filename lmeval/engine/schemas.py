@@ -99,8 +99,9 @@ _DV, _DS, _DT = "divergence.parquet", "divergence.csv", "divergence_tokens.csv"
 _ST, _SV, _SW, _SB = "score_texts()", "surprisal_table()", "surprisal_table(words=True)", "lmeval surprisal --baseline"
 _PR, _SC, _TT = "minimal_pairs()", "score_chats()", "turn_table()"
 _PER_TOKEN = (_T, _ST)  # the scorer's columns: tokens.parquet and score_texts() share them
-_Q = ("the q-th percentile over every token (numpy's linear interpolation), q spelt with its decimal point "
-      "after two digits: p001 = 0.1st, p01 = 1st, p99 = 99th, p999 = 99.9th; no interval")  # fmt: skip
+_Q = ("the q-th percentile over every token, q spelt with its decimal point after two digits: p001 = 0.1st, "
+      "p01 = 1st, p99 = 99th, p999 = 99.9th; exact up to 2^21 tokens per model, then within 0.5% relative "
+      "(lmeval.core.sketch); no interval")  # fmt: skip
 
 COLUMNS: dict[str, Column] = {
     # Who and where
