@@ -227,8 +227,8 @@ def _first_bad_json_line(files: list[str]) -> str | None:
                     continue
                 try:
                     value = json.loads(line)
-                except ValueError as exc:
-                    return f"{name}: line {number} is not JSON ({exc.msg if hasattr(exc, 'msg') else exc})"
+                except json.JSONDecodeError as exc:
+                    return f"{name}: line {number} is not JSON ({exc.msg})"
                 if not isinstance(value, dict):
                     return f"{name}: line {number} is not a JSON object (got {type(value).__name__})"
     return None
