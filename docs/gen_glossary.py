@@ -36,8 +36,10 @@ def _table_columns(table: str) -> list[str]:
     if schema is None:
         return keys
     ordered = [schemas.glossary_key(name) for name in schema.names]
-    ordered += [schemas.glossary_key(name + "{k}" if name.endswith("_") else name) or name
-                for name in schemas.OPTIONAL.get(table, {})]  # fmt: skip
+    ordered += [
+        schemas.glossary_key(name + "{k}" if name.endswith("_") else name) or name
+        for name in schemas.OPTIONAL.get(table, {})
+    ]
     return list(dict.fromkeys([k for k in ordered if k] + keys))
 
 
@@ -48,11 +50,19 @@ def glossary_markdown() -> str:
     lines = ["| column | unit | meaning | in |", "|---|---|---|---|"]
     for key, column in schemas.COLUMNS.items():
         tables = ", ".join(f"[{t}](#{anchor('table-' + t)})" for t in column.tables)
-        lines.append(f'| <span id="{anchor(key)}"></span>`{key}` | {_cell(column.unit)} | {_cell(column.meaning)} | {tables} |')
-    lines += ["", "## Tables", "", "Each table's columns, in the order a file holds them where it has a fixed schema.", ""]
+        lines.append(
+            f'| <span id="{anchor(key)}"></span>`{key}` | {_cell(column.unit)} | {_cell(column.meaning)} | {tables} |'
+        )
+    lines += [
+        "",
+        "## Tables",
+        "",
+        "Each table's columns, in the order a file holds them where it has a fixed schema.",
+        "",
+    ]
     for table, row in schemas.TABLES.items():
         columns = ", ".join(f"[`{key}`](#{anchor(key)})" for key in _table_columns(table))
-        lines += [f'### {table} {{ #{anchor("table-" + table)} }}', "", f"{row[0].upper()}{row[1:]}.", "", columns, ""]
+        lines += [f"### {table} {{ #{anchor('table-' + table)} }}", "", f"{row[0].upper()}{row[1:]}.", "", columns, ""]
     return "\n".join(lines)
 
 

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_cases  # noqa: E402  (the short, strided and end-to-end cases)
+import bench_cases
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "lmeval" / "assets" / "demo"
@@ -101,16 +101,21 @@ def build_model(name: str, dtype: torch.dtype, device: str):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         config = LlamaConfig(
-            vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
-        )  # fmt: skip
+            vocab_size=128256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=1024,
+        )
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.to(device).eval(), tokenizer
 
 
 def run_bare(model, tokenizer, texts, max_length, batch_tokens) -> list[float] | None:
-    from lmeval.model.scorer import pack_batches
     from lmeval.core.windows import make_windows
+    from lmeval.model.scorer import pack_batches
 
     prefix = [tokenizer.eos_token_id]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -125,7 +130,7 @@ def run_bare(model, tokenizer, texts, max_length, batch_tokens) -> list[float] |
             for r, row in enumerate(rows):
                 input_ids[r, : len(row)] = torch.tensor(row)
                 mask[r, : len(row)] = 1
-            model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
     return None
 
 
@@ -144,8 +149,13 @@ def run_lm_eval(model, tokenizer, texts, max_length, batch_tokens) -> list[float
     from lm_eval.models.huggingface import HFLM
 
     device = str(next(model.parameters()).device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, device=device,
-              batch_size=max(1, batch_tokens // max_length))  # fmt: skip
+    lm = HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        max_length=max_length,
+        device=device,
+        batch_size=max(1, batch_tokens // max_length),
+    )
     requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
     return [-ll for ll in lm.loglikelihood_rolling(requests, disable_tqdm=True)]
 
@@ -178,8 +188,13 @@ def child(args) -> dict:
     started = time.perf_counter()
     doc_nll = RUNNERS[args.method](model, tokenizer, texts, max_length, batch_tokens)
     seconds = time.perf_counter() - started
-    out = {"tokens": n_tokens, "seconds": seconds, "peak_rise_mb": peak_rss_mb() - base, "doc_nll": doc_nll,
-           "warmup": warmup}  # fmt: skip
+    out = {
+        "tokens": n_tokens,
+        "seconds": seconds,
+        "peak_rise_mb": peak_rss_mb() - base,
+        "doc_nll": doc_nll,
+        "warmup": warmup,
+    }
     if device == "cuda":
         out["cuda_peak_mb"] = (torch.cuda.max_memory_allocated() - cuda_base) / 2**20
     return out
@@ -231,27 +246,38 @@ def spread(r: dict) -> str:
 
 def report(model: str, results: dict, args) -> None:
     max_length, batch_tokens = MODELS[model]
-    print(f"\n== {model}: L = S = {max_length}, batch_tokens = {args.batch_tokens or batch_tokens}, "
-          f"threads = {args.threads}, device = {'cuda' if torch.cuda.is_available() else 'cpu'}")  # fmt: skip
-    print(f"{'method':<16} {'tokens':>8} {'seconds':>9} {'tok/s':>9} {'peak RSS rise MB':>17} {'CUDA peak MB':>13} "
-          f"{'untimed warm-up s':>18} {'spread':>7}")  # fmt: skip
+    print(
+        f"\n== {model}: L = S = {max_length}, batch_tokens = {args.batch_tokens or batch_tokens}, "
+        f"threads = {args.threads}, device = {'cuda' if torch.cuda.is_available() else 'cpu'}"
+    )
+    print(
+        f"{'method':<16} {'tokens':>8} {'seconds':>9} {'tok/s':>9} {'peak RSS rise MB':>17} {'CUDA peak MB':>13} "
+        f"{'untimed warm-up s':>18} {'spread':>7}"
+    )
     for name, r in results.items():
         cuda = f"{r['cuda_peak_mb']:.0f}" if "cuda_peak_mb" in r else "-"
-        print(f"{name:<16} {r['tokens']:>8} {r['seconds']:>9.2f} {r['tokens'] / r['seconds']:>9.0f} "
-              f"{r['peak_rise_mb']:>17.1f} {cuda:>13} {r['warmup']:>18.1f} {spread(r):>7}")  # fmt: skip
+        print(
+            f"{name:<16} {r['tokens']:>8} {r['seconds']:>9.2f} {r['tokens'] / r['seconds']:>9.0f} "
+            f"{r['peak_rise_mb']:>17.1f} {cuda:>13} {r['warmup']:>18.1f} {spread(r):>7}"
+        )
     for mine in ("lmeval", "lmeval-eager", "lmeval-compiled"):
         for other in ("bare", "lm-eval"):
             if mine in results and other in results:
                 ours, theirs = results[mine], results[other]
-                print(f"{mine} vs {other}: throughput {theirs['seconds'] / ours['seconds']:.2f}x, "
-                      f"peak RSS {ours['peak_rise_mb'] / max(theirs['peak_rise_mb'], 1e-9):.2f}x", end="")
+                print(
+                    f"{mine} vs {other}: throughput {theirs['seconds'] / ours['seconds']:.2f}x, "
+                    f"peak RSS {ours['peak_rise_mb'] / max(theirs['peak_rise_mb'], 1e-9):.2f}x",
+                    end="",
+                )
                 if "cuda_peak_mb" in ours and "cuda_peak_mb" in theirs:
                     print(f", CUDA peak {ours['cuda_peak_mb'] / max(theirs['cuda_peak_mb'], 1e-9):.2f}x", end="")
                 print()
     ours = results.get("lmeval")
     if ours and "lm-eval" in results:
         rel = [abs(a - b) / abs(b) for a, b in zip(ours["doc_nll"], results["lm-eval"]["doc_nll"]) if b]
-        print(f"per-document agreement lmeval vs lm-eval: max relative difference {max(rel):.2e} over {len(rel)} documents")
+        print(
+            f"per-document agreement lmeval vs lm-eval: max relative difference {max(rel):.2e} over {len(rel)} documents"
+        )
 
 
 def scaling(args) -> None:
@@ -270,17 +296,22 @@ def scaling(args) -> None:
                 f"models: [{{name: final, path: {DEMO / 'final'}, dtype: float32}}]\n"
                 f"data: {{path: docs.jsonl, id_field: id}}\nscoring: {{max_length: 256, batch_tokens: 8192, compile: false}}\n"
                 "output: {dir: out}\n"
-            )  # fmt: skip
+            )
             started = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, "-m", "lmeval", "run", f"{tmp}/cfg.yaml", "-q"],
-                                    stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})  # fmt: skip
-            _, status, usage = os.wait4(proc.pid, 0)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "lmeval", "run", f"{tmp}/cfg.yaml", "-q"],
+                stdout=subprocess.DEVNULL,
+                env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+            )
+            _, _, usage = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - started
             import pandas as pd
 
             summary = pd.read_csv(f"{tmp}/out/summary.csv").iloc[0]
-            print(f"{int(summary.n_tokens):>9} {wall:>8.1f} {summary.tokens_per_second:>14.0f} "
-                  f"{1e6 * wall / summary.n_tokens:>16.1f} {usage.ru_maxrss / 1024:>12.0f}")  # fmt: skip
+            print(
+                f"{int(summary.n_tokens):>9} {wall:>8.1f} {summary.tokens_per_second:>14.0f} "
+                f"{1e6 * wall / summary.n_tokens:>16.1f} {usage.ru_maxrss / 1024:>12.0f}"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,7 +31,9 @@ def sentences(tokenizer, n: int) -> list[str]:
     """``n`` sentences of 5-40 tokens from the held-out books, cycled with a marker if needed."""
     import bench
 
-    books = [json.loads(line)["text"] for line in (bench.DEMO / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    books = [
+        json.loads(line)["text"] for line in (bench.DEMO / "heldout.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     pieces = [p.strip() for b in books for p in re.split(r"(?<=[.;:?!])\s+", b) if p.strip()]
     lengths = [len(x) for x in tokenizer(pieces, add_special_tokens=False)["input_ids"]]
     pool = [p for p, k in zip(pieces, lengths) if 5 <= k <= 40]
@@ -50,8 +52,11 @@ def run_lmeval_short(model, tokenizer, texts, args) -> dict:
 
     frame = lmeval.score_texts(texts, (model, tokenizer), bos="none", max_length=256, compile="auto")
     nll = frame.nll.to_numpy(np.float64)
-    return {"tokens": len(frame), "per_token": _by_doc(frame.doc_id.to_numpy(), frame.position.to_numpy(), -nll, len(texts)),
-            "reductions": frame.attrs["reductions"]}  # fmt: skip
+    return {
+        "tokens": len(frame),
+        "per_token": _by_doc(frame.doc_id.to_numpy(), frame.position.to_numpy(), -nll, len(texts)),
+        "reductions": frame.attrs["reductions"],
+    }
 
 
 def _by_doc(doc_id, position, values, n_docs) -> list[list[float]]:
@@ -86,7 +91,9 @@ def run_lmeval_strided(model, tokenizer, texts, args) -> dict:
     import lmeval
 
     frame = lmeval.score_texts(texts, (model, tokenizer), max_length=STRIDED[0], stride=STRIDED[1], compile="auto")
-    sums = np.bincount(frame.doc_id.to_numpy().astype(np.int64), weights=frame.nll.to_numpy(np.float64), minlength=len(texts))
+    sums = np.bincount(
+        frame.doc_id.to_numpy().astype(np.int64), weights=frame.nll.to_numpy(np.float64), minlength=len(texts)
+    )
     return {"tokens": len(frame), "doc_nll": sums.tolist(), "reductions": frame.attrs["reductions"]}
 
 
@@ -103,7 +110,9 @@ def run_hf_recipe(model, tokenizer, texts, args) -> dict:
     with torch.inference_mode():
         for w in strided_windows(tokenizer, texts):
             logits = model(torch.tensor([w.input_ids], device=device)).logits[0, w.first_scored :]
-            sums[w.doc_id] += F.cross_entropy(logits.float(), torch.tensor(w.targets, device=device), reduction="sum").item()
+            sums[w.doc_id] += F.cross_entropy(
+                logits.float(), torch.tensor(w.targets, device=device), reduction="sum"
+            ).item()
             n += w.n_scored
     return {"tokens": n, "doc_nll": sums.tolist()}
 
@@ -144,16 +153,20 @@ def run_lmeval_run(model, tokenizer, texts, args) -> dict:
         started = time.perf_counter()
         tables = lmeval.run(str(config), show_progress=False, return_tokens=False)
         seconds = time.perf_counter() - started - load
-        return {"tokens": int(tables["summary"].n_tokens.sum()), "doc_nll": tables["documents"].nll_sum.tolist(),
-                "seconds_override": seconds, "load_seconds": load,
-                "after_last_part_seconds": tables["run"]["seconds_after_last_part"]}  # fmt: skip
+        return {
+            "tokens": int(tables["summary"].n_tokens.sum()),
+            "doc_nll": tables["documents"].nll_sum.tolist(),
+            "seconds_override": seconds,
+            "load_seconds": load,
+            "after_last_part_seconds": tables["run"]["seconds_after_last_part"],
+        }
 
 
 def run_scoring_only(model, tokenizer, texts, args) -> dict:
-    from lmeval.model.loading import prepare_model
-    from lmeval.model.scorer import ScoreOptions
     from lmeval.engine.config import CalibrationConfig
     from lmeval.engine.data import Document, tokenize_documents
+    from lmeval.model.loading import prepare_model
+    from lmeval.model.scorer import ScoreOptions
     from lmeval.producers.score import score_documents
 
     lm = prepare_model(model, tokenizer, name="m")
@@ -161,13 +174,17 @@ def run_scoring_only(model, tokenizer, texts, args) -> dict:
     docs = tokenize_documents([Document(f"doc-{i}", t) for i, t in enumerate(texts)], tokenizer)
     columns = score_documents(lm, docs, 256, None, options)
     sums = np.bincount(columns["doc_index"], weights=columns["nll"].astype(np.float64), minlength=len(texts))
-    return {"tokens": int(len(columns["nll"])), "doc_nll": sums.tolist()}
+    return {"tokens": len(columns["nll"]), "doc_nll": sums.tolist()}
 
 
 RUNNERS = {
-    "lmeval-short": run_lmeval_short, "minicons": run_minicons, "lmeval-strided": run_lmeval_strided,
-    "hf-recipe": run_hf_recipe, "lmeval-run": run_lmeval_run, "scoring-only": run_scoring_only,
-}  # fmt: skip
+    "lmeval-short": run_lmeval_short,
+    "minicons": run_minicons,
+    "lmeval-strided": run_lmeval_strided,
+    "hf-recipe": run_hf_recipe,
+    "lmeval-run": run_lmeval_run,
+    "scoring-only": run_scoring_only,
+}
 
 
 def child(args) -> dict:
@@ -203,26 +220,42 @@ def compare(args) -> None:
             methods.remove("minicons")
             print("minicons is not installed: skipping it (pip install -e '.[bench]')")
     model = CASE_MODEL[args.case]
-    base = ["--model", model, "--tokens", str(args.tokens), "--threads", str(args.threads),
-            "--sentences", str(args.sentences)]  # fmt: skip
+    base = [
+        "--model",
+        model,
+        "--tokens",
+        str(args.tokens),
+        "--threads",
+        str(args.threads),
+        "--sentences",
+        str(args.sentences),
+    ]
     results = bench.run_children({m: [*base, "--method", m] for m in methods}, args.repeat)
     print(f"\n== {args.case}: model {model}, threads = {args.threads}, repeat = {args.repeat}")
-    print(f"{'method':<16} {'tokens':>8} {'seconds':>9} {'tok/s':>9} {'peak RSS rise MB':>17} {'warm-up s':>10} "
-          f"{'spread':>7} {'runs s':>20}")  # fmt: skip
+    print(
+        f"{'method':<16} {'tokens':>8} {'seconds':>9} {'tok/s':>9} {'peak RSS rise MB':>17} {'warm-up s':>10} "
+        f"{'spread':>7} {'runs s':>20}"
+    )
     for name, r in results.items():
         runs = " ".join(f"{x:.1f}" for x in r["all_seconds"])
-        print(f"{name:<16} {r['tokens']:>8} {r['seconds']:>9.2f} {r['tokens'] / r['seconds']:>9.0f} "
-              f"{r['peak_rise_mb']:>17.1f} {r['warmup']:>10.1f} {bench.spread(r):>7} {runs:>20}")  # fmt: skip
+        print(
+            f"{name:<16} {r['tokens']:>8} {r['seconds']:>9.2f} {r['tokens'] / r['seconds']:>9.0f} "
+            f"{r['peak_rise_mb']:>17.1f} {r['warmup']:>10.1f} {bench.spread(r):>7} {runs:>20}"
+        )
     if len(results) == 2:
         (a, ra), (b, rb) = results.items()
         ratios = [y / x for x, y in zip(ra["all_seconds"], rb["all_seconds"])]
-        print(f"{a} vs {b}: throughput {rb['seconds'] / ra['seconds'] * ra['tokens'] / rb['tokens']:.2f}x "
-              f"(tokens/s of the fastest runs; per-round {' '.join(f'{x:.2f}' for x in ratios)})")  # fmt: skip
+        print(
+            f"{a} vs {b}: throughput {rb['seconds'] / ra['seconds'] * ra['tokens'] / rb['tokens']:.2f}x "
+            f"(tokens/s of the fastest runs; per-round {' '.join(f'{x:.2f}' for x in ratios)})"
+        )
         agreement(ra, rb)
     for name, r in results.items():
         if "after_last_part_seconds" in r:  # the merge keeps pace: this should not grow with the corpus
-            print(f"{name}: {r['after_last_part_seconds']:.2f} s after the last part (merge close, tables, figures, "
-                  f"comparison, run.json) of {r['seconds']:.2f} s")  # fmt: skip
+            print(
+                f"{name}: {r['after_last_part_seconds']:.2f} s after the last part (merge close, tables, figures, "
+                f"comparison, run.json) of {r['seconds']:.2f} s"
+            )
         if "reductions" in r:
             print(f"{name}: reductions ran {r['reductions']}")
 
@@ -230,11 +263,15 @@ def compare(args) -> None:
 def agreement(ra: dict, rb: dict) -> None:
     if "per_token" in ra and "per_token" in rb:
         # lmeval with bos: none scores exactly the tokens minicons scores (all but each first)
-        pairs = [(x, y) for xs, ys in zip(ra["per_token"], rb["per_token"]) if len(xs) == len(ys) for x, y in zip(xs, ys)]
+        pairs = [
+            (x, y) for xs, ys in zip(ra["per_token"], rb["per_token"]) if len(xs) == len(ys) for x, y in zip(xs, ys)
+        ]
         mismatched = sum(len(xs) != len(ys) for xs, ys in zip(ra["per_token"], rb["per_token"]))
         diff = max(abs(x - y) for x, y in pairs) if pairs else float("nan")
-        print(f"per-token agreement: max |log p difference| {diff:.2e} nats over {len(pairs)} tokens "
-              f"({mismatched} sentences with a different token count)")  # fmt: skip
+        print(
+            f"per-token agreement: max |log p difference| {diff:.2e} nats over {len(pairs)} tokens "
+            f"({mismatched} sentences with a different token count)"
+        )
     elif "doc_nll" in ra and "doc_nll" in rb:
         rel = [abs(x - y) / abs(y) for x, y in zip(ra["doc_nll"], rb["doc_nll"]) if y]
         print(f"per-document agreement: max relative difference in sum NLL {max(rel):.2e} over {len(rel)} documents")

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench  # noqa: E402
+import bench
 
 MAX_LENGTH = 1024
 
@@ -47,11 +47,18 @@ def child(args) -> dict:
         with torch.no_grad():  # a "fine-tune": every weight nudged by 5% of its spread
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.05 * p.float().std().clamp_min(1e-3).to(p.dtype))
-        run = lambda docs: lmeval.divergence(docs, (model, tokenizer), (base, tokenizer), max_length=MAX_LENGTH,  # noqa: E731
-                                             batch_tokens=args.batch_tokens)  # fmt: skip
+
+        def run(docs):
+            return lmeval.divergence(
+                docs, (model, tokenizer), (base, tokenizer), max_length=MAX_LENGTH, batch_tokens=args.batch_tokens
+            )
     else:
-        run = lambda docs: lmeval.score_texts(docs, (model, tokenizer), max_length=MAX_LENGTH,  # noqa: E731
-                                              batch_tokens=args.batch_tokens, compile=False)  # fmt: skip
+
+        def run(docs):
+            return lmeval.score_texts(
+                docs, (model, tokenizer), max_length=MAX_LENGTH, batch_tokens=args.batch_tokens, compile=False
+            )
+
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -61,8 +68,13 @@ def child(args) -> dict:
     started = time.perf_counter()
     table = run(texts)
     seconds = time.perf_counter() - started
-    out = {"tokens": len(table), "seconds": seconds, "loaded_mb": loaded, "peak_mb": bench.peak_rss_mb(),
-           "kl_mean": float(table["kl"].mean()) if "kl" in table else None}  # fmt: skip
+    out = {
+        "tokens": len(table),
+        "seconds": seconds,
+        "loaded_mb": loaded,
+        "peak_mb": bench.peak_rss_mb(),
+        "kl_mean": float(table["kl"].mean()) if "kl" in table else None,
+    }
     if device == "cuda":
         out["cuda_loaded_mb"], out["cuda_peak_mb"] = cuda_loaded, torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -82,8 +94,19 @@ def main(argv: list[str] | None = None) -> None:
         return
     results = {}
     for method in ("single", "pair"):
-        cmd = [sys.executable, __file__, "--child", "--method", method, "--tokens", str(args.tokens),
-               "--threads", str(args.threads), "--batch-tokens", str(args.batch_tokens)] + (["--bf16"] if args.bf16 else [])  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--method",
+            method,
+            "--tokens",
+            str(args.tokens),
+            "--threads",
+            str(args.threads),
+            "--batch-tokens",
+            str(args.batch_tokens),
+        ] + (["--bf16"] if args.bf16 else [])
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"{method} failed:\n{done.stderr[-3000:]}")
@@ -93,23 +116,33 @@ def main(argv: list[str] | None = None) -> None:
 
 def report(results: dict, args) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"== llama-128k (V = 128256, hidden 64, 2 layers), L = {MAX_LENGTH}, batch_tokens = {args.batch_tokens}, "
-          f"threads = {args.threads}, device = {device}")  # fmt: skip
-    print(f"{'method':<8} {'tokens':>7} {'tok/s':>8} {'loaded MB':>10} {'peak MB':>9} {'rise MB':>9}"
-          + (f" {'CUDA loaded':>12} {'CUDA peak':>10} {'CUDA rise':>10}" if device == "cuda" else ""))  # fmt: skip
+    print(
+        f"== llama-128k (V = 128256, hidden 64, 2 layers), L = {MAX_LENGTH}, batch_tokens = {args.batch_tokens}, "
+        f"threads = {args.threads}, device = {device}"
+    )
+    print(
+        f"{'method':<8} {'tokens':>7} {'tok/s':>8} {'loaded MB':>10} {'peak MB':>9} {'rise MB':>9}"
+        + (f" {'CUDA loaded':>12} {'CUDA peak':>10} {'CUDA rise':>10}" if device == "cuda" else "")
+    )
     for name, r in results.items():
-        line = (f"{name:<8} {r['tokens']:>7} {r['tokens'] / r['seconds']:>8.0f} {r['loaded_mb']:>10.0f} "
-                f"{r['peak_mb']:>9.0f} {r['peak_mb'] - r['loaded_mb']:>9.0f}")  # fmt: skip
+        line = (
+            f"{name:<8} {r['tokens']:>7} {r['tokens'] / r['seconds']:>8.0f} {r['loaded_mb']:>10.0f} "
+            f"{r['peak_mb']:>9.0f} {r['peak_mb'] - r['loaded_mb']:>9.0f}"
+        )
         if "cuda_peak_mb" in r:
             line += f" {r['cuda_loaded_mb']:>12.0f} {r['cuda_peak_mb']:>10.0f} {r['cuda_peak_mb'] - r['cuda_loaded_mb']:>10.0f}"
         print(line)
     s, p = results["single"], results["pair"]
-    print(f"pair / single: peak RSS {p['peak_mb'] / s['peak_mb']:.3f}x, working memory (peak rise above the loaded "
-          f"weights) {(p['peak_mb'] - p['loaded_mb']) / (s['peak_mb'] - s['loaded_mb']):.3f}x, "
-          f"time per token {s['tokens'] / s['seconds'] / (p['tokens'] / p['seconds']):.2f}x (target: memory <= 1.2x)")  # fmt: skip
+    print(
+        f"pair / single: peak RSS {p['peak_mb'] / s['peak_mb']:.3f}x, working memory (peak rise above the loaded "
+        f"weights) {(p['peak_mb'] - p['loaded_mb']) / (s['peak_mb'] - s['loaded_mb']):.3f}x, "
+        f"time per token {s['tokens'] / s['seconds'] / (p['tokens'] / p['seconds']):.2f}x (target: memory <= 1.2x)"
+    )
     if "cuda_peak_mb" in s:
-        print(f"pair / single on CUDA: peak allocated {p['cuda_peak_mb'] / s['cuda_peak_mb']:.3f}x, rise "
-              f"{(p['cuda_peak_mb'] - p['cuda_loaded_mb']) / (s['cuda_peak_mb'] - s['cuda_loaded_mb']):.3f}x")  # fmt: skip
+        print(
+            f"pair / single on CUDA: peak allocated {p['cuda_peak_mb'] / s['cuda_peak_mb']:.3f}x, rise "
+            f"{(p['cuda_peak_mb'] - p['cuda_loaded_mb']) / (s['cuda_peak_mb'] - s['cuda_loaded_mb']):.3f}x"
+        )
     print(f"mean KL of the nudged model from its base: {p['kl_mean']:.4g} nats over {p['tokens']} tokens")
 
 

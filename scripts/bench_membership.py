@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench  # noqa: E402
+import bench
 
 VARIANTS = {
     "plain": ["analysis.membership=false"],
@@ -84,7 +84,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gpt2-50k", choices=list(bench.MODELS))
     parser.add_argument("--tokens", type=int, default=30000)
-    parser.add_argument("--doc-chars", type=int, default=2000, help="split the books into documents of this many characters")
+    parser.add_argument(
+        "--doc-chars", type=int, default=2000, help="split the books into documents of this many characters"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="auto")
@@ -100,8 +102,10 @@ def main(argv=None) -> None:
                 wall, scoring, n_tokens = timed_run(config, overrides)
                 times[name][0].append(wall)
                 times[name][1].append(scoring)
-    print(f"model {args.model}, {n_tokens} tokens in {n_docs} documents, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} runs each")  # fmt: skip
+    print(
+        f"model {args.model}, {n_tokens} tokens in {n_docs} documents, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats} runs each"
+    )
     base_wall, base_scoring = (statistics.median(v) for v in times["plain"])
     print(f"{'variant':<14} {'run s':>8} {'ratio':>7} {'scoring s':>10} {'ratio':>7}")
     for name, (walls, scorings) in times.items():

@@ -135,8 +135,12 @@ def train_tokenizer(folder: Path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=True)
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=[EOT],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train([str(sample)], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT)
 
@@ -150,8 +154,9 @@ def build_model(folder: Path) -> tuple[Path, object, int]:
     tokenizer = train_tokenizer(folder)
     torch.manual_seed(SEED)
     eot = tokenizer.eos_token_id
-    config = GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=256, vocab_size=len(tokenizer), bos_token_id=eot,
-                        eos_token_id=eot)  # fmt: skip
+    config = GPT2Config(
+        n_embd=32, n_layer=1, n_head=2, n_positions=256, vocab_size=len(tokenizer), bos_token_id=eot, eos_token_id=eot
+    )
     model = GPT2LMHeadModel(config).eval()
     target = folder / "model"
     model.save_pretrained(target, safe_serialization=True)
@@ -183,8 +188,17 @@ def write_config(folder: Path, model_dir: Path, data: Path, compile_: str) -> Pa
 
 def run_child(config: Path, per_token: bool, out_dir: Path, env: dict) -> tuple[float, float]:
     """One ``python -m lmeval run``; returns (peak RSS MB of the child, wall seconds)."""
-    command = [sys.executable, "-m", "lmeval", "run", str(config), f"output.per_token={str(per_token).lower()}",
-               f"output.dir={out_dir}", "--overwrite", "-q"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "lmeval",
+        "run",
+        str(config),
+        f"output.per_token={str(per_token).lower()}",
+        f"output.dir={out_dir}",
+        "--overwrite",
+        "-q",
+    ]
     log_path = out_dir.with_suffix(".log")
     with open(log_path, "w") as output:
         started = time.perf_counter()
@@ -206,8 +220,14 @@ def measure(folder: Path, config: Path, per_token: bool, env: dict) -> dict:
     summary = pd.read_csv(out_dir / "summary.csv").iloc[0]
     n_tokens = int(summary.n_tokens)
     scoring = float(summary.get("tokens_per_second", float("nan")))
-    return {"tokens": n_tokens, "per_token": per_token, "peak_rss_mb": rss, "wall_s": wall,
-            "tokens_per_s": n_tokens / wall, "scoring_tokens_per_s": scoring}  # fmt: skip
+    return {
+        "tokens": n_tokens,
+        "per_token": per_token,
+        "peak_rss_mb": rss,
+        "wall_s": wall,
+        "tokens_per_s": n_tokens / wall,
+        "scoring_tokens_per_s": scoring,
+    }
 
 
 def rss_rows(root: Path, model_dir: Path, cpt: float, args, env: dict) -> list[dict]:
@@ -217,13 +237,23 @@ def rss_rows(root: Path, model_dir: Path, cpt: float, args, env: dict) -> list[d
         folder.mkdir()
         started = time.perf_counter()
         n_docs, n_chars = write_jsonl(folder / "docs.jsonl", scale_texts(int(target * cpt)))
-        log.info("corpus for %d tokens: %d documents, %.1f M characters (%.1f s)", target, n_docs, n_chars / 1e6,
-                 time.perf_counter() - started)  # fmt: skip
+        log.info(
+            "corpus for %d tokens: %d documents, %.1f M characters (%.1f s)",
+            target,
+            n_docs,
+            n_chars / 1e6,
+            time.perf_counter() - started,
+        )
         config = write_config(folder, model_dir, folder / "docs.jsonl", args.compile)
         for per_token in args.per_token_values:
             row = {"target_tokens": target, "documents": n_docs, **measure(folder, config, per_token, env)}
-            log.info("%d tokens, per_token=%s: peak RSS %.0f MB, %.1f s", row["tokens"], per_token, row["peak_rss_mb"],
-                     row["wall_s"])  # fmt: skip
+            log.info(
+                "%d tokens, per_token=%s: peak RSS %.0f MB, %.1f s",
+                row["tokens"],
+                per_token,
+                row["peak_rss_mb"],
+                row["wall_s"],
+            )
             rows.append(row)
         if not args.keep:  # the corpus and the tables of a 50M-token run are large
             shutil.rmtree(folder)
@@ -256,11 +286,20 @@ def call_plan_parts(plan_parts, corpus, part_chars: int):
     """``plan_parts(corpus, "independent", "\\n\\n", part_chars)``, by parameter name so that a
     reordered signature still works; an unknown required parameter fails with the signature."""
     signature = inspect.signature(plan_parts)
-    known = {"corpus": corpus, "documents_mode": "independent", "documents": "independent", "mode": "independent",
-             "separator": "\n\n", "part_chars": part_chars}  # fmt: skip
+    known = {
+        "corpus": corpus,
+        "documents_mode": "independent",
+        "documents": "independent",
+        "mode": "independent",
+        "separator": "\n\n",
+        "part_chars": part_chars,
+    }
     params = signature.parameters
-    unknown = [n for n, p in params.items() if n not in known and p.default is p.empty
-               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]  # fmt: skip
+    unknown = [
+        n
+        for n, p in params.items()
+        if n not in known and p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
     if unknown:
         raise TypeError(f"plan_parts{signature}: no value for {unknown}; adapt call_plan_parts")
     return plan_parts(**{n: known[n] for n in params if n in known})
@@ -285,33 +324,51 @@ def plan_row(root: Path, model_dir: Path, n_docs: int) -> dict:
     plans = call_plan_parts(plan_parts, corpus, loaded.output.part_chars)
     plan_s = time.perf_counter() - started
     chars = sum(len(d.text) for d in corpus.documents)
-    return {"documents": len(corpus.documents), "mean_chars": chars / len(corpus.documents), "parts": len(plans),
-            "part_chars": loaded.output.part_chars, "load_s": load_s, "plan_s": plan_s}  # fmt: skip
+    return {
+        "documents": len(corpus.documents),
+        "mean_chars": chars / len(corpus.documents),
+        "parts": len(plans),
+        "part_chars": loaded.output.part_chars,
+        "load_s": load_s,
+        "plan_s": plan_s,
+    }
 
 
 # ---- report ---------------------------------------------------------------------------------
 
 
 def format_rss(rows: list[dict]) -> list[str]:
-    lines = [f"{'tokens':>10} {'per_token':>9} {'docs':>7} {'peak RSS MB':>11} {'wall s':>8} {'tok/s (wall)':>12} "
-             f"{'scoring tok/s':>13} {'RSS ratio':>9}"]  # fmt: skip
+    lines = [
+        (
+            f"{'tokens':>10} {'per_token':>9} {'docs':>7} {'peak RSS MB':>11} {'wall s':>8} {'tok/s (wall)':>12} "
+            f"{'scoring tok/s':>13} {'RSS ratio':>9}"
+        )
+    ]
     for r in rows:
-        lines.append(f"{r['tokens']:>10} {str(r['per_token']).lower():>9} {r['documents']:>7} "
-                     f"{r['peak_rss_mb']:>11.0f} {r['wall_s']:>8.1f} {r['tokens_per_s']:>12.0f} "
-                     f"{r['scoring_tokens_per_s']:>13.0f} {r['rss_ratio']:>9.2f}")  # fmt: skip
+        lines.append(
+            f"{r['tokens']:>10} {str(r['per_token']).lower():>9} {r['documents']:>7} "
+            f"{r['peak_rss_mb']:>11.0f} {r['wall_s']:>8.1f} {r['tokens_per_s']:>12.0f} "
+            f"{r['scoring_tokens_per_s']:>13.0f} {r['rss_ratio']:>9.2f}"
+        )
     for per_token in dict.fromkeys(r["per_token"] for r in rows):
         same = sorted((r for r in rows if r["per_token"] == per_token), key=lambda r: r["target_tokens"])
         ratio = same[-1]["peak_rss_mb"] / same[0]["peak_rss_mb"]
-        lines.append(f"target (per_token={str(per_token).lower()}): RSS at {same[-1]['tokens']} tokens <= {RSS_TARGET}x "
-                     f"RSS at {same[0]['tokens']}: {ratio:.2f}x {'PASS' if ratio <= RSS_TARGET else 'FAIL'}")  # fmt: skip
+        lines.append(
+            f"target (per_token={str(per_token).lower()}): RSS at {same[-1]['tokens']} tokens <= {RSS_TARGET}x "
+            f"RSS at {same[0]['tokens']}: {ratio:.2f}x {'PASS' if ratio <= RSS_TARGET else 'FAIL'}"
+        )
     return lines
 
 
 def format_plan(plan: dict) -> list[str]:
     verdict = "PASS" if plan["plan_s"] < PLAN_TARGET_S else "FAIL"
-    return [f"planning {plan['documents']} documents of ~{plan['mean_chars']:.0f} characters "
+    return [
+        (
+            f"planning {plan['documents']} documents of ~{plan['mean_chars']:.0f} characters "
             f"(part_chars {plan['part_chars']}, {plan['parts']} parts): load {plan['load_s']:.2f} s, "
-            f"plan_parts {plan['plan_s']:.2f} s; target plan < {PLAN_TARGET_S:.0f} s: {verdict}"]  # fmt: skip
+            f"plan_parts {plan['plan_s']:.2f} s; target plan < {PLAN_TARGET_S:.0f} s: {verdict}"
+        )
+    ]
 
 
 def parse_args(argv):
@@ -342,8 +399,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model_dir, tokenizer, n_params = build_model(root)
         cpt = chars_per_token(tokenizer)
-        log.info("tiny model in %s: %d parameters, vocabulary %d, %.2f characters per token",
-                 model_dir, n_params, len(tokenizer), cpt)  # fmt: skip
+        log.info(
+            "tiny model in %s: %d parameters, vocabulary %d, %.2f characters per token",
+            model_dir,
+            n_params,
+            len(tokenizer),
+            cpt,
+        )
         rows = rss_rows(root, model_dir, cpt, args, env) if args.tokens and args.per_token_values else []
         plan = plan_row(root, model_dir, args.plan_docs) if args.plan_docs else None
     finally:
@@ -351,8 +413,13 @@ def main(argv: list[str] | None = None) -> None:
             log.info("kept %s", root)
         else:
             shutil.rmtree(root, ignore_errors=True)
-    setup = {"parameters": n_params, "vocab_size": len(tokenizer), "chars_per_token": cpt, "compile": args.compile,
-             "seconds": time.perf_counter() - started}  # fmt: skip
+    setup = {
+        "parameters": n_params,
+        "vocab_size": len(tokenizer),
+        "chars_per_token": cpt,
+        "compile": args.compile,
+        "seconds": time.perf_counter() - started,
+    }
     print("\n".join((format_rss(rows) if rows else []) + (format_plan(plan) if plan else [])))
     print(f"tiny GPT-2: {n_params} parameters, vocabulary {len(tokenizer)}; whole benchmark {setup['seconds']:.0f} s")
     if args.json:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench  # noqa: E402
+import bench
 
 if __name__ == "__main__":
-    bench.main(["--models", "gpt2-50k", "--methods", "bare", "lmeval", "lmeval-eager", "lmeval-compiled", *sys.argv[1:]])
+    bench.main(
+        ["--models", "gpt2-50k", "--methods", "bare", "lmeval", "lmeval-eager", "lmeval-compiled", *sys.argv[1:]]
+    )

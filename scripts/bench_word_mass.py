@@ -45,8 +45,10 @@ def main() -> None:
             score_windows(lm, windows, options)
             times[name].append(time.perf_counter() - began)
     best = {k: min(v) for k, v in times.items()}
-    print(f"tokens {args.tokens}, vocab {args.vocab}: plain {best['plain']:.3f} s, with masses {best['masses']:.3f} s, "
-          f"ratio {best['masses'] / best['plain']:.3f}")
+    print(
+        f"tokens {args.tokens}, vocab {args.vocab}: plain {best['plain']:.3f} s, with masses {best['masses']:.3f} s, "
+        f"ratio {best['masses'] / best['plain']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ lm-eval, peak memory <= 0.5x lm-eval's.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -35,10 +36,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402  (load_texts, the demo tokenizer)
 
-BIG = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-           num_key_value_heads=8, vocab_size=128256, max_position_embeddings=2048, tie_word_embeddings=True)  # fmt: skip
-SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-             num_key_value_heads=1, vocab_size=8192, max_position_embeddings=64, tie_word_embeddings=True)  # fmt: skip
+BIG = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+)
+SMOKE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    vocab_size=8192,
+    max_position_embeddings=64,
+    tie_word_embeddings=True,
+)
 
 
 def big_model(shape: dict, dtype, device):
@@ -77,8 +94,10 @@ def scale(args, device) -> list[dict]:
     batch_tokens = 1024 if args.smoke else 16384
     texts = bench.load_texts(args.tokens, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    runners = {"bare": lambda t: bench.run_bare(model, tokenizer, t, length, batch_tokens),
-               "lmeval": lambda t: bench.run_lmeval(model, tokenizer, t, length, batch_tokens)}  # fmt: skip
+    runners = {
+        "bare": lambda t: bench.run_bare(model, tokenizer, t, length, batch_tokens),
+        "lmeval": lambda t: bench.run_lmeval(model, tokenizer, t, length, batch_tokens),
+    }
     try:
         import lm_eval  # noqa: F401
 
@@ -89,38 +108,65 @@ def scale(args, device) -> list[dict]:
     rows, sums = [], {}
     for name, run in runners.items():
         run(texts[:1])  # untimed warm-up: kernels, allocator, the compile of lmeval's reductions
-        sums[name], seconds, peak = timed(lambda: run(texts), device)
-        rows.append({"check": f"scale/{name}", "tokens": n_tokens, "seconds": round(seconds, 3),
-                     "tokens_per_second": round(n_tokens / seconds), "peak_mib": round(peak, 1)})  # fmt: skip
+        sums[name], seconds, peak = timed(functools.partial(run, texts), device)
+        rows.append(
+            {
+                "check": f"scale/{name}",
+                "tokens": n_tokens,
+                "seconds": round(seconds, 3),
+                "tokens_per_second": round(n_tokens / seconds),
+                "peak_mib": round(peak, 1),
+            }
+        )
     by = {r["check"].split("/")[1]: r for r in rows}
     for other in ("bare", "lm-eval"):
         if other in by:
-            r = {"check": f"scale/lmeval vs {other}", "throughput_x": round(by[other]["seconds"] / by["lmeval"]["seconds"], 2),
-                 "peak_x": round(by["lmeval"]["peak_mib"] / by[other]["peak_mib"], 3) if by[other]["peak_mib"] else None}  # fmt: skip
+            r = {
+                "check": f"scale/lmeval vs {other}",
+                "throughput_x": round(by[other]["seconds"] / by["lmeval"]["seconds"], 2),
+                "peak_x": round(by["lmeval"]["peak_mib"] / by[other]["peak_mib"], 3) if by[other]["peak_mib"] else None,
+            }
             if other == "lm-eval":
                 rel = [abs(a - b) / abs(b) for a, b in zip(sums["lmeval"], sums["lm-eval"]) if b]
                 r["max_rel_doc_nll_diff"] = float(f"{max(rel):.2e}")
             rows.append(r)
-    rows.insert(0, {"check": "scale/model", "parameters": n_params, "vocab": model.config.vocab_size,
-                    "dtype": str(dtype).replace("torch.", ""), "max_length": length})  # fmt: skip
-    del model
+    rows.insert(
+        0,
+        {
+            "check": "scale/model",
+            "parameters": n_params,
+            "vocab": model.config.vocab_size,
+            "dtype": str(dtype).replace("torch.", ""),
+            "max_length": length,
+        },
+    )
     return rows
 
 
 def exactness(device) -> list[dict]:
     """lmeval's nll against a float64 log-softmax of the full logits of the same windows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPTNeoXConfig, LlamaConfig
+
     import lmeval
     from lmeval.core.windows import make_windows
     from lmeval.model.loading import prepare_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPTNeoXConfig, LlamaConfig
 
     tokenizer = AutoTokenizer.from_pretrained(bench.DEMO / "final")
     texts = [t[:600] for t in bench.load_texts(3000, tokenizer)[:3]] + ["In the beginning."]
     vocab = len(tokenizer)
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  max_position_embeddings=64)  # fmt: skip
-    configs = {"gpt2": GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2),
-               "llama": LlamaConfig(num_key_value_heads=1, **common), "gpt_neox": GPTNeoXConfig(**common)}  # fmt: skip
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+    )
+    configs = {
+        "gpt2": GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2),
+        "llama": LlamaConfig(num_key_value_heads=1, **common),
+        "gpt_neox": GPTNeoXConfig(**common),
+    }
     rows = []
     for arch, config in configs.items():
         for dtype in (torch.float32, torch.bfloat16):
@@ -143,9 +189,16 @@ def exactness(device) -> list[dict]:
             diff = float(np.max(np.abs(ours - np.asarray(expected))))
             # bf16: the fast head path and the full forward round their bf16 logits apart
             tol = 1e-4 if dtype == torch.float32 else 5e-2
-            rows.append({"check": f"exact/{arch}/{str(dtype).replace('torch.', '')}", "tokens": len(ours),
-                         "max_abs_nll_diff": float(f"{diff:.2e}"), "tolerance": tol, "ok": diff <= tol,
-                         "reductions": frame.attrs["reductions"]})  # fmt: skip
+            rows.append(
+                {
+                    "check": f"exact/{arch}/{str(dtype).replace('torch.', '')}",
+                    "tokens": len(ours),
+                    "max_abs_nll_diff": float(f"{diff:.2e}"),
+                    "tolerance": tol,
+                    "ok": diff <= tol,
+                    "reductions": frame.attrs["reductions"],
+                }
+            )
     return rows
 
 
@@ -167,12 +220,21 @@ def recompiles(device) -> list[dict]:
     score_windows(lm, first, options)
     graphs = counters["stats"]["unique_graphs"]
     lengths = [3, 7, 19, 33, 50, 64, 90]
-    windows = [w for i, n in enumerate(lengths) for w in make_windows(i, rng.integers(1, 4000, n).tolist(), [0], 32, 32)]
+    windows = [
+        w for i, n in enumerate(lengths) for w in make_windows(i, rng.integers(1, 4000, n).tolist(), [0], 32, 32)
+    ]
     calls = dict(lm.workspace.calls)
     score_windows(lm, windows, options)
     added = counters["stats"]["unique_graphs"] - graphs
-    return [{"check": "compile/no recompiles", "windows": len(windows), "graphs_added": added, "ok": added == 0,
-             "reductions": lm.workspace.mode_since(calls)}]  # fmt: skip
+    return [
+        {
+            "check": "compile/no recompiles",
+            "windows": len(windows),
+            "graphs_added": added,
+            "ok": added == 0,
+            "reductions": lm.workspace.mode_since(calls),
+        }
+    ]
 
 
 def main(argv=None) -> int:
@@ -188,8 +250,12 @@ def main(argv=None) -> int:
     device = torch.device("cpu" if args.smoke else "cuda")
     started = time.perf_counter()
     rows = scale(args, device) + exactness(device) + recompiles(device)
-    record = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
-              "torch": torch.__version__, "seconds": round(time.perf_counter() - started, 1), "rows": rows}  # fmt: skip
+    record = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
+        "torch": torch.__version__,
+        "seconds": round(time.perf_counter() - started, 1),
+        "rows": rows,
+    }
     for row in rows:
         print(" | ".join(f"{k}={v}" for k, v in row.items()))
     print(f"device {record['device']}, {record['seconds']} s")

@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from conftest import train_bpe  # noqa: E402
-from tiny_arch import check_architecture, causal_lm_types  # noqa: E402
+from conftest import train_bpe
+from tiny_arch import causal_lm_types, check_architecture
 
 
 def main(argv=None) -> int:
@@ -51,8 +51,11 @@ def main(argv=None) -> int:
         row = check_architecture(model_type, tokenizer, quick=args.quick)
         rows.append(row)
         note = row["note"].replace("\n", " ")[:110]
-        print(f"{row['model_type']:26} {row['result']:8} {row['head']:8} {row['batching']:21} "
-              f"{row['max_error']:9.2e} {row['seconds']:7.1f}  {note}", flush=True)  # fmt: skip
+        print(
+            f"{row['model_type']:26} {row['result']:8} {row['head']:8} {row['batching']:21} "
+            f"{row['max_error']:9.2e} {row['seconds']:7.1f}  {note}",
+            flush=True,
+        )
     print(summary(rows, time.perf_counter() - started), flush=True)
     return 0 if all(r["result"] in ("pass", "refused", "skipped") for r in rows) else 1
 

@@ -61,23 +61,91 @@ EOT = "<|endoftext|>"
 # The 66 books in the order `bible` prints them (the abbreviations it uses vary, so books are
 # matched by position and the count is checked).
 BOOKS = [
-    "Genesis", "Exodus", "Leviticus", "Numbers", "Deuteronomy", "Joshua", "Judges", "Ruth",
-    "1 Samuel", "2 Samuel", "1 Kings", "2 Kings", "1 Chronicles", "2 Chronicles", "Ezra",
-    "Nehemiah", "Esther", "Job", "Psalms", "Proverbs", "Ecclesiastes", "Song of Solomon",
-    "Isaiah", "Jeremiah", "Lamentations", "Ezekiel", "Daniel", "Hosea", "Joel", "Amos",
-    "Obadiah", "Jonah", "Micah", "Nahum", "Habakkuk", "Zephaniah", "Haggai", "Zechariah",
-    "Malachi", "Matthew", "Mark", "Luke", "John", "Acts", "Romans", "1 Corinthians",
-    "2 Corinthians", "Galatians", "Ephesians", "Philippians", "Colossians",
-    "1 Thessalonians", "2 Thessalonians", "1 Timothy", "2 Timothy", "Titus", "Philemon",
-    "Hebrews", "James", "1 Peter", "2 Peter", "1 John", "2 John", "3 John", "Jude",
+    "Genesis",
+    "Exodus",
+    "Leviticus",
+    "Numbers",
+    "Deuteronomy",
+    "Joshua",
+    "Judges",
+    "Ruth",
+    "1 Samuel",
+    "2 Samuel",
+    "1 Kings",
+    "2 Kings",
+    "1 Chronicles",
+    "2 Chronicles",
+    "Ezra",
+    "Nehemiah",
+    "Esther",
+    "Job",
+    "Psalms",
+    "Proverbs",
+    "Ecclesiastes",
+    "Song of Solomon",
+    "Isaiah",
+    "Jeremiah",
+    "Lamentations",
+    "Ezekiel",
+    "Daniel",
+    "Hosea",
+    "Joel",
+    "Amos",
+    "Obadiah",
+    "Jonah",
+    "Micah",
+    "Nahum",
+    "Habakkuk",
+    "Zephaniah",
+    "Haggai",
+    "Zechariah",
+    "Malachi",
+    "Matthew",
+    "Mark",
+    "Luke",
+    "John",
+    "Acts",
+    "Romans",
+    "1 Corinthians",
+    "2 Corinthians",
+    "Galatians",
+    "Ephesians",
+    "Philippians",
+    "Colossians",
+    "1 Thessalonians",
+    "2 Thessalonians",
+    "1 Timothy",
+    "2 Timothy",
+    "Titus",
+    "Philemon",
+    "Hebrews",
+    "James",
+    "1 Peter",
+    "2 Peter",
+    "1 John",
+    "2 John",
+    "3 John",
+    "Jude",
     "Revelation",
 ]
 
 # Held out from tokenizer and model training: short books plus one long one (Job, ~94 KB),
 # about 180 KB of text in 14 documents.
 HELDOUT = [
-    "Job", "Ruth", "Lamentations", "Obadiah", "Jonah", "Nahum", "Habakkuk", "Zephaniah",
-    "Haggai", "Titus", "Philemon", "2 John", "3 John", "Jude",
+    "Job",
+    "Ruth",
+    "Lamentations",
+    "Obadiah",
+    "Jonah",
+    "Nahum",
+    "Habakkuk",
+    "Zephaniah",
+    "Haggai",
+    "Titus",
+    "Philemon",
+    "2 John",
+    "3 John",
+    "Jude",
 ]
 
 HP = dict(
@@ -134,7 +202,9 @@ def read_source(path: str) -> str:
         )
     out = subprocess.run(
         [exe, "-f", "-p", str(p.parent), "-d", p.name, "Gen1:1-Rev22:21"],
-        check=True, capture_output=True, env={**os.environ, "COLUMNS": "80"},
+        check=True,
+        capture_output=True,
+        env={**os.environ, "COLUMNS": "80"},
     ).stdout
     return out.decode("ascii")
 
@@ -249,9 +319,7 @@ def heldout_nll(ckpt: Path, docs: list[dict]) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(ckpt)
-    model = AutoModelForCausalLM.from_pretrained(
-        ckpt, dtype=torch.float64, attn_implementation="eager"
-    ).eval()
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float64, attn_implementation="eager").eval()
     L = model.config.n_positions
     total_nll, total_n, per_doc = 0.0, 0, {}
     for d in docs:
@@ -281,8 +349,9 @@ def heldout_nll(ckpt: Path, docs: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--source", default=DEFAULT_SOURCE,
-                    help=f"bible.data or plain-text KJV dump (default {DEFAULT_SOURCE})")
+    ap.add_argument(
+        "--source", default=DEFAULT_SOURCE, help=f"bible.data or plain-text KJV dump (default {DEFAULT_SOURCE})"
+    )
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="output directory")
     args = ap.parse_args()
 
@@ -294,9 +363,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from transformers import GPT2Config, GPT2LMHeadModel
     import tokenizers
     import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     transformers.logging.set_verbosity_error()  # long-sequence tokenizer warnings are expected
 
@@ -306,8 +375,10 @@ def main() -> None:
     with open(out / "heldout.jsonl", "w", encoding="utf-8") as f:
         for d in heldout:
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
-    print(f"{len(train_names)} training books, {len(heldout)} held-out documents "
-          f"({(out / 'heldout.jsonl').stat().st_size} bytes)")
+    print(
+        f"{len(train_names)} training books, {len(heldout)} held-out documents "
+        f"({(out / 'heldout.jsonl').stat().st_size} bytes)"
+    )
 
     # ---- tokenizer (training books only) ----
     train_texts = [books[b] for b in train_names]
@@ -348,9 +419,10 @@ def main() -> None:
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": hp["weight_decay"]},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=hp["lr"], betas=hp["adam_betas"], eps=hp["adam_eps"],
+        [{"params": decay, "weight_decay": hp["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=hp["lr"],
+        betas=hp["adam_betas"],
+        eps=hp["adam_eps"],
     )
 
     g = torch.Generator().manual_seed(hp["seed"])
@@ -370,9 +442,7 @@ def main() -> None:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, hp)
         logits = model(input_ids=batch[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(), batch[:, 1:].reshape(-1)
-        )
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), batch[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
@@ -384,8 +454,7 @@ def main() -> None:
             loss_curve.append({"step": done, "loss": round(mean, 5), "lr": lr_at(step, hp)})
             window = []
             el = time.perf_counter() - t_train
-            print(f"step {done:4d}  loss {mean:.4f}  lr {lr_at(step, hp):.2e}  {el:6.1f}s",
-                  flush=True)
+            print(f"step {done:4d}  loss {mean:.4f}  lr {lr_at(step, hp):.2e}  {el:6.1f}s", flush=True)
         if done == hp["early_step"]:
             save_checkpoint(model, tok, out / "early")
             ckpt_steps["early"] = done
@@ -396,26 +465,31 @@ def main() -> None:
     # ---- held-out NLL of the saved (float16) checkpoints, float64 reference ----
     results = {name: heldout_nll(out / name, heldout) for name in ("early", "final")}
     for name, r in results.items():
-        print(f"{name}: held-out mean NLL {r['mean_nll']:.4f} nats, ppl {r['perplexity']:.2f}"
-              f" over {r['tokens']} tokens")
+        print(
+            f"{name}: held-out mean NLL {r['mean_nll']:.4f} nats, ppl {r['perplexity']:.2f} over {r['tokens']} tokens"
+        )
     if not results["final"]["perplexity"] < results["early"]["perplexity"]:
         fail("final checkpoint is not better than the early one on held-out text")
 
     wall = time.perf_counter() - t0
     log = {
         "description": "lmeval demo model: small GPT-2 trained from scratch on the KJV Bible "
-                       "(training books only), float16 checkpoints 'early' and 'final'.",
+        "(training books only), float16 checkpoints 'early' and 'final'.",
         "source": "Debian package bible-kjv-text (King James Version, public domain)",
         "rebuild": "python scripts/train_demo_model.py",
         "hyperparameters": hp,
         "seed": hp["seed"],
         "deterministic_algorithms": deterministic,
-        "model_config": {k: config.to_dict()[k] for k in
-                         ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")},
+        "model_config": {k: config.to_dict()[k] for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")},
         "n_parameters": n_params,
-        "tokenizer": {"type": "byte-level BPE (tokenizers), trained on training books only",
-                      "vocab_size": len(tok), "special_tokens": [EOT],
-                      "bos=eos=unk": EOT, "eot_id": eot_id, "trim_offsets": False},
+        "tokenizer": {
+            "type": "byte-level BPE (tokenizers), trained on training books only",
+            "vocab_size": len(tok),
+            "special_tokens": [EOT],
+            "bos=eos=unk": EOT,
+            "eot_id": eot_id,
+            "trim_offsets": False,
+        },
         "training_books": train_names,
         "heldout_books": [d["id"] for d in heldout],
         "heldout_file": "heldout.jsonl",
@@ -427,10 +501,10 @@ def main() -> None:
         "loss_curve": loss_curve,
         "heldout_eval": {
             "protocol": "per document: tokens without special tokens, prefixed with the BOS "
-                        "<|endoftext|>; disjoint rolling windows of n_positions inputs "
-                        "(lmeval.windows with L = S = n_positions), every token scored once; "
-                        "saved float16 weights upcast to float64, eager attention, "
-                        "torch.log_softmax(logits.double(), -1); mean over all tokens (nats)",
+            "<|endoftext|>; disjoint rolling windows of n_positions inputs "
+            "(lmeval.windows with L = S = n_positions), every token scored once; "
+            "saved float16 weights upcast to float64, eager attention, "
+            "torch.log_softmax(logits.double(), -1); mean over all tokens (nats)",
             **results,
         },
         "train_seconds": round(train_seconds, 1),
@@ -439,10 +513,14 @@ def main() -> None:
         # 1-minute load average at start and end: the 2-core build machine is shared, and
         # wall time grows with other jobs' load (uncontended: ~0.4 s a training step).
         "load_average_1min": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "transformers": transformers.__version__,
-                        "tokenizers": tokenizers.__version__,
-                        "threads": torch.get_num_threads(), "machine": platform.machine()},
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+        },
     }
     with open(out / "train_log.json", "w") as f:
         json.dump(log, f, indent=1)

@@ -43,14 +43,18 @@ def bpe_tokenizer(tmp_path_factory):
 
 def tiny_config(arch: str, vocab_size: int, n_positions: int = 64):
     """A two-layer config of each architecture family the scorer must handle."""
-    from transformers import GPT2Config, Gemma2Config, GPTNeoXConfig, LlamaConfig
+    from transformers import Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig
 
     if arch == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2)
     common = dict(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=n_positions,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=n_positions,
+    )
     if arch == "llama":
         return LlamaConfig(num_key_value_heads=1, **common)
     if arch == "gpt_neox":

@@ -13,9 +13,16 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lmeval"
 # Lower number = lower layer. A module may import its own layer or any layer below.
 LAYERS = {
-    "errors": 0, "core": 1, "model": 2, "producers": 3, "analyses": 3, "engine": 4,
-    "view": 5, "integrations": 5, "cli": 6,
-}  # fmt: skip
+    "errors": 0,
+    "core": 1,
+    "model": 2,
+    "producers": 3,
+    "analyses": 3,
+    "engine": 4,
+    "view": 5,
+    "integrations": 5,
+    "cli": 6,
+}
 TOP = 7
 # The config's frozen dataclasses are the vocabulary every layer above the model speaks
 # (DESIGN.md: analyses import core "and the config's dataclasses"); nothing else points up.

@@ -1,18 +1,19 @@
 """The bad-input catalogue: every item gets a named error (or a counted skip), exit code 2,
 no traceback, and nothing finished is lost."""
 
+import contextlib
 import errno
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, build_model
-from test_run import write_config, write_jsonl
 
 import lmeval
+from conftest import CORPUS, build_model
 from lmeval import ConfigError, ModelError
 from lmeval.cli import main
+from test_run import write_config, write_jsonl
 
 GOOD_DATA = [{"id": f"d{i}", "text": t} for i, t in enumerate(CORPUS)]
 
@@ -35,10 +36,22 @@ def run_cli(config, *extra):
         ("- just\n- a list\n", "YAML root must be a mapping"),
         ("models: [{path: x}]\ndata: {path: d.jsonl}\nscorng: {}\n", "Did you mean 'scoring'?"),
         ("models: [{path: x, dtyp: float32}]\ndata: {path: d.jsonl}\n", "Did you mean 'dtype'?"),
-        ("models: [{path: x}]\ndata: {path: d.jsonl}\nscoring: {max_length: twelve}\n", "scoring.max_length: must be an integer"),
-        ("models: [{path: x}]\ndata: {path: d.jsonl}\nscoring: {batch_tokens: 0}\n", "scoring.batch_tokens: must be >= 1"),
-        ("models: [{path: x}]\ndata: {path: d.jsonl}\nscoring: {batch_tokens: -5}\n", "scoring.batch_tokens: must be >= 1"),
-        ("models: [{path: x}]\ndata: {path: d.jsonl}\noutput: {per_token: maybe}\n", "output.per_token: must be true or false"),
+        (
+            "models: [{path: x}]\ndata: {path: d.jsonl}\nscoring: {max_length: twelve}\n",
+            "scoring.max_length: must be an integer",
+        ),
+        (
+            "models: [{path: x}]\ndata: {path: d.jsonl}\nscoring: {batch_tokens: 0}\n",
+            "scoring.batch_tokens: must be >= 1",
+        ),
+        (
+            "models: [{path: x}]\ndata: {path: d.jsonl}\nscoring: {batch_tokens: -5}\n",
+            "scoring.batch_tokens: must be >= 1",
+        ),
+        (
+            "models: [{path: x}]\ndata: {path: d.jsonl}\noutput: {per_token: maybe}\n",
+            "output.per_token: must be true or false",
+        ),
         ("!!python/object/apply:os.system ['echo pwned']\n", "malformed YAML"),
         ("models: !!python/object/new:dict {}\ndata: {path: d.jsonl}\n", "malformed YAML"),
     ],
@@ -81,8 +94,8 @@ def test_corpus_errors(content, words, workspace, capsys):
 
 def test_huge_single_document_is_windowed_not_truncated(tmp_path, gpt2_pair):
     """A 5 MB document: tokenized whole and cut into windows, every token scored once."""
-    from lmeval.engine.data import Document, tokenize_documents
     from lmeval.core.windows import make_windows
+    from lmeval.engine.data import Document, tokenize_documents
 
     _, tokenizer = gpt2_pair
     text = (" ".join(CORPUS) + "\n") * (5 * 2**20 // (len(" ".join(CORPUS)) + 1) + 1)
@@ -101,7 +114,7 @@ def test_huge_single_document_scores(tmp_path, gpt2_pair):
 
 
 def test_model_dir_without_weights(workspace, tmp_path, capsys):
-    folder, config = workspace
+    _folder, config = workspace
     empty = tmp_path / "empty-model"
     empty.mkdir()
     (empty / "config.json").write_text("{}")
@@ -159,7 +172,7 @@ def test_output_dir_is_a_file(workspace, capsys):
 
 
 def test_read_only_output_dir(workspace, monkeypatch, capsys):
-    folder, config = workspace
+    _folder, config = workspace
 
     def refuse(self, *args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(self))
@@ -187,7 +200,7 @@ def test_disk_full_keeps_no_half_file(workspace, monkeypatch, capsys):
 
 
 def test_non_finite_logits_name_document_and_position(gpt2_pair):
-    model, tokenizer = gpt2_pair
+    _model, tokenizer = gpt2_pair
     broken = build_model("gpt2", len(tokenizer))
     bad_id = tokenizer(" fox", add_special_tokens=False)["input_ids"][0]
 
@@ -210,10 +223,7 @@ def test_trust_remote_code_warns(workspace, caplog, monkeypatch):
     from lmeval.model.spec import ModelSpec
 
     folder, _ = workspace
-    with caplog.at_level("WARNING"):
-        try:
-            load_model(ModelSpec(path=str(folder / "no-model"), trust_remote_code=True))
-        except ModelError:
-            pass
+    with caplog.at_level("WARNING"), contextlib.suppress(ModelError):
+        load_model(ModelSpec(path=str(folder / "no-model"), trust_remote_code=True))
     config = lmeval.load_config(workspace[1])
     assert config.models[0].trust_remote_code is False  # off unless the config sets it

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmeval.core import calibration as cal
 from lmeval.analyses import plots
+from lmeval.core import calibration as cal
 from lmeval.engine.files import write_figure
 
 EPS_GRID = (0.0, 0.05, 0.1, 0.3)
@@ -88,8 +88,9 @@ def make_sums(stats: dict, eps_grid=EPS_GRID, temperatures=(), n_bins=15, rows=s
     nll_t, max_prob_t = per_token.pop("nll_t", None), per_token.pop("max_prob_t", None)
     if not temperatures:
         nll_t = max_prob_t = None
-    return cal.calibration_sums(**per_token, eps_grid=eps_grid, nll_t=nll_t, max_prob_t=max_prob_t,
-                                temperatures=temperatures, n_bins=n_bins)
+    return cal.calibration_sums(
+        **per_token, eps_grid=eps_grid, nll_t=nll_t, max_prob_t=max_prob_t, temperatures=temperatures, n_bins=n_bins
+    )
 
 
 @pytest.fixture(scope="module")
@@ -189,8 +190,7 @@ def test_brier_matches_full_softmax(vocab):
     got = cal.brier_terms(stats["nll"], stats["sum_q2"])
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
-    exact = cal.brier_terms(-torch.log_softmax(logits, -1).gather(1, y[:, None])[:, 0].numpy(),
-                            (q * q).sum(axis=1))
+    exact = cal.brier_terms(-torch.log_softmax(logits, -1).gather(1, y[:, None])[:, 0].numpy(), (q * q).sum(axis=1))
     np.testing.assert_allclose(exact, expected, rtol=0, atol=1e-12)
 
 
@@ -231,8 +231,10 @@ def test_equal_mass_bins_balanced_without_ties(n, n_bins):
 
 
 @settings(max_examples=60, deadline=None)
-@given(values=st.lists(st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.9, 1.0]), min_size=1, max_size=60),
-       n_bins=st.integers(1, 12))
+@given(
+    values=st.lists(st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.9, 1.0]), min_size=1, max_size=60),
+    n_bins=st.integers(1, 12),
+)
 def test_equal_mass_bins_never_split_ties(values, n_bins):
     conf = np.array(values)
     bins = cal.reliability_bins(conf, np.ones_like(conf), n_bins=n_bins, scheme="mass")
@@ -256,30 +258,38 @@ def test_merge_bins_of_halves_equals_whole(small_batch):
     _, _, stats = small_batch
     conf, top1 = stats["max_prob"], stats["is_top1"]
     whole = cal.reliability_bins(conf, top1)
-    merged = cal.merge_bins(cal.reliability_bins(conf[:1234], top1[:1234]),
-                            cal.reliability_bins(conf[1234:], top1[1234:]))
+    merged = cal.merge_bins(
+        cal.reliability_bins(conf[:1234], top1[:1234]), cal.reliability_bins(conf[1234:], top1[1234:])
+    )
     np.testing.assert_array_equal(merged.n_tokens, whole.n_tokens)
     np.testing.assert_allclose(merged.confidence_sum, whole.confidence_sum, rtol=1e-12)
     np.testing.assert_allclose(merged.correct_sum, whole.correct_sum, rtol=1e-12)
     with pytest.raises(ValueError, match="merge_bins: bin edges must be identical"):
         cal.merge_bins(whole, cal.reliability_bins(conf, top1, n_bins=10))
     with pytest.raises(ValueError, match="equal-mass bins cannot merge"):
-        cal.merge_bins(cal.reliability_bins(conf[:9], top1[:9], scheme="mass"),
-                       cal.reliability_bins(conf[9:], top1[9:], scheme="mass"))
+        cal.merge_bins(
+            cal.reliability_bins(conf[:9], top1[:9], scheme="mass"),
+            cal.reliability_bins(conf[9:], top1[9:], scheme="mass"),
+        )
 
 
 def test_merge_sums_of_halves_equals_whole(small_batch):
     _, _, stats = small_batch
     whole = make_sums(stats, temperatures=TEMPERATURES)
-    merged = cal.merge_sums(make_sums(stats, temperatures=TEMPERATURES, rows=slice(None, 1500)),
-                            make_sums(stats, temperatures=TEMPERATURES, rows=slice(1500, None)))
+    merged = cal.merge_sums(
+        make_sums(stats, temperatures=TEMPERATURES, rows=slice(None, 1500)),
+        make_sums(stats, temperatures=TEMPERATURES, rows=slice(1500, None)),
+    )
     assert merged.n_tokens == whole.n_tokens
     s_whole, s_merged = cal.summarize(whole, vocab_size=50), cal.summarize(merged, vocab_size=50)
     assert s_merged.keys() == s_whole.keys()
     for key, value in s_whole.items():
         assert s_merged[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
-    np.testing.assert_allclose(cal.temperature_table(merged, TEMPERATURES).to_numpy(),
-                               cal.temperature_table(whole, TEMPERATURES).to_numpy(), rtol=1e-12)
+    np.testing.assert_allclose(
+        cal.temperature_table(merged, TEMPERATURES).to_numpy(),
+        cal.temperature_table(whole, TEMPERATURES).to_numpy(),
+        rtol=1e-12,
+    )
     with pytest.raises(ValueError, match="merge_sums: eps grids and temperatures must match"):
         cal.merge_sums(whole, make_sums(stats, eps_grid=(0.1,), temperatures=TEMPERATURES))
 
@@ -337,25 +347,32 @@ def test_temperature_grid(small_batch):
 MESSAGE_SHAPE = r"^{path}: .+ must be .+ \(got .+\)\. \S"
 
 
-@pytest.mark.parametrize("options, path", [
-    ({"label_smoothing": [0.0, 1.0]}, "calibration.label_smoothing[1]"),
-    ({"label_smoothing": [-0.1]}, "calibration.label_smoothing[0]"),
-    ({"label_smoothing": ["0.1"]}, "calibration.label_smoothing[0]"),
-    ({"label_smoothing": [0.1, 0.1]}, "calibration.label_smoothing[1]"),
-    ({"label_smoothing": [0, 0.0]}, "calibration.label_smoothing[1]"),
-    ({"label_smoothing": 0.1}, "calibration.label_smoothing"),
-    ({"temperatures": [1.0, 0]}, "calibration.temperatures[1]"),
-    ({"temperatures": [-1]}, "calibration.temperatures[0]"),
-    ({"temperatures": [float("nan")]}, "calibration.temperatures[0]"),
-    ({"temperatures": ["hot"]}, "calibration.temperatures[0]"),
-    ({"bins": 0}, "calibration.bins"),
-    ({"bins": "15"}, "calibration.bins"),
-    ({"bins": 2.5}, "calibration.bins"),
-    ({"bins": True}, "calibration.bins"),
-])
+@pytest.mark.parametrize(
+    "options, path",
+    [
+        ({"label_smoothing": [0.0, 1.0]}, "calibration.label_smoothing[1]"),
+        ({"label_smoothing": [-0.1]}, "calibration.label_smoothing[0]"),
+        ({"label_smoothing": ["0.1"]}, "calibration.label_smoothing[0]"),
+        ({"label_smoothing": [0.1, 0.1]}, "calibration.label_smoothing[1]"),
+        ({"label_smoothing": [0, 0.0]}, "calibration.label_smoothing[1]"),
+        ({"label_smoothing": 0.1}, "calibration.label_smoothing"),
+        ({"temperatures": [1.0, 0]}, "calibration.temperatures[1]"),
+        ({"temperatures": [-1]}, "calibration.temperatures[0]"),
+        ({"temperatures": [float("nan")]}, "calibration.temperatures[0]"),
+        ({"temperatures": ["hot"]}, "calibration.temperatures[0]"),
+        ({"bins": 0}, "calibration.bins"),
+        ({"bins": "15"}, "calibration.bins"),
+        ({"bins": 2.5}, "calibration.bins"),
+        ({"bins": True}, "calibration.bins"),
+    ],
+)
 def test_validate_calibration_options_rejects(options, path):
-    given_options = {"bins": 15, "label_smoothing": [0.0, 0.05, 0.1],
-                     "temperatures": [0.7, 0.85, 1.0, 1.15, 1.3], **options}
+    given_options = {
+        "bins": 15,
+        "label_smoothing": [0.0, 0.05, 0.1],
+        "temperatures": [0.7, 0.85, 1.0, 1.15, 1.3],
+        **options,
+    }
     errors = cal.validate_calibration_options(**given_options)
     assert len(errors) == 1, errors
     assert re.match(MESSAGE_SHAPE.format(path=re.escape(path)), errors[0]), errors[0]
@@ -366,40 +383,72 @@ def test_validate_calibration_options_accepts_defaults_and_names_where():
     assert cal.validate_calibration_options(15, [], []) == []
     errors = cal.validate_calibration_options(0, [1.0], [0], where="runs[2].calibration")
     assert [e.split(":")[0] for e in errors] == [
-        "runs[2].calibration.bins", "runs[2].calibration.label_smoothing[0]",
-        "runs[2].calibration.temperatures[0]"]
+        "runs[2].calibration.bins",
+        "runs[2].calibration.label_smoothing[0]",
+        "runs[2].calibration.temperatures[0]",
+    ]
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: cal.reliability_bins([0.5, 1.5], [1, 0]), r"reliability_bins: confidence must be in \[0, 1\] \(got 1.5"),
-    (lambda: cal.reliability_bins([np.nan], [1]), "reliability_bins: confidence must be in"),
-    (lambda: cal.reliability_bins([0.5, 0.6], [1]), "reliability_bins: per-token arrays must be the same length"),
-    (lambda: cal.reliability_bins([0.5], [1], n_bins=0), "reliability_bins: n_bins must be an integer >= 1"),
-    (lambda: cal.reliability_bins([0.5], [1], scheme="quantile"), "reliability_bins: scheme must be"),
-    (lambda: cal.reliability_bins([[0.5]], [[1]]), "must be a 1-D array"),
-    (lambda: cal.label_smoothed_ce([1.0], [2.0], 1.0), r"label_smoothed_ce: eps must be in \[0, 1\)"),
-    (lambda: cal.smoothed_target_entropy(0.1, 0), "smoothed_target_entropy: vocab_size must be"),
-    (lambda: cal.brier_terms([1.0, 2.0], [0.5]), "brier_terms: per-token arrays must be the same length"),
-    (lambda: cal.eps_label("0.1"), "eps_label: eps must be a number"),
-    (lambda: cal.calibration_sums([1.0], [0.5], [True], [0.3], [2.0], [1.0], eps_grid=[0.1],
-                                  temperatures=[1.0], nll_t=np.ones((1, 2)), max_prob_t=np.ones((1, 1))),
-     r"calibration_sums: nll_t must be of shape \(n_tokens, n_temperatures\) = \(1, 1\)"),
-    (lambda: cal.calibration_sums([1.0], [0.5], [True], [0.3], [2.0], [1.0], eps_grid=[0.1, 2]),
-     r"calibration_sums.eps_grid\[1\]: eps must be in"),
-    (lambda: cal.calibration_sums([1.0], [0.5], [True], [0.3], [2.0], [1.0], eps_grid=[], temperatures=[0]),
-     r"calibration_sums.temperatures\[0\]: temperature must be"),
-    (lambda: plots.plot_reliability({}), "plot_reliability: bins_by_model must be non-empty"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: cal.reliability_bins([0.5, 1.5], [1, 0]),
+            r"reliability_bins: confidence must be in \[0, 1\] \(got 1.5",
+        ),
+        (lambda: cal.reliability_bins([np.nan], [1]), "reliability_bins: confidence must be in"),
+        (lambda: cal.reliability_bins([0.5, 0.6], [1]), "reliability_bins: per-token arrays must be the same length"),
+        (lambda: cal.reliability_bins([0.5], [1], n_bins=0), "reliability_bins: n_bins must be an integer >= 1"),
+        (lambda: cal.reliability_bins([0.5], [1], scheme="quantile"), "reliability_bins: scheme must be"),
+        (lambda: cal.reliability_bins([[0.5]], [[1]]), "must be a 1-D array"),
+        (lambda: cal.label_smoothed_ce([1.0], [2.0], 1.0), r"label_smoothed_ce: eps must be in \[0, 1\)"),
+        (lambda: cal.smoothed_target_entropy(0.1, 0), "smoothed_target_entropy: vocab_size must be"),
+        (lambda: cal.brier_terms([1.0, 2.0], [0.5]), "brier_terms: per-token arrays must be the same length"),
+        (lambda: cal.eps_label("0.1"), "eps_label: eps must be a number"),
+        (
+            lambda: cal.calibration_sums(
+                [1.0],
+                [0.5],
+                [True],
+                [0.3],
+                [2.0],
+                [1.0],
+                eps_grid=[0.1],
+                temperatures=[1.0],
+                nll_t=np.ones((1, 2)),
+                max_prob_t=np.ones((1, 1)),
+            ),
+            r"calibration_sums: nll_t must be of shape \(n_tokens, n_temperatures\) = \(1, 1\)",
+        ),
+        (
+            lambda: cal.calibration_sums([1.0], [0.5], [True], [0.3], [2.0], [1.0], eps_grid=[0.1, 2]),
+            r"calibration_sums.eps_grid\[1\]: eps must be in",
+        ),
+        (
+            lambda: cal.calibration_sums([1.0], [0.5], [True], [0.3], [2.0], [1.0], eps_grid=[], temperatures=[0]),
+            r"calibration_sums.temperatures\[0\]: temperature must be",
+        ),
+        (lambda: plots.plot_reliability({}), "plot_reliability: bins_by_model must be non-empty"),
+    ],
+)
 def test_bad_input_raises_value_error(call, message):
     with pytest.raises(ValueError, match=message) as info:
         call()
     assert re.search(r"must be .+ \(got .+\)\. \S", str(info.value)), str(info.value)
 
 
-@pytest.mark.parametrize("eps, label", [
-    (0.1, "0.1"), (0.05, "0.05"), (0.0, "0.0"), (0, "0.0"), (1e-05, "1e-05"), (np.float64(0.1), "0.1"),
-    (np.int64(0), "0.0"),
-])
+@pytest.mark.parametrize(
+    "eps, label",
+    [
+        (0.1, "0.1"),
+        (0.05, "0.05"),
+        (0.0, "0.0"),
+        (0, "0.0"),
+        (1e-05, "1e-05"),
+        (np.float64(0.1), "0.1"),
+        (np.int64(0), "0.0"),
+    ],
+)
 def test_eps_label_is_one_spelling_per_value(eps, label):
     assert cal.eps_label(eps) == label
 
@@ -409,7 +458,9 @@ def test_label_smoothing_columns_have_one_spelling_whatever_the_yaml(written, sm
     """`label_smoothing: [0]` and `[0.0]` mean one thing, so they name the same columns."""
     from lmeval.engine.config import load_config
 
-    (tmp_path / "c.yaml").write_text(f"models: [gpt2]\ndata: {{path: gpt2}}\ncalibration: {{label_smoothing: {written}}}\n")
+    (tmp_path / "c.yaml").write_text(
+        f"models: [gpt2]\ndata: {{path: gpt2}}\ncalibration: {{label_smoothing: {written}}}\n"
+    )
     grid = load_config(tmp_path / "c.yaml").calibration.label_smoothing
     summary = cal.summarize(make_sums(small_batch[2], eps_grid=grid), vocab_size=50)
     assert {"ce_eps0.0", "h_eps0.0", "kl_eps0.0", "ce_eps0.1"} <= summary.keys()
@@ -423,8 +474,10 @@ def test_plot_reliability_writes_png(tmp_path, small_batch):
     _, _, stats = small_batch
     rng = np.random.default_rng(3)
     conf = rng.uniform(0.05, 1.0, 5000)
-    models = {"model-a": cal.reliability_bins(stats["max_prob"], stats["is_top1"]),
-              "overconfident": cal.reliability_bins(conf, rng.uniform(size=conf.size) < conf - 0.2)}
+    models = {
+        "model-a": cal.reliability_bins(stats["max_prob"], stats["is_top1"]),
+        "overconfident": cal.reliability_bins(conf, rng.uniform(size=conf.size) < conf - 0.2),
+    }
     path = tmp_path / "plots" / "reliability.png"
     write_figure(plots.plot_reliability(models, title="test"), path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

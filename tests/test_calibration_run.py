@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CORPUS
-from test_run import write_config, write_jsonl
 
 import lmeval
+from conftest import CORPUS
 from lmeval.cli import main
+from test_run import write_config, write_jsonl
 
 EPS = [0.0, 0.05, 0.1]
 TEMPS = [0.7, 1.0, 1.3]
@@ -59,7 +59,7 @@ def oracle_ece(conf, correct, bins):
 
 
 def test_summary_columns_and_values_match_full_logits(calib_run, saved_gpt2):
-    folder, _, tables = calib_run
+    _folder, _, tables = calib_run
     row = tables["summary"].iloc[0]
     z, y = full_logits(saved_gpt2, CORPUS)
     q = torch.softmax(z, dim=1)
@@ -103,8 +103,20 @@ def test_calibration_files(calib_run):
 
     assert matplotlib.image.imread(folder / "out" / "reliability.png").shape[0] > 100
     summary = pd.read_csv(folder / "out" / "summary.csv")
-    for column in ("ece", "mce", "brier", "top1_accuracy", "confidence_mean", "entropy_mean", "best_temperature",
-                   "ce_eps0.1", "h_eps0.1", "kl_eps0.1", "ce_eps0.05", "ce_eps0.0"):  # fmt: skip
+    for column in (
+        "ece",
+        "mce",
+        "brier",
+        "top1_accuracy",
+        "confidence_mean",
+        "entropy_mean",
+        "best_temperature",
+        "ce_eps0.1",
+        "h_eps0.1",
+        "kl_eps0.1",
+        "ce_eps0.05",
+        "ce_eps0.0",
+    ):
         assert column in summary.columns, column
 
 

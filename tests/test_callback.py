@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import CORPUS, build_model
 
 import lmeval
+from conftest import CORPUS, build_model
+from lmeval.engine.config import build_config
 from lmeval.errors import ConfigError, DataError, ModelError
 from lmeval.integrations.in_loop import InLoopEvaluator, preserved_rng
-from lmeval.engine.config import build_config
 
 transformers = pytest.importorskip("transformers")
 from lmeval.integrations.transformers import LmevalCallback  # noqa: E402
@@ -79,22 +79,43 @@ def oracle(model, tokenizer) -> dict:
     conf, top1 = tokens.max_prob.to_numpy(np.float64), tokens.is_top1.to_numpy(np.float64)
     bins = np.clip(np.floor(conf * 15).astype(int), 0, 14)
     ece = sum(abs(conf[bins == b].sum() - top1[bins == b].sum()) for b in range(15)) / len(conf)
-    return {"ppl": math.exp(nll.sum() / len(nll)), "bits_per_token": nll.sum() / len(nll) / math.log(2),
-            "bits_per_byte": nll.sum() / n_bytes / math.log(2), "ece": ece}  # fmt: skip
+    return {
+        "ppl": math.exp(nll.sum() / len(nll)),
+        "bits_per_token": nll.sum() / len(nll) / math.log(2),
+        "bits_per_byte": nll.sum() / n_bytes / math.log(2),
+        "ece": ece,
+    }
 
 
 def make_trainer(tmp_path, tokenizer, *, evaluate_every=None, max_steps=4, seed=0, **extra):
     model = build_model("gpt2", len(tokenizer), seed=seed).train()  # GPT-2's default dropout 0.1 is on
     data = TinyTexts(tokenizer)
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "trainer"), max_steps=max_steps, per_device_train_batch_size=2,
-        per_device_eval_batch_size=2, learning_rate=5e-3, logging_steps=1, report_to="none", save_strategy="no",
-        use_cpu=True, seed=seed, disable_tqdm=True, dataloader_num_workers=0,
-        eval_strategy="steps" if evaluate_every else "no", eval_steps=evaluate_every, **extra,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=max_steps,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        eval_strategy="steps" if evaluate_every else "no",
+        eval_steps=evaluate_every,
+        **extra,
+    )
     dev = torch.utils.data.Subset(data, [0, 1]) if evaluate_every else None  # the Trainer's own eval: kept small
-    return transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=dev,
-                                processing_class=tokenizer, data_collator=transformers.default_data_collator)  # fmt: skip
+    return transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        eval_dataset=dev,
+        processing_class=tokenizer,
+        data_collator=transformers.default_data_collator,
+    )
 
 
 def test_logged_values_equal_score_texts_at_that_step(tmp_path, bpe_tokenizer):
@@ -149,12 +170,18 @@ def test_training_continues_with_identical_gradients(tmp_path, bpe_tokenizer):
 
 def test_step_run_dirs_are_lmeval_runs_that_compare_reads(tmp_path, bpe_tokenizer):
     data = tmp_path / "heldout.jsonl"
-    data.write_text("".join(json.dumps({"id": f"h{i}", "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(HELDOUT)),
-                    encoding="utf-8")  # fmt: skip
+    data.write_text(
+        "".join(json.dumps({"id": f"h{i}", "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(HELDOUT)),
+        encoding="utf-8",
+    )
     out = tmp_path / "steps"
-    evaluator = InLoopEvaluator({"path": str(data), "id_field": "id"}, scoring={"max_length": 16, "stride": 8},
-                                out_dir=out, per_token=True)  # fmt: skip
-    models = {2: build_model("gpt2", len(bpe_tokenizer), seed=2).train(), 4: build_model("gpt2", len(bpe_tokenizer), seed=4)}
+    evaluator = InLoopEvaluator(
+        {"path": str(data), "id_field": "id"}, scoring={"max_length": 16, "stride": 8}, out_dir=out, per_token=True
+    )
+    models = {
+        2: build_model("gpt2", len(bpe_tokenizer), seed=2).train(),
+        4: build_model("gpt2", len(bpe_tokenizer), seed=4),
+    }
     rows = {step: evaluator.evaluate(model, bpe_tokenizer, step) for step, model in models.items()}
     assert models[2].training and not models[4].training  # each model keeps its own mode
     assert sorted(p.name for p in out.iterdir()) == ["step-2", "step-4"]
@@ -168,14 +195,21 @@ def test_step_run_dirs_are_lmeval_runs_that_compare_reads(tmp_path, bpe_tokenize
     saved = tmp_path / "saved"
     models[4].save_pretrained(saved)
     bpe_tokenizer.save_pretrained(saved)
-    config = {"models": [{"path": str(saved), "name": "saved"}], "data": {"path": str(data), "id_field": "id"},
-              "scoring": {"max_length": 16, "stride": 8}, "output": {"dir": str(tmp_path / "run")}}  # fmt: skip
+    config = {
+        "models": [{"path": str(saved), "name": "saved"}],
+        "data": {"path": str(data), "id_field": "id"},
+        "scoring": {"max_length": 16, "stride": 8},
+        "output": {"dir": str(tmp_path / "run")},
+    }
     tables = lmeval.run(build_config(config, tmp_path), show_progress=False)
     step = pd.read_csv(out / "step-4" / "summary.csv").iloc[0]
     for column in ("ppl", "bits_per_byte", "word_ppl", "ppl_doc_mean", "ece", "brier", "n_tokens"):
         assert step[column] == pytest.approx(tables["summary"].iloc[0][column], rel=1e-6), column
-    pd.testing.assert_frame_equal(pd.read_parquet(out / "step-4" / "tokens.parquet").drop(columns="model"),
-                                  tables["tokens"].drop(columns="model"), rtol=1e-5)  # fmt: skip
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(out / "step-4" / "tokens.parquet").drop(columns="model"),
+        tables["tokens"].drop(columns="model"),
+        rtol=1e-5,
+    )
     record = json.loads((out / "step-4" / "run.json").read_text())
     assert record["protocol"]["models"]["step-4"] == tables["run"]["protocol"]["models"]["saved"]
 
@@ -228,7 +262,7 @@ def test_blank_texts_and_sharded_models_are_refused(tmp_path, bpe_tokenizer):
         callback.on_train_begin(args, None, None, model=None, processing_class=None)
 
 
-DDP_SCRIPT = r'''
+DDP_SCRIPT = r"""
 import json, os, sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
@@ -248,7 +282,7 @@ result = {{"logged": logged, "world": trainer.args.world_size}}
 if rank == 0:
     result["oracle"] = oracle(trainer.model, tokenizer)
 (out / f"rank{{rank}}.json").write_text(json.dumps(result))
-'''
+"""
 
 
 @pytest.mark.slow
@@ -259,8 +293,18 @@ def test_ddp_rank0_scores_and_every_rank_logs_the_same(tmp_path):
     tests = str(Path(__file__).resolve().parent)
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT.format(tests=tests, out=str(tmp_path)), encoding="utf-8")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(script)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(script),
+    ]
     env = {**child_env(), "PYTHONPATH": os.pathsep.join([str(Path(tests).parent), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

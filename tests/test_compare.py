@@ -19,14 +19,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import CORPUS, EOT, build_model, train_bpe
 
 import lmeval
-from lmeval.core import bootstrap
+from conftest import CORPUS, EOT, build_model, train_bpe
 from lmeval.analyses import compare as cmp
-from lmeval.engine import compare_runs as compare_runs_module
 from lmeval.analyses import plots
 from lmeval.cli import compare as compare_cli
+from lmeval.core import bootstrap
+from lmeval.engine import compare_runs as compare_runs_module
 from lmeval.engine.config import CompareConfig, load_config, step_number
 from lmeval.errors import DataError, LmevalError
 
@@ -108,7 +108,9 @@ def checkpoints(tmp_path_factory, bpe_tokenizer) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def together(tmp_path_factory, checkpoints, data):
     """Both checkpoints scored in one run, and its comparison (baseline: the shorter one)."""
-    tables = run_models(tmp_path_factory.mktemp("together"), checkpoints, data, compare=f"compare: {{baseline: {SHORT}}}\n")
+    tables = run_models(
+        tmp_path_factory.mktemp("together"), checkpoints, data, compare=f"compare: {{baseline: {SHORT}}}\n"
+    )
     frames = cmp.compare_tables(tables, tables["run"], tables["run"]["config"]["compare"])
     return tables, frames
 
@@ -157,10 +159,17 @@ def oracle_bootstrap(model: pd.DataFrame, base: pd.DataFrame, metric: str, n_res
     deltas = pooled(m_nll[index].sum(1), m_n[index].sum(1)) - pooled(b_nll[index].sum(1), b_n[index].sum(1))
     low, high = np.percentile(deltas, [2.5, 97.5])
     p = min(1.0, 2 * min((1 + (deltas <= 0).sum()) / (n_resamples + 1), (1 + (deltas >= 0).sum()) / (n_resamples + 1)))
-    ratio_low, ratio_high = np.percentile(pooled(m_nll[index].sum(1), m_n[index].sum(1)) /
-                                          pooled(b_nll[index].sum(1), b_n[index].sum(1)), [2.5, 97.5])
-    return {"delta": pooled(m_nll.sum(), m_n.sum()) - pooled(b_nll.sum(), b_n.sum()), "ci_low": low,
-            "ci_high": high, "p_value": p, "ratio_ci_low": ratio_low, "ratio_ci_high": ratio_high}  # fmt: skip
+    ratio_low, ratio_high = np.percentile(
+        pooled(m_nll[index].sum(1), m_n[index].sum(1)) / pooled(b_nll[index].sum(1), b_n[index].sum(1)), [2.5, 97.5]
+    )
+    return {
+        "delta": pooled(m_nll.sum(), m_n.sum()) - pooled(b_nll.sum(), b_n.sum()),
+        "ci_low": low,
+        "ci_high": high,
+        "p_value": p,
+        "ratio_ci_low": ratio_low,
+        "ratio_ci_high": ratio_high,
+    }
 
 
 def documents_of(documents: pd.DataFrame, model: str, baseline: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -174,11 +183,18 @@ def synthetic_documents(rng, n_docs: int, rates: dict[str, float]) -> pd.DataFra
     n_tokens = rng.integers(20, 200, n_docs)
     difficulty = rng.normal(0, 0.3, n_docs)
     frames = [
-        pd.DataFrame({"model": name, "doc_id": np.arange(n_docs), "n_tokens": n_tokens, "n_bytes": 4 * n_tokens,
-                      "n_words": n_tokens // 2 + 1,
-                      "nll_sum": n_tokens * (rate + difficulty) + np.sqrt(n_tokens) * rng.normal(0, 1, n_docs)})
+        pd.DataFrame(
+            {
+                "model": name,
+                "doc_id": np.arange(n_docs),
+                "n_tokens": n_tokens,
+                "n_bytes": 4 * n_tokens,
+                "n_words": n_tokens // 2 + 1,
+                "nll_sum": n_tokens * (rate + difficulty) + np.sqrt(n_tokens) * rng.normal(0, 1, n_docs),
+            }
+        )
         for name, rate in rates.items()
-    ]  # fmt: skip
+    ]
     return pd.concat(frames, ignore_index=True)
 
 
@@ -246,8 +262,11 @@ def test_bootstrap_equals_an_independent_implementation(together, metric):
 
 def test_a_model_compared_with_itself_differs_by_exactly_zero(together):
     tables, _ = together
-    twin = {name: pd.concat([t, t[t.model == LONG].assign(model="twin")], ignore_index=True)
-            for name, t in tables.items() if name in ("documents", "tokens")}  # fmt: skip
+    twin = {
+        name: pd.concat([t, t[t.model == LONG].assign(model="twin")], ignore_index=True)
+        for name, t in tables.items()
+        if name in ("documents", "tokens")
+    }
     record = json.loads(json.dumps(tables["run"]))
     record["protocol"]["models"]["twin"] = record["protocol"]["models"][LONG]
     frames = cmp.compare_tables(twin, record, CompareConfig(baseline=LONG))
@@ -316,8 +335,10 @@ def test_lmeval_run_prints_the_comparison_lmeval_compare_prints(tmp_path, checkp
     tokenizer.save_pretrained(other)
     listed = f"  - {{name: {LONG}, path: {checkpoints[LONG]}}}\n  - {{name: other, path: {other}}}"
     config = tmp_path / "run.yaml"
-    config.write_text(f"models:\n{listed}\ndata: {{path: {data}, id_field: id}}\n"
-                      "scoring: {max_length: 32}\noutput: {dir: out}\n", encoding="utf-8")  # fmt: skip
+    config.write_text(
+        f"models:\n{listed}\ndata: {{path: {data}, id_field: id}}\nscoring: {{max_length: 32}}\noutput: {{dir: out}}\n",
+        encoding="utf-8",
+    )
     from lmeval.cli import main
 
     assert main(["run", str(config), "-q"]) == 0
@@ -341,14 +362,18 @@ def test_compare_runs_equals_the_in_run_comparison(together, single_runs, tmp_pa
     for column in ("delta", "ci_low", "ci_high", "p_value", "value", "baseline_value", "ratio_ci_low"):
         np.testing.assert_allclose(merged["compare"][column], frames["compare"][column], rtol=1e-12, atol=1e-12)
     # The command prints the table and writes the files.
-    code, out, _ = cli(["compare", str(single_runs[SHORT]), str(single_runs[LONG]), "--out", str(tmp_path / "cmp")], capsys)
+    code, out, _ = cli(
+        ["compare", str(single_runs[SHORT]), str(single_runs[LONG]), "--out", str(tmp_path / "cmp")], capsys
+    )
     assert code == 0 and "bits_per_byte" in out and "ppl (words)" in out
     written = pd.read_csv(tmp_path / "cmp" / "compare.csv")
     np.testing.assert_allclose(written.ci_low, frames["compare"].ci_low, rtol=1e-12, atol=1e-12)
     for name in ("compare_tokens.csv", "compare_documents.csv"):
         assert (tmp_path / "cmp" / name).is_file()
     assert (tmp_path / "cmp" / "checkpoints.png").read_bytes().startswith(PNG_SIGNATURE)
-    code, _, err = cli(["compare", str(single_runs[SHORT]), str(single_runs[LONG]), "--out", str(tmp_path / "cmp")], capsys)
+    code, _, err = cli(
+        ["compare", str(single_runs[SHORT]), str(single_runs[LONG]), "--out", str(tmp_path / "cmp")], capsys
+    )
     assert code == 2 and "--overwrite" in err
 
 
@@ -401,7 +426,9 @@ def test_plot_checkpoints_writes_a_png(tmp_path):
     tables = {"documents": docs}
     frames = cmp.compare_tables(tables, synthetic_record(names), CompareConfig(baseline="step-2", bootstrap=300))
     sums = docs.groupby("model", sort=False)[["nll_sum", "n_tokens", "n_bytes"]].sum().reset_index()
-    summary = sums.assign(ppl=np.exp(sums.nll_sum / sums.n_tokens), bits_per_byte=sums.nll_sum / math.log(2) / sums.n_bytes)
+    summary = sums.assign(
+        ppl=np.exp(sums.nll_sum / sums.n_tokens), bits_per_byte=sums.nll_sum / math.log(2) / sums.n_bytes
+    )
     points = plots.checkpoint_points(summary, frames["compare"], "ppl")
     assert points.step.tolist() == [2, 10, 100, 1000] and points.attrs["by_step"]
     assert points.low.isna().tolist() == [True, False, False, False]  # the baseline has no bar

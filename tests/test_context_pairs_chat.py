@@ -87,8 +87,9 @@ def test_surprisal_words_given_context(gpt2_lm):
     for i, text in enumerate(TEXTS[:2]):
         assert words.loc[words["doc_id"] == i, "word"].tolist() == text.split()
     # Context + text with a space either side of the boundary: the same words, the same values.
-    np.testing.assert_allclose(words[words.doc_id == 0]["surprisal_bits"], words[words.doc_id == 1]["surprisal_bits"],
-                               rtol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        words[words.doc_id == 0]["surprisal_bits"], words[words.doc_id == 1]["surprisal_bits"], rtol=1e-5
+    )
     first = words[words["word_index"] == 0]
     assert (first["boundary_before_bits"] > 0).all()  # a word boundary after the context, not the text's start
 
@@ -153,21 +154,32 @@ def test_surprisal_cli_context(saved_gpt2, gpt2_lm, capsys):
     expected = lmeval.surprisal_table(TEXTS[:1], gpt2_lm, contexts=CONTEXTS[:1], words=True)
     np.testing.assert_allclose([r["surprisal_bits"] for r in records], expected["surprisal_bits"], rtol=1e-5)
     with pytest.raises(DataError, match="--context"):
-        surprisal_cli.main(parser.parse_args(["surprisal", "--model", str(saved_gpt2), "--context", "a", "--context", "b", "x"]))
+        surprisal_cli.main(
+            parser.parse_args(["surprisal", "--model", str(saved_gpt2), "--context", "a", "--context", "b", "x"])
+        )
 
 
 # --------------------------------------------------------------------------------------
 # Chat turns
 # --------------------------------------------------------------------------------------
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 CONVERSATIONS = [
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who sleeps?"},
-     {"role": "assistant", "content": "The dog sleeps."}, {"role": "user", "content": "And the fox?"},
-     {"role": "assistant", "content": "The fox jumps over the lazy dog."}],
-    [{"role": "user", "content": "Define perplexity."}, {"role": "assistant", "content": "The exponential of the loss."}],
-]  # fmt: skip
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Who sleeps?"},
+        {"role": "assistant", "content": "The dog sleeps."},
+        {"role": "user", "content": "And the fox?"},
+        {"role": "assistant", "content": "The fox jumps over the lazy dog."},
+    ],
+    [
+        {"role": "user", "content": "Define perplexity."},
+        {"role": "assistant", "content": "The exponential of the loss."},
+    ],
+]
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +214,9 @@ def test_chat_scores_assistant_turns_only(chat_lm):
         assert sorted(set(rows["turn"])) == [i for i, m in enumerate(conversation) if m["role"] == "assistant"]
     turns = turn_table(frame)
     eot = frame[frame["end_of_turn"]].set_index(["doc_id", "turn"])["nll"].astype(np.float64)
-    np.testing.assert_allclose(turns["nll_sum"] - turns["nll_sum_content"], eot.loc[list(zip(turns.doc_id, turns.turn))])
+    np.testing.assert_allclose(
+        turns["nll_sum"] - turns["nll_sum_content"], eot.loc[list(zip(turns.doc_id, turns.turn))]
+    )
     assert (turns["n_tokens"] == turns["n_tokens_content"] + 1).all()
 
 
@@ -216,7 +230,9 @@ def test_chat_errors(chat_lm, gpt2_lm):
     tok = chat_lm.tokenizer
     old = tok.chat_template
     try:  # a template that renders history unlike a live prompt
-        tok.chat_template = CHATML.replace("{{ m['content'] }}", "{{ m['content'] if loop.last or m['role'] != 'assistant' else '...' }}")
+        tok.chat_template = CHATML.replace(
+            "{{ m['content'] }}", "{{ m['content'] if loop.last or m['role'] != 'assistant' else '...' }}"
+        )
         with pytest.raises(DataError, match="prefix"):
             score_chats(CONVERSATIONS[:1], chat_lm)
     finally:
@@ -232,21 +248,28 @@ def _config(tmp_path, model_dir, data: dict):
     import yaml
 
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"models": [{"path": str(model_dir), "name": "m"}], "data": data,
-                                    "output": {"dir": str(tmp_path / "out")}}), encoding="utf-8")  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {"models": [{"path": str(model_dir), "name": "m"}], "data": data, "output": {"dir": str(tmp_path / "out")}}
+        ),
+        encoding="utf-8",
+    )
     return path
 
 
 def test_run_with_context_field(tmp_path, saved_gpt2, gpt2_lm):
     rows = [{"id": f"d{i}", "context": c, "text": t} for i, (c, t) in enumerate(zip(CONTEXTS, TEXTS))]
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
-    config = _config(tmp_path, saved_gpt2, {"path": str(tmp_path / "data.jsonl"), "id_field": "id", "context_field": "context"})
+    config = _config(
+        tmp_path, saved_gpt2, {"path": str(tmp_path / "data.jsonl"), "id_field": "id", "context_field": "context"}
+    )
     tables = lmeval.run(config, show_progress=False)
     expected = lmeval.score_texts(TEXTS, gpt2_lm, contexts=CONTEXTS)
     assert tables["tokens"]["token"].tolist() == expected["token"].tolist()
     assert tables["tokens"]["context_len"].tolist() == expected["context_len"].tolist(), (
         tables["tokens"][["doc_id", "position", "token", "nll", "context_len"]].to_string(),
-        expected[["doc_id", "position", "token", "nll", "context_len"]].to_string())
+        expected[["doc_id", "position", "token", "nll", "context_len"]].to_string(),
+    )
     np.testing.assert_allclose(tables["tokens"]["nll"], expected["nll"], rtol=1e-5)
     assert tables["documents"]["n_bytes"].tolist() == [len(t.encode()) for t in TEXTS]
     assert tables["run"]["config"]["data"]["context_field"] == "context"

@@ -28,15 +28,31 @@ from lmeval.engine.plan import PartPlan, part_doc_ids, plan_key, plan_parts
 
 BOM = "\ufeff"
 # Blank and nearly blank texts on purpose: "\x1c" and "\u3000" are whitespace to Python's strip.
-TEXTS = ["Hello world.", "   ", f"{BOM}A BOM-led text.", "Naïve café — 猫 😀", "\t\n", "\x1c\u3000", "x",
-         f"{BOM}  ", "\u00a0nbsp-led", "Line one\nLine two", "?", "last one"]  # fmt: skip
+TEXTS = [
+    "Hello world.",
+    "   ",
+    f"{BOM}A BOM-led text.",
+    "Naïve café — 猫 😀",
+    "\t\n",
+    "\x1c\u3000",
+    "x",
+    f"{BOM}  ",
+    "\u00a0nbsp-led",
+    "Line one\nLine two",
+    "?",
+    "last one",
+]
 PAGES = [
-    " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . He had a "
-    "guest @-@ starring role on the television series The Bill in 2000 . \n",
-    " = = Career = = \n In 2006 , Boulter starred alongside Whishaw in the play Citizenship ( written by "
-    "Mark Ravenhill ) . It was 4 @,@ 000 feet , or 1 @.@ 2 km ; it 's \" hot \" : 30 ° C ! \n",
+    (
+        " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . He had a "
+        "guest @-@ starring role on the television series The Bill in 2000 . \n"
+    ),
+    (
+        " = = Career = = \n In 2006 , Boulter starred alongside Whishaw in the play Citizenship ( written by "
+        'Mark Ravenhill ) . It was 4 @,@ 000 feet , or 1 @.@ 2 km ; it \'s " hot " : 30 ° C ! \n'
+    ),
     "  \n",
-    " The 2 @.@ 5 km road ; it 's \" closed \" . \n",
+    ' The 2 @.@ 5 km road ; it \'s " closed " . \n',
 ]
 
 
@@ -92,7 +108,9 @@ def write_corpus(kind: str, folder) -> DataConfig:
         return DataConfig(path=write_jsonl(folder / "docs.jsonl", rows), id_field="id")
     if kind == "csv":
         texts = [t for t in TEXTS if t.strip(" ")]  # a CSV reader turns an empty field into a null
-        pd.DataFrame({"id": [10 * i for i in range(len(texts))], "text": texts}).to_csv(folder / "docs.csv", index=False)
+        pd.DataFrame({"id": [10 * i for i in range(len(texts))], "text": texts}).to_csv(
+            folder / "docs.csv", index=False
+        )
         return DataConfig(path=str(folder / "docs.csv"), id_field="id")
     if kind == "parquet":
         contexts = [f"Q{i}: " for i in range(len(TEXTS))]
@@ -167,13 +185,13 @@ def _error_rows(fault: str) -> list[dict]:
 
 ERRORS = {
     "duplicate": "data.id_field: id 'd2' appears twice ({path}: line 3 and {path}: line 8); ids must be unique. "
-                 "Deduplicate the corpus or drop `id_field` to use row numbers.",
+    "Deduplicate the corpus or drop `id_field` to use row numbers.",
     "null id": "{path}: line 6 has a null `id` (None); an id must be a string or an integer. Fix that row, "
-               "choose another data.id_field, or drop id_field to use row numbers.",
+    "choose another data.id_field, or drop id_field to use row numbers.",
     "int text": "{path}: line 1 (id 'd0') has a int `text`; it must be text. Fix or remove that row.",
     "null context": "{path}: line 5 (id 'd4') has a NoneType `ctx`; it must be text (an empty string for no "
-                    "context). Fix or remove that row.",
-}  # fmt: skip
+    "context). Fix or remove that row.",
+}
 
 
 @pytest.mark.parametrize("batch_rows", [10_000, 3])
@@ -183,12 +201,9 @@ def test_each_fault_raises_its_unchanged_message_at_its_row(fault, batch_rows, t
     path = write_jsonl(tmp_path / "docs.jsonl", _error_rows(fault))
     config = DataConfig(path=path, id_field="id", context_field="ctx")
     expected = ERRORS[fault].format(path=path)
-    try:
+    with pytest.raises(lmeval.DataError) as raised:
         load_documents(config)
-    except lmeval.DataError as exc:
-        assert str(exc) == expected
-    else:
-        raise AssertionError(f"no error for {fault}")
+    assert str(raised.value) == expected
 
 
 def test_a_nan_id_is_named_as_null(tmp_path):
@@ -242,6 +257,7 @@ def test_a_corpus_built_from_a_list_keeps_working():
 
 def reference_plans(lengths: list[int], documents_mode: str, separator: str, part_chars: int) -> list[PartPlan]:
     """The plan as first written: re-sum each group for every document (quadratic, obviously right)."""
+
     def pieces(docs, n_chars):
         k = max(1, -(-n_chars // part_chars))
         return [PartPlan(docs, j, k, n_chars) for j in range(k)]

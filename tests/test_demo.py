@@ -19,16 +19,26 @@ def demo_run(tmp_path_factory):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "lmeval", "run", str(REPO / "configs" / "demo.yaml"), f"output.dir={out}", "-q"],
-        env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr
     return out, done.stdout
 
 
 def test_demo_writes_every_file(demo_run):
     out, stdout = demo_run
-    for name in ("tokens.parquet", "documents.parquet", "summary.csv", "calibration.csv", "temperature.csv",
-                 "reliability.png", "run.json"):  # fmt: skip
+    for name in (
+        "tokens.parquet",
+        "documents.parquet",
+        "summary.csv",
+        "calibration.csv",
+        "temperature.csv",
+        "reliability.png",
+        "run.json",
+    ):
         assert (out / name).is_file(), name
     assert "final" in stdout and "ppl" in stdout
 

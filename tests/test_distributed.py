@@ -13,14 +13,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import CORPUS
-from test_resume import assert_same_tables, read_tables
-from test_run import write_config, write_jsonl
 
 import lmeval
+from conftest import CORPUS
 from lmeval.engine.distributed import Launch, LaunchError, assign, launch_from_env, launched
-from lmeval.errors import OutputError
 from lmeval.engine.parts import plan_groups
+from lmeval.errors import OutputError
+from test_resume import assert_same_tables, read_tables
+from test_run import write_config, write_jsonl
 
 TEXTS = [f"{i}: {CORPUS[i % len(CORPUS)]} {CORPUS[(i * 5 + 1) % len(CORPUS)]}" for i in range(24)]
 LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
@@ -28,7 +28,13 @@ LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_A
 
 def child_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    return {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        **env,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def free_port() -> int:
@@ -39,9 +45,21 @@ def free_port() -> int:
 
 def torchrun_command(config, nproc: int = 2) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), "-m", "lmeval", "run", str(config), "-q",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "lmeval",
+        "run",
+        str(config),
+        "-q",
+    ]
 
 
 # gloo can rarely abort a worker while it tears down (seen once in about 40 launches here),
@@ -54,13 +72,15 @@ def run_ranks(config, nproc: int = 2, timeout: float = 120) -> subprocess.Comple
     command = torchrun_command(config, nproc)
     done = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0 and TEARDOWN_ABORT in done.stderr:
-        done = subprocess.run(command + ["--overwrite"], env=child_env(), capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            command + ["--overwrite"], env=child_env(), capture_output=True, text=True, timeout=timeout
+        )
     return done
 
 
 def process_tree(pid: int) -> list[int]:
     """``pid`` and all its descendants, from /proc (Linux)."""
-    children = (Path(f"/proc/{pid}/task/{pid}/children").read_text().split() if Path(f"/proc/{pid}").exists() else [])
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split() if Path(f"/proc/{pid}").exists() else []
     return [pid] + [p for child in children for p in process_tree(int(child))]
 
 
@@ -109,8 +129,10 @@ def assert_close_to(tables, reference):
     joined = reference["tokens"].merge(tables["tokens"], on=key, how="outer", suffixes=("_ref", ""), indicator=True)
     assert (joined["_merge"] == "both").all(), joined[joined["_merge"] != "both"][key]
     np.testing.assert_allclose(joined["nll"], joined["nll_ref"], rtol=0, atol=1e-6)
-    pd.testing.assert_frame_equal(tables["documents"][["model", "doc_id", "n_tokens", "n_bytes", "n_words"]],
-                                  reference["documents"][["model", "doc_id", "n_tokens", "n_bytes", "n_words"]])  # fmt: skip
+    pd.testing.assert_frame_equal(
+        tables["documents"][["model", "doc_id", "n_tokens", "n_bytes", "n_words"]],
+        reference["documents"][["model", "doc_id", "n_tokens", "n_bytes", "n_words"]],
+    )
     ours, ref = tables["summary"], reference["summary"]
     assert list(ours.columns) == list(ref.columns)
     numeric = ref.select_dtypes("number").columns
@@ -216,8 +238,13 @@ def test_an_output_dir_refusal_on_rank_0_stops_every_rank(tmp_path, saved_gpt2):
 def test_kill_two_ranks_then_resume_with_one_gives_identical_tables(tmp_path, saved_gpt2):
     config = make_workspace(tmp_path, saved_gpt2, TEXTS, part_chars=60)
     reference = single_process(config, tmp_path / "reference")
-    proc = subprocess.Popen(torchrun_command(config), env=child_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        torchrun_command(config),
+        env=child_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     parts = tmp_path / "out" / "parts"
     deadline = time.time() + 120
     while time.time() < deadline and not list(parts.rglob("*.parquet")) and proc.poll() is None:

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import CORPUS, build_model, train_bpe
 
 import lmeval
+from conftest import CORPUS, build_model, train_bpe
 from lmeval import ModelError, TokenizerMismatchError
 from lmeval.model import pair_scorer, scorer
 from lmeval.model.loading import prepare_model
@@ -63,10 +63,15 @@ def assert_matches_oracle(table, model, base, tokenizer, texts, atol=1e-6, rtol=
         np.testing.assert_array_equal(rows.same_top1.to_numpy(), expected["same_top1"])
 
 
-@pytest.mark.parametrize(("arch", "dtype"), [
-    ("gpt2", torch.float32), ("gpt2", torch.bfloat16), ("llama", torch.float32),
-    pytest.param("llama", torch.bfloat16, marks=pytest.mark.slow),  # bfloat16 is slow on CPU
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("arch", "dtype"),
+    [
+        ("gpt2", torch.float32),
+        ("gpt2", torch.bfloat16),
+        ("llama", torch.float32),
+        pytest.param("llama", torch.bfloat16, marks=pytest.mark.slow),  # bfloat16 is slow on CPU
+    ],
+)
 def test_matches_float64_oracle_from_full_logits(arch, dtype, tiny_models, bpe_tokenizer):
     """A checkpoint nudged from its base, in float32 and bfloat16 weights: kl, kl_reverse
     and delta_p within 1e-6 nats of the float64 computation on each model's full logits."""
@@ -94,10 +99,14 @@ def test_independent_of_batching_chunks_head_path_and_order(tiny_models, bpe_tok
     plain = prepare_model(model, bpe_tokenizer, name="plain")
     plain.head.fast = False  # the model(...).logits path
     variants = {
-        "one window per batch": lmeval.divergence(FEW, (model, bpe_tokenizer), (base, bpe_tokenizer), max_length=8, batch_tokens=1),
+        "one window per batch": lmeval.divergence(
+            FEW, (model, bpe_tokenizer), (base, bpe_tokenizer), max_length=8, batch_tokens=1
+        ),
         "plain head path": lmeval.divergence(FEW, plain, (base, bpe_tokenizer), max_length=8, batch_tokens=64),
     }
-    backwards = lmeval.divergence(FEW[::-1], (model, bpe_tokenizer), (base, bpe_tokenizer), max_length=8, batch_tokens=64)
+    backwards = lmeval.divergence(
+        FEW[::-1], (model, bpe_tokenizer), (base, bpe_tokenizer), max_length=8, batch_tokens=64
+    )
     backwards["doc_id"] = len(FEW) - 1 - backwards["doc_id"]
     variants["documents reversed"] = backwards.sort_values(["doc_id", "position"]).reset_index(drop=True)
     for name, table in variants.items():
@@ -109,7 +118,10 @@ def test_independent_of_batching_chunks_head_path_and_order(tiny_models, bpe_tok
 
 @pytest.mark.slow
 def test_small_chunks_give_the_same_numbers(tiny_models, bpe_tokenizer):
-    model, base = prepare_model(finetuned(tiny_models["llama"]), bpe_tokenizer), prepare_model(tiny_models["llama"], bpe_tokenizer)
+    model, base = (
+        prepare_model(finetuned(tiny_models["llama"]), bpe_tokenizer),
+        prepare_model(tiny_models["llama"], bpe_tokenizer),
+    )
     from lmeval.core.windows import make_windows
 
     ids = bpe_tokenizer(" ".join(CORPUS), add_special_tokens=False)["input_ids"]
@@ -123,7 +135,9 @@ def test_small_chunks_give_the_same_numbers(tiny_models, bpe_tokenizer):
 @pytest.mark.parametrize("twice", ["same object", "two loads"])
 def test_a_model_against_itself_is_zero_everywhere(twice, tiny_models, bpe_tokenizer):
     lm = prepare_model(tiny_models["gpt2"], bpe_tokenizer, name="m")
-    other = lm if twice == "same object" else prepare_model(copy.deepcopy(tiny_models["gpt2"]), bpe_tokenizer, name="m2")
+    other = (
+        lm if twice == "same object" else prepare_model(copy.deepcopy(tiny_models["gpt2"]), bpe_tokenizer, name="m2")
+    )
     table = lmeval.divergence(TEXTS, lm, other, batch_tokens=64)
     assert table.kl.abs().max() <= 1e-7 and table.kl_reverse.abs().max() <= 1e-7
     assert table.same_top1.all() and (table.delta_p == 0).all()
@@ -136,7 +150,7 @@ def test_a_model_against_itself_is_zero_everywhere(twice, tiny_models, bpe_token
 def test_mixed_tokenizers_are_refused_by_name(tmp_path, tiny_models, bpe_tokenizer):
     other_tokenizer = train_bpe(tmp_path, vocab_size=300)
     other = build_model("gpt2", len(other_tokenizer))
-    with pytest.raises(TokenizerMismatchError, match="identical tokenizers.*bits_per_byte"):
+    with pytest.raises(TokenizerMismatchError, match=r"identical tokenizers.*bits_per_byte"):
         lmeval.divergence(["hello there"], (other, other_tokenizer), (tiny_models["gpt2"], bpe_tokenizer))
     assert issubclass(TokenizerMismatchError, lmeval.LmevalError)
 
@@ -154,7 +168,9 @@ def test_non_finite_logits_name_the_model(tiny_models, bpe_tokenizer):
     with pytest.raises(ModelError, match="model broken: non-finite logits at document 0"):
         lmeval.divergence(["hello there"], (broken, bpe_tokenizer), (tiny_models["gpt2"], bpe_tokenizer), name="broken")
     with pytest.raises(ModelError, match="model broken: non-finite"):
-        lmeval.divergence(["hello there"], (tiny_models["gpt2"], bpe_tokenizer), (broken, bpe_tokenizer), baseline_name="broken")
+        lmeval.divergence(
+            ["hello there"], (tiny_models["gpt2"], bpe_tokenizer), (broken, bpe_tokenizer), baseline_name="broken"
+        )
 
 
 @pytest.mark.slow
@@ -184,30 +200,58 @@ def numpy_summary(table: pd.DataFrame, n_resamples: int, seed: int) -> dict:
     """The documented figures, computed here from the per-token rows with numpy alone."""
     kl, dp = table.kl.to_numpy(np.float64), table.delta_p.to_numpy(np.float64)
     diff = table.nll.to_numpy(np.float64) - table.nll_baseline.to_numpy(np.float64)
-    out = {"kl_mean": kl.mean(), "kl_median": np.median(kl), "kl_p90": np.quantile(kl, 0.9),
-           "kl_p99": np.quantile(kl, 0.99), "kl_p999": np.quantile(kl, 0.999), "kl_max": kl.max(),
-           "kl_reverse_mean": table.kl_reverse.to_numpy(np.float64).mean(), "same_top1": table.same_top1.mean(),
-           "delta_p_mean": dp.mean(), "delta_p_rms": np.sqrt((dp**2).mean()), "delta_p_p01": np.quantile(dp, 0.01),
-           "delta_p_p99": np.quantile(dp, 0.99), "delta_p_min": dp.min(), "delta_p_max": dp.max(),
-           "ln_ppl_ratio": diff.mean(), "n_tokens": len(table), "n_documents": table.doc_id.nunique()}  # fmt: skip
+    out = {
+        "kl_mean": kl.mean(),
+        "kl_median": np.median(kl),
+        "kl_p90": np.quantile(kl, 0.9),
+        "kl_p99": np.quantile(kl, 0.99),
+        "kl_p999": np.quantile(kl, 0.999),
+        "kl_max": kl.max(),
+        "kl_reverse_mean": table.kl_reverse.to_numpy(np.float64).mean(),
+        "same_top1": table.same_top1.mean(),
+        "delta_p_mean": dp.mean(),
+        "delta_p_rms": np.sqrt((dp**2).mean()),
+        "delta_p_p01": np.quantile(dp, 0.01),
+        "delta_p_p99": np.quantile(dp, 0.99),
+        "delta_p_min": dp.min(),
+        "delta_p_max": dp.max(),
+        "ln_ppl_ratio": diff.mean(),
+        "n_tokens": len(table),
+        "n_documents": table.doc_id.nunique(),
+    }
     # The paired document bootstrap, as documented: documents in order of first appearance,
     # default_rng(seed).integers(0, D, (B, D)), each resample pooled from sums.
     docs = pd.unique(table.doc_id)
-    frame = pd.DataFrame({"doc": table.doc_id, "n": 1.0, "kl": kl, "dp": dp, "dp2": dp**2, "diff": diff,
-                          "top": table.same_top1.astype(float)})  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "doc": table.doc_id,
+            "n": 1.0,
+            "kl": kl,
+            "dp": dp,
+            "dp2": dp**2,
+            "diff": diff,
+            "top": table.same_top1.astype(float),
+        }
+    )
     sums = frame.groupby("doc", sort=False).sum().loc[docs]
     draw = np.random.default_rng(seed).integers(0, len(docs), size=(n_resamples, len(docs)))
     boot = {c: sums[c].to_numpy()[draw].sum(axis=1) for c in sums.columns}
-    for name, value in (("kl_mean", boot["kl"] / boot["n"]), ("same_top1", boot["top"] / boot["n"]),
-                        ("delta_p_mean", boot["dp"] / boot["n"]), ("delta_p_rms", np.sqrt(boot["dp2"] / boot["n"])),
-                        ("ln_ppl_ratio", boot["diff"] / boot["n"])):  # fmt: skip
+    for name, value in (
+        ("kl_mean", boot["kl"] / boot["n"]),
+        ("same_top1", boot["top"] / boot["n"]),
+        ("delta_p_mean", boot["dp"] / boot["n"]),
+        ("delta_p_rms", np.sqrt(boot["dp2"] / boot["n"])),
+        ("ln_ppl_ratio", boot["diff"] / boot["n"]),
+    ):
         out[f"{name}_ci_low"], out[f"{name}_ci_high"] = np.percentile(value, [2.5, 97.5])
     return out
 
 
 def test_summary_equals_numpy_over_the_token_table(tiny_models, bpe_tokenizer):
     texts = [f"{i}: {CORPUS[i % 6]} {CORPUS[(i * 5 + 1) % 6]}" for i in range(9)]
-    table = lmeval.divergence(texts, (finetuned(tiny_models["gpt2"], 0.2), bpe_tokenizer), (tiny_models["gpt2"], bpe_tokenizer))
+    table = lmeval.divergence(
+        texts, (finetuned(tiny_models["gpt2"], 0.2), bpe_tokenizer), (tiny_models["gpt2"], bpe_tokenizer)
+    )
     summary = lmeval.divergence_summary(table, bootstrap=300, seed=5).iloc[0]
     for key, value in numpy_summary(table, 300, 5).items():
         assert summary[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key

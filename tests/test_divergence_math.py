@@ -89,7 +89,9 @@ def test_rows_are_independent_of_chunking():
     whole = divergence_statistics(z, w, y)
     pieces = [divergence_statistics(z[i : i + 7], w[i : i + 7], y[i : i + 7]) for i in range(0, 40, 7)]
     for key in PAIR_FIELDS:
-        np.testing.assert_allclose(torch.cat([getattr(p, key) for p in pieces]).numpy(), getattr(whole, key).numpy(), atol=1e-7)
+        np.testing.assert_allclose(
+            torch.cat([getattr(p, key) for p in pieces]).numpy(), getattr(whole, key).numpy(), atol=1e-7
+        )
 
 
 def test_empty_and_mismatched_shapes():

@@ -19,16 +19,16 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import CORPUS, build_model, train_bpe
-from test_divergence import finetuned, numpy_summary
-from test_run import write_config, write_jsonl
 
 import lmeval
+from conftest import CORPUS, build_model, train_bpe
 from lmeval import ConfigError, TokenizerMismatchError
-from lmeval.cli import main
 from lmeval.analyses.divergence import SUMMARY_COLUMNS
+from lmeval.cli import main
 from lmeval.engine.parts import model_dirname, plan_groups
 from lmeval.engine.schemas import DIVERGENCE
+from test_divergence import finetuned, numpy_summary
+from test_run import write_config, write_jsonl
 
 passes = importlib.import_module("lmeval.engine.passes")
 TEXTS = [f"{i}: {CORPUS[i % len(CORPUS)]} {CORPUS[(i * 5 + 1) % len(CORPUS)]}" for i in range(10)]
@@ -48,13 +48,16 @@ def checkpoints(tmp_path_factory, tiny_models, bpe_tokenizer):
 def workspace(folder, checkpoints, extra: str = "", texts=TEXTS):
     base, ft = checkpoints
     write_jsonl(folder / "docs.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(texts)])
-    return write_config(folder, f"""
+    return write_config(
+        folder,
+        f"""
 models: [{{name: ft, path: {ft}}}, {{name: base, path: {base}}}]
 data: {{path: docs.jsonl, id_field: id}}
 scoring: {{max_length: 16, batch_tokens: 64}}
 output: {{dir: out, part_chars: 300}}
 compare: {{baseline: base, divergence: true, bootstrap: 200, top_k: 7}}
-{extra}""")  # fmt: skip
+{extra}""",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +140,9 @@ def test_ctrl_c_during_the_divergence_pass_resumes_to_identical_tables(reference
     monkeypatch.setattr(passes, "write_part", lambda p, c, m: (written.append(p), real(p, c, m)))
     assert main(["run", str(config), "-q"]) == 0
     n_groups = len(plan_groups([len(t) for t in TEXTS], 300))
-    assert len([p for p in written if p.parent == pair_parts]) == n_groups - 2  # only the missing groups were scored again
+    assert (
+        len([p for p in written if p.parent == pair_parts]) == n_groups - 2
+    )  # only the missing groups were scored again
     assert_same(read_divergence(tmp_path / "out"), read_divergence(ref_folder / "out"))
 
 
@@ -178,24 +183,28 @@ def test_mixed_tokenizers_are_refused_before_any_scoring(tmp_path, checkpoints):
     build_model("gpt2", len(other_tokenizer)).save_pretrained(other)
     other_tokenizer.save_pretrained(other)
     write_jsonl(tmp_path / "docs.jsonl", [{"id": "a", "text": TEXTS[0]}])
-    config = write_config(tmp_path, f"""
+    config = write_config(
+        tmp_path,
+        f"""
 models: [{{name: other, path: {other}}}, {{name: base, path: {checkpoints[0]}}}]
 data: {{path: docs.jsonl, id_field: id}}
 output: {{dir: out}}
 compare: {{baseline: base, divergence: true}}
-""")  # fmt: skip
-    with pytest.raises(TokenizerMismatchError, match="identical tokenizers.*bits_per_byte"):
+""",
+    )
+    with pytest.raises(TokenizerMismatchError, match=r"identical tokenizers.*bits_per_byte"):
         lmeval.run(str(config), show_progress=False)
     assert not list((tmp_path / "out" / "parts").rglob("*.parquet"))  # nothing was scored
 
 
 def test_config_needs_two_models_and_a_boolean(tmp_path, checkpoints):
     write_jsonl(tmp_path / "docs.jsonl", [{"id": "a", "text": "x"}])
-    config = write_config(tmp_path, f"models: [{{path: {checkpoints[0]}}}]\ndata: {{path: docs.jsonl}}\n"
-                                    "compare: {divergence: maybe}\n")  # fmt: skip
-    with pytest.raises(ConfigError, match="compare.divergence: must be true or false"):
+    config = write_config(
+        tmp_path, f"models: [{{path: {checkpoints[0]}}}]\ndata: {{path: docs.jsonl}}\ncompare: {{divergence: maybe}}\n"
+    )
+    with pytest.raises(ConfigError, match=r"compare\.divergence: must be true or false"):
         lmeval.load_config(config)
-    with pytest.raises(ConfigError, match="compare.divergence: needs at least two models"):
+    with pytest.raises(ConfigError, match=r"compare\.divergence: needs at least two models"):
         lmeval.load_config(config, ["compare.divergence=true"])
 
 
@@ -233,7 +242,9 @@ def test_surprisal_baseline_html_and_csv(tmp_path, checkpoints, capsys):
     base, ft = checkpoints
     text = "The quick <b>brown</b> fox & the dog."
     page = tmp_path / "page.html"
-    code = main(["surprisal", "--model", str(ft), "--baseline", str(base), "--html", str(page), "--format", "csv", text])
+    code = main(
+        ["surprisal", "--model", str(ft), "--baseline", str(base), "--html", str(page), "--format", "csv", text]
+    )
     assert code == 0
     table = pd.read_csv(__import__("io").StringIO(capsys.readouterr().out), keep_default_na=False)
     api = lmeval.divergence([text], str(ft), str(base))
@@ -245,7 +256,9 @@ def test_surprisal_baseline_html_and_csv(tmp_path, checkpoints, capsys):
     rows = data[0]["rows"]
     assert len(rows) == len(table) == html.count('class="tok')
     assert [r["kl"] for r in rows] == pytest.approx(table.kl.tolist(), rel=1e-6)
-    assert [r["surprisal_bits_baseline"] for r in rows] == pytest.approx(table.surprisal_bits_baseline.tolist(), rel=1e-6)
+    assert [r["surprisal_bits_baseline"] for r in rows] == pytest.approx(
+        table.surprisal_bits_baseline.tolist(), rel=1e-6
+    )
     values = [float(v) for v in re.findall(r'data-value="([^"]+)"', html)]
     assert values == pytest.approx(table.delta_bits.tolist(), rel=1e-6, abs=1e-9)  # coloured by delta_nll
     script = re.search(r"<script>(.*?)</script>", html, re.S).group(1)
@@ -257,7 +270,10 @@ def test_surprisal_baseline_html_and_csv(tmp_path, checkpoints, capsys):
 
 def test_surprisal_baseline_terminal_and_refusals(checkpoints, capsys):
     base, ft = checkpoints
-    assert main(["surprisal", "--model", str(ft), "--baseline", str(base), "--by", "kl", "--color", "always", "a dog"]) == 0
+    assert (
+        main(["surprisal", "--model", str(ft), "--baseline", str(base), "--by", "kl", "--color", "always", "a dog"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "mean KL" in out and "kl_nats" in out and "\x1b[" in out
     assert main(["surprisal", "--model", str(ft), "--baseline", str(base), "--words", "a dog"]) == 2

@@ -75,7 +75,7 @@ def evaluate_bash(example) -> None:
         if not argv or argv[0] != "lmeval" or any(a in ("|", "&&", ";", ">") for a in argv):
             raise AssertionError(
                 f"{example.path}:{example.line}: a bash block may only hold `lmeval ...` commands "
-                f"(got {command!r}); mark the block <!-- skip: next \"why it cannot run here\" -->"
+                f'(got {command!r}); mark the block <!-- skip: next "why it cannot run here" -->'
             )
         code, out, err = run_lmeval(argv[1:])
         if code != 0:
@@ -177,9 +177,14 @@ def test_yaml_blocks_use_real_keys(page: Path) -> None:
     from lmeval.model.spec import ModelSpec
 
     sections = {f.name: f.type for f in dataclasses.fields(config_module.Config)}
-    classes = {"data": config_module.DataConfig, "scoring": config_module.ScoringConfig,
-               "output": config_module.OutputConfig, "calibration": config_module.CalibrationConfig,
-               "compare": config_module.CompareConfig, "analysis": config_module.AnalysisConfig}  # fmt: skip
+    classes = {
+        "data": config_module.DataConfig,
+        "scoring": config_module.ScoringConfig,
+        "output": config_module.OutputConfig,
+        "calibration": config_module.CalibrationConfig,
+        "compare": config_module.CompareConfig,
+        "analysis": config_module.AnalysisConfig,
+    }
     for line, source in yaml_blocks(page):
         raw = config_module.safe_load(source)
         where = f"{page_id(page)}:{line}"
@@ -224,14 +229,24 @@ def missing_entries(table: str, columns) -> list[str]:
 
 def test_glossary_covers_every_file_of_a_demo_run(demo_clone: Path) -> None:
     out = demo_clone / "runs" / "demo"
-    written = {p.name: (pq.read_schema(p).names if p.suffix == ".parquet" else
-                        p.read_text(encoding="utf-8").splitlines()[0].split(","))
-               for p in sorted(out.iterdir()) if p.suffix in (".csv", ".parquet")}  # fmt: skip
-    assert {"tokens.parquet", "documents.parquet", "divergence.parquet", "divergence.csv", "compare.csv"} <= set(written)
+    written = {
+        p.name: (
+            pq.read_schema(p).names
+            if p.suffix == ".parquet"
+            else p.read_text(encoding="utf-8").splitlines()[0].split(",")
+        )
+        for p in sorted(out.iterdir())
+        if p.suffix in (".csv", ".parquet")
+    }
+    assert {"tokens.parquet", "documents.parquet", "divergence.parquet", "divergence.csv", "compare.csv"} <= set(
+        written
+    )
     assert "mink_pp_20" in written["documents.parquet"] and "ref_ratio" in written["documents.parquet"]
     problems = [p for table, columns in written.items() for p in missing_entries(table, columns)]
     assert not problems, "\n".join(problems)
-    assert set(written) <= set(schemas.TABLES), f"files the glossary does not describe: {set(written) - set(schemas.TABLES)}"
+    assert set(written) <= set(schemas.TABLES), (
+        f"files the glossary does not describe: {set(written) - set(schemas.TABLES)}"
+    )
 
 
 def test_glossary_covers_the_schemas_and_the_writers_column_lists() -> None:
@@ -276,8 +291,10 @@ def test_glossary_covers_the_python_api_tables() -> None:
         "minimal_pairs()": lmeval.minimal_pairs(["The cat sat."], ["The cat sit."], lm, contexts=["Once, "]).columns,
         "lmeval surprisal --baseline": divergence_table(texts, lm, early).columns,
     }
-    lm.tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-                                  "{% if add_generation_prompt %}assistant: {% endif %}")
+    lm.tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     chats = score_chats([[{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "God."}]], lm)
     tables["score_chats()"] = [c for c in chats.columns if c not in tables["score_texts()"]]
     tables["turn_table()"] = turn_table(chats).columns
@@ -312,7 +329,11 @@ def test_version_is_written_once() -> None:
     assert lmeval.__version__ == declared, (
         f"lmeval.__version__ {lmeval.__version__} != pyproject.toml's {declared}: reinstall (pip install -e .)"
     )
-    stray = [p for p in (ROOT / "lmeval").rglob("*.py") if re.search(r"__version__\s*=\s*[\"']\d+\.\d+", p.read_text("utf-8"))]
+    stray = [
+        p
+        for p in (ROOT / "lmeval").rglob("*.py")
+        if re.search(r"__version__\s*=\s*[\"']\d+\.\d+", p.read_text("utf-8"))
+    ]
     assert not stray, f"a version literal outside pyproject.toml: {stray}"
 
 
@@ -320,8 +341,11 @@ def test_layout_lists_every_module() -> None:
     """docs/development.md's layout table names every module of the package, and no other."""
     text = (ROOT / "docs" / "development.md").read_text(encoding="utf-8")
     rows = re.findall(r"^\| `(\w+)` \| (.+?) \|", text, flags=re.MULTILINE)
-    listed = {f"{folder}/{name}" if folder != name else name
-              for folder, modules in rows for name in re.findall(r"`(\w+)`", modules)}  # fmt: skip
+    listed = {
+        f"{folder}/{name}" if folder != name else name
+        for folder, modules in rows
+        for name in re.findall(r"`(\w+)`", modules)
+    }
     package = ROOT / "lmeval"
     actual = {str(p.relative_to(package).with_suffix("")) for p in package.rglob("*.py") if p.stem != "__init__"}
     actual.discard("__main__")

@@ -5,20 +5,22 @@ evaluator scoring chat and context data with the producers `lmeval run` uses."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CORPUS
-from test_context_pairs_chat import CONTEXTS, CONVERSATIONS, TEXTS as CONTEXT_TEXTS, chat_lm  # noqa: F401
-from test_divergence import finetuned
-from test_run import write_config, write_jsonl
 
 import lmeval
+from conftest import CORPUS
 from lmeval.analyses.base import Analysis, ModelResult, Needs, Outputs
 from lmeval.engine import passes as passes_module
 from lmeval.engine import run as run_module
 from lmeval.engine.parts import model_dirname
+from test_context_pairs_chat import CONTEXTS, CONVERSATIONS, chat_lm  # noqa: F401
+from test_context_pairs_chat import TEXTS as CONTEXT_TEXTS
+from test_divergence import finetuned
+from test_run import write_config, write_jsonl
 
 TEXTS = [f"{i}: {CORPUS[i % len(CORPUS)]} {CORPUS[(i * 3 + 1) % len(CORPUS)]}" for i in range(8)]
 
@@ -26,8 +28,11 @@ TEXTS = [f"{i}: {CORPUS[i % len(CORPUS)]} {CORPUS[(i * 3 + 1) % len(CORPUS)]}" f
 @pytest.fixture(scope="module")
 def three_checkpoints(tmp_path_factory, tiny_models, bpe_tokenizer):
     folder = tmp_path_factory.mktemp("three")
-    models = {"base": tiny_models["gpt2"], "ft1": finetuned(tiny_models["gpt2"], 0.2, seed=1),
-              "ft2": finetuned(tiny_models["gpt2"], 0.2, seed=2)}  # fmt: skip
+    models = {
+        "base": tiny_models["gpt2"],
+        "ft1": finetuned(tiny_models["gpt2"], 0.2, seed=1),
+        "ft2": finetuned(tiny_models["gpt2"], 0.2, seed=2),
+    }
     for name, model in models.items():
         model.save_pretrained(folder / name)
         bpe_tokenizer.save_pretrained(folder / name)
@@ -37,13 +42,18 @@ def three_checkpoints(tmp_path_factory, tiny_models, bpe_tokenizer):
 def three_model_config(tmp_path, paths, extra: str = "") -> str:
     write_jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(TEXTS)])
     models = ", ".join(f"{{name: {n}, path: {p}}}" for n, p in paths.items())
-    return str(write_config(tmp_path, f"""
+    return str(
+        write_config(
+            tmp_path,
+            f"""
 models: [{models}]
 data: {{path: docs.jsonl, id_field: id}}
 scoring: {{max_length: 16, batch_tokens: 64}}
 output: {{dir: out, part_chars: 400}}
 compare: {{baseline: base, divergence: true, bootstrap: 50}}
-{extra}"""))
+{extra}""",
+        )
+    )
 
 
 def test_three_models_with_divergence_cost_three_loads_and_five_passes(tmp_path, three_checkpoints, monkeypatch):
@@ -73,8 +83,8 @@ def _without_divergence(tmp_path, paths) -> str:
     folder = tmp_path / "alone"
     folder.mkdir()
     path = three_model_config(folder, paths)
-    text = open(path, encoding="utf-8").read().replace("divergence: true", "divergence: false")
-    open(path, "w", encoding="utf-8").write(text)
+    text = Path(path).read_text(encoding="utf-8").replace("divergence: true", "divergence: false")
+    Path(path).write_text(text, encoding="utf-8")
     return path
 
 
@@ -133,8 +143,12 @@ def test_a_toy_analysis_plugs_in_without_touching_the_library(tmp_path, three_ch
     real = run_module.analyses_for
     monkeypatch.setattr(run_module, "analyses_for", lambda config: (*real(config), LongTokens()))
     config = three_model_config(tmp_path, {"base": three_checkpoints["base"]}, "")
-    config_text = open(config, encoding="utf-8").read().replace("compare: {baseline: base, divergence: true, bootstrap: 50}", "")
-    open(config, "w", encoding="utf-8").write(config_text)
+    config_text = (
+        Path(config)
+        .read_text(encoding="utf-8")
+        .replace("compare: {baseline: base, divergence: true, bootstrap: 50}", "")
+    )
+    Path(config).write_text(config_text, encoding="utf-8")
     tables = lmeval.run(config, show_progress=False)
     expected = int((tables["tokens"]["nll"] > 3.0).sum())
     assert expected > 0
@@ -150,9 +164,15 @@ def test_in_loop_evaluator_scores_chat_turns_like_lmeval_run(tmp_path, chat_lm):
     data = {"path": str(tmp_path / "chats.jsonl"), "messages_field": "messages"}
     evaluator = lmeval.InLoopEvaluator(data, label="chat")
     got = evaluator.evaluate(chat_lm.model, chat_lm.tokenizer, step=3)
-    want = lmeval.run(write_config(tmp_path, json.dumps({"models": [{"path": str(folder), "name": "m"}], "data": data,
-                                                         "output": {"dir": str(tmp_path / "out")}})),
-                      show_progress=False)["summary"].iloc[0]  # fmt: skip
+    want = lmeval.run(
+        write_config(
+            tmp_path,
+            json.dumps(
+                {"models": [{"path": str(folder), "name": "m"}], "data": data, "output": {"dir": str(tmp_path / "out")}}
+            ),
+        ),
+        show_progress=False,
+    )["summary"].iloc[0]
     assert got["n_tokens"] == want["n_tokens"]  # the assistant tokens, not the JSON text of the conversation
     assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-6)
 
@@ -171,7 +191,7 @@ def test_in_loop_evaluator_scores_text_given_its_context(tmp_path, gpt2_pair, sa
 def _finished(analysis, model, state, run):
     result = analysis.finish(model, state, run)
     frames = {k: v for k, v in result.tables.items() if isinstance(v, pd.DataFrame)}
-    return result.summary, {k: v for k, v in result.documents.items()}, frames
+    return result.summary, dict(result.documents), frames
 
 
 def test_states_of_two_stretches_merge_to_the_state_of_the_whole(tmp_path, three_checkpoints, monkeypatch):
@@ -184,10 +204,13 @@ def test_states_of_two_stretches_merge_to_the_state_of_the_whole(tmp_path, three
     seen = []
     real_fold = merge_module.Merger._fold
     monkeypatch.setattr(merge_module.Merger, "_fold", lambda self, part: (seen.append(part), real_fold(self, part))[1])
-    path = three_model_config(tmp_path, {"base": three_checkpoints["base"], "ft1": three_checkpoints["ft1"]},
-                              "analysis: {positions: true, membership: true, bootstrap: 50}")  # fmt: skip
-    text = open(path, encoding="utf-8").read().replace("part_chars: 400", "part_chars: 150")
-    open(path, "w", encoding="utf-8").write(text)
+    path = three_model_config(
+        tmp_path,
+        {"base": three_checkpoints["base"], "ft1": three_checkpoints["ft1"]},
+        "analysis: {positions: true, membership: true, bootstrap: 50}",
+    )
+    text = Path(path).read_text(encoding="utf-8").replace("part_chars: 400", "part_chars: 150")
+    Path(path).write_text(text, encoding="utf-8")
     lmeval.run(path, show_progress=False)
     analyses = run_module.analyses_for(load_config(path))
     assert {a.name for a in analyses} == {"documents", "calibration", "positions", "membership", "divergence"}
@@ -196,10 +219,11 @@ def test_states_of_two_stretches_merge_to_the_state_of_the_whole(tmp_path, three
         parts = [p for p in seen if p.model == model]
         assert len(parts) >= 3  # part_chars 150: a few parts, so the split is real
         for analysis in analyses:
-            def fold(chunk, a=analysis):
-                state = a.start(model)
+
+            def fold(chunk, a=analysis, m=model):
+                state = a.start(m)
                 for part in chunk:
-                    state = a.merge(state, a.update(a.start(model), part))
+                    state = a.merge(state, a.update(a.start(m), part))
                 return state
 
             whole = _finished(analysis, model, fold(parts), run)
@@ -211,7 +235,9 @@ def test_states_of_two_stretches_merge_to_the_state_of_the_whole(tmp_path, three
                 pd.testing.assert_frame_equal(split[2][key], whole[2][key])
 
 
-def test_the_run_compares_tokens_a_part_at_a_time_as_the_in_memory_comparison_does(tmp_path, three_checkpoints, monkeypatch):
+def test_the_run_compares_tokens_a_part_at_a_time_as_the_in_memory_comparison_does(
+    tmp_path, three_checkpoints, monkeypatch
+):
     import pyarrow.parquet as pq
 
     from lmeval.analyses.compare import compare_tables
@@ -219,15 +245,25 @@ def test_the_run_compares_tokens_a_part_at_a_time_as_the_in_memory_comparison_do
 
     reads = []
     real_read = pq.ParquetFile.read_row_groups
-    monkeypatch.setattr(pq.ParquetFile, "read_row_groups",
-                        lambda self, groups, **kw: (reads.append(len(groups)), real_read(self, groups, **kw))[1])  # fmt: skip
+    monkeypatch.setattr(
+        pq.ParquetFile,
+        "read_row_groups",
+        lambda self, groups, **kw: (reads.append(len(groups)), real_read(self, groups, **kw))[1],
+    )
     path = three_model_config(tmp_path, three_checkpoints, "compare: {baseline: base, top_k: 7, bootstrap: 50}")
-    text = open(path, encoding="utf-8").read().replace("compare: {baseline: base, divergence: true, bootstrap: 50}\n", "")
-    open(path, "w", encoding="utf-8").write(text.replace("part_chars: 400", "part_chars: 150"))
+    text = (
+        Path(path)
+        .read_text(encoding="utf-8")
+        .replace("compare: {baseline: base, divergence: true, bootstrap: 50}\n", "")
+    )
+    Path(path).write_text(text.replace("part_chars: 400", "part_chars: 150"), encoding="utf-8")
     tables = lmeval.run(path, show_progress=False)
     # two models against the baseline, a pair of reads per part and at least 3 parts, one row group each
     assert len(reads) % 4 == 0 and len(reads) >= 12 and max(reads) == 1
-    in_memory = compare_tables({"documents": tables["documents"], "tokens": read_table(tmp_path / "out" / "tokens.parquet")},
-                               tables["run"], tables["run"]["config"]["compare"])["compare_tokens"]  # fmt: skip
+    in_memory = compare_tables(
+        {"documents": tables["documents"], "tokens": read_table(tmp_path / "out" / "tokens.parquet")},
+        tables["run"],
+        tables["run"]["config"]["compare"],
+    )["compare_tokens"]
     assert len(in_memory) == 14
     pd.testing.assert_frame_equal(tables["compare_tokens"].reset_index(drop=True), in_memory.reset_index(drop=True))

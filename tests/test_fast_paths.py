@@ -4,9 +4,9 @@ import json
 
 import numpy as np
 import torch
-from conftest import CORPUS
 
 import lmeval
+from conftest import CORPUS
 from lmeval.cli import main
 from lmeval.core.windows import make_windows
 from lmeval.model.scorer import _pad, _scored_index
@@ -91,8 +91,7 @@ def test_prefetched_keeps_order_and_raises_background_errors():
         for i in range(5):
             writer.submit(written.append, i)
     assert written == [0, 1, 2, 3, 4]
-    with pytest.raises(ZeroDivisionError):
-        with BackgroundWriter() as writer:
-            writer.submit(lambda: 1 / 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ZeroDivisionError), BackgroundWriter() as writer:
+        writer.submit(lambda: 1 / 0)
+    with pytest.raises(ValueError, match="invalid literal for int"):
         list(prefetched([1, 2], lambda x: int("x")))

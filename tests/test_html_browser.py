@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmeval.view.render import render_html
 from lmeval.model.loading import prepare_model
+from lmeval.view.render import render_html
 from lmeval.view.surprisal import surprisal_table
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -32,10 +32,16 @@ pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install -y chromium)"
 )
 FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
     "--virtual-time-budget=2000",
-]  # fmt: skip
+]
 INJECTION = "Before <script>document.title='PWNED'</script> and <img src=x onerror=\"document.title='PWNED'\"> after."
 TEXTS = ["The quick brown fox jumps over the lazy dog. Naïve café 😀.", INJECTION]
 TITLE = "surprisal test page"
@@ -48,8 +54,11 @@ def dump_dom(page: str, tmp_path: Path, name: str) -> str:
     profile = tmp_path / f"profile-{name}"
     result = subprocess.run(
         [str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", "--dump-dom", path.as_uri()],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return result.stdout
 
 
@@ -133,7 +142,7 @@ def test_tooltips_match_table_and_dataframe(rendered, dom):
     tables, _ = rendered
     frame = [row for t in tables.values() for row in t.itertuples()]
     for span, cells, row in zip(dom.spans, dom.rows, frame):
-        index, token, text, bits, rank, prob, entropy, topk = cells
+        index, token, _text, bits, rank, _prob, entropy, _topk = cells
         # The span's attributes (Python), the table cells and the tooltip (the page's JS)
         # and the DataFrame all agree.
         assert float(span["data-surprisal"]) == pytest.approx(row.surprisal_bits, rel=1e-6)
@@ -143,7 +152,7 @@ def test_tooltips_match_table_and_dataframe(rendered, dom):
         assert (int(index), token) == (row.position, row.token)
         tip = span["aria-label"]
         assert f"surprisal {bits} bits" in tip and f"rank {rank} " in tip and f"entropy {entropy} bits" in tip
-        head, _, alternatives = tip.partition("top 3:\n")
+        _head, _, alternatives = tip.partition("top 3:\n")
         shown = [line.strip().rsplit(" ", 1) for line in alternatives.splitlines()]
         assert [json.loads(t) for t, _ in shown] == [a["token"] for a in row.topk]
         np.testing.assert_allclose([float(p) for _, p in shown], [a["prob"] for a in row.topk], rtol=1e-3)

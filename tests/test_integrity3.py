@@ -16,21 +16,24 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+
+import lmeval
 from conftest import CORPUS
+from lmeval import DataError, ModelError, OutputError
+from lmeval.cli import main
 from test_resume import assert_same_tables, read_tables
 from test_run import write_config, write_jsonl
 from test_run_folder import ENV, TEXTS, interrupted_after, snapshot
-
-import lmeval
-from lmeval import DataError, ModelError, OutputError
-from lmeval.cli import main
 
 
 def _run_config(folder: Path, model: Path, extra: str = "", data: str = "docs.jsonl") -> Path:
     if not (folder / "docs.jsonl").exists():
         write_jsonl(folder / "docs.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(TEXTS[:12])])
-    return write_config(folder, f"models: [{{name: a, path: {model}}}]\ndata: {{path: {data}, id_field: id}}\n"
-                                "scoring: {max_length: 16, batch_tokens: 64}\noutput: {dir: out, part_chars: 300}\n" + extra)  # fmt: skip
+    return write_config(
+        folder,
+        f"models: [{{name: a, path: {model}}}]\ndata: {{path: {data}, id_field: id}}\n"
+        "scoring: {max_length: 16, batch_tokens: 64}\noutput: {dir: out, part_chars: 300}\n" + extra,
+    )
 
 
 def _error(capsys) -> str:
@@ -54,7 +57,9 @@ def no_tokenizer(tmp_path, saved_gpt2) -> Path:
 # --------------------------------------------------------------------------------------
 
 
-def test_run_refuses_a_model_folder_without_tokenizer_files_and_leaves_no_folder(no_tokenizer, tmp_path, monkeypatch, capsys):
+def test_run_refuses_a_model_folder_without_tokenizer_files_and_leaves_no_folder(
+    no_tokenizer, tmp_path, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in CORPUS])
     assert main(["run", "--model", str(no_tokenizer), "--data", "docs.jsonl", "--out", "runs/x", "-q"]) == 2
@@ -64,20 +69,21 @@ def test_run_refuses_a_model_folder_without_tokenizer_files_and_leaves_no_folder
 
 
 def test_score_texts_and_surprisal_refuse_an_empty_tokenizer(no_tokenizer, capsys):
-    with pytest.raises(ModelError, match="tokenizer of .*no-tokenizer must have a vocabulary"):
+    with pytest.raises(ModelError, match=r"tokenizer of .*no-tokenizer must have a vocabulary"):
         lmeval.score_texts(["Some text."], str(no_tokenizer))
     assert main(["surprisal", "--model", str(no_tokenizer), "Some text."]) == 2
     assert "must have a vocabulary" in _error(capsys)
 
 
 def test_a_non_empty_text_that_tokenizes_to_no_token_is_named():
-    from toy_lm import build_tokenizer
-
     from lmeval.producers.text import Document, tokenize_documents
+    from toy_lm import build_tokenizer
 
     tokenizer = build_tokenizer()  # knows only a, b, space and newline; no unknown token
     assert len(tokenize_documents([Document("fine", "a b")], tokenizer)[0].token_ids) == 2
-    with pytest.raises(DataError, match=r"document 'xyz-doc': a non-empty text must tokenize to at least one token.*'xyz'"):
+    with pytest.raises(
+        DataError, match=r"document 'xyz-doc': a non-empty text must tokenize to at least one token.*'xyz'"
+    ):
         tokenize_documents([Document("fine", "a b"), Document("xyz-doc", "xyz")], tokenizer)
 
 
@@ -95,10 +101,16 @@ def test_nothing_scored_gives_nan_never_a_perfect_score():
 def test_a_model_with_no_scored_token_never_enters_a_comparison(caplog):
     from lmeval.analyses.compare import compare_tables
 
-    documents = pd.DataFrame({
-        "model": ["real"] * 3 + ["empty"] * 3, "doc_id": ["a", "b", "c"] * 2, "n_tokens": [10, 12, 9, 0, 0, 0],
-        "n_bytes": [40, 50, 30] * 2, "n_words": [8, 9, 6] * 2, "nll_sum": [30.0, 33.0, 25.0, 0.0, 0.0, 0.0],
-    })  # fmt: skip
+    documents = pd.DataFrame(
+        {
+            "model": ["real"] * 3 + ["empty"] * 3,
+            "doc_id": ["a", "b", "c"] * 2,
+            "n_tokens": [10, 12, 9, 0, 0, 0],
+            "n_bytes": [40, 50, 30] * 2,
+            "n_words": [8, 9, 6] * 2,
+            "nll_sum": [30.0, 33.0, 25.0, 0.0, 0.0, 0.0],
+        }
+    )
     record = {"protocol": {"models": {"real": {"tokenizer_sha256": "x"}, "empty": {"tokenizer_sha256": "y"}}}}
     with caplog.at_level(logging.WARNING):
         for baseline in ("real", "empty"):
@@ -125,7 +137,9 @@ def test_a_flipped_metadata_field_is_named_and_rescored(tmp_path, saved_gpt2, mo
     lmeval.run(str(config), [f"output.dir={tmp_path / 'reference'}"], show_progress=False)
     written = interrupted_after(3, config, monkeypatch)
     for path, field in zip(written, ("nll_sum", "n_bytes", "doc_ids")):  # each read by the merge, none a column
-        _tamper_meta(path, lambda meta: meta[field].__setitem__(0, meta[field][0] * 2 + 1 if field != "doc_ids" else "d99"))
+        _tamper_meta(
+            path, lambda meta, f=field: meta[f].__setitem__(0, meta[f][0] * 2 + 1 if f != "doc_ids" else "d99")
+        )
     with caplog.at_level(logging.WARNING):
         lmeval.run(str(config), show_progress=False)
     for path in written:
@@ -198,8 +212,17 @@ def test_a_manifest_cut_in_half_is_a_named_error(tmp_path, saved_gpt2, monkeypat
 
 def test_a_closed_stdout_ends_quietly(saved_gpt2, tmp_path):
     """`lmeval surprisal ... | head -c 1`: the reader goes away; no traceback, SIGPIPE's status."""
-    command = [sys.executable, "-m", "lmeval", "surprisal", "--model", str(saved_gpt2), "--format", "csv",
-               " ".join(CORPUS * 20)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "lmeval",
+        "surprisal",
+        "--model",
+        str(saved_gpt2),
+        "--format",
+        "csv",
+        " ".join(CORPUS * 20),
+    ]
     proc = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # nobody reads: the first write meets a broken pipe
     err = proc.stderr.read().decode()
@@ -232,7 +255,9 @@ def test_data_path_failures_say_what_happened(tmp_path, monkeypatch):
     from lmeval.engine.data import load_documents
 
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "zero.parquet")
-    with pytest.raises(DataError, match=r"zero\.parquet must hold documents \(got a Parquet file with 0 rows\)") as caught:
+    with pytest.raises(
+        DataError, match=r"zero\.parquet must hold documents \(got a Parquet file with 0 rows\)"
+    ) as caught:
         load_documents(DataConfig(path=str(tmp_path / "zero.parquet")))
     assert "UTF-8" not in str(caught.value)
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n\n{"text": \n')
@@ -268,7 +293,9 @@ def test_a_library_warning_is_printed_once(tmp_path, monkeypatch, capsys):
 
 
 def test_run_errors_name_one_based_lines(tmp_path, saved_gpt2, capsys):
-    (tmp_path / "docs.jsonl").write_text('{"id": "a", "text": "x"}\n\n{"id": "b", "text": "y"}\n{"id": "a", "text": "z"}\n')
+    (tmp_path / "docs.jsonl").write_text(
+        '{"id": "a", "text": "x"}\n\n{"id": "b", "text": "y"}\n{"id": "a", "text": "z"}\n'
+    )
     config = _run_config(tmp_path, saved_gpt2)
     assert main(["run", str(config), "-q"]) == 2
     assert "docs.jsonl: line 1 and " in (err := _error(capsys)) and "docs.jsonl: line 4)" in err
@@ -280,11 +307,15 @@ def _pairs_file(folder: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("ids, words", [
-    ([1, "1"], ["line 2", "'1'", "unique"]),
-    (["a", ["x", 1]], ["line 2", "list", "string or a number"]),
-    (["a", None], ["line 2", "null"]),
-], ids=["1-and-'1'", "list", "null"])  # fmt: skip
+@pytest.mark.parametrize(
+    "ids, words",
+    [
+        ([1, "1"], ["line 2", "'1'", "unique"]),
+        (["a", ["x", 1]], ["line 2", "list", "string or a number"]),
+        (["a", None], ["line 2", "null"]),
+    ],
+    ids=["1-and-'1'", "list", "null"],
+)
 def test_pairs_refuses_ids_lmeval_run_refuses(ids, words, tmp_path, saved_gpt2, capsys):
     rows = [{"id": i, "sentence_good": "The dog sleeps.", "sentence_bad": "The dog sleep."} for i in ids]
     assert main(["pairs", _pairs_file(tmp_path, rows), "--model", str(saved_gpt2)]) == 2
@@ -317,8 +348,24 @@ def test_pairs_join_context_and_sentence_verbatim_and_warn_when_they_touch(gpt2_
 
 def test_words_keep_the_top_k_alternatives_in_every_view(saved_gpt2, tmp_path, capsys):
     page = tmp_path / "words.html"
-    assert main(["surprisal", "--model", str(saved_gpt2), "--words", "--top-k", "3", "--format", "json",
-                 "--html", str(page), "The quick brown fox."]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "surprisal",
+                "--model",
+                str(saved_gpt2),
+                "--words",
+                "--top-k",
+                "3",
+                "--format",
+                "json",
+                "--html",
+                str(page),
+                "The quick brown fox.",
+            ]
+        )
+        == 0
+    )
     words = json.loads(capsys.readouterr().out)
     assert [w["word"] for w in words] == ["The", "quick", "brown", "fox."]
     assert all(len(w["topk"]) == 3 for w in words)
@@ -337,11 +384,16 @@ def test_validate_checks_what_run_refuses(tmp_path, saved_gpt2, monkeypatch, cap
     pq.write_table(pa.table({"body": ["one text", "another"]}), tmp_path / "docs.parquet")
     write_jsonl(tmp_path / "chats.jsonl", [{"id": 1, "text": "x"}])
     cases = [
-        (["--model", str(no_weights), "--data", "docs.parquet", "data.text_field=body"], ["no-weights must hold model weights"]),
+        (
+            ["--model", str(no_weights), "--data", "docs.parquet", "data.text_field=body"],
+            ["no-weights must hold model weights"],
+        ),
         (["--model", str(saved_gpt2), "--data", "docs.parquet"], ["data.text_field: 'text' must be a column", "body"]),
-        (["--model", str(saved_gpt2), "--data", "chats.jsonl", "data.messages_field=messages"],
-         ["data.messages_field: 'messages' must be a column", "id, text"]),
-    ]  # fmt: skip
+        (
+            ["--model", str(saved_gpt2), "--data", "chats.jsonl", "data.messages_field=messages"],
+            ["data.messages_field: 'messages' must be a column", "id, text"],
+        ),
+    ]
     for argv, words in cases:
         assert main(["validate", *argv]) == 2, argv
         err = _error(capsys)
@@ -360,9 +412,13 @@ def _with_untrimmed_offsets(saved_gpt2: Path, folder: Path) -> Path:
 
 def test_the_straddling_warning_is_said_once_and_only_for_a_real_straddle(tmp_path, saved_gpt2, caplog):
     model = _with_untrimmed_offsets(saved_gpt2, tmp_path / "untrimmed")
-    ordinary = [{"id": f"space{i}", "ctx": "The quick brown fox jumps over the ", "text": "lazy dog."} for i in range(3)]
-    inside = [{"id": f"word{i}", "ctx": "The quick brown fox jumps over the lazy dog; the dog sl", "text": "eeps on."}
-              for i in range(3)]  # fmt: skip
+    ordinary = [
+        {"id": f"space{i}", "ctx": "The quick brown fox jumps over the ", "text": "lazy dog."} for i in range(3)
+    ]
+    inside = [
+        {"id": f"word{i}", "ctx": "The quick brown fox jumps over the lazy dog; the dog sl", "text": "eeps on."}
+        for i in range(3)
+    ]
     write_jsonl(tmp_path / "docs.jsonl", ordinary + inside)
     config = _run_config(tmp_path, model, "", "docs.jsonl")
     with caplog.at_level(logging.WARNING):
@@ -430,11 +486,24 @@ def test_a_shipped_config_writes_where_out_says(tmp_path, monkeypatch, capsys):
     assert yaml.safe_load(capsys.readouterr().out)["output"]["dir"] == str(tmp_path / "runs" / "lm_eval_wikitext")
 
 
-@pytest.mark.parametrize("messages, words", [
-    ([{"role": "user", "content": "Hi"}, {"role": "robot", "content": "Hello."}, {"role": "assistant", "content": "Yes."}],
-     ["[1]", "'robot'", "system, developer, user, assistant, tool"]),
-    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}], ["[1]", "assistant turn must have content"]),
-], ids=["unknown-role", "empty-assistant-turn"])  # fmt: skip
+@pytest.mark.parametrize(
+    "messages, words",
+    [
+        (
+            [
+                {"role": "user", "content": "Hi"},
+                {"role": "robot", "content": "Hello."},
+                {"role": "assistant", "content": "Yes."},
+            ],
+            ["[1]", "'robot'", "system, developer, user, assistant, tool"],
+        ),
+        (
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}],
+            ["[1]", "assistant turn must have content"],
+        ),
+    ],
+    ids=["unknown-role", "empty-assistant-turn"],
+)
 def test_chat_roles_the_project_does_not_know_and_empty_turns_are_refused(messages, words):
     from lmeval.producers.text import check_messages
 
@@ -463,8 +532,16 @@ def test_the_checkpoint_legend_names_an_interval_only_when_one_is_drawn():
     from lmeval.analyses import plots
 
     summary = pd.DataFrame({"model": ["step-1", "step-2"], "ppl": [30.0, 20.0], "bits_per_byte": [2.0, 1.8]})
-    compare = pd.DataFrame({"model": ["step-2"] * 2, "baseline": ["step-1"] * 2, "metric": ["ppl", "bits_per_byte"],
-                            "baseline_value": [30.0, 2.0], "ratio_ci_low": [np.nan] * 2, "ratio_ci_high": [np.nan] * 2})  # fmt: skip
+    compare = pd.DataFrame(
+        {
+            "model": ["step-2"] * 2,
+            "baseline": ["step-1"] * 2,
+            "metric": ["ppl", "bits_per_byte"],
+            "baseline_value": [30.0, 2.0],
+            "ratio_ci_low": [np.nan] * 2,
+            "ratio_ci_high": [np.nan] * 2,
+        }
+    )
     fig = plots.plot_checkpoints(summary, compare)
     labels = [t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]
     assert "model" in labels and not any("CI" in label for label in labels)

@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, build_model
-from test_run import write_config, write_jsonl
 
 import lmeval
+from conftest import CORPUS, build_model
 from lmeval import ModelError, OutputError
+from test_run import write_config, write_jsonl
 
 run_module = importlib.import_module("lmeval.engine.passes")  # where models load and parts are written
 
@@ -41,7 +41,7 @@ def test_load_model_once_score_many_times_without_a_second_probe(saved_gpt2):
 def test_load_model_takes_a_spec_and_rejects_unknown_options(saved_gpt2):
     lm = lmeval.load_model(lmeval.ModelSpec(path=str(saved_gpt2), name="mine"))
     assert lm.name == "mine" and lm.commit_sha is None  # a local folder has no hub commit
-    with pytest.raises(ModelError, match="unknown option.*Known options: name, dtype"):
+    with pytest.raises(ModelError, match=r"unknown option.*Known options: name, dtype"):
         lmeval.load_model(saved_gpt2, dtpye="float32")
 
 
@@ -104,7 +104,7 @@ def test_a_moved_hub_commit_is_refused_on_resume_and_recorded(resumable_one_mode
         lmeval.run(str(config), show_progress=False)
     monkeypatch.setattr(run_module, "write_part", real_write)
     commit["sha"] = "b" * 40  # the branch moved between the two runs
-    with pytest.raises(OutputError, match="commit_sha: 'a{40}' -> 'b{40}'.*--fresh"):
+    with pytest.raises(OutputError, match=r"commit_sha: 'a{40}' -> 'b{40}'.*--fresh"):
         lmeval.run(str(config), show_progress=False)
     tables = lmeval.run(str(config), fresh=True, show_progress=False)
     record = json.loads((folder / "out" / "run.json").read_text())

@@ -95,10 +95,14 @@ def reference_stats(logits: torch.Tensor, targets: torch.Tensor, temperatures=()
         "rank": 1 + (q > q.gather(1, targets[:, None])).sum(1),
         "sum_q2": (q * q).sum(1),
         "mean_neg_logq": -log_q.mean(1),
-        "nll_t": torch.stack([-torch.log_softmax(z / t, 1).gather(1, targets[:, None]).squeeze(1) for t in temperatures], 1)
+        "nll_t": torch.stack(
+            [-torch.log_softmax(z / t, 1).gather(1, targets[:, None]).squeeze(1) for t in temperatures], 1
+        )
         if temperatures
         else None,
-        "max_prob_t": torch.stack([torch.softmax(z / t, 1).max(1).values for t in temperatures], 1) if temperatures else None,
+        "max_prob_t": torch.stack([torch.softmax(z / t, 1).max(1).values for t in temperatures], 1)
+        if temperatures
+        else None,
     }
 
 

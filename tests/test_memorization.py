@@ -14,12 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import CORPUS, build_model
 
 import lmeval
+from conftest import CORPUS, build_model
+from lmeval.analyses import analyses_for
 from lmeval.core import memorization as mem
 from lmeval.engine.config import load_config
-from lmeval.analyses import analyses_for
 from lmeval.engine.run import _identity as identity_of
 
 
@@ -46,7 +46,9 @@ def suffix_length(hits) -> int:
 
 
 def write_run(folder, models: dict, docs, analysis: str, scoring: str = "batch_tokens: 256") -> str:
-    (folder / "docs.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    (folder / "docs.jsonl").write_text(
+        "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8"
+    )
     entries = ", ".join(f"{{name: {name}, path: {path}}}" for name, path in models.items())
     (folder / "run.yaml").write_text(
         f"models: [{entries}]\ndata: {{path: docs.jsonl, id_field: id}}\nscoring: {{{scoring}}}\n"
@@ -108,8 +110,13 @@ def scored(tmp_path_factory, gpt2_pair):
         m.save_pretrained(folder / name)
         tokenizer.save_pretrained(folder / name)
     analysis = f"membership: true, reference: ref, mink_k: {list(KS)}"
-    config = write_run(folder, {"tiny": folder / "tiny", "ref": folder / "ref"}, DOCS, analysis,
-                       scoring="max_length: 8, stride: 4, batch_tokens: 64")  # fmt: skip
+    config = write_run(
+        folder,
+        {"tiny": folder / "tiny", "ref": folder / "ref"},
+        DOCS,
+        analysis,
+        scoring="max_length: 8, stride: 4, batch_tokens: 64",
+    )
     tables = lmeval.run(config, show_progress=False)
     return folder, tables, {"tiny": model, "ref": reference}, tokenizer
 
@@ -133,15 +140,23 @@ def float64_token_stats(model, tokenizer, tokens: pd.DataFrame) -> pd.DataFrame:
             mean = (q * log_q).sum(-1)
             var = (q * (log_q - mean[:, None]) ** 2).sum(-1)
             log_q_y = log_q.gather(1, torch.tensor(group.token_id.to_numpy())[:, None])[:, 0]
-            rows.append(pd.DataFrame({"doc_id": doc_id, "position": group.position.to_numpy(),
-                                      "log_q_y": log_q_y.numpy(), "z": ((log_q_y - mean) / var.sqrt()).numpy(),
-                                      "top1": (log_q.argmax(-1).numpy() == group.token_id.to_numpy())}))  # fmt: skip
+            rows.append(
+                pd.DataFrame(
+                    {
+                        "doc_id": doc_id,
+                        "position": group.position.to_numpy(),
+                        "log_q_y": log_q_y.numpy(),
+                        "z": ((log_q_y - mean) / var.sqrt()).numpy(),
+                        "top1": (log_q.argmax(-1).numpy() == group.token_id.to_numpy()),
+                    }
+                )
+            )
     return pd.concat(rows).sort_values(["doc_id", "position"]).reset_index(drop=True)
 
 
 @pytest.mark.parametrize("name", ["tiny", "ref"])
 def test_scores_equal_numpy_and_float64_logits(scored, name):
-    folder, tables, models, tokenizer = scored
+    folder, _tables, models, tokenizer = scored
     tokens = pd.read_parquet(folder / "out" / "tokens.parquet").query("model == @name")
     documents = pd.read_parquet(folder / "out" / "documents.parquet").query("model == @name").set_index("doc_id")
     exact = float64_token_stats(models[name], tokenizer, tokens)
@@ -186,7 +201,7 @@ def test_documents_schema_types_the_new_columns(scored):
 
 
 def test_membership_is_off_by_default_and_part_of_the_resume_identity(scored, tmp_path):
-    folder, tables, _, _ = scored
+    folder, _tables, _, _ = scored
     config = write_run(tmp_path, {"tiny": folder / "tiny"}, DOCS, "positions: false")
     documents = lmeval.run(config, show_progress=False)["documents"]
     assert not [c for c in documents.columns if c.startswith(("mink", "zlib", "extractable", "ref_"))]

@@ -15,11 +15,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from test_divergence import finetuned
-from conftest import build_model
-from test_probes import TEXTS, InferPadding, MaskCrash, RowMixing, with_body
-from tiny_arch import oracle_nll
 
+from conftest import build_model
 from lmeval.core.divergence import PAIR_FIELDS, divergence_statistics
 from lmeval.core.losses import token_statistics
 from lmeval.core.windows import make_windows
@@ -27,12 +24,18 @@ from lmeval.model import pair_scorer, scorer
 from lmeval.model.loading import prepare_model
 from lmeval.model.probes import BATCHINGS, Probes
 from lmeval.model.scorer import ScoreOptions, pair_batching, score_windows
+from test_divergence import finetuned
+from test_probes import TEXTS, InferPadding, MaskCrash, RowMixing, with_body
+from tiny_arch import oracle_nll
 
 MAX_LENGTH, STRIDE = 16, 5  # S < L: overlapping windows, and shorter final ones
 BATCH_TOKENS = (1, 40, 100_000)  # one window a batch, a few, all
 OWN = ("entropy", "max_prob", "rank", "sum_q2", "mean_neg_logq")  # the model's single-model columns
-TOYS = {"InferPadding": (InferPadding, "equal_length"), "MaskCrash": (MaskCrash, "equal_length_no_mask"),
-        "RowMixing": (RowMixing, "one_window")}  # fmt: skip
+TOYS = {
+    "InferPadding": (InferPadding, "equal_length"),
+    "MaskCrash": (MaskCrash, "equal_length_no_mask"),
+    "RowMixing": (RowMixing, "one_window"),
+}
 
 
 def sequences(tokenizer) -> list[list[int]]:
@@ -132,7 +135,9 @@ def test_kl_matches_a_float64_oracle_on_a_plain_model(tiny_models, bpe_tokenizer
 @pytest.mark.parametrize("twice", ["same object", "two loads"])
 def test_kl_of_a_model_against_itself_is_zero(twice, tiny_models, bpe_tokenizer):
     lm = prepare_model(tiny_models["llama"], bpe_tokenizer, name="m")
-    other = lm if twice == "same object" else prepare_model(copy.deepcopy(tiny_models["llama"]), bpe_tokenizer, name="c")
+    other = (
+        lm if twice == "same object" else prepare_model(copy.deepcopy(tiny_models["llama"]), bpe_tokenizer, name="c")
+    )
     columns = score_windows(lm, windows_of(sequences(bpe_tokenizer)), ScoreOptions(batch_tokens=40), baseline=other)
     assert np.abs(columns["kl"]).max() <= 1e-7 and np.abs(columns["kl_reverse"]).max() <= 1e-7
     assert columns["same_top1"].all() and (columns["delta_p"] == 0).all()
@@ -171,8 +176,9 @@ def test_out_of_memory_halves_a_pair_batch_and_loses_nothing(tiny_models, bpe_to
     assert set(retried) == set(reference)
     for key, values in reference.items():  # other paddings round float32 logits differently: a few ulps
         atol = 1e-6 if key in PAIR_FIELDS else 1e-5  # entropy subtracts two sums of ~10 nats
-        np.testing.assert_allclose(retried[key].astype(np.float64), values.astype(np.float64), rtol=1e-6, atol=atol,
-                                   err_msg=key)  # fmt: skip
+        np.testing.assert_allclose(
+            retried[key].astype(np.float64), values.astype(np.float64), rtol=1e-6, atol=atol, err_msg=key
+        )
 
 
 def test_nothing_to_score_gives_every_column_with_zero_rows(tiny_models, bpe_tokenizer):

@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CORPUS
 
 import lmeval
-from lmeval.core.positions import Bins, BinnedSums, binned_sums, icl_window, log_edges, pooled_bins
-from lmeval.errors import ConfigError
+from conftest import CORPUS
+from lmeval.core.positions import BinnedSums, Bins, binned_sums, icl_window, log_edges, pooled_bins
 from lmeval.engine.config import load_config
+from lmeval.errors import ConfigError
 
 B, SEED = 400, 7
 # Three copies of each sentence: ~60-90 tokens per document, several windows each.
@@ -20,7 +20,9 @@ DOCS = [{"id": f"doc-{i}", "text": " ".join([t] * 3)} for i, t in enumerate(CORP
 
 
 def write_run(folder, model_path, docs=DOCS, analysis="", scoring="max_length: 16, stride: 8, batch_tokens: 128"):
-    (folder / "docs.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    (folder / "docs.jsonl").write_text(
+        "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8"
+    )
     path = folder / "run.yaml"
     path.write_text(
         f"models: [{{name: tiny, path: {model_path}}}]\n"
@@ -91,15 +93,16 @@ def _binned_tokens(tokens: pd.DataFrame, rows: pd.DataFrame, axis: str) -> pd.Se
 
 @pytest.mark.parametrize("axis", ["position", "context_len"])
 def test_bin_means_equal_groupby_over_tokens(run_tables, axis):
-    folder, tables = run_tables
+    folder, _tables = run_tables
     tokens = pd.read_parquet(folder / "out" / "tokens.parquet")
     on_disk = pd.read_csv(folder / "out" / "positions.csv")
     rows = on_disk[on_disk["axis"] == axis].reset_index(drop=True)
     assert (rows["lo"].to_numpy()[1:] >= rows["hi"].to_numpy()[:-1]).all()  # ordered, disjoint
     tokens["bin"] = _binned_tokens(tokens, rows, axis)
     tokens["nll64"] = tokens["nll"].astype(np.float64)
-    expected = tokens.groupby("bin").agg(n=("nll64", "size"), mean=("nll64", "mean"), docs=("doc_id", "nunique"),
-                                         value=(axis, "mean"))  # fmt: skip
+    expected = tokens.groupby("bin").agg(
+        n=("nll64", "size"), mean=("nll64", "mean"), docs=("doc_id", "nunique"), value=(axis, "mean")
+    )
     np.testing.assert_array_equal(rows["n_tokens"], expected.n)
     np.testing.assert_array_equal(rows["n_documents"], expected.docs)
     np.testing.assert_allclose(rows["nll_mean"], expected["mean"], rtol=1e-12)
@@ -144,23 +147,30 @@ def test_intervals_match_an_independent_bootstrap(run_tables, axis):
     assert len(everywhere) >= 3
     for j in everywhere[:3]:
         res = scipy_stats.bootstrap(
-            (counts[:, j], sums[:, j]), lambda n, s, axis=-1: s.sum(axis=axis) / n.sum(axis=axis), paired=True,
-            vectorized=True, n_resamples=B, method="percentile", rng=np.random.default_rng(SEED),
-        )  # fmt: skip
+            (counts[:, j], sums[:, j]),
+            lambda n, s, axis=-1: s.sum(axis=axis) / n.sum(axis=axis),
+            paired=True,
+            vectorized=True,
+            n_resamples=B,
+            method="percentile",
+            rng=np.random.default_rng(SEED),
+        )
         assert rows["ci_low"][j] == pytest.approx(res.confidence_interval.low, rel=1e-12)
         assert rows["ci_high"][j] == pytest.approx(res.confidence_interval.high, rel=1e-12)
 
 
 def test_icl_score_equals_pandas(run_tables):
-    folder, tables = run_tables
+    folder, _tables = run_tables
     tokens = pd.read_parquet(folder / "out" / "tokens.parquet")
     (e_lo, e_hi), (l_lo, l_hi) = icl_window(4), icl_window(12)
     assert (e_lo, e_hi, l_lo, l_hi) == (4, 4, 11, 13)
     early = tokens[tokens.context_len.between(e_lo, e_hi)]
     late = tokens[tokens.context_len.between(l_lo, l_hi)]
     docs = sorted(set(early.doc_id) & set(late.doc_id))
-    expected = (late[late.doc_id.isin(docs)].nll.astype(np.float64).mean()
-                - early[early.doc_id.isin(docs)].nll.astype(np.float64).mean())  # fmt: skip
+    expected = (
+        late[late.doc_id.isin(docs)].nll.astype(np.float64).mean()
+        - early[early.doc_id.isin(docs)].nll.astype(np.float64).mean()
+    )
     row = pd.read_csv(folder / "out" / "summary.csv").iloc[0]
     assert row.icl_documents == len(docs) == len(DOCS)
     assert row.icl_score == pytest.approx(expected, rel=1e-12)
@@ -174,8 +184,11 @@ def test_independent_of_document_order_batching_and_parts(run_tables, tmp_path):
     tables = lmeval.run(str(path), ["output.part_chars=10000"], show_progress=False)
     ours = pd.read_csv(folder / "out" / "positions.csv")
     theirs = tables["positions"]
-    pd.testing.assert_frame_equal(ours[["axis", "bin", "lo", "hi", "n_tokens", "n_documents"]],
-                                  theirs[["axis", "bin", "lo", "hi", "n_tokens", "n_documents"]], check_dtype=False)  # fmt: skip
+    pd.testing.assert_frame_equal(
+        ours[["axis", "bin", "lo", "hi", "n_tokens", "n_documents"]],
+        theirs[["axis", "bin", "lo", "hi", "n_tokens", "n_documents"]],
+        check_dtype=False,
+    )
     for column in ("nll_mean", "ci_low", "ci_high"):
         np.testing.assert_allclose(ours[column], theirs[column], rtol=1e-5, atol=1e-6, err_msg=column)
 

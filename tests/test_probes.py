@@ -10,16 +10,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import CORPUS, build_model
-from tiny_arch import build_tiny, oracle_nll, reinitialise
 
 import lmeval
+from conftest import CORPUS, build_model
 from lmeval import ModelError
 from lmeval.core.windows import Window
 from lmeval.model import loading
 from lmeval.model.loading import prepare_model
 from lmeval.model.probes import Probes
 from lmeval.model.scorer import pack_batches
+from tiny_arch import build_tiny, oracle_nll, reinitialise
 
 TEXTS = [" ".join(CORPUS[:2]), CORPUS[4], "short", CORPUS[1][:30]]
 
@@ -124,8 +124,16 @@ def bidirectional_bert(tokenizer):
     from transformers import BertConfig, BertLMHeadModel
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, is_decoder=False, pad_token_id=None)  # fmt: skip
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        is_decoder=False,
+        pad_token_id=None,
+    )
     return reinitialise(BertLMHeadModel(config)).eval()  # wide weights: the leak is not subtle
 
 
@@ -146,7 +154,10 @@ def test_bidirectional_model_is_refused_naming_probe_and_opt_in(bpe_tokenizer):
 def test_causal_models_record_the_probes(tiny_models, bpe_tokenizer):
     table = lmeval.score_texts(TEXTS[:2], (tiny_models["llama"], bpe_tokenizer), max_length=16)
     assert {k: table.attrs[k] for k in ("causal", "allow_noncausal", "batching")} == {
-        "causal": True, "allow_noncausal": False, "batching": "padded"}  # fmt: skip
+        "causal": True,
+        "allow_noncausal": False,
+        "batching": "padded",
+    }
 
 
 def test_opt_in_is_a_config_key_recorded_in_run_json(tmp_path, bpe_tokenizer):

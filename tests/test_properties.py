@@ -4,15 +4,15 @@ import math
 
 import numpy as np
 import pytest
-from conftest import CORPUS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lmeval
-from lmeval.core.losses import bits_per, perplexity
+from conftest import CORPUS
 from lmeval.analyses.documents import documents_frame, summary_row
-from lmeval.producers.tables import document_sums
+from lmeval.core.losses import bits_per, perplexity
 from lmeval.core.windows import make_windows
+from lmeval.producers.tables import document_sums
 
 
 @st.composite

@@ -10,13 +10,13 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import CORPUS
-from test_run import write_config, write_jsonl
 
 import lmeval
+from conftest import CORPUS
 from lmeval import OutputError
 from lmeval.cli import main
 from lmeval.engine.parts import plan_groups
+from test_run import write_config, write_jsonl
 
 run_module = importlib.import_module("lmeval.engine.passes")  # where parts are written
 
@@ -117,7 +117,7 @@ def test_resume_refuses_a_changed_config_and_fresh_starts_over(resumable, monkey
     with pytest.raises(KeyboardInterrupt):
         lmeval.run(str(config), show_progress=False)
     monkeypatch.setattr(run_module, "write_part", real_write)
-    with pytest.raises(OutputError, match="different config.*--fresh"):
+    with pytest.raises(OutputError, match=r"different config.*--fresh"):
         lmeval.run(str(config), ["scoring.max_length=32"], show_progress=False)
     write_jsonl(folder / "docs.jsonl", [{"id": f"d{i}", "text": t + "!"} for i, t in enumerate(TEXTS)])
     with pytest.raises(OutputError, match="data"):
@@ -150,7 +150,14 @@ def test_concatenated_without_ids_runs_and_resumes_after_sigkill(tmp_path, saved
         "output: {dir: out}\n",
     )
     reference = lmeval.run(str(config), [f"output.dir={tmp_path / 'reference'}"], show_progress=False)
-    for name in ("tokens.parquet", "documents.parquet", "summary.csv", "calibration.csv", "temperature.csv", "compare.csv"):
+    for name in (
+        "tokens.parquet",
+        "documents.parquet",
+        "summary.csv",
+        "calibration.csv",
+        "temperature.csv",
+        "compare.csv",
+    ):
         assert (tmp_path / "reference" / name).exists(), name
     documents = pd.read_parquet(tmp_path / "reference" / "documents.parquet")
     assert documents.doc_id.tolist()[: len(TEXTS) + 1] == [str(i) for i in range(len(TEXTS))] + ["<separator>"]

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CORPUS
 
 import lmeval
+from conftest import CORPUS
 from lmeval.cli import main
 from lmeval.engine.config import load_config
 
@@ -48,8 +48,15 @@ def test_end_to_end_tables_agree(workspace, saved_gpt2):
     folder, config = workspace
     assert main(["run", str(config), "-q"]) == 0
     out = folder / "out"
-    for name in ("tokens.parquet", "documents.parquet", "summary.csv", "calibration.csv", "temperature.csv",
-                 "reliability.png", "run.json"):  # fmt: skip
+    for name in (
+        "tokens.parquet",
+        "documents.parquet",
+        "summary.csv",
+        "calibration.csv",
+        "temperature.csv",
+        "reliability.png",
+        "run.json",
+    ):
         assert (out / name).is_file(), name
     tokens = pd.read_parquet(out / "tokens.parquet")
     documents = pd.read_parquet(out / "documents.parquet")
@@ -78,10 +85,11 @@ def test_python_api_returns_tables(workspace):
 
 
 def test_two_models_two_rows(workspace, saved_gpt2):
-    folder, config = workspace
+    _folder, config = workspace
     config.write_text(
         config.read_text().replace(
-            f"  - {{name: tiny, path: {saved_gpt2}}}", f"  - {{name: a, path: {saved_gpt2}}}\n  - {{name: b, path: {saved_gpt2}}}"
+            f"  - {{name: tiny, path: {saved_gpt2}}}",
+            f"  - {{name: a, path: {saved_gpt2}}}\n  - {{name: b, path: {saved_gpt2}}}",
         )
     )
     tables = lmeval.run(str(config), show_progress=False)
@@ -176,7 +184,11 @@ def test_validate_command(workspace, capsys):
     assert "scoring.bos" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("path", sorted([*REPO.glob("configs/**/*.yaml"), *REPO.glob("lmeval/configs/**/*.yaml")]), ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize(
+    "path",
+    sorted([*REPO.glob("configs/**/*.yaml"), *REPO.glob("lmeval/configs/**/*.yaml")]),
+    ids=lambda p: str(p.relative_to(REPO)),
+)
 def test_every_shipped_config_validates(path):
     load_config(path)
 

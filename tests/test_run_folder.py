@@ -13,15 +13,14 @@ import sys
 import time
 
 import numpy as np
-import pandas as pd
 import pytest
-from conftest import CORPUS
-from test_resume import assert_same_tables, read_tables
-from test_run import write_config, write_jsonl
 
 import lmeval
+from conftest import CORPUS
 from lmeval import OutputError
 from lmeval.cli import main
+from test_resume import assert_same_tables, read_tables
+from test_run import write_config, write_jsonl
 
 run_module = importlib.import_module("lmeval.engine.passes")  # where parts are written
 TEXTS = [f"{i}: {CORPUS[i % len(CORPUS)]} {CORPUS[(i * 5 + 1) % len(CORPUS)]}" for i in range(24)]
@@ -70,8 +69,13 @@ def wait_for(condition, proc, seconds=120):
 def test_a_second_run_on_the_folder_is_refused_at_once_naming_the_first(folder_config, capsys):
     folder, config = folder_config
     lmeval.run(str(config), [f"output.dir={folder / 'alone'}"], show_progress=False)
-    first = subprocess.Popen([sys.executable, "-m", "lmeval", "run", str(config), "-q"], env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    first = subprocess.Popen(
+        [sys.executable, "-m", "lmeval", "run", str(config), "-q"],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lock = folder / "out" / ".lmeval.lock"
     wait_for(lambda: lock.exists() and str(first.pid) in lock.read_text(), first)
     started = time.time()
@@ -87,8 +91,12 @@ def test_a_second_run_on_the_folder_is_refused_at_once_naming_the_first(folder_c
 
 def test_a_lock_left_by_a_killed_run_is_taken_over(folder_config):
     folder, config = folder_config
-    proc = subprocess.Popen([sys.executable, "-m", "lmeval", "run", str(config), "-q"], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmeval", "run", str(config), "-q"],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     lock = folder / "out" / ".lmeval.lock"
     wait_for(lambda: lock.exists() and str(proc.pid) in lock.read_text(), proc)
     proc.send_signal(signal.SIGKILL)
@@ -200,7 +208,7 @@ def huge_document(tmp_path, saved_gpt2):
 
 
 def test_a_huge_document_in_pieces_equals_scoring_it_whole(huge_document, saved_gpt2):
-    folder, config, text = huge_document
+    _folder, config, text = huge_document
     tables = lmeval.run(str(config), show_progress=False)
     whole = lmeval.score_texts([text], str(saved_gpt2), max_length=16, stride=8)
     ours = tables["tokens"][tables["tokens"].doc_id == "huge"].reset_index(drop=True)
@@ -235,7 +243,7 @@ def test_a_huge_document_killed_half_way_resumes_without_rescoring_its_finished_
 
 
 def test_concatenated_scoring_is_cut_into_pieces_too(huge_document, saved_gpt2):
-    folder, config, text = huge_document
+    _folder, config, text = huge_document
     tables = lmeval.run(str(config), ["scoring.documents=concatenated"], show_progress=False)
     joined = "\n\n".join([CORPUS[0], text])
     stream = lmeval.score_texts([joined], str(saved_gpt2), max_length=16, stride=8)
@@ -254,8 +262,11 @@ def test_temporary_files_of_a_killed_run_are_cleaned_at_the_next_run(folder_conf
     interrupted_after(2, config, monkeypatch)
     out = folder / "out"
     model_folder = next(p for p in (out / "parts").iterdir() if p.is_dir())
-    leftovers = [out / ".tokens.parquet.tmp-99999", out / "parts" / ".manifest.json.tmp-1",
-                 model_folder / ".abc.parquet.tmp-424242"]  # fmt: skip
+    leftovers = [
+        out / ".tokens.parquet.tmp-99999",
+        out / "parts" / ".manifest.json.tmp-1",
+        model_folder / ".abc.parquet.tmp-424242",
+    ]
     for path in leftovers:
         path.write_bytes(b"half")
     lmeval.run(str(config), show_progress=False)

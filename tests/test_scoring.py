@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, build_model, train_bpe
 
 import lmeval
+from conftest import CORPUS, build_model, train_bpe
 from lmeval import DataError, ModelError
 from lmeval.model.head import OutputHead
 from lmeval.model.loading import prepare_model

@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lmeval.analyses import compare as cmp
 from lmeval.cli.common import format_compare
 from lmeval.core.bootstrap import MIN_DOCUMENTS, bootstrap_interval, resampled_sums
-from lmeval.errors import ConfigError
-from lmeval.analyses import compare as cmp
 from lmeval.engine.config import CompareConfig, load_config
+from lmeval.errors import ConfigError
 
 INTERVALS = ["ci_low", "ci_high", "p_value", "ratio_ci_low", "ratio_ci_high"]
 
@@ -28,14 +28,30 @@ def documents(n_docs: int, seed: int = 0) -> pd.DataFrame:
     model = base - n_tokens * rng.normal(0.1, 0.05, size=n_docs)
     rows = []
     for name, nll in (("base", base), ("model", model)):
-        rows.append(pd.DataFrame({"model": name, "doc_id": [f"d{i}" for i in range(n_docs)], "n_tokens": n_tokens,
-                                  "n_bytes": n_bytes, "n_words": n_tokens // 2, "nll_sum": nll}))  # fmt: skip
+        rows.append(
+            pd.DataFrame(
+                {
+                    "model": name,
+                    "doc_id": [f"d{i}" for i in range(n_docs)],
+                    "n_tokens": n_tokens,
+                    "n_bytes": n_bytes,
+                    "n_words": n_tokens // 2,
+                    "nll_sum": nll,
+                }
+            )
+        )
     return pd.concat(rows, ignore_index=True)
 
 
 def record() -> dict:
-    protocol = {"max_length": 32, "stride": 32, "bos": "auto", "documents": "independent", "separator": None,
-                "tokenizer_sha256": "same"}  # fmt: skip
+    protocol = {
+        "max_length": 32,
+        "stride": 32,
+        "bos": "auto",
+        "documents": "independent",
+        "separator": None,
+        "tokenizer_sha256": "same",
+    }
     return {"protocol": {"models": {"base": protocol, "model": protocol}}}
 
 
@@ -49,7 +65,9 @@ def test_too_few_documents_get_no_interval_and_a_note(n_docs):
     assert len(frame) == 4 and (frame.n_documents == n_docs).all()
     assert frame[INTERVALS].isna().all().all()
     assert frame.delta.notna().all() and (frame.delta < 0).all()  # the point estimate stays
-    assert frame.note.str.contains(f"only {n_docs} document(s), fewer than compare.min_documents = 10", regex=False).all()
+    assert frame.note.str.contains(
+        f"only {n_docs} document(s), fewer than compare.min_documents = 10", regex=False
+    ).all()
     printed = format_compare(frame)
     assert "n_documents" in printed.splitlines()[0] and "NaN" in printed
     assert f"note (model vs base): only {n_docs} document(s)" in printed
@@ -58,7 +76,9 @@ def test_too_few_documents_get_no_interval_and_a_note(n_docs):
 @pytest.mark.parametrize("n_docs", [10, 11, 40])
 def test_enough_documents_get_the_bootstrap_interval(n_docs):
     docs = documents(n_docs)
-    frame = cmp.compare_tables({"documents": docs}, record(), CompareConfig(baseline="base", bootstrap=500, seed=3))["compare"]
+    frame = cmp.compare_tables({"documents": docs}, record(), CompareConfig(baseline="base", bootstrap=500, seed=3))[
+        "compare"
+    ]
     assert (frame.note == "").all() and (frame.n_documents == n_docs).all()
     assert frame[INTERVALS].notna().all().all()
     # The bits-per-token interval is the documented resample of pooled sums (numpy oracle).

@@ -18,14 +18,13 @@ import pandas as pd
 import pytest
 import torch
 
-import lmeval
 from conftest import CORPUS, build_model
 from lmeval.cli import surprisal as surprisal_cli
+from lmeval.engine import demo
+from lmeval.engine.demo import demo_model_path
 from lmeval.errors import DataError, ModelError, OutputError
 from lmeval.model.loading import prepare_model
 from lmeval.view.render import render_html, render_terminal, script_json, write_html
-from lmeval.engine import demo
-from lmeval.engine.demo import demo_model_path
 from lmeval.view.surprisal import aggregate_words, surprisal_table
 
 TEXTS = [
@@ -103,22 +102,31 @@ def test_word_total_equals_token_total(pairs, style, bos):
     [
         # leading space -> next word; "a b" in one token -> first word; empty span and the
         # byte tokens sharing a span -> the word after; trailing newline -> last word.
-        (" a b  c.\n", [(0, 1), (1, 4), (5, 5), (6, 7), (7, 8), (7, 8), (8, 9)], range(7),
-         {0: ("a", 2, 1 + 2, True, True), 2: ("c.", 5, 4 + 8 + 16 + 32 + 64, False, True)}),
+        (
+            " a b  c.\n",
+            [(0, 1), (1, 4), (5, 5), (6, 7), (7, 8), (7, 8), (8, 9)],
+            range(7),
+            {0: ("a", 2, 1 + 2, True, True), 2: ("c.", 5, 4 + 8 + 16 + 32 + 64, False, True)},
+        ),
         # a text of whitespace alone has no word, and no row (lmeval run skips such a document)
         ("  \n", [(0, 2), (2, 3)], range(2), {}),
         # bos="none": position 0 has no row, so word 0 is incomplete
         ("ab cd", [(1, 2), (2, 5)], [1, 2], {0: ("ab", 1, 1, False, False), 1: ("cd", 1, 2, False, True)}),
     ],
-)  # fmt: skip
+)
 def test_word_assignment_rules(text, spans, positions, expected):
     nll = 2.0 ** np.arange(len(spans))
     tokens = pd.DataFrame(
         {
-            "doc_id": 0, "position": list(positions), "char_start": [s for s, _ in spans],
-            "char_end": [e for _, e in spans], "nll": nll, "entropy": 1.0, "rank": np.arange(1, len(spans) + 1),
+            "doc_id": 0,
+            "position": list(positions),
+            "char_start": [s for s, _ in spans],
+            "char_end": [e for _, e in spans],
+            "nll": nll,
+            "entropy": 1.0,
+            "rank": np.arange(1, len(spans) + 1),
         }
-    )  # fmt: skip
+    )
     words = aggregate_words(tokens, [text]).set_index("word_index")
     assert sorted(words.index) == sorted(expected)
     for index, (word, n_tokens, nll_sum, crosses, complete) in expected.items():
@@ -138,8 +146,17 @@ def test_words_table_from_api_matches_aggregate(pairs):
 
 @pytest.mark.parametrize("doc_id, span", [(5, (0, 1)), (0, (0, 99))])
 def test_aggregate_words_rejects_mismatched_texts(doc_id, span):
-    tokens = pd.DataFrame({"doc_id": [doc_id], "position": [0], "char_start": [span[0]], "char_end": [span[1]],
-                           "nll": [1.0], "entropy": [1.0], "rank": [1]})  # fmt: skip
+    tokens = pd.DataFrame(
+        {
+            "doc_id": [doc_id],
+            "position": [0],
+            "char_start": [span[0]],
+            "char_end": [span[1]],
+            "nll": [1.0],
+            "entropy": [1.0],
+            "rank": [1],
+        }
+    )
     with pytest.raises(DataError, match="same texts"):
         aggregate_words(tokens, ["short"])
 
@@ -362,9 +379,14 @@ class _Terminal(io.StringIO):
 
 @pytest.mark.parametrize(
     "choice, no_color, tty, expected",
-    [("auto", "", True, True), ("auto", "1", True, False), ("auto", "", False, False),
-     ("always", "1", False, True), ("never", "", True, False)],
-)  # fmt: skip
+    [
+        ("auto", "", True, True),
+        ("auto", "1", True, False),
+        ("auto", "", False, False),
+        ("always", "1", False, True),
+        ("never", "", True, False),
+    ],
+)
 def test_color_follows_the_flag_then_no_color_then_the_terminal(choice, no_color, tty, expected, monkeypatch):
     from lmeval.cli.common import use_color
 

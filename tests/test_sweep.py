@@ -6,16 +6,26 @@ A representative dozen runs by default; the whole mapping is ``-m slow``, and
 ``scripts/sweep_architectures.py`` prints the whole table."""
 
 import pytest
-from tiny_arch import check_architecture, causal_lm_types
+
+from tiny_arch import causal_lm_types, check_architecture
 
 # One of each kind: plain decoders, soft-capped and scaled heads, a head the fast path cannot
 # split (fallback), state-space and hybrid bodies, mixtures of experts, a top-k sparse
 # attention (padding-sensitive: equal-length batches), and bidirectional models (refused).
 REPRESENTATIVE = {
-    "gpt2": "pass", "llama": "pass", "gemma2": "pass", "granite": "pass", "cohere": "pass",
-    "bert": "pass", "mamba": "pass", "qwen2_moe": "pass", "opt": "pass",
-    "deepseek_v32": "pass equal_length", "xlnet": "refused", "cpmant": "refused",
-}  # fmt: skip
+    "gpt2": "pass",
+    "llama": "pass",
+    "gemma2": "pass",
+    "granite": "pass",
+    "cohere": "pass",
+    "bert": "pass",
+    "mamba": "pass",
+    "qwen2_moe": "pass",
+    "opt": "pass",
+    "deepseek_v32": "pass equal_length",
+    "xlnet": "refused",
+    "cpmant": "refused",
+}
 
 
 @pytest.mark.parametrize("model_type", sorted(REPRESENTATIVE))

@@ -9,30 +9,32 @@ import gzip
 import json
 import os
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import CORPUS
-from test_run import write_config, write_jsonl
 
 import lmeval
+from conftest import CORPUS
 from lmeval.cli import main
-from lmeval.errors import ModelError
 from lmeval.engine.config import DataConfig, load_config
 from lmeval.engine.data import load_documents
+from lmeval.errors import ModelError
+from test_run import write_config, write_jsonl
 
 DOCS = [{"id": f"d{i}", "text": t} for i, t in enumerate(CORPUS)]
 
 
 def _config(folder: Path, model: Path, extra: str = "") -> Path:
     write_jsonl(folder / "docs.jsonl", DOCS)
-    body = (f"models: [{{name: tiny, path: {model}}}]\ndata: {{path: docs.jsonl, id_field: id}}\n"
-            f"scoring: {{max_length: 16, batch_tokens: 256}}\noutput: {{dir: out}}\n{extra}")  # fmt: skip
+    body = (
+        f"models: [{{name: tiny, path: {model}}}]\ndata: {{path: docs.jsonl, id_field: id}}\n"
+        f"scoring: {{max_length: 16, batch_tokens: 256}}\noutput: {{dir: out}}\n{extra}"
+    )
     return write_config(folder, body)
 
 
@@ -99,43 +101,109 @@ class Case:
 
 
 CASES = [
-    Case("override-index-not-a-number", _validate("models.x.path=elsewhere"),
-         ["models.x", "list index must be an integer from 0 to 0", "(got 'x')", "models.0.path="]),
-    Case("override-index-out-of-range", _run("models.9.path=elsewhere"),
-         ["models.9", "models has 1 entry", "(got '9')", "models.0.path="]),
+    Case(
+        "override-index-not-a-number",
+        _validate("models.x.path=elsewhere"),
+        ["models.x", "list index must be an integer from 0 to 0", "(got 'x')", "models.0.path="],
+    ),
+    Case(
+        "override-index-out-of-range",
+        _run("models.9.path=elsewhere"),
+        ["models.9", "models has 1 entry", "(got '9')", "models.0.path="],
+    ),
     Case("override-into-a-value", _validate("models.0.path.x=1"), ["models.0.path: must be a section"]),
-    Case("device-cuda0-without-cuda", _run("models.0.device=cuda:0"),
-         ["model tiny", "'cuda:0'", "no CUDA", "device: cpu", "device: auto"], patch=_no_cuda),
-    Case("device-cuda-without-cuda", _run("models.0.device=cuda"), ["model tiny", "'cuda'", "device: cpu"], patch=_no_cuda),
-    Case("bos-outside-vocabulary-run", _run("scoring.bos=99999"), ["scoring.bos", "(got 99999)", "tiny-gpt2", "0..399"]),
-    Case("bos-outside-vocabulary-validate", _validate("scoring.bos=99999"),
-         ["scoring.bos", "(got 99999)", "models[0]", "tokenizer.json", "(400"]),
-    Case("validate-a-folder", lambda folder, model: ["validate", str(_config(folder, model).parent)],
-         ["must be a YAML file (got a folder)", "run.yaml", "Pass the file itself"]),
-    Case("duplicate-section", _yaml("models: [{{path: {model}}}]\nscoring: {{stride: 4}}\ndata: {{path: docs.jsonl}}\n"
-                                    "scoring: {{max_length: 8}}\n"),
-         ["run.yaml", "'scoring'", "line 2", "line 4", "Merge the two"]),
-    Case("duplicate-key-in-a-section", _yaml("models: [{{path: {model}}}]\ndata: {{path: docs.jsonl}}\nscoring:\n"
-                                             "  stride: 4\n  max_length: 8\n  stride: 8\n"),
-         ["run.yaml", "'stride'", "line 4", "line 6"]),
-    Case("validate-missing-data-path", _validate("data.path=missing.jsonl"), ["data.path", "missing.jsonl", "must exist"]),
-    Case("validate-missing-data-folder", _validate("data.path=./no-such-folder"), ["data.path", "no-such-folder", "must exist"]),
-    Case("validate-glob-matching-nothing", _validate("data.path=nothing-*.jsonl"), ["data.path", "nothing-*.jsonl", "match"]),
-    Case("relative-model-path-with-slashes", _validate("models.0.path=checkpoints/run-1/final"),
-         ["models[0].path", "'checkpoints/run-1/final'", "hub id such as", "Fix the path"]),
-    Case("relative-model-path-with-extension", _run("models.0.path=model.safetensors"),
-         ["models[0].path", "'model.safetensors'", "Fix the path"]),
-    Case("list-valued-ids", _corpus(b'{"id": ["a", 1], "text": "x"}\n'), ["docs.jsonl: line 1", "list `id`", "id_field"]),
-    Case("dict-valued-ids", _corpus(b'{"id": "a", "text": "x"}\n{"id": {"k": 1}, "text": "y"}\n'),
-         ["docs.jsonl: line 2", "dict `id`", "id_field"]),
-    Case("null-ids", _corpus(b'{"id": "a", "text": "x"}\n{"id": null, "text": "y"}\n'), ["docs.jsonl: line 2", "null `id`"]),
+    Case(
+        "device-cuda0-without-cuda",
+        _run("models.0.device=cuda:0"),
+        ["model tiny", "'cuda:0'", "no CUDA", "device: cpu", "device: auto"],
+        patch=_no_cuda,
+    ),
+    Case(
+        "device-cuda-without-cuda",
+        _run("models.0.device=cuda"),
+        ["model tiny", "'cuda'", "device: cpu"],
+        patch=_no_cuda,
+    ),
+    Case(
+        "bos-outside-vocabulary-run", _run("scoring.bos=99999"), ["scoring.bos", "(got 99999)", "tiny-gpt2", "0..399"]
+    ),
+    Case(
+        "bos-outside-vocabulary-validate",
+        _validate("scoring.bos=99999"),
+        ["scoring.bos", "(got 99999)", "models[0]", "tokenizer.json", "(400"],
+    ),
+    Case(
+        "validate-a-folder",
+        lambda folder, model: ["validate", str(_config(folder, model).parent)],
+        ["must be a YAML file (got a folder)", "run.yaml", "Pass the file itself"],
+    ),
+    Case(
+        "duplicate-section",
+        _yaml(
+            "models: [{{path: {model}}}]\nscoring: {{stride: 4}}\ndata: {{path: docs.jsonl}}\n"
+            "scoring: {{max_length: 8}}\n"
+        ),
+        ["run.yaml", "'scoring'", "line 2", "line 4", "Merge the two"],
+    ),
+    Case(
+        "duplicate-key-in-a-section",
+        _yaml(
+            "models: [{{path: {model}}}]\ndata: {{path: docs.jsonl}}\nscoring:\n"
+            "  stride: 4\n  max_length: 8\n  stride: 8\n"
+        ),
+        ["run.yaml", "'stride'", "line 4", "line 6"],
+    ),
+    Case(
+        "validate-missing-data-path", _validate("data.path=missing.jsonl"), ["data.path", "missing.jsonl", "must exist"]
+    ),
+    Case(
+        "validate-missing-data-folder",
+        _validate("data.path=./no-such-folder"),
+        ["data.path", "no-such-folder", "must exist"],
+    ),
+    Case(
+        "validate-glob-matching-nothing",
+        _validate("data.path=nothing-*.jsonl"),
+        ["data.path", "nothing-*.jsonl", "match"],
+    ),
+    Case(
+        "relative-model-path-with-slashes",
+        _validate("models.0.path=checkpoints/run-1/final"),
+        ["models[0].path", "'checkpoints/run-1/final'", "hub id such as", "Fix the path"],
+    ),
+    Case(
+        "relative-model-path-with-extension",
+        _run("models.0.path=model.safetensors"),
+        ["models[0].path", "'model.safetensors'", "Fix the path"],
+    ),
+    Case(
+        "list-valued-ids", _corpus(b'{"id": ["a", 1], "text": "x"}\n'), ["docs.jsonl: line 1", "list `id`", "id_field"]
+    ),
+    Case(
+        "dict-valued-ids",
+        _corpus(b'{"id": "a", "text": "x"}\n{"id": {"k": 1}, "text": "y"}\n'),
+        ["docs.jsonl: line 2", "dict `id`", "id_field"],
+    ),
+    Case(
+        "null-ids",
+        _corpus(b'{"id": "a", "text": "x"}\n{"id": null, "text": "y"}\n'),
+        ["docs.jsonl: line 2", "null `id`"],
+    ),
     Case("zero-byte-file", _corpus(b""), ["docs.jsonl", "must hold documents", "0 bytes"]),
     Case("blank-jsonl", _corpus(b"\n  \n\n"), ["docs.jsonl", "must hold documents", "empty file"]),
     Case("zero-byte-parquet", _corpus(b"", "docs.parquet"), ["docs.parquet", "must hold documents"]),
-    Case("damaged-gzip", _corpus(b"this is not gzip", "docs.jsonl.gz"), ["docs.jsonl.gz", "cannot be read", "BadGzipFile"]),
-    Case("malicious-pickle", _malicious_pickle, ["model tiny", "must hold only tensors", "system",
-                                                 "nothing in them was run", "safetensors"], after=_no_payload_ran),
-]  # fmt: skip
+    Case(
+        "damaged-gzip",
+        _corpus(b"this is not gzip", "docs.jsonl.gz"),
+        ["docs.jsonl.gz", "cannot be read", "BadGzipFile"],
+    ),
+    Case(
+        "malicious-pickle",
+        _malicious_pickle,
+        ["model tiny", "must hold only tensors", "system", "nothing in them was run", "safetensors"],
+        after=_no_payload_ran,
+    ),
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -207,7 +275,13 @@ CSV = pd.DataFrame(DOCS).to_csv(index=False)
 
 @pytest.mark.parametrize(
     "write",
-    [_save_dataset, _save_dataset_dict, _gzip("docs.jsonl.gz", JSONL), _gzip("docs.json.gz", JSONL), _gzip("docs.csv.gz", CSV)],
+    [
+        _save_dataset,
+        _save_dataset_dict,
+        _gzip("docs.jsonl.gz", JSONL),
+        _gzip("docs.json.gz", JSONL),
+        _gzip("docs.csv.gz", CSV),
+    ],
     ids=["save_to_disk", "save_to_disk-dict", "jsonl.gz", "json.gz", "csv.gz"],
 )
 def test_saved_and_compressed_corpora_load(write, tmp_path, capsys):
@@ -267,7 +341,9 @@ def test_a_bom_in_a_text_field_and_a_surprisal_file_is_stripped(tmp_path, saved_
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("texts, bos", [([""], "auto"), (["A"], "none"), (["", "B"], "none")], ids=["empty", "one-token-no-bos", "both"])
+@pytest.mark.parametrize(
+    "texts, bos", [([""], "auto"), (["A"], "none"), (["", "B"], "none")], ids=["empty", "one-token-no-bos", "both"]
+)
 def test_empty_inputs_give_zero_rows(texts, bos, gpt2_pair):
     frame = lmeval.score_texts(texts, gpt2_pair, bos=bos, top_k=3)
     assert len(frame) == 0 and {"nll", "surprisal_bits", "topk_token_ids"} <= set(frame.columns)

@@ -61,7 +61,7 @@ def test_no_prefix_leaves_first_token_unscored():
     assert make_windows(0, [], [1], 4, 4) == []
 
 
-@pytest.mark.parametrize("n", range(0, 23))
+@pytest.mark.parametrize("n", range(23))
 @pytest.mark.parametrize("max_length, stride", [(1, 1), (2, 1), (3, 3), (4, 1), (4, 3), (5, 5), (8, 3)])
 @pytest.mark.parametrize("prefix", [[], [0]])
 def test_every_token_scored_once_with_context_at_most_L(n, max_length, stride, prefix):

@@ -45,8 +45,12 @@ def enumerated_word_probs(text: str, strings: dict[str, float], text_end: str) -
     ends = [m.end() for m in re.finditer(r"\S+", text)]
 
     def complete(prefix: str, allow_end: bool) -> float:
-        return sum(p for s, p in strings.items() if s.startswith(prefix) and (
-            (len(s) > len(prefix) and s[len(prefix)].isspace()) or (allow_end and len(s) == len(prefix))))  # fmt: skip
+        return sum(
+            p
+            for s, p in strings.items()
+            if s.startswith(prefix)
+            and ((len(s) > len(prefix) and s[len(prefix)].isspace()) or (allow_end and len(s) == len(prefix)))
+        )
 
     starts_space = text[0].isspace()
     first = sum(p for s, p in strings.items() if (s[:1].isspace() if starts_space else not s[:1].isspace()))
@@ -73,7 +77,9 @@ def toy_strings():
 def float64_score_batch(lm, windows, options, compiled=False):
     """The scorer's statistics from the toy's float64 logits, injected at the scoring
     boundary (the windows, the end position and every step after it are lmeval's own)."""
-    rows = [(w.input_ids[: i + 1], t) for w in windows for i, t in zip(range(w.first_scored, len(w.input_ids)), w.targets)]
+    rows = [
+        (w.input_ids[: i + 1], t) for w in windows for i, t in zip(range(w.first_scored, len(w.input_ids)), w.targets)
+    ]
     z = torch.tensor(np.array([toy_lm.toy_logits(prefix) for prefix, _ in rows]), dtype=torch.float64)  # (N, V)
     logq = torch.log_softmax(z, dim=1)
     q = logq.exp()
@@ -82,11 +88,20 @@ def float64_score_batch(lm, windows, options, compiled=False):
     rank = (logq > logq[torch.arange(len(y)), y][:, None]).sum(1) + 1
     empty = z.new_zeros((len(y), 0))
     out = {
-        "nll": nll, "entropy": -(q * torch.where(q > 0, logq, 0)).sum(1), "max_prob": q.max(1).values,
-        "is_top1": rank == 1, "rank": rank, "sum_q2": (q * q).sum(1), "mean_neg_logq": -logq.mean(1),
-        "nll_t": empty, "max_prob_t": empty, "topk_ids": empty.long(), "topk_probs": empty, "var_logq": empty,
+        "nll": nll,
+        "entropy": -(q * torch.where(q > 0, logq, 0)).sum(1),
+        "max_prob": q.max(1).values,
+        "is_top1": rank == 1,
+        "rank": rank,
+        "sum_q2": (q * q).sum(1),
+        "mean_neg_logq": -logq.mean(1),
+        "nll_t": empty,
+        "max_prob_t": empty,
+        "topk_ids": empty.long(),
+        "topk_probs": empty,
+        "var_logq": empty,
         "log_mass": log_mass(z, torch.from_numpy(options.mass_masks.T.astype(np.float64))),
-    }  # fmt: skip
+    }
     return {k: v.numpy() for k, v in out.items()}
 
 
@@ -193,9 +208,15 @@ def test_words_against_float64_logits(models, style, text_end):
             i, j = span.min(), span.max()
             start = first if i == 0 else boundary[i]
             expected = token_logp[i : j + 1].sum() + boundary[j + 1] - start
-            assert -word.surprisal_bits * math.log(2) == pytest.approx(expected, rel=1e-5, abs=1e-5), (doc_id, word.word, i, j)
+            assert -word.surprisal_bits * math.log(2) == pytest.approx(expected, rel=1e-5, abs=1e-5), (
+                doc_id,
+                word.word,
+                i,
+                j,
+            )
             assert word.surprisal_bits == pytest.approx(
-                word.surprisal_bits_token_sum + word.boundary_after_bits - word.boundary_before_bits)
+                word.surprisal_bits_token_sum + word.boundary_after_bits - word.boundary_before_bits
+            )
 
 
 def _word_of(rows, text):
@@ -237,7 +258,9 @@ def _end_of_word_tokenizer(tmp_path):
     tok = Tokenizer(models.BPE(unk_token="<unk>", end_of_word_suffix="</w>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.BPEDecoder(suffix="</w>")
-    tok.train([str(path)], trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "</s>"], end_of_word_suffix="</w>"))
+    tok.train(
+        [str(path)], trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "</s>"], end_of_word_suffix="</w>")
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CORPUS
 
 import lmeval
+from conftest import CORPUS
 from lmeval.cli import build_parser, main
 from lmeval.engine.config import config_from_options, config_to_yaml, load_config, raw_config_from_options
 from lmeval.engine.detokenize import wikitext_detokenizer
@@ -53,7 +53,18 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 def test_flags_yaml_and_printed_config_give_identical_runs(tmp_path, saved_gpt2, corpus, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # relative flags resolve against the current folder
-    flags = ["--model", str(saved_gpt2), "--data", corpus.name, "--text-field", "text", "--max-length", "16", "--stride", "8"]
+    flags = [
+        "--model",
+        str(saved_gpt2),
+        "--data",
+        corpus.name,
+        "--text-field",
+        "text",
+        "--max-length",
+        "16",
+        "--stride",
+        "8",
+    ]
     assert main(["run", *flags, "--out", "by-flags", "-q", "scoring.batch_tokens=64"]) == 0
     # The YAML file the flags stand for.
     (tmp_path / "same.yaml").write_text(
@@ -64,13 +75,24 @@ def test_flags_yaml_and_printed_config_give_identical_runs(tmp_path, saved_gpt2,
     assert main(["run", "same.yaml", "-q"]) == 0
     assert_same_run(tmp_path / "by-flags", tmp_path / "by-yaml")
     record = json.loads((tmp_path / "by-flags" / "run.json").read_text())
-    assert (record["protocol"]["models"]["tiny-gpt2"]["max_length"], record["protocol"]["models"]["tiny-gpt2"]["stride"]) == (16, 8)
+    assert (
+        record["protocol"]["models"]["tiny-gpt2"]["max_length"],
+        record["protocol"]["models"]["tiny-gpt2"]["stride"],
+    ) == (16, 8)
     # --print-config: runs nothing, prints a complete config (defaults included) ...
     capsys.readouterr()
     assert main(["run", *flags, "--out", "printed", "scoring.batch_tokens=64", "--print-config"]) == 0
     printed = capsys.readouterr().out
     assert not (tmp_path / "printed").exists()
-    assert set(re.findall(r"^(\w+):", printed, flags=re.M)) == {"models", "data", "scoring", "output", "calibration", "compare", "analysis"}
+    assert set(re.findall(r"^(\w+):", printed, flags=re.M)) == {
+        "models",
+        "data",
+        "scoring",
+        "output",
+        "calibration",
+        "compare",
+        "analysis",
+    }
     (tmp_path / "printed.yaml").write_text(printed, encoding="utf-8")
     # ... which, fed back to `lmeval run`, reproduces the run ...
     assert main(["run", "printed.yaml", "-q"]) == 0
@@ -82,8 +104,15 @@ def test_flags_yaml_and_printed_config_give_identical_runs(tmp_path, saved_gpt2,
 
 
 def test_printed_yaml_loads_back_into_an_equal_config(tmp_path, saved_gpt2, corpus):
-    options = raw_config_from_options([str(saved_gpt2), "gpt2"], str(corpus), data_name=None, split="train",
-                                      max_length=32, stride=16, out=str(tmp_path / "o"))  # fmt: skip
+    options = raw_config_from_options(
+        [str(saved_gpt2), "gpt2"],
+        str(corpus),
+        data_name=None,
+        split="train",
+        max_length=32,
+        stride=16,
+        out=str(tmp_path / "o"),
+    )
     config = config_from_options(None, options, ["calibration.label_smoothing=[0.0, 0.2]", "scoring.separator='\n'"])
     (tmp_path / "c.yaml").write_text(config_to_yaml(config), encoding="utf-8")
     again = load_config(tmp_path / "c.yaml")
@@ -143,8 +172,10 @@ def test_version_and_every_subcommand_has_examples(capsys):
 
 
 def test_validate_leaves_torch_unloaded_with_flags(tmp_path, corpus):
-    code = (f"from lmeval.cli import main; assert main(['validate', '--model', 'gpt2', '--data', {str(corpus)!r}]) == 0\n"
-            "import sys; assert 'torch' not in sys.modules")  # fmt: skip
+    code = (
+        f"from lmeval.cli import main; assert main(['validate', '--model', 'gpt2', '--data', {str(corpus)!r}]) == 0\n"
+        "import sys; assert 'torch' not in sys.modules"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
 
@@ -166,7 +197,11 @@ def test_shipped_wikitext_config_validates_offline_by_name(tmp_path, corpus, mon
     assert "data.text_field: 'page' must be a column" in capsys.readouterr().err
     assert main(["validate", "lm_eval_wikitext", f"data.path={corpus}", "data.text_field=text", "--model", "gpt2"]) == 0
     config = load_config(PACKAGE / "configs" / "lm_eval_wikitext.yaml")
-    assert (config.data.path, config.data.name, config.data.split) == ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test")
+    assert (config.data.path, config.data.name, config.data.split) == (
+        "EleutherAI/wikitext_document_level",
+        "wikitext-2-raw-v1",
+        "test",
+    )
     assert (config.data.text_field, config.data.detokenizer, config.data.count_on) == ("page", "wikitext", "source")
     assert config.scoring.max_length is None and config.scoring.stride is None and config.scoring.bos == "auto"
     assert main(["run", "lm_eval_wikitext", "--model", "gpt2", "--print-config"]) == 0
@@ -174,10 +209,14 @@ def test_shipped_wikitext_config_validates_offline_by_name(tmp_path, corpus, mon
 
 
 PAGES = [
-    " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . He had a "
-    "guest @-@ starring role on the television series The Bill in 2000 . \n",
-    " = = Career = = \n In 2006 , Boulter starred alongside Whishaw in the play Citizenship ( written by "
-    "Mark Ravenhill ) . It was 4 @,@ 000 feet , or 1 @.@ 2 km ; it 's \" hot \" : 30 ° C ! \n",
+    (
+        " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . He had a "
+        "guest @-@ starring role on the television series The Bill in 2000 . \n"
+    ),
+    (
+        " = = Career = = \n In 2006 , Boulter starred alongside Whishaw in the play Citizenship ( written by "
+        'Mark Ravenhill ) . It was 4 @,@ 000 feet , or 1 @.@ 2 km ; it \'s " hot " : 30 ° C ! \n'
+    ),
 ]
 
 
@@ -203,8 +242,17 @@ def test_wikitext_protocol_scores_detokenized_text_and_counts_the_source(tmp_pat
     data = tmp_path / "wiki.jsonl"
     data.write_text("".join(json.dumps({"page": p}) + "\n" for p in PAGES), encoding="utf-8")
     out = tmp_path / "out"
-    argv = ["run", "lm_eval_wikitext", "--model", str(saved_gpt2), f"data.path={data}", "data.split=train",
-            "scoring.max_length=16", f"output.dir={out}", "-q"]  # fmt: skip
+    argv = [
+        "run",
+        "lm_eval_wikitext",
+        "--model",
+        str(saved_gpt2),
+        f"data.path={data}",
+        "data.split=train",
+        "scoring.max_length=16",
+        f"output.dir={out}",
+        "-q",
+    ]
     assert main(argv) == 0
     summary = pd.read_csv(out / "summary.csv").iloc[0]
     # Oracle: loglikelihood_rolling over the detokenized pages (score_texts, stride = L, BOS

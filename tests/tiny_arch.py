@@ -18,44 +18,122 @@ import torch
 
 # Sizes for every config field of these names; a field the config does not have is ignored.
 SMALL = dict(
-    hidden_size=32, hidden_size_global=32, d_model=32, n_embd=32, embedding_size=32, emb_dim=32, dim=32,
-    intermediate_size=64, ffn_dim=64, n_inner=64, decoder_ffn_dim=64, encoder_ffn_dim=64, ffn_hidden_size=64,
-    moe_intermediate_size=32, shared_expert_intermediate_size=32, shared_intermediate_size=32,
-    num_hidden_layers=2, n_layer=2, n_layers=2, num_layers=2, decoder_layers=2, encoder_layers=2,
-    num_attention_heads=2, n_head=2, n_heads=2, num_heads=2, decoder_attention_heads=2, encoder_attention_heads=2,
-    num_key_value_heads=1, head_dim=16, kv_channels=16,
-    max_position_embeddings=64, n_positions=64, n_ctx=64, max_seq_len=64, seq_length=64,
-    num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4, num_experts_per_tok=2, moe_topk=2,
-    n_shared_experts=1, num_shared_experts=1, moe_num_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
-    q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-    index_head_dim=16, index_n_heads=2, index_topk=4,
-    state_size=8, mamba_d_state=8, mamba_n_heads=4, mamba_d_head=16, mamba_head_dim=16, mamba_n_groups=1, n_groups=1,
-    mamba_chunk_size=8, chunk_size=8, time_step_rank=4, mamba_dt_rank=4,
-    linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=2,
-    swa_num_attention_heads=2, swa_num_key_value_heads=1, swa_head_dim=16,
-    sliding_window=8, sliding_window_size=8, attention_window_size=8, block_size=8,
-    num_mtp_layers=0, num_nextn_predict_layers=0, num_kv_shared_layers=0,
-    vocab_size_per_layer_input=None, hidden_size_per_layer_input=8,
-    num_dense_layers=1, rotary_dim=8, num_buckets=8,
-    tie_word_embeddings=False, use_cache=False, is_decoder=True,
-    bos_token_id=0, eos_token_id=0, decoder_start_token_id=0,
-    use_mamba_kernels=False, use_mambapy=False, encoder_hash_byte_group_vocab=64,
-)  # fmt: skip
+    hidden_size=32,
+    hidden_size_global=32,
+    d_model=32,
+    n_embd=32,
+    embedding_size=32,
+    emb_dim=32,
+    dim=32,
+    intermediate_size=64,
+    ffn_dim=64,
+    n_inner=64,
+    decoder_ffn_dim=64,
+    encoder_ffn_dim=64,
+    ffn_hidden_size=64,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    shared_intermediate_size=32,
+    num_hidden_layers=2,
+    n_layer=2,
+    n_layers=2,
+    num_layers=2,
+    decoder_layers=2,
+    encoder_layers=2,
+    num_attention_heads=2,
+    n_head=2,
+    n_heads=2,
+    num_heads=2,
+    decoder_attention_heads=2,
+    encoder_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    kv_channels=16,
+    max_position_embeddings=64,
+    n_positions=64,
+    n_ctx=64,
+    max_seq_len=64,
+    seq_length=64,
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    moe_num_experts=4,
+    num_experts_per_tok=2,
+    moe_topk=2,
+    n_shared_experts=1,
+    num_shared_experts=1,
+    moe_num_shared_experts=1,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    index_head_dim=16,
+    index_n_heads=2,
+    index_topk=4,
+    state_size=8,
+    mamba_d_state=8,
+    mamba_n_heads=4,
+    mamba_d_head=16,
+    mamba_head_dim=16,
+    mamba_n_groups=1,
+    n_groups=1,
+    mamba_chunk_size=8,
+    chunk_size=8,
+    time_step_rank=4,
+    mamba_dt_rank=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    linear_num_key_heads=2,
+    linear_num_value_heads=2,
+    swa_num_attention_heads=2,
+    swa_num_key_value_heads=1,
+    swa_head_dim=16,
+    sliding_window=8,
+    sliding_window_size=8,
+    attention_window_size=8,
+    block_size=8,
+    num_mtp_layers=0,
+    num_nextn_predict_layers=0,
+    num_kv_shared_layers=0,
+    vocab_size_per_layer_input=None,
+    hidden_size_per_layer_input=8,
+    num_dense_layers=1,
+    rotary_dim=8,
+    num_buckets=8,
+    tie_word_embeddings=False,
+    use_cache=False,
+    is_decoder=True,
+    bos_token_id=0,
+    eos_token_id=0,
+    decoder_start_token_id=0,
+    use_mamba_kernels=False,
+    use_mambapy=False,
+    encoder_hash_byte_group_vocab=64,
+)
 
 # Per-architecture changes on top of SMALL, where the generic sizes do not fit.
 OVERRIDES: dict[str, dict] = {
-    "dbrx": {"attn_config": {"kv_n_heads": 1, "rope_theta": 10000.0, "clip_qkv": 8.0},
-             "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2}},
+    "dbrx": {
+        "attn_config": {"kv_n_heads": 1, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
+    },
     "diffllama": {"num_key_value_heads": 2},  # the differential attention splits KV heads in two
     "falcon_h1": {"mamba_d_ssm": 64, "mamba_n_heads": 4},
     "gemma4_assistant": {"hidden_size_per_layer_input": 0},
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     "longcat_flash": {"head_dim": 8},  # the rotary part only
     "mamba2": {"num_heads": 4},
-    "minicpm3": {"scale_emb": 1, "dim_model_base": 32},  # its muP scales would blow widened logits up  # hidden_size * expand = num_heads * head_dim
+    "minicpm3": {
+        "scale_emb": 1,
+        "dim_model_base": 32,
+    },  # its muP scales would blow widened logits up  # hidden_size * expand = num_heads * head_dim
     "xmod": {"default_language": "en_XX"},
     "zaya": {"num_experts_per_tok": 1},
-}  # fmt: skip
+}
 
 # Mapping entries that are not text-only causal LMs, or need inputs lmeval does not give.
 NOT_TEXT = {
@@ -102,7 +180,9 @@ def tiny_config(model_type: str, vocab_size: int, overrides: dict | None = None)
     from transformers import CONFIG_MAPPING
 
     config_class = CONFIG_MAPPING[model_type]
-    return config_class(**_tiny_kwargs(config_class, vocab_size, {**OVERRIDES.get(model_type, {}), **(overrides or {})}))
+    return config_class(
+        **_tiny_kwargs(config_class, vocab_size, {**OVERRIDES.get(model_type, {}), **(overrides or {})})
+    )
 
 
 def _tiny_kwargs(config_class, vocab_size: int, overrides: dict) -> dict:
@@ -261,14 +341,23 @@ def check_architecture(model_type: str, tokenizer, quick: bool = False) -> dict:
     ``refused`` (a named ModelError at load: not causal), ``skipped`` (not a text-only
     causal LM, or cannot be built tiny) or ``error`` (anything else raised).
     """
+    from transformers.models.auto import modeling_auto
+
     import lmeval
     from lmeval.errors import ModelError
     from lmeval.model.loading import prepare_model
-    from transformers.models.auto import modeling_auto
 
     started = time.perf_counter()
-    row = {"model_type": model_type, "class": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type.partition(":")[0]],
-           "result": "", "head": "", "batching": "", "max_error": float("nan"), "seconds": 0.0, "note": ""}  # fmt: skip
+    row = {
+        "model_type": model_type,
+        "class": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type.partition(":")[0]],
+        "result": "",
+        "head": "",
+        "batching": "",
+        "max_error": float("nan"),
+        "seconds": 0.0,
+        "note": "",
+    }
     texts = sweep_texts(quick)
     try:
         model = build_tiny(model_type, len(tokenizer))
