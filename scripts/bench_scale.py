@@ -20,7 +20,7 @@ What it measures, side by side in one invocation:
 2. Planning time for many short documents: 1M documents of ~50 characters (``--plan-docs``).
    Planning is internal, so this is the one place that imports below the public API: the
    planner and its ``load_documents`` from ``lmeval.engine`` (or, before the restructuring,
-   ``lmeval.pipeline``). Loading the corpus and ``plan_parts(corpus, "independent", "\\n\\n",
+   ``lmeval.engine``). Loading the corpus and ``plan_parts(corpus, "independent", "\\n\\n",
    part_chars)`` are timed separately (the load is a cold read: `datasets` converts the JSONL
    to Arrow); the target printed is planning < 5 s.
 
@@ -277,8 +277,8 @@ def import_planner():
         from lmeval.engine.data import load_documents
         from lmeval.engine.plan import plan_parts
     except ImportError:
-        from lmeval.pipeline.data import load_documents
-        from lmeval.pipeline.plan import plan_parts
+        from lmeval.engine.data import load_documents
+        from lmeval.engine.plan import plan_parts
     return plan_parts, load_documents
 
 
