@@ -19,9 +19,9 @@ What it measures, side by side in one invocation:
 
 2. Planning time for many short documents: 1M documents of ~50 characters (``--plan-docs``).
    Planning is internal, so this is the one place that imports below the public API: the
-   planner and its ``load_documents`` from ``lmeval.engine``. Loading the corpus and ``plan_parts(corpus, "independent", "\\n\\n",
-   part_chars)`` are timed separately (the load is a cold read: `datasets` converts the JSONL
-   to Arrow); the target printed is planning < 5 s.
+   planner and its ``load_documents`` from ``lmeval.engine``. Loading the corpus and
+   ``plan_parts(corpus, "independent", "\\n\\n", part_chars)`` are timed separately (the load
+   is a cold read: `datasets` converts the JSONL to Arrow); the target printed is planning < 5 s.
 
 3. The tiny model is built once per invocation in a temp dir, as tests/conftest.py does: a
    byte-level BPE tokenizer (vocabulary 512) trained on generated text, wrapped in
