@@ -37,9 +37,13 @@ class CalibrationAnalysis(Analysis):
     def update(self, state, part: Part):
         c, columns = self.options, part.columns
         sums = cal.calibration_sums(
-            *(columns[k] for k in CALIBRATION_INPUTS[:6]), eps_grid=c.label_smoothing, nll_t=columns.get("nll_t"),
-            max_prob_t=columns.get("max_prob_t"), temperatures=c.temperatures, n_bins=c.bins,
-        )  # fmt: skip
+            *(columns[k] for k in CALIBRATION_INPUTS[:6]),
+            eps_grid=c.label_smoothing,
+            nll_t=columns.get("nll_t"),
+            max_prob_t=columns.get("max_prob_t"),
+            temperatures=c.temperatures,
+            n_bins=c.bins,
+        )
         state["sums"] = sums if state["sums"] is None else cal.merge_sums(state["sums"], sums)
         if c.binning == "mass":
             state["confidences"].append((columns["max_prob"], columns["is_top1"]))
@@ -51,8 +55,11 @@ class CalibrationAnalysis(Analysis):
             sums = later["sums"] if state["sums"] is None else state["sums"]
         else:
             sums = cal.merge_sums(state["sums"], later["sums"])
-        return {"sums": sums, "confidences": state["confidences"] + later["confidences"],
-                "vocab_size": later["vocab_size"] or state["vocab_size"]}  # fmt: skip
+        return {
+            "sums": sums,
+            "confidences": state["confidences"] + later["confidences"],
+            "vocab_size": later["vocab_size"] or state["vocab_size"],
+        }
 
     def finish(self, model: str, state, run: RunFacts) -> ModelResult:
         c, sums = self.options, state["sums"]
@@ -65,13 +72,19 @@ class CalibrationAnalysis(Analysis):
         calibration, temperature = bins.to_frame(), cal.temperature_table(sums, c.temperatures)
         calibration.insert(0, "model", model)
         temperature.insert(0, "model", model)
-        return ModelResult(summary=metrics, tables={"calibration": calibration, "temperature": temperature},
-                           extra={"bins": bins})  # fmt: skip
+        return ModelResult(
+            summary=metrics, tables={"calibration": calibration, "temperature": temperature}, extra={"bins": bins}
+        )
 
     def outputs(self, results: dict, run: RunFacts) -> Outputs:
-        tables = {name: pd.concat([r.tables[name] for r in results.values()], ignore_index=True)
-                  for name in ("calibration", "temperature")}  # fmt: skip
+        tables = {
+            name: pd.concat([r.tables[name] for r in results.values()], ignore_index=True)
+            for name in ("calibration", "temperature")
+        }
         figure = plot_reliability({model: r.extra["bins"] for model, r in results.items()})
-        files = {"calibration.csv": tables["calibration"], "temperature.csv": tables["temperature"],
-                 "reliability.png": figure}  # fmt: skip
+        files = {
+            "calibration.csv": tables["calibration"],
+            "temperature.csv": tables["temperature"],
+            "reliability.png": figure,
+        }
         return Outputs(files=files, tables=tables)

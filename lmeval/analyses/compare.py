@@ -19,26 +19,41 @@ baseline in the metric's own unit (negative = the model predicts the text better
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..engine.config import CompareConfig, step_number
 from ..core.bootstrap import MIN_DOCUMENTS, bootstrap_interval, resampled_sums
 from ..core.units import LN2
+from ..engine.config import CompareConfig
 from ..errors import ConfigError, DataError
 
 COMPARE_COLUMNS = ["model", "baseline", "metric", "delta", "ci_low", "ci_high", "p_value", "unit"]
-EXTRA_COLUMNS = ["value", "baseline_value", "ratio", "ratio_ci_low", "ratio_ci_high", "n_documents", "n_resamples", "note"]
+EXTRA_COLUMNS = [
+    "value",
+    "baseline_value",
+    "ratio",
+    "ratio_ci_low",
+    "ratio_ci_high",
+    "n_documents",
+    "n_resamples",
+    "note",
+]
 log = logging.getLogger(__name__)
 TOKEN_DIFF_COLUMNS = [
-    "model", "baseline", "doc_id", "position", "token", "delta_nll", "nll", "nll_baseline", "char_start", "char_end",
-]  # fmt: skip
+    "model",
+    "baseline",
+    "doc_id",
+    "position",
+    "token",
+    "delta_nll",
+    "nll",
+    "nll_baseline",
+    "char_start",
+    "char_end",
+]
 # The resolved protocol keys two models must share for their numbers to be comparable.
 PROTOCOL_KEYS = ("max_length", "stride", "bos", "documents", "separator")
 TOKENIZERS_DIFFER = (
@@ -106,8 +121,9 @@ def paired_bootstrap(
     specs = [METRICS[name] for name in metrics]
     names = ["nll_sum", *dict.fromkeys(s.count for s in specs)]
     k = len(names)
-    columns = np.column_stack([model[c].to_numpy(np.float64) for c in names] +
-                              [baseline[c].to_numpy(np.float64) for c in names])  # (D, 2k)  # fmt: skip
+    columns = np.column_stack(
+        [model[c].to_numpy(np.float64) for c in names] + [baseline[c].to_numpy(np.float64) for c in names]
+    )  # (D, 2k)
     total = columns.sum(axis=0)[None]  # (1, 2k)
     boot = resampled_sums(columns, n_resamples, seed)  # (B, 2k)
     rows = []
@@ -118,9 +134,21 @@ def paired_bootstrap(
         mine, theirs = spec.pooled(boot[:, 0], boot[:, j]), spec.pooled(boot[:, k], boot[:, k + j])  # (B,)
         low, high, p = bootstrap_interval(mine - theirs)
         ratio_low, ratio_high, _ = bootstrap_interval(mine / theirs)
-        rows.append({"metric": spec.name, "value": value, "baseline_value": base, "delta": value - base,
-                     "ci_low": low, "ci_high": high, "p_value": p, "unit": spec.unit, "ratio": value / base,
-                     "ratio_ci_low": ratio_low, "ratio_ci_high": ratio_high})  # fmt: skip
+        rows.append(
+            {
+                "metric": spec.name,
+                "value": value,
+                "baseline_value": base,
+                "delta": value - base,
+                "ci_low": low,
+                "ci_high": high,
+                "p_value": p,
+                "unit": spec.unit,
+                "ratio": value / base,
+                "ratio_ci_low": ratio_low,
+                "ratio_ci_high": ratio_high,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -132,14 +160,16 @@ def withhold_small_sample(table: pd.DataFrame, n_documents: int, min_documents: 
     a document bootstrap of so few says nothing honest (see `MIN_DOCUMENTS`)."""
     if n_documents >= min_documents:
         return table
-    return table.assign(**{c: np.nan for c in INTERVAL_COLUMNS})
+    return table.assign(**dict.fromkeys(INTERVAL_COLUMNS, np.nan))
 
 
 def small_sample_note(n_documents: int, min_documents: int = MIN_DOCUMENTS) -> str:
     if n_documents >= min_documents:
         return ""
-    return (f"only {n_documents} document(s), fewer than compare.min_documents = {min_documents}: no interval or "
-            "p-value, since a bootstrap over so few documents cannot tell a real difference from chance")  # fmt: skip
+    return (
+        f"only {n_documents} document(s), fewer than compare.min_documents = {min_documents}: no interval or "
+        "p-value, since a bootstrap over so few documents cannot tell a real difference from chance"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -206,8 +236,10 @@ def _pair_note(record: dict, model: str, baseline: str, docs: pd.DataFrame, base
         notes.append("scoring protocol differs from the baseline (" + "; ".join(differences) + ")")
     n_bytes_differ = int((docs["n_bytes"].to_numpy() != base["n_bytes"].to_numpy()).sum())
     if n_bytes_differ:
-        notes.append(f"scored bytes differ in {n_bytes_differ} documents (bos: none leaves each tokenizer's own "
-                     "first token unscored), so bits per byte is not on identical text")  # fmt: skip
+        notes.append(
+            f"scored bytes differ in {n_bytes_differ} documents (bos: none leaves each tokenizer's own "
+            "first token unscored), so bits per byte is not on identical text"
+        )
     return "; ".join(notes)
 
 
@@ -230,10 +262,11 @@ def document_differences(docs: pd.DataFrame, base: pd.DataFrame, model: str, bas
     frame["delta_nll_sum"] = frame["nll_sum"] - frame["nll_sum_baseline"]
     frame["delta_bits_per_token"] = (
         bpt.pooled(docs["nll_sum"], docs["n_tokens"]) - bpt.pooled(base["nll_sum"], base["n_tokens"])
-        if shared else np.nan
-    )  # fmt: skip
-    frame["delta_bits_per_byte"] = (
-        bpb.pooled(docs["nll_sum"], docs["n_bytes"]) - bpb.pooled(base["nll_sum"], base["n_bytes"])
+        if shared
+        else np.nan
+    )
+    frame["delta_bits_per_byte"] = bpb.pooled(docs["nll_sum"], docs["n_bytes"]) - bpb.pooled(
+        base["nll_sum"], base["n_bytes"]
     )
     order = np.argsort(-frame["delta_nll_sum"].abs().to_numpy(), kind="stable")
     return frame.iloc[order].reset_index(drop=True)
@@ -250,7 +283,8 @@ def token_differences(chunks, model: str, baseline: str, top_k: int) -> pd.DataF
     best, unmatched, mismatched = None, 0, 0
     for mine, theirs in chunks:
         merged = mine[keys + ["token_id", "token", "nll", "char_start", "char_end"]].merge(
-            theirs[keys + ["token_id", "nll"]], on=keys, how="outer", suffixes=("", "_baseline"), indicator=True)
+            theirs[keys + ["token_id", "nll"]], on=keys, how="outer", suffixes=("", "_baseline"), indicator=True
+        )
         absent = int((merged["_merge"] != "both").sum())
         unmatched += absent
         mismatched += int((merged["token_id"] != merged["token_id_baseline"]).sum()) - absent
@@ -275,6 +309,7 @@ def _largest_moves(frame: pd.DataFrame, top_k: int) -> pd.DataFrame:
 
 def tokens_in_memory(tokens: pd.DataFrame):
     """`compare_tables`' ``token_chunks`` for a token table held in memory: one pair per model."""
+
     def chunks(model: str, baseline: str):
         yield tokens[tokens["model"] == model], tokens[tokens["model"] == baseline]
 
@@ -287,8 +322,11 @@ def _unscored(documents: pd.DataFrame, names: list[str], baseline: str) -> set[s
     totals = documents.groupby("model", sort=False)["n_tokens"].sum()
     unscored = {n for n in names if totals.get(n, 0) == 0}
     if unscored:
-        log.warning("compare: model(s) %s scored no token, so they are compared with nothing%s.",
-                    ", ".join(sorted(unscored)), " (the baseline among them: no comparison)" if baseline in unscored else "")
+        log.warning(
+            "compare: model(s) %s scored no token, so they are compared with nothing%s.",
+            ", ".join(sorted(unscored)),
+            " (the baseline among them: no comparison)" if baseline in unscored else "",
+        )
     return set(names) if baseline in unscored else unscored
 
 
@@ -318,10 +356,20 @@ def compare_tables(tables: dict, run_record: dict, compare_config=None, token_ch
         docs, base = aligned_documents(tables["documents"], model, baseline)
         shared = shared_tokenizer(run_record, [model, baseline])
         metrics = tuple(METRICS) if shared else TOKEN_FREE_METRICS
-        table = withhold_small_sample(paired_bootstrap(docs, base, metrics, cfg.bootstrap, cfg.seed), len(base), cfg.min_documents)
-        note = "; ".join(n for n in (_pair_note(run_record, model, baseline, docs, base),
-                                     small_sample_note(len(base), cfg.min_documents)) if n)  # fmt: skip
-        rows.append(table.assign(model=model, baseline=baseline, n_documents=len(base), n_resamples=cfg.bootstrap, note=note))
+        table = withhold_small_sample(
+            paired_bootstrap(docs, base, metrics, cfg.bootstrap, cfg.seed), len(base), cfg.min_documents
+        )
+        note = "; ".join(
+            n
+            for n in (
+                _pair_note(run_record, model, baseline, docs, base),
+                small_sample_note(len(base), cfg.min_documents),
+            )
+            if n
+        )
+        rows.append(
+            table.assign(model=model, baseline=baseline, n_documents=len(base), n_resamples=cfg.bootstrap, note=note)
+        )
         document_rows.append(document_differences(docs, base, model, baseline, shared))
         if shared and token_chunks is not None:
             token_rows.append(token_differences(token_chunks(model, baseline), model, baseline, cfg.top_k))

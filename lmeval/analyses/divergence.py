@@ -24,47 +24,92 @@ from .base import Analysis, ModelResult, Needs, Outputs, Part, RunFacts
 from .plots import plot_divergence
 
 DIVERGENCE_COLUMNS = [
-    "model", "baseline", "doc_id", "position", "kl", "kl_reverse", "delta_p", "same_top1", "nll", "nll_baseline",
-    "token_id", "token", "char_start", "char_end", "context_len",
-]  # fmt: skip
+    "model",
+    "baseline",
+    "doc_id",
+    "position",
+    "kl",
+    "kl_reverse",
+    "delta_p",
+    "same_top1",
+    "nll",
+    "nll_baseline",
+    "token_id",
+    "token",
+    "char_start",
+    "char_end",
+    "context_len",
+]
 # Per-document sums the bootstrap resamples; column 0 counts the tokens.
 SUMS = ("n_tokens", "kl", "kl_reverse", "delta_p", "delta_p_sq", "same_top1", "nll", "nll_baseline")
 KL_PERCENTILES = {"kl_median": 50.0, "kl_p90": 90.0, "kl_p99": 99.0, "kl_p999": 99.9}
 DELTA_P_PERCENTILES = {
-    "delta_p_p001": 0.1, "delta_p_p01": 1.0, "delta_p_p05": 5.0, "delta_p_p10": 10.0, "delta_p_p25": 25.0,
-    "delta_p_median": 50.0, "delta_p_p75": 75.0, "delta_p_p90": 90.0, "delta_p_p95": 95.0, "delta_p_p99": 99.0,
+    "delta_p_p001": 0.1,
+    "delta_p_p01": 1.0,
+    "delta_p_p05": 5.0,
+    "delta_p_p10": 10.0,
+    "delta_p_p25": 25.0,
+    "delta_p_median": 50.0,
+    "delta_p_p75": 75.0,
+    "delta_p_p90": 90.0,
+    "delta_p_p95": 95.0,
+    "delta_p_p99": 99.0,
     "delta_p_p999": 99.9,
-}  # fmt: skip
+}
 TOP_TOKEN_COLUMNS = [
-    "model", "baseline", "doc_id", "position", "token", "token_text", "context", "kl", "kl_reverse", "delta_p",
-    "same_top1", "nll", "nll_baseline", "char_start", "char_end",
-]  # fmt: skip
+    "model",
+    "baseline",
+    "doc_id",
+    "position",
+    "token",
+    "token_text",
+    "context",
+    "kl",
+    "kl_reverse",
+    "delta_p",
+    "same_top1",
+    "nll",
+    "nll_baseline",
+    "char_start",
+    "char_end",
+]
 CONTEXT_CHARS = 40  # characters of text before a top token, in divergence_tokens.csv
 
 
 def pair_frame(model: str, baseline: str, doc_ids: list, columns: dict) -> pd.DataFrame:
     """One row per scored token (`DIVERGENCE_COLUMNS`), in document then position order."""
     doc_index = columns["doc_index"]
-    frame = pd.DataFrame({
-        "model": model, "baseline": baseline,
-        "doc_id": np.array(doc_ids, dtype=object)[doc_index] if len(doc_index) else np.array([], dtype=object),
-        **{key: columns[key] for key in DIVERGENCE_COLUMNS[3:]},
-    })  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "model": model,
+            "baseline": baseline,
+            "doc_id": np.array(doc_ids, dtype=object)[doc_index] if len(doc_index) else np.array([], dtype=object),
+            **{key: columns[key] for key in DIVERGENCE_COLUMNS[3:]},
+        }
+    )
     order = np.lexsort((columns["position"], doc_index))
     return frame.iloc[order].reset_index(drop=True)
 
 
 def document_sums(doc_index: np.ndarray, columns: dict, n_docs: int) -> np.ndarray:
     """(n_docs, len(SUMS)) float64 per-document sums of the per-token columns (see `SUMS`)."""
+
     def total(values):
         return np.bincount(doc_index, weights=np.asarray(values, dtype=np.float64), minlength=n_docs)
 
     delta_p = columns["delta_p"].astype(np.float64)
-    return np.column_stack([
-        np.bincount(doc_index, minlength=n_docs).astype(np.float64), total(columns["kl"]), total(columns["kl_reverse"]),
-        total(delta_p), total(delta_p * delta_p), total(columns["same_top1"]), total(columns["nll"]),
-        total(columns["nll_baseline"]),
-    ]).reshape(n_docs, len(SUMS))  # fmt: skip
+    return np.column_stack(
+        [
+            np.bincount(doc_index, minlength=n_docs).astype(np.float64),
+            total(columns["kl"]),
+            total(columns["kl_reverse"]),
+            total(delta_p),
+            total(delta_p * delta_p),
+            total(columns["same_top1"]),
+            total(columns["nll"]),
+            total(columns["nll_baseline"]),
+        ]
+    ).reshape(n_docs, len(SUMS))
 
 
 # Each pooled mean from a vector (or (B, k) matrix) of `SUMS`; ratios divide once at the end.
@@ -113,13 +158,17 @@ def summarize(sums: np.ndarray, kl, delta_p, n_resamples: int = 1000, seed: int 
         row[name] = delta_p.percentile(q)
     row["delta_p_max"] = float(delta_p.max) if delta_p.count else float("nan")
     row["ppl_ratio"] = float(np.exp(row["ln_ppl_ratio"]))
-    row["ppl_ratio_ci_low"], row["ppl_ratio_ci_high"] = np.exp(row["ln_ppl_ratio_ci_low"]), np.exp(row["ln_ppl_ratio_ci_high"])
+    row["ppl_ratio_ci_low"], row["ppl_ratio_ci_high"] = (
+        np.exp(row["ln_ppl_ratio_ci_low"]),
+        np.exp(row["ln_ppl_ratio_ci_high"]),
+    )
     with np.errstate(divide="ignore", invalid="ignore"):
         row["nll_mean"], row["nll_baseline_mean"] = total[6] / total[0], total[7] / total[0]
     row["n_resamples"] = n_resamples
     return row
 
 
+# One line per statistic with its interval (and p-value): the grouping is the table's meaning.
 SUMMARY_COLUMNS = [
     "model", "baseline", "n_documents", "n_tokens",
     "kl_mean", "kl_mean_ci_low", "kl_mean_ci_high", *KL_PERCENTILES, "kl_max",
@@ -172,8 +221,9 @@ DEFINITIONS = {
     "percentiles": "over all scored tokens, numpy linear interpolation: exact up to 2,097,152 tokens per model, "
     "beyond that within 0.5% of the exact value (logarithmic buckets, DDSketch's mapping; min and max exact)",
 }
-TOKEN_INPUTS = frozenset({*PAIR_FIELDS, "doc_index", "position", "token_id", "token", "char_start", "char_end",
-                          "context_len"})  # fmt: skip
+TOKEN_INPUTS = frozenset(
+    {*PAIR_FIELDS, "doc_index", "position", "token_id", "token", "char_start", "char_end", "context_len"}
+)
 
 
 class DivergenceAnalysis(Analysis):
@@ -214,21 +264,33 @@ class DivergenceAnalysis(Analysis):
         summary = summarize(np.concatenate(state.sums), state.kl, state.delta_p, c.bootstrap, c.seed)
         top = with_text(state.top if state.top is not None else pd.DataFrame(columns=DIVERGENCE_COLUMNS), run.text_of)
         row = {"model": model, "baseline": self.baseline, **summary}
-        return ModelResult(tables={"divergence": row, "divergence_tokens": top},
-                           extra={"plot": (state.kl, state.kl_by_position, state.n_by_position), "protocol": state.protocol})
+        return ModelResult(
+            tables={"divergence": row, "divergence_tokens": top},
+            extra={"plot": (state.kl, state.kl_by_position, state.n_by_position), "protocol": state.protocol},
+        )
 
     def outputs(self, results: dict, run: RunFacts) -> Outputs:
         chosen = {m: r for m, r in results.items() if m in self.models}
         tables = {
             "divergence": pd.DataFrame([r.tables["divergence"] for r in chosen.values()], columns=SUMMARY_COLUMNS),
-            "divergence_tokens": pd.concat([r.tables["divergence_tokens"] for r in chosen.values()],
-                                           ignore_index=True)[TOP_TOKEN_COLUMNS],
-        }  # fmt: skip
+            "divergence_tokens": pd.concat([r.tables["divergence_tokens"] for r in chosen.values()], ignore_index=True)[
+                TOP_TOKEN_COLUMNS
+            ],
+        }
         figure = plot_divergence({m: r.extra["plot"] for m, r in chosen.items()}, self.baseline)
-        record = {"divergence": {"baseline": self.baseline, "models": list(chosen), "definitions": DEFINITIONS,
-                                 "protocol": {m: r.extra["protocol"] for m, r in chosen.items()}}}  # fmt: skip
-        files = {"divergence.csv": tables["divergence"], "divergence_tokens.csv": tables["divergence_tokens"],
-                 "divergence.png": figure}  # fmt: skip
+        record = {
+            "divergence": {
+                "baseline": self.baseline,
+                "models": list(chosen),
+                "definitions": DEFINITIONS,
+                "protocol": {m: r.extra["protocol"] for m, r in chosen.items()},
+            }
+        }
+        files = {
+            "divergence.csv": tables["divergence"],
+            "divergence_tokens.csv": tables["divergence_tokens"],
+            "divergence.png": figure,
+        }
         return Outputs(files=files, tables=tables, record=record)
 
 
@@ -251,8 +313,10 @@ class _Collected:
         self._keep_top(top_candidates(columns, part.doc_ids, self.top_k, part.model, baseline))
         position = columns["position"]
         n = max(int(position.max()) + 1 if len(position) else 0, 0)
-        self._add_positions(np.bincount(position, weights=columns["kl"].astype(np.float64), minlength=n),
-                            np.bincount(position, minlength=n))  # fmt: skip
+        self._add_positions(
+            np.bincount(position, weights=columns["kl"].astype(np.float64), minlength=n),
+            np.bincount(position, minlength=n),
+        )
 
     def merge(self, later: _Collected) -> _Collected:
         """This state followed by ``later``'s (the parts after this state's)."""
@@ -274,8 +338,12 @@ class _Collected:
 
     def _add_positions(self, kl_sum: np.ndarray, n: np.ndarray) -> None:
         size = max(len(self.n_by_position), len(n))
-        self.kl_by_position = np.pad(self.kl_by_position, (0, size - len(self.kl_by_position))) + np.pad(kl_sum, (0, size - len(kl_sum)))
-        self.n_by_position = np.pad(self.n_by_position, (0, size - len(self.n_by_position))) + np.pad(n, (0, size - len(n)))
+        self.kl_by_position = np.pad(self.kl_by_position, (0, size - len(self.kl_by_position))) + np.pad(
+            kl_sum, (0, size - len(kl_sum))
+        )
+        self.n_by_position = np.pad(self.n_by_position, (0, size - len(self.n_by_position))) + np.pad(
+            n, (0, size - len(n))
+        )
 
 
 def top_candidates(columns: dict, doc_ids: list, top_k: int, model: str, baseline: str) -> pd.DataFrame:
@@ -293,4 +361,4 @@ def with_text(top: pd.DataFrame, text_of) -> pd.DataFrame:
     return top.assign(
         token_text=[t[s:e] for t, s, e in zip(texts, starts, ends)],
         context=[t[max(0, s - CONTEXT_CHARS) : s] for t, s in zip(texts, starts)],
-    )[TOP_TOKEN_COLUMNS].reset_index(drop=True)  # fmt: skip
+    )[TOP_TOKEN_COLUMNS].reset_index(drop=True)

@@ -22,16 +22,38 @@ from ..producers.tables import normalisers, tokens_frame
 from .base import Analysis, ModelResult, Needs, Outputs, Part, RunFacts
 
 DOCUMENT_COLUMNS = [
-    "model", "doc_id", "n_tokens", "n_bytes", "n_words", "nll_sum", "ppl", "bits_per_token", "bits_per_byte",
-]  # fmt: skip
+    "model",
+    "doc_id",
+    "n_tokens",
+    "n_bytes",
+    "n_words",
+    "nll_sum",
+    "ppl",
+    "bits_per_token",
+    "bits_per_byte",
+]
 
 
 SUM_FIELDS = ("doc_ids", "n_tokens", "n_bytes", "n_words", "nll_sum")
 # The columns a tokens.parquet row is built from (`tokens_frame`).
-TOKEN_TABLE_INPUTS = frozenset({
-    "doc_index", "position", "token_id", "token", "char_start", "char_end", "context_len", "nll", "entropy",
-    "max_prob", "is_top1", "rank", "sum_q2", "mean_neg_logq",
-})  # fmt: skip
+TOKEN_TABLE_INPUTS = frozenset(
+    {
+        "doc_index",
+        "position",
+        "token_id",
+        "token",
+        "char_start",
+        "char_end",
+        "context_len",
+        "nll",
+        "entropy",
+        "max_prob",
+        "is_top1",
+        "rank",
+        "sum_q2",
+        "mean_neg_logq",
+    }
+)
 
 
 class DocumentsAnalysis(Analysis):
@@ -72,11 +94,14 @@ class DocumentsAnalysis(Analysis):
 
     def outputs(self, results: dict, run: RunFacts) -> Outputs:
         """The engine has added every analysis's per-document columns to each model's rows."""
-        documents = add_reference_ratio(pd.concat([r.tables["documents"] for r in results.values()], ignore_index=True),
-                                        self.reference)  # fmt: skip
+        documents = add_reference_ratio(
+            pd.concat([r.tables["documents"] for r in results.values()], ignore_index=True), self.reference
+        )
         summary = pd.DataFrame([r.summary for r in results.values()])
-        return Outputs(files={"documents.parquet": documents, "summary.csv": summary},
-                       tables={"documents": documents, "summary": summary})  # fmt: skip
+        return Outputs(
+            files={"documents.parquet": documents, "summary.csv": summary},
+            tables={"documents": documents, "summary": summary},
+        )
 
 
 def _document_sums(rows: list[list]) -> tuple[list[str], list, list, list, list]:
@@ -115,7 +140,9 @@ def documents_frame(model_name: str, doc_ids: list, n_tokens, n_bytes, n_words, 
     )
     rows["ppl"] = [perplexity(s, n) for s, n in zip(rows.nll_sum, rows.n_tokens)]
     rows["bits_per_token"] = [bits_per(s, n) for s, n in zip(rows.nll_sum, rows.n_tokens)]
-    rows["bits_per_byte"] = [bits_per(s, scored_count(n, t)) for s, n, t in zip(rows.nll_sum, rows.n_bytes, rows.n_tokens)]
+    rows["bits_per_byte"] = [
+        bits_per(s, scored_count(n, t)) for s, n, t in zip(rows.nll_sum, rows.n_bytes, rows.n_tokens)
+    ]
     return rows
 
 

@@ -39,8 +39,7 @@ def plot_reliability(bins_by_model: dict, *, title=None):
     """Reliability diagram PNG: accuracy vs confidence per bin for each model, the diagonal of
     perfect calibration, and underneath the share of tokens in each bin. Returns the matplotlib Figure (the engine writes it)."""
     if not bins_by_model:
-        raise ValueError("plot_reliability: bins_by_model must be non-empty (got {}). "
-                         "Pass {'model name': bins, ...}.")
+        raise ValueError("plot_reliability: bins_by_model must be non-empty (got {}). Pass {'model name': bins, ...}.")
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     fig = Figure(figsize=(6, 7), dpi=110)  # fixed margins: a constrained layout costs 0.3 s a figure
@@ -50,13 +49,19 @@ def plot_reliability(bins_by_model: dict, *, title=None):
     for i, (name, bins) in enumerate(bins_by_model.items()):
         ok = bins.n_tokens > 0
         ece = expected_calibration_error(bins)
-        (line,) = top.plot(bins.confidence_mean[ok], bins.accuracy[ok], marker="o", ms=4, lw=1.2,
-                           label=f"{name} (ECE {ece:.3f})")
+        (line,) = top.plot(
+            bins.confidence_mean[ok], bins.accuracy[ok], marker="o", ms=4, lw=1.2, label=f"{name} (ECE {ece:.3f})"
+        )
         width = (bins.hi - bins.lo) / len(bins_by_model)
-        bottom.bar(bins.lo + i * width, bins.n_tokens / max(bins.n_total, 1), width=width,
-                   align="edge", color=line.get_color(), alpha=0.8)
-    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy (top-1 correct)",
-            title=title or "Reliability diagram")
+        bottom.bar(
+            bins.lo + i * width,
+            bins.n_tokens / max(bins.n_total, 1),
+            width=width,
+            align="edge",
+            color=line.get_color(),
+            alpha=0.8,
+        )
+    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy (top-1 correct)", title=title or "Reliability diagram")
     top.grid(alpha=0.3)
     top.legend(loc="upper left", fontsize=8)
     bottom.set(xlabel="confidence (top-1 probability)", ylabel="share of tokens")
@@ -96,16 +101,20 @@ def plot_checkpoints(summary: pd.DataFrame, compare: pd.DataFrame):
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     with_ppl = set(compare.loc[compare["metric"] == "ppl", "model"]) == set(compare["model"])
-    panels = [("ppl", "perplexity (tokens)") if with_ppl else ("word_ppl", "word perplexity"),
-              ("bits_per_byte", "bits per byte")]  # fmt: skip
+    panels = [
+        ("ppl", "perplexity (tokens)") if with_ppl else ("word_ppl", "word perplexity"),
+        ("bits_per_byte", "bits per byte"),
+    ]
     baseline = ", ".join(map(str, pd.unique(compare["baseline"])))
     fig = Figure(figsize=(10, 4), dpi=110, layout="constrained")
     drawn = False
     for ax, (metric, label) in zip(fig.subplots(1, 2), panels):
         drawn |= _draw_panel(ax, checkpoint_points(summary, compare, metric), label, baseline)
     if drawn:
-        fig.suptitle("error bars: 95% paired document-bootstrap CI of the ratio to the baseline, "
-                     "times the baseline's value", fontsize=9)  # fmt: skip
+        fig.suptitle(
+            "error bars: 95% paired document-bootstrap CI of the ratio to the baseline, times the baseline's value",
+            fontsize=9,
+        )
     else:  # e.g. fewer documents than compare.min_documents: say so, never a legend for bars that are not there
         fig.suptitle("no interval: too few documents for a document bootstrap (compare.min_documents)", fontsize=9)
     return fig
@@ -116,8 +125,16 @@ def _draw_panel(ax, points: pd.DataFrame, label: str, baseline: str) -> bool:
     has_interval = bool((points["low"].notna() & points["high"].notna()).any())
     below = (points["value"] - points["low"]).clip(lower=0).fillna(0)
     above = (points["high"] - points["value"]).clip(lower=0).fillna(0)
-    ax.errorbar(points["x"], points["value"], yerr=[below, above] if has_interval else None, fmt="o-", ms=5, lw=1.2,
-                capsize=4, label="model (95% CI vs baseline)" if has_interval else "model")  # fmt: skip
+    ax.errorbar(
+        points["x"],
+        points["value"],
+        yerr=[below, above] if has_interval else None,
+        fmt="o-",
+        ms=5,
+        lw=1.2,
+        capsize=4,
+        label="model (95% CI vs baseline)" if has_interval else "model",
+    )
     base = points[points["is_baseline"]]
     ax.plot(base["x"], base["value"], "s", ms=10, mfc="none", mec="crimson", mew=1.5, label=f"baseline ({baseline})")
     by_step = points.attrs["by_step"]
@@ -140,8 +157,10 @@ def plot_positions(positions: pd.DataFrame, *, log_x: bool = True):
 
     fig = Figure(figsize=(11, 4), dpi=110)  # fixed margins: a constrained layout doubles the drawing time
     fig.subplots_adjust(left=0.065, right=0.99, bottom=0.13, top=0.86, wspace=0.06)
-    panels = (("position", "position", "token's place in its document (1 = first)", 1),
-              ("context_len", "context length", "context length (ids the prediction saw)", 0))  # fmt: skip
+    panels = (
+        ("position", "position", "token's place in its document (1 = first)", 1),
+        ("context_len", "context length", "context length (ids the prediction saw)", 0),
+    )
     for ax, (axis, title, label, shift) in zip(fig.subplots(1, 2, sharey=True), panels):
         for name, rows in positions[positions["axis"] == axis].groupby("model", sort=False):
             x = rows["value_mean"].to_numpy() + shift
@@ -186,7 +205,11 @@ def plot_divergence(by_model: dict, baseline: str):
     else:
         for ax in (hist, trend):
             ax.text(0.5, 0.5, "every KL is 0: the models agree on every token", ha="center", transform=ax.transAxes)
-    hist.set(xlabel="KL(P_base || P_model) per token (nats)", ylabel="share of tokens", title=f"KL distribution vs {baseline}")
+    hist.set(
+        xlabel="KL(P_base || P_model) per token (nats)",
+        ylabel="share of tokens",
+        title=f"KL distribution vs {baseline}",
+    )
     trend.set(xlabel="position in document (tokens)", ylabel="mean KL (nats)", title="KL against position")
     for ax in (hist, trend):
         ax.grid(alpha=0.3)

@@ -22,13 +22,34 @@ import numpy as np
 import pandas as pd
 
 from ..core import memorization as mem
-from ..core.positions import BinnedSums, Bins, bin_intervals, binned_sums, icl_score, icl_window, pooled_bins, window_sums
+from ..core.positions import (
+    BinnedSums,
+    Bins,
+    bin_intervals,
+    binned_sums,
+    icl_score,
+    icl_window,
+    pooled_bins,
+    window_sums,
+)
 from .base import Analysis, ModelResult, Needs, Outputs, Part, RunFacts, accumulate
 from .plots import plot_positions
 
 log = logging.getLogger(__name__)
 
-POSITION_COLUMNS = ["model", "axis", "bin", "lo", "hi", "n_tokens", "n_documents", "value_mean", "nll_mean", "ci_low", "ci_high"]
+POSITION_COLUMNS = [
+    "model",
+    "axis",
+    "bin",
+    "lo",
+    "hi",
+    "n_tokens",
+    "n_documents",
+    "value_mean",
+    "nll_mean",
+    "ci_low",
+    "ci_high",
+]
 AXES = ("position", "context_len")  # the two columns of the token table the curve bins
 
 
@@ -40,7 +61,11 @@ def percent_name(k: float) -> str:
 def membership_columns(options) -> list[str]:
     """The per-document columns ``membership: true`` adds, in table order."""
     ks = [percent_name(k) for k in options.mink_k]
-    return [f"mink_prob_{k}" for k in ks] + [f"mink_pp_{k}" for k in ks] + ["zlib_bytes", "zlib_ratio", "extractable_suffix"]
+    return (
+        [f"mink_prob_{k}" for k in ks]
+        + [f"mink_pp_{k}" for k in ks]
+        + ["zlib_bytes", "zlib_ratio", "extractable_suffix"]
+    )
 
 
 class ModelAnalysis:
@@ -110,7 +135,9 @@ class ModelAnalysis:
         out = {}
         for k in self.options.mink_k:
             out[f"mink_prob_{percent_name(k)}"] = mem.mink_prob(doc, nll, n_docs, k)
-            out[f"mink_pp_{percent_name(k)}"] = mem.mink_pp(doc, nll, columns["entropy"], columns["var_logq"], n_docs, k)
+            out[f"mink_pp_{percent_name(k)}"] = mem.mink_pp(
+                doc, nll, columns["entropy"], columns["var_logq"], n_docs, k
+            )
         zlib_bytes = np.asarray(meta["zlib_bytes"], dtype=np.int64)
         out["zlib_bytes"] = zlib_bytes
         out["zlib_ratio"] = mem.zlib_ratio(meta["nll_sum"], meta["n_tokens"], zlib_bytes)
@@ -134,11 +161,23 @@ class ModelAnalysis:
         for axis, sums, (low, high) in zip(AXES, groups, intervals):
             pooled = pooled_bins(sums)
             lo, hi = self.bins.bounds(pooled["bin"])
-            frames.append(pd.DataFrame({
-                "model": self.name, "axis": axis, "bin": pooled["bin"], "lo": lo, "hi": hi,
-                "n_tokens": pooled["n_tokens"], "n_documents": pooled["n_documents"],
-                "value_mean": pooled["value_mean"], "nll_mean": pooled["nll_mean"], "ci_low": low, "ci_high": high,
-            }))  # fmt: skip
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "model": self.name,
+                        "axis": axis,
+                        "bin": pooled["bin"],
+                        "lo": lo,
+                        "hi": hi,
+                        "n_tokens": pooled["n_tokens"],
+                        "n_documents": pooled["n_documents"],
+                        "value_mean": pooled["value_mean"],
+                        "nll_mean": pooled["nll_mean"],
+                        "ci_low": low,
+                        "ci_high": high,
+                    }
+                )
+            )
         return pd.concat(frames, ignore_index=True)[POSITION_COLUMNS]
 
     def _canonical(self) -> np.ndarray:

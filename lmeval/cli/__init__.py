@@ -42,12 +42,13 @@ class _StderrHandler(logging.StreamHandler):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lmeval", description="Exact per-token cross-entropy for causal LMs.",
+        prog="lmeval",
+        description="Exact per-token cross-entropy for causal LMs.",
         epilog="examples:\n  lmeval demo\n  lmeval run --model gpt2 --data docs.jsonl\n  lmeval run config.yaml\n"
         "  lmeval compare runs/a runs/b\n  lmeval surprisal --model gpt2 'Hello world'\n"
         "run `lmeval COMMAND --help` for each command's options and examples.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--version", action="version", version=f"lmeval {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -7,10 +7,33 @@ import os
 
 import pandas as pd
 
-COMPARE_SHOWN = ["model", "baseline", "metric", "value", "baseline_value", "delta", "ci_low", "ci_high", "p_value", "unit",
-                 "n_documents"]  # fmt: skip
-SUMMARY_SHOWN = ("model", "n_documents", "n_tokens", "ppl", "bits_per_token", "bits_per_byte", "word_ppl",
-                 "ece", "brier", "top1_accuracy", "best_temperature", "tokens_per_second")  # fmt: skip
+COMPARE_SHOWN = [
+    "model",
+    "baseline",
+    "metric",
+    "value",
+    "baseline_value",
+    "delta",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "unit",
+    "n_documents",
+]
+SUMMARY_SHOWN = (
+    "model",
+    "n_documents",
+    "n_tokens",
+    "ppl",
+    "bits_per_token",
+    "bits_per_byte",
+    "word_ppl",
+    "ece",
+    "brier",
+    "top1_accuracy",
+    "best_temperature",
+    "tokens_per_second",
+)
 COLOR_CHOICES = ("auto", "always", "never")
 
 
@@ -62,13 +85,28 @@ def format_summary(summary: pd.DataFrame) -> str:
 def format_compare(compare: pd.DataFrame) -> str:
     """The comparison as an aligned text table, then its notes (why a unit was refused), each once."""
     text = compare[[c for c in COMPARE_SHOWN if c in compare]].to_string(index=False, float_format=lambda x: f"{x:.4g}")
-    notes = [f"note ({row.model} vs {row.baseline}): {row.note}" for row in
-             compare.drop_duplicates(["model", "baseline"]).itertuples() if isinstance(getattr(row, "note", None), str) and row.note]  # fmt: skip
+    notes = [
+        f"note ({row.model} vs {row.baseline}): {row.note}"
+        for row in compare.drop_duplicates(["model", "baseline"]).itertuples()
+        if isinstance(getattr(row, "note", None), str) and row.note
+    ]
     return "\n".join([text, *notes])
 
 
-DIVERGENCE_SHOWN = ("model", "baseline", "kl_mean", "kl_mean_ci_low", "kl_mean_ci_high", "kl_p99", "kl_reverse_mean",
-                    "same_top1", "delta_p_rms", "ln_ppl_ratio", "ln_ppl_ratio_ci_low", "ln_ppl_ratio_ci_high")  # fmt: skip
+DIVERGENCE_SHOWN = (
+    "model",
+    "baseline",
+    "kl_mean",
+    "kl_mean_ci_low",
+    "kl_mean_ci_high",
+    "kl_p99",
+    "kl_reverse_mean",
+    "same_top1",
+    "delta_p_rms",
+    "ln_ppl_ratio",
+    "ln_ppl_ratio_ci_low",
+    "ln_ppl_ratio_ci_high",
+)
 
 
 def format_divergence(divergence: pd.DataFrame) -> str:

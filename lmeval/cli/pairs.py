@@ -29,18 +29,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "and the accuracy over pairs with a bootstrap interval. A context is joined to its sentence verbatim "
         "(context + sentence, no separator added, as `lmeval run` joins data.context_field to the text): end a "
         "context with a space where a new word begins.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("file", help="jsonl file, one pair per line")
     parser.add_argument("--model", required=True, help="local folder or hub id")
-    parser.add_argument("--output", default=None, metavar="OUT.csv",
-                        help="where to write the per-pair table (.csv or .parquet; default: FILE's name + .pairs.csv, here)")  # fmt: skip
-    parser.add_argument("--bootstrap", type=int_at_least(0), default=1000, metavar="B", help="resamples of the pairs (0: no interval)")
+    parser.add_argument(
+        "--output",
+        default=None,
+        metavar="OUT.csv",
+        help="where to write the per-pair table (.csv or .parquet; default: FILE's name + .pairs.csv, here)",
+    )
+    parser.add_argument(
+        "--bootstrap", type=int_at_least(0), default=1000, metavar="B", help="resamples of the pairs (0: no interval)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     parser.add_argument(
-        "--bos", type=parse_bos, default="auto", metavar="auto|none|ID",
+        "--bos",
+        type=parse_bos,
+        default="auto",
+        metavar="auto|none|ID",
         help="conditioning token before each sentence: auto (BOS, else EOS), none or an id",
-    )  # fmt: skip
+    )
     parser.add_argument("--max-length", type=int_at_least(2), default=None, metavar="L", help="window length in tokens")
     return parser
 
@@ -48,10 +58,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def format_pairs(table) -> str:
     a = table.attrs
     lines = [
-        table[["id", "logprob_good", "logprob_bad", "delta", "good_wins"]].to_string(index=False, float_format=lambda x: f"{x:.4f}"),
+        table[["id", "logprob_good", "logprob_bad", "delta", "good_wins"]].to_string(
+            index=False, float_format=lambda x: f"{x:.4f}"
+        ),
         "",
-        f"accuracy {a['accuracy']:.4f}  95% CI [{a['ci_low']:.4f}, {a['ci_high']:.4f}]  over {a['n_pairs']} pairs "
-        f"(bootstrap {a['bootstrap']}, seed {a['seed']}; ties {a['n_ties']}); mean delta {a['delta_mean']:.4f} nats",
+        (
+            f"accuracy {a['accuracy']:.4f}  95% CI [{a['ci_low']:.4f}, {a['ci_high']:.4f}]  over {a['n_pairs']} pairs "
+            f"(bootstrap {a['bootstrap']}, seed {a['seed']}; ties {a['n_ties']}); mean delta {a['delta_mean']:.4f} nats"
+        ),
     ]
     return "\n".join(lines)
 
@@ -62,8 +76,17 @@ def main(args: argparse.Namespace) -> int:
     from ..producers.pairs import minimal_pairs, read_pairs
 
     good, bad, contexts, ids = read_pairs(args.file)
-    table = minimal_pairs(good, bad, args.model, contexts, ids=ids, bos=args.bos, max_length=args.max_length,
-                          bootstrap=args.bootstrap, seed=args.seed)  # fmt: skip
+    table = minimal_pairs(
+        good,
+        bad,
+        args.model,
+        contexts,
+        ids=ids,
+        bos=args.bos,
+        max_length=args.max_length,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+    )
     out = Path(args.output) if args.output else Path(Path(args.file).stem + ".pairs.csv")
     # Ids are written as strings (a jsonl may mix numbers and names; parquet cannot).
     write_table(table.assign(id=table["id"].astype(str)), out)

@@ -32,11 +32,13 @@ def add_parsers(subparsers) -> None:
     """Register ``run``, ``demo`` and ``validate`` on an argparse subparsers object."""
     raw = argparse.RawDescriptionHelpFormatter
     run_p = subparsers.add_parser(
-        "run", help="score the models of a YAML config (or of --model/--data) and write tables",
+        "run",
+        help="score the models of a YAML config (or of --model/--data) and write tables",
         description="Score each model on the corpus and write tokens, documents, summary and calibration tables "
         "with run.json. Give a YAML config, or --model and --data (with a config they replace its entries).",
-        epilog=RUN_EPILOG, formatter_class=raw,
-    )  # fmt: skip
+        epilog=RUN_EPILOG,
+        formatter_class=raw,
+    )
     run_p.add_argument("config", nargs="?", default=None, help="YAML config file, or the name of a shipped config")
     run_p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. scoring.stride=128")
     _add_config_flags(run_p)
@@ -44,18 +46,22 @@ def add_parsers(subparsers) -> None:
     _add_run_flags(run_p)
     run_p.set_defaults(func=run_command)
     demo_p = subparsers.add_parser(
-        "demo", help="run the bundled offline demo (two checkpoints, held-out books) into ./runs/demo",
+        "demo",
+        help="run the bundled offline demo (two checkpoints, held-out books) into ./runs/demo",
         description="Run the demo config shipped inside the package. It needs no network and writes ./runs/demo.",
-        epilog=DEMO_EPILOG, formatter_class=raw,
-    )  # fmt: skip
+        epilog=DEMO_EPILOG,
+        formatter_class=raw,
+    )
     demo_p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output.dir=elsewhere")
     _add_run_flags(demo_p)
     demo_p.set_defaults(func=demo_command)
     val_p = subparsers.add_parser(
-        "validate", help="check a config without loading any model",
+        "validate",
+        help="check a config without loading any model",
         description="Check a config (and overrides or --model/--data) without loading torch, a model or the data.",
-        epilog=VALIDATE_EPILOG, formatter_class=raw,
-    )  # fmt: skip
+        epilog=VALIDATE_EPILOG,
+        formatter_class=raw,
+    )
     val_p.add_argument("config", nargs="?", default=None, help="YAML config file, or the name of a shipped config")
     val_p.add_argument("overrides", nargs="*")
     _add_config_flags(val_p)
@@ -65,13 +71,22 @@ def add_parsers(subparsers) -> None:
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """The zero-config flags: what a YAML file would say, given on the command line."""
     group = parser.add_argument_group("without a config file (with one, these replace its entries)")
-    group.add_argument("--model", action="append", default=[], metavar="PATH_OR_ID",
-                       help="a local model folder or hub id; repeat for several models")  # fmt: skip
-    group.add_argument("--data", metavar="PATH_OR_ID", help="a json/jsonl/csv/parquet/txt file, a glob, or a hub dataset id")
+    group.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="PATH_OR_ID",
+        help="a local model folder or hub id; repeat for several models",
+    )
+    group.add_argument(
+        "--data", metavar="PATH_OR_ID", help="a json/jsonl/csv/parquet/txt file, a glob, or a hub dataset id"
+    )
     group.add_argument("--data-name", metavar="NAME", help="the hub dataset's configuration, e.g. wikitext-2-raw-v1")
     group.add_argument("--split", metavar="SPLIT", help="the dataset split (default: train)")
     group.add_argument("--text-field", metavar="F", help="the column holding the text (default: text)")
-    group.add_argument("--max-length", type=int_at_least(1), metavar="L", help="window length (default: the model's context)")
+    group.add_argument(
+        "--max-length", type=int_at_least(1), metavar="L", help="window length (default: the model's context)"
+    )
     group.add_argument("--stride", type=int_at_least(1), metavar="S", help="new tokens scored per window (default: L)")
     group.add_argument("--out", metavar="DIR", help="output folder (default: runs/lmeval)")
 
@@ -96,9 +111,15 @@ def load_command_config(args):
         if args.out is None:  # ./runs/<name>, never inside the package; --out and later overrides win
             overrides = [f"output.dir=runs/{name}", *overrides]
     options = raw_config_from_options(
-        args.model, args.data, data_name=args.data_name, split=args.split, text_field=args.text_field,
-        max_length=args.max_length, stride=args.stride, out=args.out,
-    )  # fmt: skip
+        args.model,
+        args.data,
+        data_name=args.data_name,
+        split=args.split,
+        text_field=args.text_field,
+        max_length=args.max_length,
+        stride=args.stride,
+        out=args.out,
+    )
     if config is None and not (args.model and args.data):
         given = "--model only" if args.model else "--data only" if args.data else "neither"
         raise ConfigError(
@@ -115,13 +136,20 @@ def run_command(args) -> int:
     if args.print_config:
         from ..engine.config import config_to_yaml
 
-        print(f"# lmeval run config, printed by --print-config; run it with `lmeval run FILE`\n{config_to_yaml(config)}", end="")
+        print(
+            f"# lmeval run config, printed by --print-config; run it with `lmeval run FILE`\n{config_to_yaml(config)}",
+            end="",
+        )
         return 0
     from ..engine.run import run
 
     tables = run(
-        config, overwrite=args.overwrite, fresh=args.fresh, show_progress=not args.quiet, return_tokens=False,
-    )  # fmt: skip
+        config,
+        overwrite=args.overwrite,
+        fresh=args.fresh,
+        show_progress=not args.quiet,
+        return_tokens=False,
+    )
     if not tables:  # another rank of a torchrun / accelerate launch job; rank 0 prints
         return 0
     print(format_summary(tables["summary"]))

@@ -32,39 +32,74 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "surprisal",
         help="show where a model is surprised: per-token or per-word surprisal in bits",
         description="Score texts with a causal LM and show each token's (or word's) surprisal in bits.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("text", nargs="*", help="texts to score; each is one document")
     parser.add_argument("--model", default=None, help="local folder or hub id (default: the bundled demo model)")
     parser.add_argument(
-        "--file", action="append", default=[], metavar="F",
+        "--file",
+        action="append",
+        default=[],
+        metavar="F",
         help="a UTF-8 text file scored as one document; '-' reads stdin; may be repeated",
-    )  # fmt: skip
-    parser.add_argument("--words", action="store_true",
-                        help="per whitespace-separated word, corrected for tokens that carry their leading space")  # fmt: skip
+    )
     parser.add_argument(
-        "--context", action="append", default=[], metavar="TEXT",
+        "--words",
+        action="store_true",
+        help="per whitespace-separated word, corrected for tokens that carry their leading space",
+    )
+    parser.add_argument(
+        "--context",
+        action="append",
+        default=[],
+        metavar="TEXT",
         help="score each text given this context (it conditions, never scores); once for every text, or once per text",
-    )  # fmt: skip
-    parser.add_argument("--word-correction", choices=("bow", "none"), default="bow",
-                        help="bow: corrected word surprisal (default); none: the plain sum of token surprisals")  # fmt: skip
-    parser.add_argument("--text-end", choices=("eos", "word"), default="eos",
-                        help="eos: a text may end after any word (default); word: another word always follows")  # fmt: skip
-    parser.add_argument("--top-k", type=int_at_least(0), default=0, metavar="K", help="also list the K likeliest tokens")
+    )
+    parser.add_argument(
+        "--word-correction",
+        choices=("bow", "none"),
+        default="bow",
+        help="bow: corrected word surprisal (default); none: the plain sum of token surprisals",
+    )
+    parser.add_argument(
+        "--text-end",
+        choices=("eos", "word"),
+        default="eos",
+        help="eos: a text may end after any word (default); word: another word always follows",
+    )
+    parser.add_argument(
+        "--top-k", type=int_at_least(0), default=0, metavar="K", help="also list the K likeliest tokens"
+    )
     parser.add_argument("--format", choices=FORMATS, default="table", help="output on stdout (default: table)")
     parser.add_argument("--html", default=None, metavar="OUT.html", help="also write a self-contained HTML page")
     parser.add_argument(
-        "--bos", type=parse_bos, default="auto", metavar="auto|none|ID",
+        "--bos",
+        type=parse_bos,
+        default="auto",
+        metavar="auto|none|ID",
         help="conditioning token before each text: auto (BOS, else EOS), none (first token unscored) or an id",
-    )  # fmt: skip
+    )
     parser.add_argument("--max-length", type=int_at_least(2), default=None, metavar="L", help="window length in tokens")
-    parser.add_argument("--baseline", default=None, metavar="M2",
-                        help="compare with this model (same tokenizer): colour each token by how far --model moved from it")
-    parser.add_argument("--by", choices=("delta_nll", "kl"), default="delta_nll",
-                        help="with --baseline, colour by the change of the token's surprisal (delta_nll, bits) "
-                        "or by KL(baseline || model) of the next-token distribution (kl, nats)")  # fmt: skip
-    parser.add_argument("--color", choices=COLOR_CHOICES, default="auto",
-                        help="colour the terminal table: auto (on a terminal, unless NO_COLOR is set), always or never")  # fmt: skip
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="M2",
+        help="compare with this model (same tokenizer): colour each token by how far --model moved from it",
+    )
+    parser.add_argument(
+        "--by",
+        choices=("delta_nll", "kl"),
+        default="delta_nll",
+        help="with --baseline, colour by the change of the token's surprisal (delta_nll, bits) "
+        "or by KL(baseline || model) of the next-token distribution (kl, nats)",
+    )
+    parser.add_argument(
+        "--color",
+        choices=COLOR_CHOICES,
+        default="auto",
+        help="colour the terminal table: auto (on a terminal, unless NO_COLOR is set), always or never",
+    )
     return parser
 
 
@@ -102,6 +137,7 @@ def _contexts(given: list[str], n_texts: int) -> list[str] | None:
 
 def _records(table: pd.DataFrame) -> list[dict]:
     """JSON-ready rows with full float precision; NaN becomes null."""
+
     def plain(value):
         value = value.item() if hasattr(value, "item") else value
         return None if isinstance(value, float) and not math.isfinite(value) else value
@@ -134,9 +170,16 @@ def main(args: argparse.Namespace) -> int:
     if args.baseline is not None:
         return _divergence_main(args, texts)
     table = surprisal_table(
-        texts, args.model, words=args.words, top_k=args.top_k, bos=args.bos, max_length=args.max_length,
-        contexts=_contexts(args.context, len(texts)), word_correction=args.word_correction, text_end=args.text_end,
-    )  # fmt: skip
+        texts,
+        args.model,
+        words=args.words,
+        top_k=args.top_k,
+        bos=args.bos,
+        max_length=args.max_length,
+        contexts=_contexts(args.context, len(texts)),
+        word_correction=args.word_correction,
+        text_end=args.text_end,
+    )
     if args.format == "json":
         sys.stdout.write(json.dumps(_records(table), ensure_ascii=False, indent=1) + "\n")
     elif args.format == "csv":
@@ -159,12 +202,15 @@ def _divergence_main(args: argparse.Namespace, texts: list[str]) -> int:
 
     for flag, used in (("--words", args.words), ("--top-k", args.top_k)):
         if used:
-            raise DataError(f"{flag}: must not be combined with --baseline (got both). Drop {flag} to compare two models.")
+            raise DataError(
+                f"{flag}: must not be combined with --baseline (got both). Drop {flag} to compare two models."
+            )
     try:
         table = divergence_table(texts, args.model, args.baseline, bos=args.bos, max_length=args.max_length)
     except TokenizerMismatchError as exc:  # said in the flags of this command, not a config key or a keyword
-        raise TokenizerMismatchError(mismatch_message(exc.names, exc.fingerprints, "--baseline"),
-                                     exc.names, exc.fingerprints) from None  # fmt: skip
+        raise TokenizerMismatchError(
+            mismatch_message(exc.names, exc.fingerprints, "--baseline"), exc.names, exc.fingerprints
+        ) from None
     if args.format == "json":
         sys.stdout.write(json.dumps(_records(table), ensure_ascii=False, indent=1) + "\n")
     elif args.format == "csv":
@@ -173,7 +219,9 @@ def _divergence_main(args: argparse.Namespace, texts: list[str]) -> int:
         color = use_color(args.color, sys.stdout)
         for doc_id, text in enumerate(texts):
             rows = table[table["doc_id"] == doc_id].reset_index(drop=True)
-            sys.stdout.write(f"== document {doc_id} ==\n" + render_divergence_terminal(rows, text, color=color, by=args.by))
+            sys.stdout.write(
+                f"== document {doc_id} ==\n" + render_divergence_terminal(rows, text, color=color, by=args.by)
+            )
     if args.html:
         title = f"lmeval surprisal: {args.model or 'demo model'} vs {args.baseline}"
         log.info("wrote %s", write_html(args.html, render_divergence_html(table, texts, title=title, by=args.by)))

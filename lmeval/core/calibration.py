@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -66,8 +65,9 @@ def _list_errors(path: str, values, item_error) -> list[str]:
         value = value.item() if isinstance(value, np.generic) else value
         message = item_error(f"{path}[{i}]", value)
         if message is None and value in seen:
-            message = (f"{path}[{i}]: values must be unique (got {value!r}, already at "
-                       f"[{seen[value]}]). Remove the duplicate.")
+            message = (
+                f"{path}[{i}]: values must be unique (got {value!r}, already at [{seen[value]}]). Remove the duplicate."
+            )
         if message is None:
             seen[value] = i
         else:
@@ -99,8 +99,10 @@ def validate_calibration_options(bins, label_smoothing, temperatures, where="cal
 def _as_1d(where: str, name: str, x) -> np.ndarray:
     arr = np.asarray(x, dtype=np.float64)
     if arr.ndim != 1:
-        raise ValueError(f"{where}: {name} must be a 1-D array, one value per token "
-                         f"(got shape {arr.shape}). Flatten the batch first.")
+        raise ValueError(
+            f"{where}: {name} must be a 1-D array, one value per token "
+            f"(got shape {arr.shape}). Flatten the batch first."
+        )
     return arr
 
 
@@ -110,16 +112,20 @@ def _as_probability(where: str, name: str, x) -> np.ndarray:
     bad = ~((arr >= 0.0) & (arr <= 1.0 + _PROB_SLACK))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{where}: {name} must be in [0, 1] (got {float(arr[i])!r} at token {i}). "
-                         "Pass probabilities (softmax outputs) or booleans, not logits.")
+        raise ValueError(
+            f"{where}: {name} must be in [0, 1] (got {float(arr[i])!r} at token {i}). "
+            "Pass probabilities (softmax outputs) or booleans, not logits."
+        )
     return np.minimum(arr, 1.0)
 
 
 def _same_length(where: str, **arrays: np.ndarray) -> int:
     lengths = {name: a.shape[0] for name, a in arrays.items()}
     if len(set(lengths.values())) > 1:
-        raise ValueError(f"{where}: per-token arrays must be the same length (got {lengths}). "
-                         "Pass arrays from the same batch of tokens.")
+        raise ValueError(
+            f"{where}: per-token arrays must be the same length (got {lengths}). "
+            "Pass arrays from the same batch of tokens."
+        )
     return next(iter(lengths.values()))
 
 
@@ -160,9 +166,16 @@ class ReliabilityBins:
         """A DataFrame with columns bin, lo, hi, n_tokens, confidence_mean, accuracy."""
         import pandas as pd
 
-        return pd.DataFrame({"bin": np.arange(len(self.lo)), "lo": self.lo, "hi": self.hi,
-                             "n_tokens": self.n_tokens, "confidence_mean": self.confidence_mean,
-                             "accuracy": self.accuracy})
+        return pd.DataFrame(
+            {
+                "bin": np.arange(len(self.lo)),
+                "lo": self.lo,
+                "hi": self.hi,
+                "n_tokens": self.n_tokens,
+                "confidence_mean": self.confidence_mean,
+                "accuracy": self.accuracy,
+            }
+        )
 
 
 def _mass_edges(confidence: np.ndarray, n_bins: int) -> np.ndarray:
@@ -185,10 +198,12 @@ def _bin_by_edges(confidence: np.ndarray, correct: np.ndarray, edges: np.ndarray
     k = len(edges) - 1
     index = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, k - 1)
     return ReliabilityBins(
-        lo=edges[:-1].copy(), hi=edges[1:].copy(),
+        lo=edges[:-1].copy(),
+        hi=edges[1:].copy(),
         n_tokens=np.bincount(index, minlength=k).astype(np.int64),
         confidence_sum=np.bincount(index, weights=confidence, minlength=k),
-        correct_sum=np.bincount(index, weights=correct, minlength=k))
+        correct_sum=np.bincount(index, weights=correct, minlength=k),
+    )
 
 
 def reliability_bins(confidence, correct, n_bins=15, scheme="width") -> ReliabilityBins:
@@ -210,19 +225,21 @@ def reliability_bins(confidence, correct, n_bins=15, scheme="width") -> Reliabil
     elif scheme == "mass":
         edges = _mass_edges(conf, int(n_bins))
     else:
-        raise ValueError(f"{where}: scheme must be 'width' or 'mass' (got {scheme!r}). "
-                         "Use 'width' for streaming.")
+        raise ValueError(f"{where}: scheme must be 'width' or 'mass' (got {scheme!r}). Use 'width' for streaming.")
     return _bin_by_edges(conf, corr, edges)
 
 
 def merge_bins(a: ReliabilityBins, b: ReliabilityBins) -> ReliabilityBins:
     """Bins of two batches combined: counts and sums add. Edges must be identical."""
     if not (np.array_equal(a.lo, b.lo) and np.array_equal(a.hi, b.hi)):
-        raise ValueError(f"merge_bins: bin edges must be identical (got {len(a.lo)} bins from "
-                         f"{a.lo[:1]} and {len(b.lo)} bins from {b.lo[:1]}). Use scheme='width' "
-                         "with the same n_bins for every batch; equal-mass bins cannot merge.")
-    return ReliabilityBins(a.lo, a.hi, a.n_tokens + b.n_tokens, a.confidence_sum + b.confidence_sum,
-                           a.correct_sum + b.correct_sum)
+        raise ValueError(
+            f"merge_bins: bin edges must be identical (got {len(a.lo)} bins from "
+            f"{a.lo[:1]} and {len(b.lo)} bins from {b.lo[:1]}). Use scheme='width' "
+            "with the same n_bins for every batch; equal-mass bins cannot merge."
+        )
+    return ReliabilityBins(
+        a.lo, a.hi, a.n_tokens + b.n_tokens, a.confidence_sum + b.confidence_sum, a.correct_sum + b.correct_sum
+    )
 
 
 def expected_calibration_error(bins: ReliabilityBins) -> float:
@@ -263,8 +280,9 @@ def smoothed_target_entropy(eps: float, vocab_size: int) -> float:
     b = eps/V elsewhere; H = -a log a - (V - 1) b log b, with log a computed by log1p.
     """
     where = "smoothed_target_entropy"
-    _raise_first([_eps_error(where, eps),
-                  _count_error(where, vocab_size, "vocab_size", "Pass the width of the model's logits.")])
+    _raise_first(
+        [_eps_error(where, eps), _count_error(where, vocab_size, "vocab_size", "Pass the width of the model's logits.")]
+    )
     if eps == 0:
         return 0.0
     off = eps * (vocab_size - 1) / vocab_size  # mass off the label, 1 - a
@@ -323,15 +341,29 @@ def _temperature_columns(where, temperatures, n, **arrays) -> tuple[tuple, dict]
     for name, x in arrays.items():
         arr = np.zeros((n, 0)) if x is None and not temps else np.asarray(x, dtype=np.float64)
         if arr.shape != (n, len(temps)):
-            raise ValueError(f"{where}: {name} must be of shape (n_tokens, n_temperatures) = "
-                             f"{(n, len(temps))} (got {None if x is None else arr.shape}). "
-                             "Pass one column per grid temperature, in grid order.")
+            raise ValueError(
+                f"{where}: {name} must be of shape (n_tokens, n_temperatures) = "
+                f"{(n, len(temps))} (got {None if x is None else arr.shape}). "
+                "Pass one column per grid temperature, in grid order."
+            )
         columns[name] = arr
     return temps, columns
 
 
-def calibration_sums(nll, max_prob, is_top1, sum_q2, mean_neg_logq, entropy, *, eps_grid,
-                     nll_t=None, max_prob_t=None, temperatures=(), n_bins=15) -> CalibrationSums:
+def calibration_sums(
+    nll,
+    max_prob,
+    is_top1,
+    sum_q2,
+    mean_neg_logq,
+    entropy,
+    *,
+    eps_grid,
+    nll_t=None,
+    max_prob_t=None,
+    temperatures=(),
+    n_bins=15,
+) -> CalibrationSums:
     """Sums of every calibration quantity over one batch of tokens (see `CalibrationSums`)."""
     where = "calibration_sums"
     nll = _as_1d(where, "nll", nll)
@@ -339,42 +371,53 @@ def calibration_sums(nll, max_prob, is_top1, sum_q2, mean_neg_logq, entropy, *, 
     top1 = _as_probability(where, "is_top1", is_top1)
     mnl, ent = _as_1d(where, "mean_neg_logq", mean_neg_logq), _as_1d(where, "entropy", entropy)
     brier = brier_terms(nll, sum_q2)
-    n = _same_length(where, nll=nll, max_prob=conf, is_top1=top1, sum_q2=brier,
-                     mean_neg_logq=mnl, entropy=ent)
+    n = _same_length(where, nll=nll, max_prob=conf, is_top1=top1, sum_q2=brier, mean_neg_logq=mnl, entropy=ent)
     _raise_first(_list_errors(f"{where}.eps_grid", list(eps_grid), _eps_error))
     temps, cols = _temperature_columns(where, temperatures, n, nll_t=nll_t, max_prob_t=max_prob_t)
     return CalibrationSums(
-        n_tokens=n, nll_sum=float(nll.sum()), brier_sum=float(brier.sum()),
-        entropy_sum=float(ent.sum()), max_prob_sum=float(conf.sum()), top1_sum=float(top1.sum()),
+        n_tokens=n,
+        nll_sum=float(nll.sum()),
+        brier_sum=float(brier.sum()),
+        entropy_sum=float(ent.sum()),
+        max_prob_sum=float(conf.sum()),
+        top1_sum=float(top1.sum()),
         ce_eps_sums={e: float(label_smoothed_ce(nll, mnl, e).sum()) for e in eps_grid},
-        nll_t_sums=cols["nll_t"].sum(axis=0), bins=reliability_bins(conf, top1, n_bins),
+        nll_t_sums=cols["nll_t"].sum(axis=0),
+        bins=reliability_bins(conf, top1, n_bins),
         bins_t=[reliability_bins(cols["max_prob_t"][:, k], top1, n_bins) for k in range(len(temps))],
-        temperatures=temps)
+        temperatures=temps,
+    )
 
 
 def merge_sums(a: CalibrationSums, b: CalibrationSums) -> CalibrationSums:
     """Sums of two batches combined; both must use the same eps grid, temperatures and bins."""
     labels_a, labels_b = [eps_label(e) for e in a.ce_eps_sums], [eps_label(e) for e in b.ce_eps_sums]
     if labels_a != labels_b or a.temperatures != b.temperatures:
-        raise ValueError(f"merge_sums: eps grids and temperatures must match (got {labels_a}, "
-                         f"{list(a.temperatures)} and {labels_b}, {list(b.temperatures)}). "
-                         "Compute every batch with the same calibration options.")
+        raise ValueError(
+            f"merge_sums: eps grids and temperatures must match (got {labels_a}, "
+            f"{list(a.temperatures)} and {labels_b}, {list(b.temperatures)}). "
+            "Compute every batch with the same calibration options."
+        )
     return CalibrationSums(
         n_tokens=a.n_tokens + b.n_tokens,
         **{name: getattr(a, name) + getattr(b, name) for name in _SCALAR_SUMS},
-        ce_eps_sums={ea: a.ce_eps_sums[ea] + b.ce_eps_sums[eb]
-                     for ea, eb in zip(a.ce_eps_sums, b.ce_eps_sums)},
-        nll_t_sums=a.nll_t_sums + b.nll_t_sums, bins=merge_bins(a.bins, b.bins),
-        bins_t=[merge_bins(x, y) for x, y in zip(a.bins_t, b.bins_t)], temperatures=a.temperatures)
+        ce_eps_sums={ea: a.ce_eps_sums[ea] + b.ce_eps_sums[eb] for ea, eb in zip(a.ce_eps_sums, b.ce_eps_sums)},
+        nll_t_sums=a.nll_t_sums + b.nll_t_sums,
+        bins=merge_bins(a.bins, b.bins),
+        bins_t=[merge_bins(x, y) for x, y in zip(a.bins_t, b.bins_t)],
+        temperatures=a.temperatures,
+    )
 
 
 def _kl(ce: float, h: float, label: str, vocab_size: int) -> float:
     """KL(P_eps || Q) = ce - h >= 0; rounding-sized negatives become 0, larger ones are bugs."""
     kl = ce - h
     if kl < -(1e-9 + _KL_REL_TOL * abs(ce)):
-        raise ValueError(f"summarize: kl_eps{label} must be >= 0 (got {kl!r} = ce {ce!r} - h {h!r}). "
-                         f"Check vocab_size ({vocab_size}) is the logits' width and mean_neg_logq "
-                         "averages over all of it.")
+        raise ValueError(
+            f"summarize: kl_eps{label} must be >= 0 (got {kl!r} = ce {ce!r} - h {h!r}). "
+            f"Check vocab_size ({vocab_size}) is the logits' width and mean_neg_logq "
+            "averages over all of it."
+        )
     return max(kl, 0.0)
 
 
@@ -387,9 +430,14 @@ def summarize(sums: CalibrationSums, *, vocab_size: int) -> dict:
     """
     n = sums.n_tokens
     mean = (lambda total: total / n) if n else (lambda total: math.nan)
-    out = {"ece": expected_calibration_error(sums.bins), "mce": max_calibration_error(sums.bins),
-           "brier": mean(sums.brier_sum), "top1_accuracy": mean(sums.top1_sum),
-           "confidence_mean": mean(sums.max_prob_sum), "entropy_mean": mean(sums.entropy_sum)}
+    out = {
+        "ece": expected_calibration_error(sums.bins),
+        "mce": max_calibration_error(sums.bins),
+        "brier": mean(sums.brier_sum),
+        "top1_accuracy": mean(sums.top1_sum),
+        "confidence_mean": mean(sums.max_prob_sum),
+        "entropy_mean": mean(sums.entropy_sum),
+    }
     for eps, ce_sum in sums.ce_eps_sums.items():
         label, ce = eps_label(eps), mean(ce_sum)
         h = smoothed_target_entropy(eps, vocab_size)
@@ -406,9 +454,12 @@ def temperature_table(sums: CalibrationSums, temperatures):
 
     temps = tuple(float(t) for t in temperatures)
     if temps != sums.temperatures:
-        raise ValueError(f"temperature_table: temperatures must be the grid the sums were computed "
-                         f"on (got {list(temps)}, sums have {list(sums.temperatures)}). Pass the same list.")
+        raise ValueError(
+            f"temperature_table: temperatures must be the grid the sums were computed "
+            f"on (got {list(temps)}, sums have {list(sums.temperatures)}). Pass the same list."
+        )
     n = sums.n_tokens
     nll_mean = sums.nll_t_sums / n if n else np.full(len(temps), np.nan)
-    return pd.DataFrame({"temperature": list(temps), "nll_mean": nll_mean,
-                         "ece": [expected_calibration_error(b) for b in sums.bins_t]})
+    return pd.DataFrame(
+        {"temperature": list(temps), "nll_mean": nll_mean, "ece": [expected_calibration_error(b) for b in sums.bins_t]}
+    )

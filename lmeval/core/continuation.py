@@ -64,15 +64,18 @@ def range_windows(
     return windows
 
 
-def _with_end(windows: list[Window], doc_id: int, s: tuple, max_length: int, end_id: int, position: int) -> list[Window]:
+def _with_end(
+    windows: list[Window], doc_id: int, s: tuple, max_length: int, end_id: int, position: int
+) -> list[Window]:
     """Add the end target (the output at ``s[-1]``): extend the last window if it ends at
     ``s[-1]`` and has room, else give it a window of its own."""
     last = windows[-1] if windows else None
     # The last window ends at s[-2] exactly when it scores the last token (its last output
     # predicts s[-1]); then s[-1] may join it.
     if last is not None and last.positions[-1] == position - 1 and len(last.input_ids) < max_length:
-        extended = Window(doc_id, last.input_ids + (s[-1],), last.first_scored, last.positions + (position,),
-                          last.targets + (end_id,))  # fmt: skip
+        extended = Window(
+            doc_id, last.input_ids + (s[-1],), last.first_scored, last.positions + (position,), last.targets + (end_id,)
+        )
         return windows[:-1] + [extended]
     start = max(0, len(s) - max_length)
     return windows + [Window(doc_id, s[start:], len(s) - 1 - start, (position,), (end_id,))]

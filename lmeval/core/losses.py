@@ -19,7 +19,6 @@ import torch
 
 from .units import LN2, bits_per, nats_to_bits, perplexity  # noqa: F401  (the article's units, re-exported)
 
-
 # --------------------------------------------------------------------------------------
 # The article's functions, on probability vectors (numpy, last axis = outcomes)
 # --------------------------------------------------------------------------------------
@@ -134,7 +133,6 @@ class TokenStats:
     var_logq: torch.Tensor
 
 
-
 class Workspace:
     """Reusable scratch buffers, and a count of how each chunk's reductions ran.
 
@@ -167,8 +165,9 @@ def _scratch(workspace: Workspace | None, name: str, like: torch.Tensor, dtype=N
     return workspace.get(name, tuple(like.shape), dtype or like.dtype, like.device)
 
 
-def _reductions(z: torch.Tensor, targets: torch.Tensor, temperatures: tuple[float, ...], workspace=None, moments=False,
-                z_sum=None):  # fmt: skip
+def _reductions(
+    z: torch.Tensor, targets: torch.Tensor, temperatures: tuple[float, ...], workspace=None, moments=False, z_sum=None
+):
     """The per-token reductions over the vocabulary. ``z`` is (N, V) float32; every output is
     (N,) or (N, K). Written with two explicit scratch buffers so that eager mode allocates no
     (N, V) tensor per call, and `torch.compile` can still fuse it into one loop per row.

@@ -24,7 +24,7 @@ _LOG_OCTAVES = 48
 _BLOCK_BYTES = 64 * 2**20
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def log_edges(bins_per_octave: int) -> np.ndarray:
     """Integer bin edges ``0, 1, round(2^(i/b)) ...`` (duplicates dropped), int64.
 
@@ -74,21 +74,26 @@ class BinnedSums:
     value_sum: np.ndarray
 
     @staticmethod
-    def concat(parts: list["BinnedSums"]) -> "BinnedSums":
+    def concat(parts: list[BinnedSums]) -> BinnedSums:
         """The parts' entries as one, a (document, bin) pair met twice summed into one entry."""
-        doc, bin_, n, s, v = (np.concatenate([np.zeros(0)] + [getattr(p, f) for p in parts])
-                              for f in BinnedSums.__dataclass_fields__)  # fmt: skip
+        doc, bin_, n, s, v = (
+            np.concatenate([np.zeros(0)] + [getattr(p, f) for p in parts]) for f in BinnedSums.__dataclass_fields__
+        )
         doc, bin_, n = doc.astype(np.int64), bin_.astype(np.int64), n.astype(np.int64)
         width = int(bin_.max()) + 1 if len(bin_) else 1
         keys, inverse = np.unique(doc * width + bin_, return_inverse=True)
         return BinnedSums(
-            doc=keys // width, bin=keys % width, n_tokens=np.bincount(inverse, weights=n, minlength=len(keys)).astype(np.int64),
+            doc=keys // width,
+            bin=keys % width,
+            n_tokens=np.bincount(inverse, weights=n, minlength=len(keys)).astype(np.int64),
             nll_sum=np.bincount(inverse, weights=s, minlength=len(keys)),
             value_sum=np.bincount(inverse, weights=v, minlength=len(keys)),
-        )  # fmt: skip
+        )
 
 
-def binned_sums(doc_index: np.ndarray, values: np.ndarray, nll: np.ndarray, bins: Bins, doc_offset: int = 0) -> BinnedSums:
+def binned_sums(
+    doc_index: np.ndarray, values: np.ndarray, nll: np.ndarray, bins: Bins, doc_offset: int = 0
+) -> BinnedSums:
     """Per-(document, bin) token counts and sums of ``nll`` (float64) for one part's tokens.
     ``doc_index`` is the part's document index; ``doc_offset`` makes it corpus-wide."""
     doc_index = np.asarray(doc_index, dtype=np.int64)
@@ -122,7 +127,9 @@ def pooled_bins(sums: BinnedSums) -> dict[str, np.ndarray]:
     }
 
 
-def bin_intervals(groups: list[BinnedSums], n_docs: int, n_resamples: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def bin_intervals(
+    groups: list[BinnedSums], n_docs: int, n_resamples: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """95% document-bootstrap percentile interval of each non-empty bin's ``nll_mean``, for
     each group of sums (one per axis), in `pooled_bins` order.
 

@@ -149,8 +149,9 @@ def boundary_log_prob(log_masses: np.ndarray, text_end: str) -> np.ndarray:
     return np.logaddexp(lp[..., MASS_WORD_START], lp[..., MASS_EOS])
 
 
-def boundary_terms(before: np.ndarray, after_last: np.ndarray, text_end: str,
-                   first_class: bool | None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def boundary_terms(
+    before: np.ndarray, after_last: np.ndarray, text_end: str, first_class: bool | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per token of one text, the two boundary log-probabilities (nats) of the correction.
 
     ``before`` (m, 3): the log masses of `log_mass` at the output that predicts each token;

@@ -15,7 +15,6 @@ from ..errors import DataError
 from .config import CompareConfig
 from .files import write_figure, write_table
 
-
 # --------------------------------------------------------------------------------------
 # Comparing earlier runs without rescoring
 # --------------------------------------------------------------------------------------
@@ -94,12 +93,18 @@ def merge_runs(runs: list[dict]) -> tuple[dict, dict]:
     }
     records = [r["record"] for r in runs]
     record = {
-        "config": {**records[0].get("config", {}), "models": [m for r in records for m in r.get("config", {}).get("models", [])]},
-        "protocol": {**records[0]["protocol"], "models": {k: v for r in records for k, v in r["protocol"]["models"].items()}},
+        "config": {
+            **records[0].get("config", {}),
+            "models": [m for r in records for m in r.get("config", {}).get("models", [])],
+        },
+        "protocol": {
+            **records[0]["protocol"],
+            "models": {k: v for r in records for k, v in r["protocol"]["models"].items()},
+        },
         "data": records[0]["data"],
         "models": {k: v for r in records for k, v in r.get("models", {}).items()},
         "runs": [r["dir"] for r in runs],
-    }  # fmt: skip
+    }
     return tables, record
 
 

@@ -11,10 +11,11 @@ import dataclasses
 import difflib
 import glob as globlib
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 
@@ -22,7 +23,6 @@ from ..core.bootstrap import MIN_DOCUMENTS
 from ..core.calibration import validate_calibration_options
 from ..errors import ConfigError
 from ..model.spec import DEVICE_MAPS, ModelSpec, default_name, looks_like_hub_id
-
 
 # A `models:` entry is the model record itself: one dataclass for the config, the loader and
 # the resume identity.
@@ -32,27 +32,29 @@ ModelConfig = ModelSpec
 @dataclass(frozen=True)
 class DataConfig:
     path: str
-    name: Optional[str] = None  # a hub dataset's configuration
+    name: str | None = None  # a hub dataset's configuration
     split: str = "train"
     text_field: str = "text"
-    id_field: Optional[str] = None
-    max_documents: Optional[int] = None
+    id_field: str | None = None
+    max_documents: int | None = None
     sample_by: Literal["document", "paragraph", "line"] = "document"  # for .txt files
-    detokenizer: Optional[Literal["wikitext"]] = None  # a named rewrite of each text before tokenizing
+    detokenizer: Literal["wikitext"] | None = None  # a named rewrite of each text before tokenizing
     count_on: Literal["scored", "source"] = "scored"  # the text whose bytes and words normalise
-    context_field: Optional[str] = None  # score text_field GIVEN this column (it conditions, never scores; joined verbatim)
-    messages_field: Optional[str] = None  # a column of [{role, content}]: score the assistant turns only
+    context_field: str | None = (
+        None  # score text_field GIVEN this column (it conditions, never scores; joined verbatim)
+    )
+    messages_field: str | None = None  # a column of [{role, content}]: score the assistant turns only
 
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    max_length: Optional[int] = None
-    stride: Optional[int] = None
-    bos: typing.Union[int, str] = "auto"
+    max_length: int | None = None
+    stride: int | None = None
+    bos: int | str = "auto"
     batch_tokens: int = 16384
     documents: Literal["independent", "concatenated"] = "independent"
     separator: str = "\n\n"
-    compile: typing.Union[bool, str] = "auto"
+    compile: bool | str = "auto"
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class CompareConfig:
-    baseline: Optional[str] = None
+    baseline: str | None = None
     bootstrap: int = 1000
     seed: int = 0
     top_k: int = 20
@@ -93,7 +95,7 @@ class AnalysisConfig:
     seed: int = 0
     membership: bool = False  # mink_prob_{k}, mink_pp_{k}, zlib_ratio, extractable_suffix per document
     mink_k: tuple[float, ...] = (10, 20)  # percent of a document's tokens for Min-K% and Min-K%++
-    reference: Optional[str] = None  # a model of the run: ref_ratio of every model against it
+    reference: str | None = None  # a model of the run: ref_ratio of every model against it
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class Config:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
-    source: Optional[str] = None  # the YAML file this came from
+    source: str | None = None  # the YAML file this came from
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -172,7 +174,7 @@ _SafeLoader.add_implicit_resolver(
 
 def safe_load(text: str):
     """Parse YAML safely (`_SafeLoader`)."""
-    return yaml.load(text, Loader=_SafeLoader)  # noqa: S506  (a SafeLoader subclass)
+    return yaml.load(text, Loader=_SafeLoader)
 
 
 def read_yaml(path: Path) -> dict:
@@ -184,11 +186,15 @@ def read_yaml(path: Path) -> dict:
     except IsADirectoryError:
         found = sorted(p.name for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
         hint = f" It holds {', '.join(found)}." if found else ""
-        raise ConfigError(f"the config must be a YAML file (got a folder).{hint} Pass the file itself.", source=str(path)) from None
+        raise ConfigError(
+            f"the config must be a YAML file (got a folder).{hint} Pass the file itself.", source=str(path)
+        ) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"must be UTF-8 text ({exc.reason} at byte {exc.start}).", source=str(path)) from None
     except OSError as exc:
-        raise ConfigError(f"cannot read the config ({exc.strerror}). Check the path and its permissions.", source=str(path)) from None
+        raise ConfigError(
+            f"cannot read the config ({exc.strerror}). Check the path and its permissions.", source=str(path)
+        ) from None
     try:
         raw = safe_load(text)
     except DuplicateKeyError as exc:
@@ -225,7 +231,7 @@ def apply_overrides(raw: dict, overrides: list[str], cwd: Path) -> dict:
             value = value_text
         leaf = key.split(".")[-1]
         # An output dir is always a folder (never a hub id), so it always resolves here.
-        if isinstance(value, str) and (leaf == "dir" or leaf == "path" and _looks_local(value, cwd)):
+        if isinstance(value, str) and (leaf == "dir" or (leaf == "path" and _looks_local(value, cwd))):
             value = str((cwd / Path(value).expanduser()).resolve())
         try:
             _set_path(raw, key.split("."), value)
@@ -276,7 +282,7 @@ def _type_problem(where: str, value, hint) -> str | None:
     """A message if ``value`` does not fit the annotation ``hint``, else None."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin is typing.Union:
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X] / Union[X, Y], and X | Y
         if value is None and type(None) in args:
             return None
         messages = [_type_problem(where, value, a) for a in args if a is not type(None)]
@@ -361,15 +367,21 @@ def _check_values(config: Config, problems: list[str]) -> None:
     if config.output.part_chars < 1:
         problems.append(f"output.part_chars: must be >= 1 (got {config.output.part_chars}).")
     if config.data.count_on == "source" and s.bos == "none":
-        problems.append("data.count_on: source counts every word of the source text, so every token must be scored; "
-                        "it needs scoring.bos auto or a token id (got none).")
+        problems.append(
+            "data.count_on: source counts every word of the source text, so every token must be scored; "
+            "it needs scoring.bos auto or a token id (got none)."
+        )
     d = config.data
     if d.context_field is not None and d.messages_field is not None:
-        problems.append("data.context_field: cannot be set together with data.messages_field (got both). "
-                        "A conversation's turns are already scored given what precedes them; drop one.")
+        problems.append(
+            "data.context_field: cannot be set together with data.messages_field (got both). "
+            "A conversation's turns are already scored given what precedes them; drop one."
+        )
     if (d.context_field or d.messages_field) and s.documents == "concatenated":
-        problems.append("scoring.documents: must be independent with data.context_field or data.messages_field "
-                        "(got concatenated). Each row is scored on its own given its context.")
+        problems.append(
+            "scoring.documents: must be independent with data.context_field or data.messages_field "
+            "(got concatenated). Each row is scored on its own given its context."
+        )
     if config.data.max_documents is not None and config.data.max_documents < 1:
         problems.append(f"data.max_documents: must be >= 1 or null (got {config.data.max_documents}).")
     c = config.calibration
@@ -380,7 +392,9 @@ def _check_values(config: Config, problems: list[str]) -> None:
     if cmp.top_k < 0:
         problems.append(f"compare.top_k: must be >= 0 (got {cmp.top_k}).")
     if cmp.min_documents < 1:
-        problems.append(f"compare.min_documents: must be >= 1 (got {cmp.min_documents}). The default is {MIN_DOCUMENTS}.")
+        problems.append(
+            f"compare.min_documents: must be >= 1 (got {cmp.min_documents}). The default is {MIN_DOCUMENTS}."
+        )
     _check_analysis(config.analysis, [m.name for m in config.models], problems)
     for i, m in enumerate(config.models):
         _check_device_map(m, f"models[{i}]", problems)
@@ -391,8 +405,10 @@ def _check_values(config: Config, problems: list[str]) -> None:
     if cmp.baseline is not None and cmp.baseline not in names:
         problems.append(f"compare.baseline: must name one of the models ({', '.join(names)}) (got {cmp.baseline!r}).")
     if cmp.divergence and len(names) < 2:
-        problems.append(f"compare.divergence: needs at least two models, a baseline and one to compare (got {len(names)}). "
-                        "Add the base checkpoint to `models:` and name it in `compare.baseline`.")
+        problems.append(
+            f"compare.divergence: needs at least two models, a baseline and one to compare (got {len(names)}). "
+            "Add the base checkpoint to `models:` and name it in `compare.baseline`."
+        )
 
 
 def _check_analysis(a: AnalysisConfig, names: list[str], problems: list[str]) -> None:
@@ -401,21 +417,27 @@ def _check_analysis(a: AnalysisConfig, names: list[str], problems: list[str]) ->
             problems.append(f"analysis.{key}: must be >= 1 (got {getattr(a, key)}).")
     icl = a.icl_context
     if len(icl) != 2 or not 1 <= icl[0] < icl[1]:
-        problems.append(f"analysis.icl_context: must be two context lengths [early, late] with 1 <= early < late "
-                        f"(got {list(icl)}). Olsson et al. use [50, 500].")  # fmt: skip
+        problems.append(
+            f"analysis.icl_context: must be two context lengths [early, late] with 1 <= early < late "
+            f"(got {list(icl)}). Olsson et al. use [50, 500]."
+        )
     if a.bootstrap < 0:
         problems.append(f"analysis.bootstrap: must be >= 0 (got {a.bootstrap}).")
     bad = [k for k in a.mink_k if not 0 < k <= 100]
     if bad or not a.mink_k or len(set(a.mink_k)) != len(a.mink_k):
-        problems.append(f"analysis.mink_k: must be distinct percentages in (0, 100] (got {list(a.mink_k)}). "
-                        "The papers use [10, 20].")  # fmt: skip
+        problems.append(
+            f"analysis.mink_k: must be distinct percentages in (0, 100] (got {list(a.mink_k)}). "
+            "The papers use [10, 20]."
+        )
     if a.reference is not None and a.reference not in names:
         problems.append(f"analysis.reference: must name one of the models ({', '.join(names)}) (got {a.reference!r}).")
 
 
 def _check_device_map(model: ModelSpec, where: str, problems: list[str]) -> None:
     if model.device_map is not None and model.device_map not in DEVICE_MAPS:
-        problems.append(f"{where}.device_map: must be one of {', '.join(DEVICE_MAPS)} or null (got {model.device_map!r}).")
+        problems.append(
+            f"{where}.device_map: must be one of {', '.join(DEVICE_MAPS)} or null (got {model.device_map!r})."
+        )
     if model.device_map is not None and model.device != "auto":
         problems.append(
             f"{where}.device: must be auto when device_map is set (got {model.device!r}). "
@@ -424,10 +446,12 @@ def _check_device_map(model: ModelSpec, where: str, problems: list[str]) -> None
     if model.max_memory is not None and model.device_map is None:
         problems.append(f"{where}.max_memory: needs device_map (got device_map null). Set device_map: auto.")
     for key, value in (model.max_memory or {}).items():
-        if not (isinstance(key, int) and key >= 0 or key in ("cpu", "disk", "mps")):
+        if not ((isinstance(key, int) and key >= 0) or key in ("cpu", "disk", "mps")):
             problems.append(f"{where}.max_memory: keys must be GPU indices, cpu or disk (got {key!r}).")
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            problems.append(f"{where}.max_memory.{key}: must be a size such as 20GiB or a number of bytes (got {value!r}).")
+            problems.append(
+                f"{where}.max_memory.{key}: must be a size such as 20GiB or a number of bytes (got {value!r})."
+            )
 
 
 def step_number(path: str) -> tuple:
@@ -441,7 +465,7 @@ def _expand_models(raw_models, base: Path, problems: list[str]) -> list[dict]:
     if isinstance(raw_models, (str, dict)):
         raw_models = [raw_models]
     if not isinstance(raw_models, list) or not raw_models:
-        problems.append("models: must be a non-empty list of {path: ...} entries (got %r)." % (raw_models,))
+        problems.append(f"models: must be a non-empty list of {{path: ...}} entries (got {raw_models!r}).")
         return []
     out = []
     for i, entry in enumerate(raw_models):
@@ -469,7 +493,9 @@ def _check_model_paths(models: list[ModelSpec], problems: list[str]) -> None:
     for i, m in enumerate(models):
         p = Path(m.path).expanduser()
         if p.is_absolute() and not p.exists():
-            problems.append(f"models[{i}].path: {m.path} does not exist. Fix the path, or give a hub id such as 'gpt2'.")
+            problems.append(
+                f"models[{i}].path: {m.path} does not exist. Fix the path, or give a hub id such as 'gpt2'."
+            )
         elif not p.exists() and not looks_like_hub_id(m.path):  # 'a/b/c', 'ckpt.bin': a mistyped path, not an id
             problems.append(
                 f"models[{i}].path: {m.path!r} must be an existing folder or a hub id such as 'gpt2' or 'org/name' "
@@ -498,7 +524,10 @@ def build_config(raw: dict, base: Path, source: str | None = None) -> Config:
         data_raw = {**data_raw, "path": str((base / data_raw["path"]).resolve())}
     if data_raw is None:
         problems.append("data: is required: give at least `data.path`.")
-    sections = {name: _build(cls, data_raw if name == "data" else raw.get(name), name, problems) for name, cls in SECTIONS.items()}
+    sections = {
+        name: _build(cls, data_raw if name == "data" else raw.get(name), name, problems)
+        for name, cls in SECTIONS.items()
+    }
     output = sections["output"]
     if output is not None and not Path(output.dir).is_absolute():
         sections["output"] = dataclasses.replace(output, dir=str((base / output.dir).resolve()))
@@ -525,9 +554,17 @@ def load_config(path, overrides: list[str] | None = None) -> Config:
 
 
 def raw_config_from_options(
-    models=(), data=None, *, data_name=None, split=None, text_field=None, max_length=None, stride=None, out=None,
+    models=(),
+    data=None,
+    *,
+    data_name=None,
+    split=None,
+    text_field=None,
+    max_length=None,
+    stride=None,
+    out=None,
     cwd: Path | None = None,
-) -> dict:  # fmt: skip
+) -> dict:
     """The raw config mapping the command-line options stand for; None options are left out.
 
     The mapping is what a YAML file would hold, so it goes through the same `build_config`.

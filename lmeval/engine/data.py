@@ -13,7 +13,6 @@ import importlib
 import json
 import logging
 import os
-import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,10 +22,21 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError, ModelError
+from ..errors import DataError
 from ..producers.text import (  # noqa: F401  (re-exported: the engine's view of a text)
-    ROLES_SCORED, SEPARATOR_ID, Document, Stream, TokenizedDocument, check_messages, check_texts, count_bytes,
-    count_words, join_documents, resolve_prefix, split_stream, tokenize_documents,
+    ROLES_SCORED,
+    SEPARATOR_ID,
+    Document,
+    Stream,
+    TokenizedDocument,
+    check_messages,
+    check_texts,
+    count_bytes,
+    count_words,
+    join_documents,
+    resolve_prefix,
+    split_stream,
+    tokenize_documents,
 )
 from .detokenize import detokenize_documents
 
@@ -172,7 +182,9 @@ def _local_files(path: str) -> list[str] | None:
     if p.exists():
         return [str(p)]
     if path.startswith((".", "/", "~")) or file_format(path) in BUILDERS:
-        raise DataError(f"data.path: {path} does not exist. Check the path (relative paths start at the config's folder).")
+        raise DataError(
+            f"data.path: {path} does not exist. Check the path (relative paths start at the config's folder)."
+        )
     return None
 
 
@@ -183,12 +195,16 @@ def _load_saved(config):
     try:
         loaded = datasets.load_from_disk(config.path)
     except Exception as exc:  # datasets raises several types for a damaged folder
-        raise DataError(f"data.path: cannot read the saved dataset {config.path} ({type(exc).__name__}: {exc}). "
-                        "Save it again with `save_to_disk`.") from exc  # fmt: skip
+        raise DataError(
+            f"data.path: cannot read the saved dataset {config.path} ({type(exc).__name__}: {exc}). "
+            "Save it again with `save_to_disk`."
+        ) from exc
     if isinstance(loaded, datasets.DatasetDict):
         if config.split not in loaded:
-            raise DataError(f"data.split: must be one of the saved splits {', '.join(loaded)} of {config.path} "
-                            f"(got {config.split!r}). Set data.split.")  # fmt: skip
+            raise DataError(
+                f"data.split: must be one of the saved splits {', '.join(loaded)} of {config.path} "
+                f"(got {config.split!r}). Set data.split."
+            )
         loaded = loaded[config.split]
     return loaded
 
@@ -205,12 +221,17 @@ def _with_documents(files: list[str], path: str) -> list[str]:
         if not has_text:
             empty.append(name)
     if len(empty) == 1 == len(files):
-        got = ("a Parquet file with 0 rows" if file_format(empty[0]) == ".parquet" and os.path.getsize(empty[0])
-               else f"an empty file: {os.path.getsize(empty[0])} bytes, no text")  # fmt: skip
+        got = (
+            "a Parquet file with 0 rows"
+            if file_format(empty[0]) == ".parquet" and os.path.getsize(empty[0])
+            else f"an empty file: {os.path.getsize(empty[0])} bytes, no text"
+        )
         raise DataError(f"data.path: {empty[0]} must hold documents (got {got}). Point data.path at the corpus.")
     if len(empty) == len(files):
-        raise DataError(f"data.path: {path} must hold documents (got {len(empty)} empty files, e.g. {empty[0]}). "
-                        "Point data.path at the corpus.")  # fmt: skip
+        raise DataError(
+            f"data.path: {path} must hold documents (got {len(empty)} empty files, e.g. {empty[0]}). "
+            "Point data.path at the corpus."
+        )
     if empty:
         log.warning("data.path: skipping %d empty file(s): %s", len(empty), ", ".join(empty))
     return [f for f in files if f not in empty]
@@ -241,7 +262,7 @@ def _parquet_rows(path: str) -> int | None:
 
     try:
         return pq.read_metadata(path).num_rows
-    except Exception:  # noqa: BLE001  (pyarrow raises several types for a damaged file)
+    except Exception:
         return None
 
 
@@ -281,14 +302,23 @@ def _unreadable(config, files: list[str] | None, exc: Exception) -> str:
     cause = exc.__cause__ or exc
     what = f"{type(cause).__name__}: {cause}"
     if files is None:
-        return (f"data.path: the hub dataset {config.path!r} cannot be loaded ({what}). Check the id (and "
-                "data.name, data.split), the network, or the hub token; offline (HF_HUB_OFFLINE=1) only a cached "
-                "copy loads. A local corpus must be a path that exists.")  # fmt: skip
+        return (
+            f"data.path: the hub dataset {config.path!r} cannot be loaded ({what}). Check the id (and "
+            "data.name, data.split), the network, or the hub token; offline (HF_HUB_OFFLINE=1) only a cached "
+            "copy loads. A local corpus must be a path that exists."
+        )
     bad_line = _first_bad_json_line(files) if file_format(files[0]) == ".jsonl" else None
     if bad_line is not None:
-        return f"data.path: {bad_line}. Each line of a JSON Lines file must be one JSON object: fix or remove that line."
-    kind = {".jsonl": "JSON Lines (one JSON object per line)", ".json": "JSON", ".csv": "CSV with a header row",
-            ".parquet": "Parquet", ".txt": "UTF-8 text"}.get(file_format(files[0]), "a supported format")  # fmt: skip
+        return (
+            f"data.path: {bad_line}. Each line of a JSON Lines file must be one JSON object: fix or remove that line."
+        )
+    kind = {
+        ".jsonl": "JSON Lines (one JSON object per line)",
+        ".json": "JSON",
+        ".csv": "CSV with a header row",
+        ".parquet": "Parquet",
+        ".txt": "UTF-8 text",
+    }.get(file_format(files[0]), "a supported format")
     return f"data.path: cannot read {config.path} ({what}). Each file must be {kind}, as its extension says: fix or replace it."
 
 
@@ -336,7 +366,9 @@ def load_documents(config) -> Corpus:
     for key in ("context_field", "messages_field"):
         name = getattr(config, key, None)
         if name is not None and name not in columns:
-            raise DataError(f"data.{key}: {name!r} is not a column of {config.path}. Available columns: {', '.join(columns)}.")
+            raise DataError(
+                f"data.{key}: {name!r} is not a column of {config.path}. Available columns: {', '.join(columns)}."
+            )
     if getattr(config, "messages_field", None) is not None:
         return _load_conversations(config, dataset)
     if config.text_field not in columns:
@@ -355,7 +387,9 @@ def load_documents(config) -> Corpus:
         if not scan.add_batch(start, batch):
             break
     if not scan.n_documents:
-        raise DataError(f"data.path: {config.path} holds no non-empty documents ({scan.n_skipped} empty). Nothing to score.")
+        raise DataError(
+            f"data.path: {config.path} holds no non-empty documents ({scan.n_skipped} empty). Nothing to score."
+        )
     fields = (config.text_field, context_field)
     readers = tuple(_Column(table.column(n), scan.decoders[n]) if n else None for n in fields)
     rows, lengths = np.concatenate(scan.rows).astype(np.int64), np.concatenate(scan.lengths).astype(np.int64)
@@ -595,8 +629,10 @@ def _load_conversations(config, table) -> Corpus:
         if config.max_documents is not None and len(documents) >= config.max_documents:
             break
         if doc_id in seen:
-            raise DataError(f"data.id_field: id {doc_id!r} appears twice ({row_place(config, seen[doc_id])} and "
-                            f"{row_place(config, row)}); ids must be unique.")  # fmt: skip
+            raise DataError(
+                f"data.id_field: id {doc_id!r} appears twice ({row_place(config, seen[doc_id])} and "
+                f"{row_place(config, row)}); ids must be unique."
+            )
         seen[doc_id] = row
         messages = check_messages(messages, f"{row_place(config, row)} `{config.messages_field}`")
         doc_id = doc_id if isinstance(doc_id, int) else str(doc_id)

@@ -65,5 +65,9 @@ def detokenize_documents(documents: list, name: str | None) -> list:
     if name is None:
         return documents
     rewrite = DETOKENIZERS[name]
-    return [dataclasses.replace(d, text=rewrite(d.text), source=d.text,
-                                context=None if d.context is None else rewrite(d.context)) for d in documents]  # fmt: skip
+    return [
+        dataclasses.replace(
+            d, text=rewrite(d.text), source=d.text, context=None if d.context is None else rewrite(d.context)
+        )
+        for d in documents
+    ]

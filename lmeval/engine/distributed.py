@@ -27,9 +27,10 @@ import heapq
 import logging
 import os
 import pickle
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import TypeVar
 
 from ..errors import LmevalError
 

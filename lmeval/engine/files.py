@@ -23,11 +23,25 @@ from .schemas import schema_for, to_arrow
 
 # Every file `lmeval run` may write; --overwrite removes exactly these, nothing else.
 OUTPUT_FILES = (
-    "tokens.parquet", "documents.parquet", "documents.csv", "summary.csv", "calibration.csv",
-    "temperature.csv", "compare.csv", "compare_tokens.csv", "compare_documents.csv", "reliability.png", "checkpoints.png", "run.json",
-    "divergence.parquet", "divergence.csv", "divergence_tokens.csv", "divergence.png",
-    "positions.csv", "positions.png",
-)  # fmt: skip
+    "tokens.parquet",
+    "documents.parquet",
+    "documents.csv",
+    "summary.csv",
+    "calibration.csv",
+    "temperature.csv",
+    "compare.csv",
+    "compare_tokens.csv",
+    "compare_documents.csv",
+    "reliability.png",
+    "checkpoints.png",
+    "run.json",
+    "divergence.parquet",
+    "divergence.csv",
+    "divergence_tokens.csv",
+    "divergence.png",
+    "positions.csv",
+    "positions.png",
+)
 
 
 def prepare_output_dir(path: str, overwrite: bool) -> Path:
@@ -161,7 +175,9 @@ class TokenWriter:
                 self.writer = pq.ParquetWriter(self.tmp, self.schema)
             self.writer.write_table(table)
         except OSError as exc:
-            raise OutputError(f"{self.path}: could not be written ({exc.strerror or exc}). {write_fix(self.path, exc)}") from exc
+            raise OutputError(
+                f"{self.path}: could not be written ({exc.strerror or exc}). {write_fix(self.path, exc)}"
+            ) from exc
 
     def abort(self) -> None:
         """Give up: close and remove the temporary file."""

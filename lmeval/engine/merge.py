@@ -197,10 +197,16 @@ def run_record(config: Config, corpus: Corpus, protocols: dict, summary: pd.Data
         "config": config.to_dict(),
         "protocol": {**PROTOCOL_NOTES, "models": protocols},
         "versions": versions(),
-        "models": {m.name: {**fingerprint_model(m.path, m.revision), "commit_sha": protocols[m.name].get("commit_sha")}
-                   for m in config.models},
-        "data": {"path": config.data.path, "fingerprint": corpus.fingerprint,
-                 "n_documents": len(corpus.documents), "n_skipped": corpus.n_skipped},
+        "models": {
+            m.name: {**fingerprint_model(m.path, m.revision), "commit_sha": protocols[m.name].get("commit_sha")}
+            for m in config.models
+        },
+        "data": {
+            "path": config.data.path,
+            "fingerprint": corpus.fingerprint,
+            "n_documents": len(corpus.documents),
+            "n_skipped": corpus.n_skipped,
+        },
         "seconds": seconds,
         "tokens_per_second": dict(zip(summary.model, summary.tokens_per_second)),
-    }  # fmt: skip
+    }

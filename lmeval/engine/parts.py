@@ -91,8 +91,11 @@ def columns_checksum(arrays: dict[str, np.ndarray]) -> str:
     digest = hashlib.sha256()
     for name in sorted(arrays):
         values = np.asarray(arrays[name])
-        data = ("\0".join(map(str, values)).encode("utf-8") if values.dtype == object
-                else np.ascontiguousarray(values).tobytes())  # fmt: skip
+        data = (
+            "\0".join(map(str, values)).encode("utf-8")
+            if values.dtype == object
+            else np.ascontiguousarray(values).tobytes()
+        )
         for piece in (name.encode("utf-8"), values.dtype.kind.encode(), data):
             digest.update(len(piece).to_bytes(8, "little") + piece)
     return digest.hexdigest()

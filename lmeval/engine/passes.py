@@ -123,8 +123,9 @@ def score_share(job: PassJob, lm, base, plans: list[tuple[int, PartPlan]]) -> No
             job.bar.group(plan.weight, tokenizing=not ready and (plan.piece == 0 or not cache))
             calls = dict(lm.workspace.calls)
             documents = job.corpus.take(plan.docs)
-            columns, texts = produce(lm, documents, config, options, job.bar.progress, piece=plan, cache=cache,
-                                     baseline=base, **ready)  # fmt: skip
+            columns, texts = produce(
+                lm, documents, config, options, job.bar.progress, piece=plan, cache=cache, baseline=base, **ready
+            )
             meta = _meta(job, plan, columns, texts, protocol, lm.workspace.mode_since(calls), started)
             kept = {k: v for k, v in columns.items() if k in keep}
             if job.folder is not None:
@@ -136,8 +137,12 @@ def score_share(job: PassJob, lm, base, plans: list[tuple[int, PartPlan]]) -> No
 def _options(job: PassJob, lm, n_chars: float) -> ScoreOptions:
     needs = [a.needs() for a in job.analyses]
     s = job.config.scoring
-    options = ScoreOptions(batch_tokens=check_batch_tokens(s.batch_tokens), temperatures=job.config.calibration.temperatures,
-                           compile=s.compile, moments=any(n.moments for n in needs))  # fmt: skip
+    options = ScoreOptions(
+        batch_tokens=check_batch_tokens(s.batch_tokens),
+        temperatures=job.config.calibration.temperatures,
+        compile=s.compile,
+        moments=any(n.moments for n in needs),
+    )
     # `compile: auto` is settled once for this rank's whole share, from its characters.
     return decide_compile(lm, options, int(n_chars / CHARS_PER_TOKEN))
 
@@ -155,20 +160,30 @@ def _tokenizer_ahead(config: Config, corpus: Corpus, lm, produce):
 
     if produce is not score_group:
         return lambda plan: {}
-    return lambda plan: {"docs": tokenize_documents(corpus.take(plan.docs), lm.tokenizer, config.scoring.bos)} if plan.piece == 0 else {}
+    return lambda plan: (
+        {"docs": tokenize_documents(corpus.take(plan.docs), lm.tokenizer, config.scoring.bos)}
+        if plan.piece == 0
+        else {}
+    )
 
 
-def _meta(job: PassJob, plan: PartPlan, columns: dict, texts: list[str], protocol: dict, reductions: str, started: float) -> dict:
+def _meta(
+    job: PassJob, plan: PartPlan, columns: dict, texts: list[str], protocol: dict, reductions: str, started: float
+) -> dict:
     n_tokens, nll_sum = document_sums(columns["doc_index"], columns["nll"], len(texts))
     facts = {}
     for analysis in job.analyses:
         facts.update(analysis.text_facts(texts))
     return {
-        "doc_ids": part_doc_ids(job.corpus, plan, job.config.scoring.documents), "piece": [plan.piece, plan.n_pieces],
-        "n_tokens": n_tokens.tolist(), "nll_sum": nll_sum.tolist(), **facts,
-        "seconds": time.perf_counter() - started, "identity": job.identity_hash,
+        "doc_ids": part_doc_ids(job.corpus, plan, job.config.scoring.documents),
+        "piece": [plan.piece, plan.n_pieces],
+        "n_tokens": n_tokens.tolist(),
+        "nll_sum": nll_sum.tolist(),
+        **facts,
+        "seconds": time.perf_counter() - started,
+        "identity": job.identity_hash,
         "protocol": {**protocol, "reductions": reductions},  # how they ran: compiled or eager
-    }  # fmt: skip
+    }
 
 
 def protocol_record(lm, config: Config, baseline=None) -> dict:
@@ -176,18 +191,30 @@ def protocol_record(lm, config: Config, baseline=None) -> dict:
     evaluator's). With a baseline: the pair's window, the batching both probes allow, and the
     baseline's identity and probe verdicts."""
     s = config.scoring
-    length, stride = resolve_window(lm, s.max_length, s.stride) if baseline is None else \
-        resolve_pair_window(lm, baseline, s.max_length, s.stride)  # fmt: skip
+    length, stride = (
+        resolve_window(lm, s.max_length, s.stride)
+        if baseline is None
+        else resolve_pair_window(lm, baseline, s.max_length, s.stride)
+    )
     record = {
-        "max_length": length, "stride": stride, "bos": s.bos,
+        "max_length": length,
+        "stride": stride,
+        "bos": s.bos,
         "bos_token_id": (resolve_prefix(lm.tokenizer, s.bos) or [None])[0],
-        "documents": s.documents, "separator": s.separator if s.documents == "concatenated" else None,
-        "tokenizer_sha256": tokenizer_fingerprint(lm.tokenizer), "vocab_size": lm.vocab_size,
-        "commit_sha": lm.commit_sha, **lm.probes.protocol(),
-    }  # fmt: skip
+        "documents": s.documents,
+        "separator": s.separator if s.documents == "concatenated" else None,
+        "tokenizer_sha256": tokenizer_fingerprint(lm.tokenizer),
+        "vocab_size": lm.vocab_size,
+        "commit_sha": lm.commit_sha,
+        **lm.probes.protocol(),
+    }
     if baseline is not None:
-        record.update(baseline=baseline.name, baseline_commit_sha=baseline.commit_sha,
-                      baseline_probes=baseline.probes.protocol(), batching=pair_batching(lm, baseline))  # fmt: skip
+        record.update(
+            baseline=baseline.name,
+            baseline_commit_sha=baseline.commit_sha,
+            baseline_probes=baseline.probes.protocol(),
+            batching=pair_batching(lm, baseline),
+        )
     return record
 
 
@@ -200,7 +227,9 @@ def check_protocol(folder: Path, protocol: dict, name: str) -> None:
         return
     previous = read_meta(folder / f"{done[0]}.parquet")["protocol"]
     # How the reductions ran (compiled or eager) is recorded, but changes no number.
-    changed = sorted(k for k in (set(previous) | set(protocol)) - {"reductions"} if previous.get(k) != roundtrip(protocol).get(k))
+    changed = sorted(
+        k for k in (set(previous) | set(protocol)) - {"reductions"} if previous.get(k) != roundtrip(protocol).get(k)
+    )
     if changed:
         details = ", ".join(f"{k}: {previous.get(k)!r} -> {protocol.get(k)!r}" for k in changed)
         raise OutputError(

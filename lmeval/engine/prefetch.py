@@ -9,8 +9,9 @@ part is on disk, and an error in a background step is raised there, never lost.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -46,7 +47,7 @@ class BackgroundWriter:
             self._futures.remove(future)
             future.result()
 
-    def __enter__(self) -> "BackgroundWriter":
+    def __enter__(self) -> BackgroundWriter:
         return self
 
     def __exit__(self, *exc) -> None:

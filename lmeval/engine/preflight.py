@@ -46,8 +46,10 @@ def _check_model(model, where: str, bos, problems: list[str], notes: list[str]) 
     path = Path(model.path).expanduser()
     if path.exists():
         if not path.is_dir():
-            problems.append(f"{where}.path: must be a `save_pretrained` folder (got the file {model.path}). "
-                            "Point it at the folder that holds config.json.")  # fmt: skip
+            problems.append(
+                f"{where}.path: must be a `save_pretrained` folder (got the file {model.path}). "
+                "Point it at the folder that holds config.json."
+            )
             return
         _check_folder_files(path, model.allow_pickle, where, problems)
         if isinstance(bos, int) and not isinstance(bos, bool):
@@ -65,24 +67,33 @@ def _check_folder_files(folder: Path, allow_pickle: bool, where: str, problems: 
     pickled = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth")))
     if not any(n.endswith((".safetensors", ".safetensors.index.json")) for n in names):
         if not pickled:
-            problems.append(f"{where}.path: {folder} must hold model weights (*.safetensors) (got none). "
-                            "Point it at a folder written by `save_pretrained`.")  # fmt: skip
+            problems.append(
+                f"{where}.path: {folder} must hold model weights (*.safetensors) (got none). "
+                "Point it at a folder written by `save_pretrained`."
+            )
         elif not allow_pickle:
-            problems.append(f"{where}.path: {folder} holds only pickle weights ({', '.join(pickled)}), which can run "
-                            f"code when loaded. Convert them to safetensors, or set `allow_pickle: true` for {where} "
-                            "if you trust the source.")  # fmt: skip
+            problems.append(
+                f"{where}.path: {folder} holds only pickle weights ({', '.join(pickled)}), which can run "
+                f"code when loaded. Convert them to safetensors, or set `allow_pickle: true` for {where} "
+                "if you trust the source."
+            )
     if not any(_is_tokenizer_file(n) for n in names):
-        problems.append(f"{where}.path: {folder} must hold tokenizer files (tokenizer.json, or vocab.json and "
-                        "merges.txt, or tokenizer.model) (got none): without them the tokenizer is empty and every "
-                        "text would be zero tokens. Save the tokenizer there (`tokenizer.save_pretrained(folder)`).")  # fmt: skip
+        problems.append(
+            f"{where}.path: {folder} must hold tokenizer files (tokenizer.json, or vocab.json and "
+            "merges.txt, or tokenizer.model) (got none): without them the tokenizer is empty and every "
+            "text would be zero tokens. Save the tokenizer there (`tokenizer.save_pretrained(folder)`)."
+        )
 
 
 def _is_tokenizer_file(name: str) -> bool:
     """A file a tokenizer can be built from (tokenizer_config.json alone cannot)."""
     if name == "tokenizer_config.json":
         return False
-    return name.startswith(("tokenizer.", "vocab.", "spiece.", "sentencepiece")) or name.endswith((".tiktoken", ".model")) \
-        or name == "merges.txt"  # fmt: skip
+    return (
+        name.startswith(("tokenizer.", "vocab.", "spiece.", "sentencepiece"))
+        or name.endswith((".tiktoken", ".model"))
+        or name == "merges.txt"
+    )
 
 
 def local_vocabulary(folder: Path) -> dict[str, int]:
@@ -93,7 +104,13 @@ def local_vocabulary(folder: Path) -> dict[str, int]:
     tokenizer = _read_json(folder / "tokenizer.json")
     if isinstance(tokenizer, dict):
         vocab = (tokenizer.get("model") or {}).get("vocab")
-        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab))) if isinstance(vocab, list) else []
+        ids = (
+            list(vocab.values())
+            if isinstance(vocab, dict)
+            else list(range(len(vocab)))
+            if isinstance(vocab, list)
+            else []
+        )
         ids += [t.get("id") for t in tokenizer.get("added_tokens") or [] if isinstance(t, dict)]
         ids = [i for i in ids if isinstance(i, int)]
         if ids:
@@ -128,7 +145,9 @@ def _check_data(data, problems: list[str], notes: list[str]) -> None:
     if any(c in value for c in "*?["):
         files = sorted(f for f in globlib.glob(os.path.expanduser(value)) if os.path.isfile(f))
         if not files:
-            problems.append(f"data.path: the pattern {value!r} must match at least one file (got none). Check the pattern.")
+            problems.append(
+                f"data.path: the pattern {value!r} must match at least one file (got none). Check the pattern."
+            )
         _check_files(files, problems, data)
         return
     path = Path(value).expanduser()
@@ -136,16 +155,20 @@ def _check_data(data, problems: list[str], notes: list[str]) -> None:
         if not is_saved_dataset(path):
             files = sorted(str(f) for f in path.iterdir() if f.is_file() and file_format(f) in BUILDERS)
             if not files:
-                problems.append(f"data.path: the folder {value} must hold {', '.join(BUILDERS)} files or a "
-                                "`save_to_disk` dataset (got neither). Point data.path at the corpus.")  # fmt: skip
+                problems.append(
+                    f"data.path: the folder {value} must hold {', '.join(BUILDERS)} files or a "
+                    "`save_to_disk` dataset (got neither). Point data.path at the corpus."
+                )
             _check_files(files, problems, data)
         return
     if path.exists():
         _check_files([str(path)], problems, data)
         return
     if _looks_like_path(value) or file_format(value) in BUILDERS:
-        problems.append(f"data.path: {value} must exist (got no such file or folder). Fix the path; relative paths "
-                        "in the YAML start at the config's folder.")  # fmt: skip
+        problems.append(
+            f"data.path: {value} must exist (got no such file or folder). Fix the path; relative paths "
+            "in the YAML start at the config's folder."
+        )
     else:
         notes.append(f"data.path {value!r}: not a local file or folder, taken for a hub dataset")
 
@@ -157,7 +180,9 @@ def _check_files(files: list[str], problems: list[str], data) -> None:
         return
     empty = [f for f in files if os.path.getsize(f) == 0]
     if empty and len(empty) == len(files):
-        problems.append(f"data.path: {empty[0]} must hold documents (got an empty file, 0 bytes). Point data.path at the corpus.")
+        problems.append(
+            f"data.path: {empty[0]} must hold documents (got an empty file, 0 bytes). Point data.path at the corpus."
+        )
         return
     columns = next((c for c in map(_columns, (f for f in files if f not in empty)) if c is not None), None)
     if columns is not None:
@@ -170,8 +195,10 @@ def _check_columns(data, columns: list[str], where: str, problems: list[str]) ->
     for key in [*keys, "id_field"]:
         name = getattr(data, key)
         if name is not None and name not in columns:
-            problems.append(f"data.{key}: {name!r} must be a column of {where} (got columns: {', '.join(columns)}). "
-                            f"Set data.{key} to one of them.")  # fmt: skip
+            problems.append(
+                f"data.{key}: {name!r} must be a column of {where} (got columns: {', '.join(columns)}). "
+                f"Set data.{key} to one of them."
+            )
 
 
 def _columns(path: str) -> list[str] | None:
@@ -196,6 +223,6 @@ def _columns(path: str) -> list[str] | None:
                 first = next((line for line in text if line.strip()), "")
                 record = json.loads(first)
                 return list(record) if isinstance(record, dict) else None
-    except Exception:  # noqa: BLE001  (a damaged file: the run names it with its own message)
+    except Exception:
         return None
     return None

@@ -54,7 +54,9 @@ def fingerprint_model(path: str, revision: str | None) -> dict:
     id, the requested revision. A run asks twice (resume identity, run.json); hashing
     gigabytes twice would be waste, so results are cached while no file's size or mtime changes."""
     folder = Path(path)
-    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
+    files = (
+        sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
+    )
     stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     return dict(_fingerprint(path, revision, folder.is_dir(), stamp))
 
@@ -71,5 +73,3 @@ def _fingerprint(path: str, revision: str | None, is_dir: bool, stamp: tuple) ->
         out["revision"] = revision
     out["fingerprint"] = hashlib.sha256(json.dumps(out, sort_keys=True).encode()).hexdigest()
     return out
-
-

@@ -16,9 +16,8 @@ import shutil
 import time
 from pathlib import Path
 
-from ..analyses import analyses_for
+from ..analyses import analyses_for, plots
 from ..analyses.base import RunFacts
-from ..analyses import plots
 from . import distributed
 from .config import Config, load_config
 from .data import SEPARATOR_ID, Corpus, join_documents, load_documents
@@ -35,9 +34,14 @@ from .schemas import read_table
 
 
 def run(
-    config, overrides: list[str] | None = None, *, overwrite: bool = False, fresh: bool = False,
-    show_progress: bool = True, return_tokens: bool = True,
-) -> dict:  # fmt: skip
+    config,
+    overrides: list[str] | None = None,
+    *,
+    overwrite: bool = False,
+    fresh: bool = False,
+    show_progress: bool = True,
+    return_tokens: bool = True,
+) -> dict:
     """Run a config end to end; write the tables to ``output.dir`` and return them as DataFrames.
 
     ``config`` is a `Config` or a path to a YAML file (then ``overrides`` apply). Finished
@@ -90,7 +94,9 @@ def _run_locked(config: Config, overwrite, fresh, show_progress, return_tokens, 
             replaced.restore_if_nothing_scored()  # a run that failed before scoring changes nothing
         raise
     timing = {"started": started, "scored": time.time()}
-    return ctx.call(lambda: _finish(out, config, corpus, parts, merger, return_tokens, timing, replaced), main_only=True)
+    return ctx.call(
+        lambda: _finish(out, config, corpus, parts, merger, return_tokens, timing, replaced), main_only=True
+    )
 
 
 class _NoMerge:
@@ -136,12 +142,18 @@ def _identity(config: Config, corpus: Corpus, analyses: tuple) -> dict:
     for analysis in analyses:
         added.update(analysis.identity())
     return {
-        "config": {"models": [dataclasses.asdict(m) for m in config.models], "data": raw["data"], "scoring": raw["scoring"],
-                   "temperatures": raw["calibration"]["temperatures"], "part_chars": raw["output"]["part_chars"],
-                   "per_token": raw["output"]["per_token"], **added},
+        "config": {
+            "models": [dataclasses.asdict(m) for m in config.models],
+            "data": raw["data"],
+            "scoring": raw["scoring"],
+            "temperatures": raw["calibration"]["temperatures"],
+            "part_chars": raw["output"]["part_chars"],
+            "per_token": raw["output"]["per_token"],
+            **added,
+        },
         "data": corpus.fingerprint,
         "models": {m.name: fingerprint_model(m.path, m.revision)["fingerprint"] for m in config.models},
-    }  # fmt: skip
+    }
 
 
 def _require_whole(analyses: tuple, plans: list[PartPlan], corpus: Corpus) -> None:
@@ -233,8 +245,16 @@ def run_loaded(config: Config, corpus: Corpus, lm, out: Path | None = None) -> d
     return tables
 
 
-def _finish(out: Path, config: Config, corpus: Corpus, parts: Path, merger: Merger, return_tokens: bool,
-            timing: dict, replaced: ReplacedParts) -> dict:  # fmt: skip
+def _finish(
+    out: Path,
+    config: Config,
+    corpus: Corpus,
+    parts: Path,
+    merger: Merger,
+    return_tokens: bool,
+    timing: dict,
+    replaced: ReplacedParts,
+) -> dict:
     """Close the merge, write every analysis's files and run.json, and drop the parts (rank 0 only).
 
     The previous results of the folder (under --overwrite) are replaced here, file by file,

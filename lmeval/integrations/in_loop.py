@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, DataError
-from ..model.loading import LoadedModel, prepare_model
-from ..model.spec import ModelSpec
 from ..engine.config import Config, build_config
 from ..engine.data import Corpus, Document, check_texts, fingerprint_documents, load_documents
 from ..engine.files import prepare_output_dir
 from ..engine.run import run_loaded
+from ..errors import ConfigError, DataError
+from ..model.loading import LoadedModel, prepare_model
+from ..model.spec import ModelSpec
 from ..producers.score import check_batch_tokens
 
 TEXTS_PATH = "<texts in memory>"  # data.path of a corpus given as a list of texts
@@ -62,7 +62,9 @@ def _section(value, where: str) -> dict:
         return dataclasses.asdict(value)
     if isinstance(value, dict):
         return dict(value)
-    raise ConfigError(f"{where}: must be a mapping of {where} keys or its config dataclass (got {type(value).__name__}).")
+    raise ConfigError(
+        f"{where}: must be a mapping of {where} keys or its config dataclass (got {type(value).__name__})."
+    )
 
 
 def _data_section(data) -> tuple[dict, list[str] | None]:
@@ -87,7 +89,9 @@ def texts_corpus(texts: list[str]) -> Corpus:
     """A corpus of in-memory texts, ids = their indices; blank texts are skipped and counted."""
     documents = [Document(i, t) for i, t in enumerate(texts) if t.strip()]
     if not documents:
-        raise DataError(f"data: the texts must hold at least one non-empty text (got {len(texts)} blank). Pass held-out text.")
+        raise DataError(
+            f"data: the texts must hold at least one non-empty text (got {len(texts)} blank). Pass held-out text."
+        )
     return Corpus(documents, len(texts) - len(documents), fingerprint_documents(documents))
 
 
@@ -101,7 +105,9 @@ class InLoopEvaluator:
     ``per_token``). The corpus is read and tokenized per evaluation; it is loaded once.
     """
 
-    def __init__(self, data, *, label: str | None = None, scoring=None, calibration=None, out_dir=None, per_token: bool = False):
+    def __init__(
+        self, data, *, label: str | None = None, scoring=None, calibration=None, out_dir=None, per_token: bool = False
+    ):
         data_raw, texts = _data_section(data)
         raw = {
             # A hub-id-shaped placeholder: validated like any model entry, never loaded.
@@ -114,8 +120,10 @@ class InLoopEvaluator:
         self.config: Config = build_config(raw, Path.cwd(), source="LmevalCallback")
         self.label = default_label(data) if label is None else label
         if not isinstance(self.label, str) or not _LABEL.match(self.label):
-            raise ConfigError(f"label: must be letters, digits, '_', '.' or '-' (got {self.label!r}). "
-                              "It names the metrics lmeval/<label>/ppl, ...; pass label='heldout'.")  # fmt: skip
+            raise ConfigError(
+                f"label: must be letters, digits, '_', '.' or '-' (got {self.label!r}). "
+                "It names the metrics lmeval/<label>/ppl, ...; pass label='heldout'."
+            )
         self.out_dir = None if out_dir is None else Path(self.config.output.dir)
         self.corpus = texts_corpus(texts) if texts is not None else load_documents(self.config.data)
         check_batch_tokens(self.config.scoring.batch_tokens)
@@ -133,7 +141,9 @@ class InLoopEvaluator:
         numbers `lmeval run` writes to summary.csv. The engine of `lmeval run` does the work:
         the same plan, producer (plain, concatenated, contexts or chat turns) and analyses."""
         name = f"step-{step}"
-        config = dataclasses.replace(self.config, models=(ModelSpec(path=f"<in-memory model at step {step}>", name=name),))
+        config = dataclasses.replace(
+            self.config, models=(ModelSpec(path=f"<in-memory model at step {step}>", name=name),)
+        )
         out = None
         if self.out_dir is not None:  # a re-evaluation at the same step (after resuming) replaces it
             out = prepare_output_dir(str(self.out_dir / name), overwrite=True)

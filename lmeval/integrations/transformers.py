@@ -30,9 +30,23 @@ log = logging.getLogger(__name__)
 
 DEFAULT_METRICS = ("ppl", "bits_per_token", "bits_per_byte", "ece")
 KNOWN_METRICS = (
-    "ppl", "bits_per_token", "bits_per_byte", "word_ppl", "byte_ppl", "ppl_doc_mean", "nll_mean", "ece", "mce",
-    "brier", "top1_accuracy", "confidence_mean", "entropy_mean", "best_temperature", "n_tokens", "tokens_per_second",
-)  # fmt: skip
+    "ppl",
+    "bits_per_token",
+    "bits_per_byte",
+    "word_ppl",
+    "byte_ppl",
+    "ppl_doc_mean",
+    "nll_mean",
+    "ece",
+    "mce",
+    "brier",
+    "top1_accuracy",
+    "confidence_mean",
+    "entropy_mean",
+    "best_temperature",
+    "n_tokens",
+    "tokens_per_second",
+)
 
 
 class LmevalCallback(TrainerCallback):
@@ -45,16 +59,33 @@ class LmevalCallback(TrainerCallback):
     A step is scored once: a second evaluation at the same global step reuses its values.
     """
 
-    def __init__(self, data, *, label: str | None = None, scoring=None, calibration=None, every_n_steps: int | None = None,
-                 out_dir=None, per_token: bool = False, metrics=DEFAULT_METRICS, tokenizer=None, trainer=None):  # fmt: skip
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1):
-            raise ConfigError(f"every_n_steps: must be an integer >= 1 or None (got {every_n_steps!r}). "
-                              "None scores at each Trainer evaluation.")  # fmt: skip
+    def __init__(
+        self,
+        data,
+        *,
+        label: str | None = None,
+        scoring=None,
+        calibration=None,
+        every_n_steps: int | None = None,
+        out_dir=None,
+        per_token: bool = False,
+        metrics=DEFAULT_METRICS,
+        tokenizer=None,
+        trainer=None,
+    ):
+        if every_n_steps is not None and (
+            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
+        ):
+            raise ConfigError(
+                f"every_n_steps: must be an integer >= 1 or None (got {every_n_steps!r}). "
+                "None scores at each Trainer evaluation."
+            )
         unknown = [m for m in metrics if m not in KNOWN_METRICS]
         if isinstance(metrics, str) or unknown or not metrics:
             raise ConfigError(f"metrics: must be a non-empty list of {', '.join(KNOWN_METRICS)} (got {metrics!r}).")
-        self.evaluator = InLoopEvaluator(data, label=label, scoring=scoring, calibration=calibration,
-                                         out_dir=out_dir, per_token=per_token)  # fmt: skip
+        self.evaluator = InLoopEvaluator(
+            data, label=label, scoring=scoring, calibration=calibration, out_dir=out_dir, per_token=per_token
+        )
         self.every_n_steps = every_n_steps
         self.metrics = tuple(metrics)
         self.tokenizer = tokenizer
@@ -66,7 +97,7 @@ class LmevalCallback(TrainerCallback):
     def label(self) -> str:
         return self.evaluator.label
 
-    def attach(self, trainer) -> "LmevalCallback":
+    def attach(self, trainer) -> LmevalCallback:
         """Add this callback to ``trainer`` and log through ``trainer.log``; returns self."""
         self.trainer = trainer
         if self not in trainer.callback_handler.callbacks:
@@ -78,8 +109,10 @@ class LmevalCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         _refuse_sharded(args, model)
         if self.tokenizer is None and processing_class is None:  # say so now, not at the first evaluation
-            raise ModelError("LmevalCallback: a tokenizer must be known (got none). Pass processing_class=tokenizer "
-                             "to the Trainer, or tokenizer= to LmevalCallback.")  # fmt: skip
+            raise ModelError(
+                "LmevalCallback: a tokenizer must be known (got none). Pass processing_class=tokenizer "
+                "to the Trainer, or tokenizer= to LmevalCallback."
+            )
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.every_n_steps is not None and state.global_step % self.every_n_steps == 0:
@@ -101,11 +134,15 @@ class LmevalCallback(TrainerCallback):
         step = state.global_step
         if step in self.history:
             return self.history[step]
-        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(processing_class, "tokenizer", processing_class)
+        tokenizer = (
+            self.tokenizer if self.tokenizer is not None else getattr(processing_class, "tokenizer", processing_class)
+        )
         if model is None or tokenizer is None:
-            raise ModelError("LmevalCallback: the Trainer's model and tokenizer must be known (got "
-                             f"{'no model' if model is None else 'no tokenizer'}). Pass processing_class=tokenizer "
-                             "to the Trainer, or tokenizer= to LmevalCallback.")  # fmt: skip
+            raise ModelError(
+                "LmevalCallback: the Trainer's model and tokenizer must be known (got "
+                f"{'no model' if model is None else 'no tokenizer'}). Pass processing_class=tokenizer "
+                "to the Trainer, or tokenizer= to LmevalCallback."
+            )
         values, error = None, None
         if args.process_index == 0:
             try:
@@ -127,8 +164,10 @@ class LmevalCallback(TrainerCallback):
             return
         state.log_history.append({**values, "step": state.global_step})
         if not self._warned and args.process_index == 0:
-            log.warning("LmevalCallback was not attached to the Trainer: its values are in trainer.state.log_history "
-                        "only, not in W&B / TensorBoard. Use LmevalCallback(...).attach(trainer).")  # fmt: skip
+            log.warning(
+                "LmevalCallback was not attached to the Trainer: its values are in trainer.state.log_history "
+                "only, not in W&B / TensorBoard. Use LmevalCallback(...).attach(trainer)."
+            )
             self._warned = True
 
 

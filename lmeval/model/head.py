@@ -33,8 +33,6 @@ def evaluating(model: torch.nn.Module):
         model.train(was_training)
 
 
-
-
 class OutputHead:
     """Logits for selected positions, from the final hidden states.
 
@@ -45,8 +43,9 @@ class OutputHead:
     them as ``softcap * tanh(z / softcap)``, in that order.
     """
 
-    def __init__(self, model, fast: bool, softcap: float | None, scale: float | None, divisor: float | None,
-                 body_module=None):  # fmt: skip
+    def __init__(
+        self, model, fast: bool, softcap: float | None, scale: float | None, divisor: float | None, body_module=None
+    ):
         self.model = model
         self.fast = fast
         self.softcap = softcap
@@ -56,7 +55,7 @@ class OutputHead:
         self._column_sums = None  # (weight key, sum_v w_v, sum_v b_v), for `logit_sums`
 
     @classmethod
-    def for_model(cls, model) -> "OutputHead":
+    def for_model(cls, model) -> OutputHead:
         """The fast path of the first known (body, transform) reading of ``model`` that the
         probe confirms, else the plain path. Config keys only propose; the probe decides."""
         candidates = list(_candidates(model)) if model.get_output_embeddings() is not None else []

@@ -57,8 +57,6 @@ class LoadedModel:
     probes: Probes = field(default_factory=Probes)
 
 
-
-
 def _resolve_device(device: str, name: str = "model") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,9 +94,9 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def _check_local_weights(path: Path, allow_pickle: bool) -> None:
     files = [p.name for p in path.iterdir()]
-    if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
+    if any(f.endswith((".safetensors", ".safetensors.index.json")) for f in files):
         return
-    pickled = [f for f in files if f.endswith(".bin") or f.endswith(".pt") or f.endswith(".pth")]
+    pickled = [f for f in files if f.endswith((".bin", ".pt", ".pth"))]
     if pickled and not allow_pickle:
         raise ModelError(
             f"{path}: weights are pickle files ({', '.join(sorted(pickled))}), which can run "
@@ -113,10 +111,19 @@ def _check_local_weights(path: Path, allow_pickle: bool) -> None:
 
 
 def load_model(
-    source, *, name: str | None = None, dtype: str = "auto", device: str = "auto", revision: str | None = None,
-    trust_remote_code: bool = False, allow_pickle: bool = False, device_map: str | None = None,
-    max_memory: dict | None = None, allow_noncausal: bool = False, **unknown,
-) -> LoadedModel:  # fmt: skip
+    source,
+    *,
+    name: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    device_map: str | None = None,
+    max_memory: dict | None = None,
+    allow_noncausal: bool = False,
+    **unknown,
+) -> LoadedModel:
     """Load a causal LM and its fast tokenizer once, ready to score many times.
 
     ``source`` is a local ``save_pretrained`` folder, a hub id, or a `ModelSpec`; the keywords
@@ -130,10 +137,21 @@ def load_model(
     if unknown:  # a misspelt keyword is named with the known ones, not a bare TypeError
         known = ", ".join(_SPEC_DEFAULTS)
         raise ModelError(f"load_model: unknown option ({', '.join(sorted(unknown))}). Known options: {known}.")
-    options = {k: v for k, v in dict(
-        name=name, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle, device_map=device_map, max_memory=max_memory, allow_noncausal=allow_noncausal,
-    ).items() if v != _SPEC_DEFAULTS[k]}  # fmt: skip
+    options = {
+        k: v
+        for k, v in dict(
+            name=name,
+            dtype=dtype,
+            device=device,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+            device_map=device_map,
+            max_memory=max_memory,
+            allow_noncausal=allow_noncausal,
+        ).items()
+        if v != _SPEC_DEFAULTS[k]
+    }
     spec = _as_spec(source, options)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -213,7 +231,12 @@ def check_tokenizer(tokenizer, source, name: str | None = None) -> None:
 
 def _unpickler_reason(exc: Exception) -> str:
     """The one line of torch's weights-only refusal that says what was refused."""
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnpickler error")
+    boilerplate = (
+        "Weights only load failed",
+        "Please file an issue",
+        "Check the documentation",
+        "WeightsUnpickler error",
+    )
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     reasons = [line for line in lines if not line.startswith(boilerplate)]
     return reasons[0] if reasons else (lines[0] if lines else type(exc).__name__)
@@ -262,7 +285,9 @@ def prepare_model(
         model=model,
         tokenizer=tokenizer,
         device=device,
-        vocab_size=model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else model.config.vocab_size,
+        vocab_size=model.get_output_embeddings().weight.shape[0]
+        if model.get_output_embeddings() is not None
+        else model.config.vocab_size,
         embedding_rows=model.get_input_embeddings().weight.shape[0],
         max_positions=max_positions(model.config),
         head=head,
@@ -290,7 +315,7 @@ class _Probed:
 
 # model -> _Probed. `score_texts(texts, (model, tokenizer))` in a loop (an evaluation in a
 # training loop, a benchmark) would otherwise rerun the probes, ~10 forward passes, per call.
-_PROBED: "weakref.WeakKeyDictionary[torch.nn.Module, _Probed]" = weakref.WeakKeyDictionary()
+_PROBED: weakref.WeakKeyDictionary[torch.nn.Module, _Probed] = weakref.WeakKeyDictionary()
 
 
 def _probe_key(model) -> tuple:
@@ -299,9 +324,13 @@ def _probe_key(model) -> tuple:
     head = model.get_output_embeddings()
     weight = model.get_input_embeddings().weight
     return (
-        type(model), weight.dtype, weight.device, tuple(weight.shape),
-        None if head is None else tuple(head.weight.shape), getattr(model.config, "_attn_implementation", None),
-    )  # fmt: skip
+        type(model),
+        weight.dtype,
+        weight.device,
+        tuple(weight.shape),
+        None if head is None else tuple(head.weight.shape),
+        getattr(model.config, "_attn_implementation", None),
+    )
 
 
 def _probed(model) -> tuple[OutputHead, Probes, Workspace]:
@@ -316,8 +345,9 @@ def _probed(model) -> tuple[OutputHead, Probes, Workspace]:
     head = OutputHead.for_model(model)
     probes = probe_model(model, head)
     workspace = Workspace()
-    _PROBED[model] = _Probed(key, head.fast, head.softcap, head.scale, head.divisor, weakref.ref(head.body_module),
-                             probes, workspace)  # fmt: skip
+    _PROBED[model] = _Probed(
+        key, head.fast, head.softcap, head.scale, head.divisor, weakref.ref(head.body_module), probes, workspace
+    )
     return head, probes, workspace
 
 
@@ -343,7 +373,9 @@ def load_tokenizer(spec: ModelSpec):
     path = Path(spec.path).expanduser()
     source = str(path) if path.exists() else spec.path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.path: cannot load the tokenizer of {source!r}: {exc}".strip()) from exc
     check_tokenizer(tokenizer, source, spec.display_name)

@@ -13,15 +13,19 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.windows import Window
-from ..errors import ModelError
 from .loading import LoadedModel
 from .scorer import ScoreOptions, check_pair, score_windows  # noqa: F401  (check_pair: re-exported)
 
 
 def score_pair_windows(
-    lm: LoadedModel, baseline: LoadedModel, windows: list[Window], batch_tokens: int,
-    progress=None, doc_names=None, chunk_bytes: int | None = None,
-) -> dict[str, np.ndarray]:  # fmt: skip
+    lm: LoadedModel,
+    baseline: LoadedModel,
+    windows: list[Window],
+    batch_tokens: int,
+    progress=None,
+    doc_names=None,
+    chunk_bytes: int | None = None,
+) -> dict[str, np.ndarray]:
     """Score every window with both models; per-token columns in window order.
 
     Columns: ``doc_index, position, token_id, context_len``, `PAIR_FIELDS` and the model's

@@ -146,8 +146,10 @@ def _batching(model, head: OutputHead) -> str:
     log.warning(
         "%s: its logits change when rows are %s; scoring with batching=%s, which reproduces the model "
         "on each window alone.",
-        type(model).__name__, "padded" if batching == "equal_length" else "batched", batching,
-    )  # fmt: skip
+        type(model).__name__,
+        "padded" if batching == "equal_length" else "batched",
+        batching,
+    )
     return batching
 
 

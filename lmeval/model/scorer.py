@@ -26,8 +26,8 @@ import torch
 
 from ..core.divergence import PAIR_FIELDS, divergence_statistics
 from ..core.losses import Workspace, token_statistics
-from ..core.words import log_mass
 from ..core.windows import Window
+from ..core.words import log_mass
 from ..errors import ModelError
 from .head import evaluating
 from .loading import LoadedModel
@@ -123,7 +123,9 @@ def _probes(lm: LoadedModel, baseline: LoadedModel | None) -> Probes:
     return Probes(batching=pair_batching(lm, baseline))
 
 
-def _pack(lm: LoadedModel, windows: list[Window], batch_tokens: int, baseline: LoadedModel | None = None) -> list[list[int]]:
+def _pack(
+    lm: LoadedModel, windows: list[Window], batch_tokens: int, baseline: LoadedModel | None = None
+) -> list[list[int]]:
     """`pack_batches` under the batching the load-time padding probes chose."""
     probes = _probes(lm, baseline)
     if probes.batching == "one_window":
@@ -169,8 +171,9 @@ def _chunk_rows(lm: LoadedModel, chunk_bytes: int | None) -> int:
     return max(_MIN_CHUNK_ROWS, budget // (lm.vocab_size * 4 * _CHUNK_COPIES))
 
 
-def _logit_source(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor | None, rows, cols, workspace: Workspace,
-                  sums: bool):  # fmt: skip
+def _logit_source(
+    lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor | None, rows, cols, workspace: Workspace, sums: bool
+):
     """A function slice -> ((n, V) logits of the scored positions ``rows[slice], cols[slice]``,
     their row sums or None). The body runs here, once; each call applies the head to one chunk.
 
@@ -205,9 +208,12 @@ def _gather(parts: list, keys) -> dict[str, np.ndarray]:
 
 @torch.inference_mode()
 def score_batch(
-    lm: LoadedModel, windows: list[Window], options: ScoreOptions, compiled: bool = False,
+    lm: LoadedModel,
+    windows: list[Window],
+    options: ScoreOptions,
+    compiled: bool = False,
     baseline: LoadedModel | None = None,
-) -> dict[str, np.ndarray]:  # fmt: skip
+) -> dict[str, np.ndarray]:
     """Per-token statistics for the scored outputs of ``windows``, in window order: the
     `TokenStats` fields (and ``log_mass`` under ``options.mass_masks``), and with a
     ``baseline`` also the `PAIR_FIELDS` other than ``nll`` (the model's nll is the
@@ -218,8 +224,11 @@ def score_batch(
     rows, cols, targets = _scored_index(windows)
     targets = targets.to(lm.device)
     source = _logit_source(lm, ids, mask, rows, cols, lm.workspace, sums=not compiled)
-    base_source = None if baseline is None else \
-        _logit_source(baseline, ids, mask, rows, cols, _base_workspace(lm, baseline), sums=False)  # fmt: skip
+    base_source = (
+        None
+        if baseline is None
+        else _logit_source(baseline, ids, mask, rows, cols, _base_workspace(lm, baseline), sums=False)
+    )
     masks = None if options.mass_masks is None else torch.from_numpy(options.mass_masks.T.astype(np.float32))
     # A pair holds five float32 (n, V) buffers on the model's head device (both heads' logits,
     # the reductions' two scratch, divergence's d = w - z): within the single model's budget.
@@ -229,11 +238,17 @@ def score_batch(
         sl = slice(begin, begin + step)
         chunk, sums = source(sl)  # (n, V), on the output head's device
         y = targets[sl].to(chunk.device)
-        parts.append(token_statistics(chunk, y, options.temperatures, options.top_k, compiled, lm.workspace,
-                                      options.moments, logit_sums=sums))  # fmt: skip
+        parts.append(
+            token_statistics(
+                chunk, y, options.temperatures, options.top_k, compiled, lm.workspace, options.moments, logit_sums=sums
+            )
+        )
         if masks is not None:  # the same chunk of logits, one more reduction
-            scratch = lm.workspace.get("mass_e", tuple(chunk.shape), torch.float32, chunk.device) \
-                if chunk.dtype != torch.float64 else None  # fmt: skip
+            scratch = (
+                lm.workspace.get("mass_e", tuple(chunk.shape), torch.float32, chunk.device)
+                if chunk.dtype != torch.float64
+                else None
+            )
             masses.append(log_mass(chunk, masks.to(chunk.device), scratch).float())
         if base_source is not None:  # last: it overwrites both chunks, which nothing reads again
             w = base_source(sl)[0].to(chunk.device)  # (n, V), copied there when the baseline lives elsewhere
@@ -247,9 +262,13 @@ def score_batch(
 
 
 def score_windows(
-    lm: LoadedModel, windows: list[Window], options: ScoreOptions, progress=None, doc_names=None,
+    lm: LoadedModel,
+    windows: list[Window],
+    options: ScoreOptions,
+    progress=None,
+    doc_names=None,
     baseline: LoadedModel | None = None,
-) -> dict[str, np.ndarray]:  # fmt: skip
+) -> dict[str, np.ndarray]:
     """Score every window; return per-token columns in window order (not batch order).
 
     Columns: ``doc_index, position, token_id, context_len`` and the `TokenStats` fields
@@ -270,8 +289,9 @@ def score_windows(
         return _score_all(lm, windows, options, progress, doc_names, baseline)
 
 
-def _score_all(lm: LoadedModel, windows: list[Window], options: ScoreOptions, progress, doc_names,
-               baseline: LoadedModel | None) -> dict[str, np.ndarray]:  # fmt: skip
+def _score_all(
+    lm: LoadedModel, windows: list[Window], options: ScoreOptions, progress, doc_names, baseline: LoadedModel | None
+) -> dict[str, np.ndarray]:
     counts = np.array([w.n_scored for w in windows], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)])
     total = int(starts[-1])
@@ -305,8 +325,9 @@ def _score_all(lm: LoadedModel, windows: list[Window], options: ScoreOptions, pr
 
 def _empty_stats(lm: LoadedModel, options: ScoreOptions, baseline: LoadedModel | None = None) -> dict[str, np.ndarray]:
     logits = torch.zeros((0, lm.vocab_size))
-    stats = token_statistics(logits, torch.zeros(0, dtype=torch.long), options.temperatures, options.top_k,
-                             moments=options.moments)
+    stats = token_statistics(
+        logits, torch.zeros(0, dtype=torch.long), options.temperatures, options.top_k, moments=options.moments
+    )
     out = {key: getattr(stats, key).numpy() for key in stats.__dataclass_fields__}
     if options.mass_masks is not None:
         out["log_mass"] = np.zeros((0, len(options.mass_masks)), dtype=np.float32)
@@ -319,8 +340,14 @@ def _doc_name(window: Window, doc_names) -> object:
     return window.doc_id if doc_names is None else doc_names[window.doc_id]
 
 
-def _split_after_oom(lm: LoadedModel, windows: list[Window], batch: list[int], budget: int, doc_names=None,
-                     baseline: LoadedModel | None = None):  # fmt: skip
+def _split_after_oom(
+    lm: LoadedModel,
+    windows: list[Window],
+    batch: list[int],
+    budget: int,
+    doc_names=None,
+    baseline: LoadedModel | None = None,
+):
     """Out of memory: halve the batch's token budget and re-pack the same windows, so the
     batch is retried in smaller pieces and nothing is lost or scored twice."""
     if any(m is not None and m.device.type == "cuda" for m in (lm, baseline)):
@@ -410,9 +437,7 @@ def resolve_window(lm: LoadedModel, max_length: int | None, stride: int | None) 
     limit = lm.max_positions
     if max_length is None:
         if limit is None:
-            raise ModelError(
-                f"model {lm.name}: its config declares no context size. Set `scoring.max_length`."
-            )
+            raise ModelError(f"model {lm.name}: its config declares no context size. Set `scoring.max_length`.")
         max_length = limit
     if max_length < 1:
         raise ModelError(f"scoring.max_length: must be >= 1 (got {max_length}).")

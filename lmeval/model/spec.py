@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -20,9 +20,27 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9_][\w.-]*(/[\w.-]+)?$")
 # Names ending like a file are paths, even when the id syntax would allow them ('ckpt.bin').
 # Hub ids do hold dots ('Qwen/Qwen2.5-0.5B'), so only these known endings count.
 FILE_SUFFIXES = (
-    ".bin", ".pt", ".pth", ".ckpt", ".safetensors", ".json", ".jsonl", ".yaml", ".yml", ".txt",
-    ".csv", ".parquet", ".gz", ".zip", ".tar", ".gguf", ".onnx", ".h5", ".py", ".arrow",
-)  # fmt: skip
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".safetensors",
+    ".json",
+    ".jsonl",
+    ".yaml",
+    ".yml",
+    ".txt",
+    ".csv",
+    ".parquet",
+    ".gz",
+    ".zip",
+    ".tar",
+    ".gguf",
+    ".onnx",
+    ".h5",
+    ".py",
+    ".arrow",
+)
 
 
 @dataclass(frozen=True)
@@ -40,14 +58,14 @@ class ModelSpec:
     """
 
     path: str
-    name: Optional[str] = None
+    name: str | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "auto"
-    revision: Optional[str] = None
+    revision: str | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
-    device_map: Optional[str] = None
-    max_memory: Optional[dict] = None
+    device_map: str | None = None
+    max_memory: dict | None = None
     allow_noncausal: bool = False
 
     @property

@@ -23,10 +23,10 @@ from ..core.continuation import range_windows
 from ..errors import DataError, ModelError
 from ..model.loading import LoadedModel
 from ..model.scorer import ScoreOptions, check_vocabulary, resolve_window, score_windows
-from .text import ROLES_SCORED, Document, TokenizedDocument, check_messages, tokenize_documents
-from .text import require_whole
 from .score import as_loaded_model, check_batch_tokens
 from .tables import char_spans, token_strings, tokens_frame
+from .text import ROLES_SCORED, Document, TokenizedDocument, check_messages, require_whole, tokenize_documents
+
 
 @dataclass(frozen=True)
 class Turn:
@@ -50,7 +50,9 @@ def render(messages: list[dict], tokenizer, where: str) -> tuple[str, list[Turn]
         try:
             return tokenizer.apply_chat_template(part, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as exc:  # jinja raises its own errors (e.g. a template's raise_exception)
-            raise DataError(f"{where}: the chat template cannot render these messages ({type(exc).__name__}: {exc}).") from exc
+            raise DataError(
+                f"{where}: the chat template cannot render these messages ({type(exc).__name__}: {exc})."
+            ) from exc
 
     full = text(messages)
     turns = []
@@ -86,9 +88,16 @@ def turn_tokens(offsets: np.ndarray, turn: Turn) -> tuple[int, int, int | None]:
 
 
 def score_chats(
-    conversations, model, *, bos="auto", max_length: int | None = None, stride: int | None = None,
-    batch_tokens: int = 16384, name: str | None = None, options: ScoreOptions | None = None,
-) -> pd.DataFrame:  # fmt: skip
+    conversations,
+    model,
+    *,
+    bos="auto",
+    max_length: int | None = None,
+    stride: int | None = None,
+    batch_tokens: int = 16384,
+    name: str | None = None,
+    options: ScoreOptions | None = None,
+) -> pd.DataFrame:
     """Score the assistant turns of each conversation; one row per scored token.
 
     Columns of `score_texts` (doc_id = the conversation's index; char spans into the
@@ -117,8 +126,12 @@ def score_chat_documents(lm: LoadedModel, chats, bos, max_length, stride, option
     rendered = [(doc_id, *render(messages, lm.tokenizer, f"messages of {doc_id!r}")) for doc_id, messages in chats]
     docs = tokenize_documents([Document(d, text) for d, text, _ in rendered], lm.tokenizer, bos)
     # A template that writes the BOS itself already conditions on it: never add a second one.
-    docs = [TokenizedDocument(d.doc_id, d.text, d.token_ids, d.offsets, ()) if d.prefix and len(d.token_ids)
-            and d.token_ids[0] == d.prefix[0] else d for d in docs]  # fmt: skip
+    docs = [
+        TokenizedDocument(d.doc_id, d.text, d.token_ids, d.offsets, ())
+        if d.prefix and len(d.token_ids) and d.token_ids[0] == d.prefix[0]
+        else d
+        for d in docs
+    ]
     length, step = resolve_window(lm, max_length, stride)
     check_vocabulary(lm, max((int(d.token_ids.max()) for d in docs if len(d.token_ids)), default=0))
     windows, labels = [], []
@@ -130,12 +143,14 @@ def score_chat_documents(lm: LoadedModel, chats, bos, max_length, stride, option
             stop = end + (eot is not None)
             if stop > first:
                 ranges.append((first, stop))
-                turn_of.update({k: j for k in range(first, stop)})
+                turn_of.update(dict.fromkeys(range(first, stop), j))
                 if eot is not None:
                     eot_at.add(eot)
         windows += range_windows(i, d.token_ids.tolist(), d.prefix, length, step, ranges)
         labels.append((turn_of, eot_at))
-    columns = score_windows(lm, windows, options, progress=progress, doc_names=[d.doc_id for d in docs], baseline=baseline)
+    columns = score_windows(
+        lm, windows, options, progress=progress, doc_names=[d.doc_id for d in docs], baseline=baseline
+    )
     pairs = list(zip(columns["doc_index"].tolist(), columns["position"].tolist()))
     columns["turn"] = np.array([labels[i][0][p] for i, p in pairs], dtype=np.int64)
     columns["end_of_turn"] = np.array([p in labels[i][1] for i, p in pairs], dtype=bool)
@@ -149,8 +164,12 @@ def turn_table(frame: pd.DataFrame) -> pd.DataFrame:
     nll = frame["nll"].astype(np.float64)
     content = frame.assign(nll=nll.where(~frame["end_of_turn"], 0.0), n=(~frame["end_of_turn"]).astype(np.int64))
     grouped = content.assign(nll_all=nll).groupby(["doc_id", "turn"], sort=True)
-    return grouped.agg(n_tokens=("nll_all", "size"), nll_sum=("nll_all", "sum"), n_tokens_content=("n", "sum"),
-                       nll_sum_content=("nll", "sum")).reset_index()  # fmt: skip
+    return grouped.agg(
+        n_tokens=("nll_all", "size"),
+        nll_sum=("nll_all", "sum"),
+        n_tokens_content=("n", "sum"),
+        nll_sum_content=("nll", "sum"),
+    ).reset_index()
 
 
 def score_chat_group(lm, documents, config, options, progress, piece=None, cache=None, baseline=None):

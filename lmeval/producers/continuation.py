@@ -29,11 +29,11 @@ from ..core.continuation import range_windows
 from ..errors import DataError
 from ..model.loading import LoadedModel
 from ..model.scorer import ScoreOptions, check_vocabulary, resolve_window, score_windows
-from .text import require_whole
-from .text import Document, TokenizedDocument, tokenize_documents
 from .tables import char_spans, token_strings
+from .text import Document, TokenizedDocument, require_whole, tokenize_documents
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Boundary:
@@ -85,9 +85,18 @@ class ScoredContinuations:
 
 
 def score_continuations(
-    lm: LoadedModel, texts: list[str], contexts: list[str] | None, *, bos, max_length, stride,
-    options: ScoreOptions, end_id: int | None = None, progress=None, baseline=None,
-) -> ScoredContinuations:  # fmt: skip
+    lm: LoadedModel,
+    texts: list[str],
+    contexts: list[str] | None,
+    *,
+    bos,
+    max_length,
+    stride,
+    options: ScoreOptions,
+    end_id: int | None = None,
+    progress=None,
+    baseline=None,
+) -> ScoredContinuations:
     """Score every text given its context (or alone when ``contexts`` is None)."""
     docs, bounds = tokenize_continuations(texts, contexts, lm.tokenizer, bos)
     length, step = resolve_window(lm, max_length, stride)
@@ -96,10 +105,15 @@ def score_continuations(
     # A text of whitespace alone has no rows (no END row either), as `lmeval run` skips such a document.
     windows = [
         w
-        for i, (d, b) in enumerate(zip(docs, bounds)) if texts[i].strip()
-        for w in range_windows(i, d.token_ids.tolist(), d.prefix, length, step, [(b.first_token, len(d.token_ids))], end_id)
+        for i, (d, b) in enumerate(zip(docs, bounds))
+        if texts[i].strip()
+        for w in range_windows(
+            i, d.token_ids.tolist(), d.prefix, length, step, [(b.first_token, len(d.token_ids))], end_id
+        )
     ]
-    columns = score_windows(lm, windows, options, progress=progress, doc_names=[d.doc_id for d in docs], baseline=baseline)
+    columns = score_windows(
+        lm, windows, options, progress=progress, doc_names=[d.doc_id for d in docs], baseline=baseline
+    )
     n_tokens = np.array([len(d.token_ids) for d in docs], dtype=np.int64)
     is_end = columns["position"] == n_tokens[columns["doc_index"]] if docs else np.zeros(0, dtype=bool)
     end = {k: v[is_end] for k, v in columns.items()} if end_id is not None else None
@@ -122,8 +136,17 @@ def score_context_group(lm, documents, config, options, progress, piece=None, ca
     require_whole(piece, documents)
     s = config.scoring
     texts, contexts = [d.text for d in documents], [d.context or "" for d in documents]
-    scored = score_continuations(lm, texts, contexts, bos=s.bos, max_length=s.max_length, stride=s.stride,
-                                 options=options, progress=progress, baseline=baseline)  # fmt: skip
+    scored = score_continuations(
+        lm,
+        texts,
+        contexts,
+        bos=s.bos,
+        max_length=s.max_length,
+        stride=s.stride,
+        options=options,
+        progress=progress,
+        baseline=baseline,
+    )
     columns = scored.columns
     del columns["topk_ids"], columns["topk_probs"]
     crossing = [i for i, (d, b) in enumerate(zip(scored.docs, scored.boundaries)) if straddles(d, b)]
@@ -131,9 +154,13 @@ def score_context_group(lm, documents, config, options, progress, piece=None, ca
         i = crossing[0]
         d, b = scored.docs[i], scored.boundaries[i]
         piece = d.text[int(d.offsets[b.first_token, 0]) : int(d.offsets[b.first_token, 1])]
-        log.warning("document %r has a token straddling the context boundary (%r: its first characters end the "
-                    "context); it is scored with the text, as score_texts(contexts=...) flags in crosses_context. "
-                    "Said once per run: other documents may have one too.", documents[i].doc_id, piece)  # fmt: skip
+        log.warning(
+            "document %r has a token straddling the context boundary (%r: its first characters end the "
+            "context); it is scored with the text, as score_texts(contexts=...) flags in crosses_context. "
+            "Said once per run: other documents may have one too.",
+            documents[i].doc_id,
+            piece,
+        )
     return columns, texts
 
 

@@ -15,10 +15,9 @@ document travel together, since they are computed on the same tokens.
 
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
-
 from types import SimpleNamespace
+
+import pandas as pd
 
 from ..analyses.divergence import DIVERGENCE_COLUMNS, pair_frame  # noqa: F401  (DIVERGENCE_COLUMNS: re-exported)
 from ..engine.config import ScoringConfig
@@ -27,6 +26,7 @@ from ..model.fingerprint import tokenizer_fingerprint
 from ..model.scorer import ScoreOptions, resolve_window
 from .score import as_loaded_model, check_batch_tokens, score_group, score_stream
 from .text import Document, check_texts
+
 
 class TokenizerMismatchError(ModelError):
     """Divergence needs one vocabulary: the two models' tokenizers differ. ``names`` and
@@ -40,20 +40,22 @@ class TokenizerMismatchError(ModelError):
 # What each caller changes to compare two models with different tokenizers.
 MISMATCH_FIXES = {
     "compare.divergence": "compare these models in bits_per_byte instead (`compare:` without `divergence: true`, "
-                          "or `lmeval compare`)",
+    "or `lmeval compare`)",
     "divergence": "compare these models in bits_per_byte instead (`lmeval.run` of both models, without "
-                  "compare.divergence)",
+    "compare.divergence)",
     "--baseline": "give a --baseline with the same tokenizer, or compare these models in bits_per_byte instead "
-                  "(`lmeval run --model A --model B --data FILE`)",
-}  # fmt: skip
+    "(`lmeval run --model A --model B --data FILE`)",
+}
 
 
 def mismatch_message(names: tuple, fingerprints: tuple, where: str) -> str:
     """The refusal of a pair with different tokenizers, for the caller ``where`` (`MISMATCH_FIXES`)."""
     (model, base), (mine, theirs) = names, fingerprints
-    return (f"{where}: model {model} must share the baseline {base}'s tokenizer (got sha256 {mine[:12]}… vs "
-            f"{theirs[:12]}…). Divergence compares two distributions over the same tokens, so it needs identical "
-            f"tokenizers; {MISMATCH_FIXES[where]}.")  # fmt: skip
+    return (
+        f"{where}: model {model} must share the baseline {base}'s tokenizer (got sha256 {mine[:12]}… vs "
+        f"{theirs[:12]}…). Divergence compares two distributions over the same tokens, so it needs identical "
+        f"tokenizers; {MISMATCH_FIXES[where]}."
+    )
 
 
 def check_same_tokenizer(lm, baseline, where: str = "compare.divergence") -> None:
@@ -82,8 +84,9 @@ def resolve_pair_window(lm, baseline, max_length, stride) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------
 
 
-def score_pair_documents(lm, baseline, documents: list[Document], scoring: ScoringConfig, progress=None,
-                         where: str = "compare.divergence") -> dict:  # fmt: skip
+def score_pair_documents(
+    lm, baseline, documents: list[Document], scoring: ScoringConfig, progress=None, where: str = "compare.divergence"
+) -> dict:
     """Per-token divergence columns of ``documents`` (scored independently, or joined into one
     stream under ``scoring.documents: concatenated``); ``doc_index`` indexes ``documents``,
     and in a stream index ``len(documents)`` marks separator tokens."""
@@ -92,7 +95,9 @@ def score_pair_documents(lm, baseline, documents: list[Document], scoring: Scori
     options = ScoreOptions(batch_tokens=check_batch_tokens(scoring.batch_tokens))
     produce = score_stream if scoring.documents == "concatenated" else score_group
     # The same producers as every other entry point, with the baseline beside the model.
-    columns, _ = produce(lm, documents, SimpleNamespace(scoring=scoring, data=None), options, progress, baseline=baseline)
+    columns, _ = produce(
+        lm, documents, SimpleNamespace(scoring=scoring, data=None), options, progress, baseline=baseline
+    )
     return columns
 
 
@@ -120,11 +125,11 @@ def divergence(
     length. `divergence_summary` pools the table with document-bootstrap intervals.
     """
     texts = check_texts(texts)
-    scoring = ScoringConfig(max_length=max_length, stride=stride, bos=bos, batch_tokens=check_batch_tokens(batch_tokens))
+    scoring = ScoringConfig(
+        max_length=max_length, stride=stride, bos=bos, batch_tokens=check_batch_tokens(batch_tokens)
+    )
     lm, base = as_loaded_model(model, name), as_loaded_model(baseline, baseline_name)
     columns = score_pair_documents(lm, base, [Document(i, t) for i, t in enumerate(texts)], scoring, where="divergence")
     frame = pair_frame(lm.name, base.name, list(range(len(texts))), columns)
     frame.attrs["n_documents"] = len(texts)
     return frame
-
-

@@ -20,19 +20,38 @@ import pandas as pd
 from ..core.bootstrap import bootstrap_interval, resampled_sums
 from ..errors import DataError
 from .continuation import check_contexts
-from .text import check_texts
 from .score import as_loaded_model, check_batch_tokens, score_texts
+from .text import check_texts
 
 log = logging.getLogger(__name__)
-PAIR_COLUMNS = ["id", "logprob_good", "logprob_bad", "delta", "good_wins", "n_tokens_good", "n_tokens_bad",
-                "sentence_good", "sentence_bad"]  # fmt: skip
+PAIR_COLUMNS = [
+    "id",
+    "logprob_good",
+    "logprob_bad",
+    "delta",
+    "good_wins",
+    "n_tokens_good",
+    "n_tokens_bad",
+    "sentence_good",
+    "sentence_bad",
+]
 
 
 def minimal_pairs(
-    good, bad, model, contexts=None, *, ids=None, bos="auto", max_length: int | None = None,
-    stride: int | None = None, batch_tokens: int = 16384, bootstrap: int = 1000, seed: int = 0,
+    good,
+    bad,
+    model,
+    contexts=None,
+    *,
+    ids=None,
+    bos="auto",
+    max_length: int | None = None,
+    stride: int | None = None,
+    batch_tokens: int = 16384,
+    bootstrap: int = 1000,
+    seed: int = 0,
     name: str | None = None,
-) -> pd.DataFrame:  # fmt: skip
+) -> pd.DataFrame:
     """One row per pair: logprob_good and logprob_bad (the total log-probability of each
     sentence, nats), delta (logprob_good - logprob_bad, nats), good_wins (delta > 0; a tie
     is not a win), n_tokens_good / n_tokens_bad, and the sentences; ``id`` is ``ids[i]`` or
@@ -50,12 +69,16 @@ def minimal_pairs(
     """
     good, bad = check_texts(good), check_texts(bad)
     if len(good) != len(bad):
-        raise DataError(f"minimal_pairs: good and bad must pair up one to one (got {len(good)} and {len(bad)} sentences).")
+        raise DataError(
+            f"minimal_pairs: good and bad must pair up one to one (got {len(good)} and {len(bad)} sentences)."
+        )
     for side, texts in (("good", good), ("bad", bad)):
         empty = [i for i, t in enumerate(texts) if not t.strip()]
         if empty:
-            raise DataError(f"minimal_pairs: sentence_{side} of pair {empty[0] + 1} (counting from 1) must not be empty. "
-                            "Fix or drop that pair.")  # fmt: skip
+            raise DataError(
+                f"minimal_pairs: sentence_{side} of pair {empty[0] + 1} (counting from 1) must not be empty. "
+                "Fix or drop that pair."
+            )
     if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
         raise DataError(f"bootstrap: must be an integer >= 0 (got {bootstrap!r}). Use 0 for no interval, or e.g. 1000.")
     ids = list(range(len(good))) if ids is None else list(ids)
@@ -67,17 +90,30 @@ def minimal_pairs(
         warn_touching(contexts, good, bad, [f"pair {i + 1} (id {doc_id!r})" for i, doc_id in enumerate(ids)])
     lm = as_loaded_model(model, name)
     frame = score_texts(
-        good + bad, lm, contexts=None if contexts is None else contexts + contexts, bos=bos, max_length=max_length,
-        stride=stride, batch_tokens=check_batch_tokens(batch_tokens),
-    )  # fmt: skip
+        good + bad,
+        lm,
+        contexts=None if contexts is None else contexts + contexts,
+        bos=bos,
+        max_length=max_length,
+        stride=stride,
+        batch_tokens=check_batch_tokens(batch_tokens),
+    )
     doc = frame["doc_id"].to_numpy(np.int64)
     nll = np.bincount(doc, weights=frame["nll"].to_numpy(np.float64), minlength=2 * len(good))
     n_tokens = np.bincount(doc, minlength=2 * len(good))
     n = len(good)
-    table = pd.DataFrame({
-        "id": ids, "logprob_good": -nll[:n], "logprob_bad": -nll[n:], "delta": nll[n:] - nll[:n],
-        "n_tokens_good": n_tokens[:n], "n_tokens_bad": n_tokens[n:], "sentence_good": good, "sentence_bad": bad,
-    })  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "id": ids,
+            "logprob_good": -nll[:n],
+            "logprob_bad": -nll[n:],
+            "delta": nll[n:] - nll[:n],
+            "n_tokens_good": n_tokens[:n],
+            "n_tokens_bad": n_tokens[n:],
+            "sentence_good": good,
+            "sentence_bad": bad,
+        }
+    )
     table["good_wins"] = table["delta"] > 0
     columns = PAIR_COLUMNS + (["context"] if contexts is not None else [])
     if contexts is not None:
@@ -96,10 +132,15 @@ def pooled(table: pd.DataFrame, bootstrap: int, seed: int) -> dict:
         sums = resampled_sums(wins[:, None], bootstrap, seed)[:, 0]  # (B,)
         low, high, _ = bootstrap_interval(sums / n)
     return {
-        "n_pairs": n, "accuracy": float(wins.mean()) if n else float("nan"), "ci_low": low, "ci_high": high,
-        "delta_mean": float(table["delta"].mean()) if n else float("nan"), "n_ties": int((table["delta"] == 0).sum()),
-        "bootstrap": bootstrap, "seed": seed,
-    }  # fmt: skip
+        "n_pairs": n,
+        "accuracy": float(wins.mean()) if n else float("nan"),
+        "ci_low": low,
+        "ci_high": high,
+        "delta_mean": float(table["delta"].mean()) if n else float("nan"),
+        "n_ties": int((table["delta"] == 0).sum()),
+        "bootstrap": bootstrap,
+        "seed": seed,
+    }
 
 
 def check_pair_ids(ids: list, places: list[str]) -> None:
@@ -109,12 +150,16 @@ def check_pair_ids(ids: list, places: list[str]) -> None:
     for doc_id, place in zip(ids, places):
         if doc_id is None or doc_id != doc_id or isinstance(doc_id, (bool, list, dict, bytes)):
             kind = "null" if doc_id is None or doc_id != doc_id else type(doc_id).__name__
-            raise DataError(f"{place}: id must be a string or a number (got a {kind}: {doc_id!r}), as `lmeval run` "
-                            "requires of data.id_field. Fix that id, or drop `id` to number the pairs.")  # fmt: skip
+            raise DataError(
+                f"{place}: id must be a string or a number (got a {kind}: {doc_id!r}), as `lmeval run` "
+                "requires of data.id_field. Fix that id, or drop `id` to number the pairs."
+            )
         if str(doc_id) in seen:
-            raise DataError(f"{place}: id {doc_id!r} must be unique, and {seen[str(doc_id)]} has the id "
-                            f"{str(doc_id)!r} already (ids are compared as the text the table writes). "
-                            "Give each pair its own id.")  # fmt: skip
+            raise DataError(
+                f"{place}: id {doc_id!r} must be unique, and {seen[str(doc_id)]} has the id "
+                f"{str(doc_id)!r} already (ids are compared as the text the table writes). "
+                "Give each pair its own id."
+            )
         seen[str(doc_id)] = place
 
 
@@ -126,14 +171,21 @@ def warn_touching(contexts: list[str], good: list[str], bad: list[str], places: 
     continuation may also go on mid-word). A pair's sentence usually starts a new sentence, so
     a context that ends without a space is most often missing one ('David wept.' + 'He ...'
     scores 'David wept.He ...'); the data, not lmeval, must say where the space goes."""
-    touching = [i for i, (c, g, b) in enumerate(zip(contexts, good, bad))
-                if c and not c[-1].isspace() and not (g[:1].isspace() and b[:1].isspace())]  # fmt: skip
+    touching = [
+        i
+        for i, (c, g, b) in enumerate(zip(contexts, good, bad))
+        if c and not c[-1].isspace() and not (g[:1].isspace() and b[:1].isspace())
+    ]
     if touching:
         i = touching[0]
-        log.warning("%d pair(s) join context and sentence with no whitespace between them (first: %s, scored as %r). "
-                    "The text scored is context + sentence, verbatim, as lmeval run's data.context_field: end the "
-                    "context with a space (or start the sentence with one) where a new word begins.",
-                    len(touching), places[i], (contexts[i] + good[i])[-60:])  # fmt: skip
+        log.warning(
+            "%d pair(s) join context and sentence with no whitespace between them (first: %s, scored as %r). "
+            "The text scored is context + sentence, verbatim, as lmeval run's data.context_field: end the "
+            "context with a space (or start the sentence with one) where a new word begins.",
+            len(touching),
+            places[i],
+            (contexts[i] + good[i])[-60:],
+        )
 
 
 def read_pairs(path) -> tuple[list[str], list[str], list[str] | None, list]:
@@ -155,9 +207,13 @@ def read_pairs(path) -> tuple[list[str], list[str], list[str] | None, list]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: line {number}: must be one JSON object per line ({exc.msg}).") from None
-        missing = [k for k in ("sentence_good", "sentence_bad") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+        missing = [
+            k for k in ("sentence_good", "sentence_bad") if not isinstance(row, dict) or not isinstance(row.get(k), str)
+        ]
         if missing:
-            raise DataError(f"{path}: line {number}: must have string fields sentence_good and sentence_bad (missing {', '.join(missing)}).")
+            raise DataError(
+                f"{path}: line {number}: must have string fields sentence_good and sentence_bad (missing {', '.join(missing)})."
+            )
         if "context" in row and not isinstance(row["context"], str):
             raise DataError(f"{path}: line {number}: context must be a string (got {type(row['context']).__name__}).")
         empty = [k for k in ("sentence_good", "sentence_bad") if not row[k].strip()]

@@ -18,8 +18,8 @@ from ..model.loading import LoadedModel, load_model, prepare_model
 from ..model.scorer import ScoreOptions, check_vocabulary, resolve_window, score_windows
 from ..model.spec import ModelSpec
 from .continuation import check_contexts, score_continuations
-from .text import Document, TokenizedDocument, check_texts, join_documents, split_stream, tokenize_documents
 from .tables import char_spans, token_strings, tokens_frame
+from .text import Document, TokenizedDocument, check_texts, join_documents, split_stream, tokenize_documents
 
 
 def as_loaded_model(model, name: str | None = None) -> LoadedModel:
@@ -30,9 +30,7 @@ def as_loaded_model(model, name: str | None = None) -> LoadedModel:
         return load_model(model, **({"name": name} if name else {}))
     if isinstance(model, tuple) and len(model) == 2:
         return prepare_model(model[0], model[1], name=name or type(model[0]).__name__)
-    raise DataError(
-        f"model: must be a path, a hub id or a (model, tokenizer) pair (got {type(model).__name__})."
-    )
+    raise DataError(f"model: must be a path, a hub id or a (model, tokenizer) pair (got {type(model).__name__}).")
 
 
 def check_batch_tokens(batch_tokens) -> int:
@@ -44,8 +42,13 @@ def check_batch_tokens(batch_tokens) -> int:
     return batch_tokens
 
 
-def document_windows(lm: LoadedModel, docs: list[TokenizedDocument], max_length: int | None, stride: int | None,
-                     baseline: LoadedModel | None = None):  # fmt: skip
+def document_windows(
+    lm: LoadedModel,
+    docs: list[TokenizedDocument],
+    max_length: int | None,
+    stride: int | None,
+    baseline: LoadedModel | None = None,
+):
     """Every window of every document under the protocol; ``doc_id`` indexes ``docs``."""
     length, step = resolve_window(lm, max_length, stride)
     if docs:
@@ -135,8 +138,11 @@ def _score_given_contexts(lm, texts, contexts, max_length, stride, bos, options)
     frame = tokens_frame(lm.name, list(range(len(texts))), scored.columns)
     order = np.lexsort((scored.columns["position"], scored.columns["doc_index"]))
     frame["crosses_context"] = scored.columns["crosses_context"][order]
-    frame.attrs.update(n_documents=len(texts), n_empty=len(texts) - frame["doc_id"].nunique(),
-                       n_crossing=int(frame["crosses_context"].sum()))  # fmt: skip
+    frame.attrs.update(
+        n_documents=len(texts),
+        n_empty=len(texts) - frame["doc_id"].nunique(),
+        n_crossing=int(frame["crosses_context"].sum()),
+    )
     return frame
 
 
@@ -153,8 +159,9 @@ def finish_columns(lm, columns: dict, docs: list[TokenizedDocument]) -> dict:
     return columns
 
 
-def score_group(lm, documents: list[Document], config, options, progress, piece=None, cache=None, docs=None,
-                baseline=None):  # fmt: skip
+def score_group(
+    lm, documents: list[Document], config, options, progress, piece=None, cache=None, docs=None, baseline=None
+):
     """Score documents independently; columns' ``doc_index`` indexes ``documents``. For a
     piece, only its windows are scored and only piece 0 counts the documents' bytes and words
     (so the pieces of a document add up to it once). ``docs`` are the documents already
@@ -172,9 +179,13 @@ def score_group(lm, documents: list[Document], config, options, progress, piece=
 def score_stream(lm, documents: list[Document], config, options, progress, piece=None, cache=None, baseline=None):
     """Score documents joined into one stream; ``doc_index`` D marks separator tokens."""
     stream = join_documents(documents, config.scoring.separator)
-    (doc,) = _tokenized(cache, documents, lambda: tokenize_documents([stream.document], lm.tokenizer, config.scoring.bos))
+    (doc,) = _tokenized(
+        cache, documents, lambda: tokenize_documents([stream.document], lm.tokenizer, config.scoring.bos)
+    )
     s = config.scoring
-    columns = finish_columns(lm, score_documents(lm, [doc], s.max_length, s.stride, options, progress, piece, baseline), [doc])
+    columns = finish_columns(
+        lm, score_documents(lm, [doc], s.max_length, s.stride, options, progress, piece, baseline), [doc]
+    )
     index, start, end, position = split_stream(stream, columns["char_start"], columns["char_end"])
     columns.update(doc_index=index, char_start=start, char_end=end, position=position)
     count_on = getattr(config.data, "count_on", "scored")

@@ -14,9 +14,21 @@ from ..core.units import LN2
 from .text import TokenizedDocument, count_bytes, count_words
 
 TOKEN_COLUMNS = [
-    "model", "doc_id", "position", "token_id", "token", "char_start", "char_end", "context_len",
-    "nll", "surprisal_bits", "entropy", "max_prob", "is_top1", "rank",
-]  # fmt: skip
+    "model",
+    "doc_id",
+    "position",
+    "token_id",
+    "token",
+    "char_start",
+    "char_end",
+    "context_len",
+    "nll",
+    "surprisal_bits",
+    "entropy",
+    "max_prob",
+    "is_top1",
+    "rank",
+]
 
 
 def char_spans(docs: list[TokenizedDocument], doc_index: np.ndarray, position: np.ndarray) -> np.ndarray:

@@ -39,22 +39,32 @@ def check_messages(messages, where: str) -> list[dict]:
         try:
             messages = json.loads(messages)
         except json.JSONDecodeError:
-            raise DataError(f"{where}: must be a list of {{role, content}} messages (got a string that is not JSON).") from None
+            raise DataError(
+                f"{where}: must be a list of {{role, content}} messages (got a string that is not JSON)."
+            ) from None
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise DataError(f"{where}: must be a non-empty list of {{role, content}} messages (got {type(messages).__name__}).")
+        raise DataError(
+            f"{where}: must be a non-empty list of {{role, content}} messages (got {type(messages).__name__})."
+        )
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f"{where}[{i}]: must be a mapping with string `role` and `content` (got {m!r}).")
         if m["role"] not in KNOWN_ROLES:
-            raise DataError(f"{where}[{i}]: role must be one of {', '.join(KNOWN_ROLES)} (got {m['role']!r}). "
-                            "Rename that role; a chat template may render a role it does not know as nothing.")  # fmt: skip
+            raise DataError(
+                f"{where}[{i}]: role must be one of {', '.join(KNOWN_ROLES)} (got {m['role']!r}). "
+                "Rename that role; a chat template may render a role it does not know as nothing."
+            )
         if m["role"] == ROLES_SCORED and not m["content"].strip():
-            raise DataError(f"{where}[{i}]: an assistant turn must have content (got {m['content']!r}): only its "
-                            "end-of-turn token would be scored. Drop that turn, or the conversation.")  # fmt: skip
+            raise DataError(
+                f"{where}[{i}]: an assistant turn must have content (got {m['content']!r}): only its "
+                "end-of-turn token would be scored. Drop that turn, or the conversation."
+            )
         out.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == ROLES_SCORED for m in out):
-        raise DataError(f"{where}: must hold at least one assistant message (roles: {sorted({m['role'] for m in out})}). Nothing to score.")
+        raise DataError(
+            f"{where}: must hold at least one assistant message (roles: {sorted({m['role'] for m in out})}). Nothing to score."
+        )
     return out
 
 

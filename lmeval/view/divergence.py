@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from ..core.units import LN2
-from ..errors import DataError
 from ..engine.data import check_texts
 from ..engine.demo import demo_model_path
+from ..errors import DataError
 from ..producers.divergence import divergence
 from .render import _template, display_width, script_hash, script_json, segments, visible
 from .surprisal import check_spans
@@ -29,10 +29,25 @@ BY = ("delta_nll", "kl")
 DELTA_SCALE_BITS = 8.0  # ± this many bits is the end of the diverging scale
 KL_SCALE_NATS = 2.0  # this KL is the end of the sequential scale
 VIEW_COLUMNS = [
-    "doc_id", "position", "token_id", "token", "token_text", "char_start", "char_end", "surprisal_bits",
-    "surprisal_bits_baseline", "delta_bits", "prob", "prob_baseline", "delta_p", "kl", "kl_reverse", "same_top1",
-    "nll", "nll_baseline",
-]  # fmt: skip
+    "doc_id",
+    "position",
+    "token_id",
+    "token",
+    "token_text",
+    "char_start",
+    "char_end",
+    "surprisal_bits",
+    "surprisal_bits_baseline",
+    "delta_bits",
+    "prob",
+    "prob_baseline",
+    "delta_p",
+    "kl",
+    "kl_reverse",
+    "same_top1",
+    "nll",
+    "nll_baseline",
+]
 
 
 def divergence_table(texts, model, baseline, *, bos="auto", max_length: int | None = None) -> pd.DataFrame:
@@ -48,12 +63,17 @@ def divergence_table(texts, model, baseline, *, bos="auto", max_length: int | No
     table = frame.assign(
         doc_id=frame["doc_id"].astype(np.int64),
         token_text=[texts[d][s:e] for d, s, e in zip(frame["doc_id"], frame["char_start"], frame["char_end"])],
-        surprisal_bits=nll / LN2, surprisal_bits_baseline=base / LN2, delta_bits=(nll - base) / LN2,
-        prob=np.exp(-nll), prob_baseline=np.exp(-base),
-    )  # fmt: skip
+        surprisal_bits=nll / LN2,
+        surprisal_bits_baseline=base / LN2,
+        delta_bits=(nll - base) / LN2,
+        prob=np.exp(-nll),
+        prob_baseline=np.exp(-base),
+    )
     table = table[VIEW_COLUMNS]
-    table.attrs.update(model=str(frame["model"].iloc[0]) if len(frame) else "",
-                       baseline=str(frame["baseline"].iloc[0]) if len(frame) else "")  # fmt: skip
+    table.attrs.update(
+        model=str(frame["model"].iloc[0]) if len(frame) else "",
+        baseline=str(frame["baseline"].iloc[0]) if len(frame) else "",
+    )
     return table
 
 
@@ -95,10 +115,24 @@ def _rows(table: pd.DataFrame) -> list[dict]:
         x = float(x)
         return x if math.isfinite(x) else None
 
-    keys = ("surprisal_bits", "surprisal_bits_baseline", "delta_bits", "prob", "prob_baseline", "delta_p", "kl", "kl_reverse")
+    keys = (
+        "surprisal_bits",
+        "surprisal_bits_baseline",
+        "delta_bits",
+        "prob",
+        "prob_baseline",
+        "delta_p",
+        "kl",
+        "kl_reverse",
+    )
     return [
-        {"index": int(r.position), "label": str(r.token), "text": str(r.token_text), "same_top1": bool(r.same_top1),
-         **{k: number(getattr(r, k)) for k in keys}}  # fmt: skip
+        {
+            "index": int(r.position),
+            "label": str(r.token),
+            "text": str(r.token_text),
+            "same_top1": bool(r.same_top1),
+            **{k: number(getattr(r, k)) for k in keys},
+        }
         for r in table.itertuples(index=False)
     ]
 
@@ -111,8 +145,10 @@ def _section_html(doc_id, table: pd.DataFrame, text: str, by: str) -> str:
             out.append(html.escape(piece))
             continue
         empty = " empty" if not piece else ""
-        out.append(f'<span class="tok{empty}" data-i="{row}" data-value="{float(values[row])!r}" '
-                   f'style="background:{colour(values[row], by)}">{html.escape(piece)}</span>')  # fmt: skip
+        out.append(
+            f'<span class="tok{empty}" data-i="{row}" data-value="{float(values[row])!r}" '
+            f'style="background:{colour(values[row], by)}">{html.escape(piece)}</span>'
+        )
     kl_mean = float(table["kl"].astype(np.float64).mean()) if len(table) else math.nan
     delta = float(table["delta_bits"].sum())
     return (
@@ -128,13 +164,25 @@ def render_divergence_html(table: pd.DataFrame, texts, *, title: str, by: str = 
     below, a sortable table of the same rows. ``table`` is a `divergence_table`."""
     by = check_by(by)
     docs = [(k, g.reset_index(drop=True)) for k, g in table.groupby("doc_id", sort=True)]
-    data = [{"doc_id": str(k), "model": table.attrs.get("model", ""), "baseline": table.attrs.get("baseline", ""),
-             "rows": _rows(t)} for k, t in docs]  # fmt: skip
+    data = [
+        {
+            "doc_id": str(k),
+            "model": table.attrs.get("model", ""),
+            "baseline": table.attrs.get("baseline", ""),
+            "rows": _rows(t),
+        }
+        for k, t in docs
+    ]
     js = _template("divergence.js")
     return _template("page.html").format(
-        title=html.escape(title), legend=_legend_html(by), sections="".join(_section_html(k, t, texts[k], by) for k, t in docs),
-        data=script_json(data), css=_template("page.css"), js=js, script_hash=script_hash(js),
-    )  # fmt: skip
+        title=html.escape(title),
+        legend=_legend_html(by),
+        sections="".join(_section_html(k, t, texts[k], by) for k, t in docs),
+        data=script_json(data),
+        css=_template("page.css"),
+        js=js,
+        script_hash=script_hash(js),
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -165,8 +213,14 @@ def render_divergence_terminal(rows: pd.DataFrame, text: str, *, color: bool, by
     of each token's surprisal under both models, Δ (bits), KL (nats) and top-1 agreement."""
     by = check_by(by)
     values = rows[_column(by)].to_numpy(dtype=float)
-    head = (f"{len(rows)} tokens, Δ surprisal {rows['delta_bits'].sum():+.3f} bits in all, "
-            f"mean KL {rows['kl'].astype(float).mean():.4g} nats") if len(rows) else "no scored tokens"  # fmt: skip
+    head = (
+        (
+            f"{len(rows)} tokens, Δ surprisal {rows['delta_bits'].sum():+.3f} bits in all, "
+            f"mean KL {rows['kl'].astype(float).mean():.4g} nats"
+        )
+        if len(rows)
+        else "no scored tokens"
+    )
     if color:
         pieces = []
         for row, piece in segments(rows, text):
@@ -181,6 +235,8 @@ def render_divergence_terminal(rows: pd.DataFrame, text: str, *, color: bool, by
     lines = [f"{'token':<{width}}  {'bits':>8}  {'bits_base':>9}  {'delta':>8}  {'kl_nats':>9}  same_top1"]
     for label, r in zip(labels, rows.itertuples(index=False)):
         pad = " " * (width - display_width(label))
-        lines.append(f"{label}{pad}  {r.surprisal_bits:8.3f}  {r.surprisal_bits_baseline:9.3f}  {r.delta_bits:+8.3f}  "
-                     f"{r.kl:9.4g}  {'yes' if r.same_top1 else 'no'}")  # fmt: skip
+        lines.append(
+            f"{label}{pad}  {r.surprisal_bits:8.3f}  {r.surprisal_bits_baseline:9.3f}  {r.delta_bits:+8.3f}  "
+            f"{r.kl:9.4g}  {'yes' if r.same_top1 else 'no'}"
+        )
     return "\n".join([head, body, "", *lines]) + "\n"

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import OutputError
 from ..engine.files import atomic_write
+from ..errors import OutputError
 
 SCALE_BITS = 20.0  # top of the colour scale; anything above is drawn as the top colour
 # xterm-256 backgrounds from pale green (expected) to dark red (surprising), one per 2 bits.
@@ -187,14 +187,25 @@ def _rows(table: pd.DataFrame) -> list[dict]:
     topk = table["topk"] if "topk" in table.columns else [[]] * len(table)
     return [
         {
-            "index": int(i), "label": str(u), "text": str(t), "surprisal_bits": _number(s),
-            "rank": int(r), "prob": _number(p), "entropy_bits": _number(h),
+            "index": int(i),
+            "label": str(u),
+            "text": str(t),
+            "surprisal_bits": _number(s),
+            "rank": int(r),
+            "prob": _number(p),
+            "entropy_bits": _number(h),
             "topk": [{"token": str(a["token"]), "prob": _number(a["prob"])} for a in alts],
-        }  # fmt: skip
+        }
         for i, u, t, s, r, p, h, alts in zip(
-            table[index_col], table[unit], table[text_col], table["surprisal_bits"], table["rank"],
-            table["prob"], entropy, topk,
-        )  # fmt: skip
+            table[index_col],
+            table[unit],
+            table[text_col],
+            table["surprisal_bits"],
+            table["rank"],
+            table["prob"],
+            entropy,
+            topk,
+        )
     ]
 
 

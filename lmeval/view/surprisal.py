@@ -31,23 +31,41 @@ import numpy as np
 import pandas as pd
 
 from ..core.units import LN2
-from ..errors import DataError
 from ..engine.data import check_texts
 from ..engine.demo import demo_model_path
+from ..errors import DataError
 from ..model.scorer import ScoreOptions
 from ..producers.continuation import check_contexts, score_continuations
 from ..producers.score import as_loaded_model
 from ..producers.tables import tokens_frame
 from ..producers.words import (
-    boundary_columns, check_word_options, end_target, options_with_masses, word_starts,
-)  # fmt: skip
+    boundary_columns,
+    check_word_options,
+    end_target,
+    options_with_masses,
+    word_starts,
+)
 
 _WORD = re.compile(r"\S+")
 WORD_TABLE_COLUMNS = [
-    "doc_id", "word_index", "word", "char_start", "char_end", "n_tokens", "surprisal_bits",
-    "surprisal_bits_token_sum", "boundary_before_bits", "boundary_after_bits", "nll",
-    "prob", "rank", "entropy", "entropy_bits", "complete", "crosses_word",
-]  # fmt: skip
+    "doc_id",
+    "word_index",
+    "word",
+    "char_start",
+    "char_end",
+    "n_tokens",
+    "surprisal_bits",
+    "surprisal_bits_token_sum",
+    "boundary_before_bits",
+    "boundary_after_bits",
+    "nll",
+    "prob",
+    "rank",
+    "entropy",
+    "entropy_bits",
+    "complete",
+    "crosses_word",
+]
 BOUNDARY_COLUMNS = ["boundary_before_bits", "boundary_after_bits"]
 
 
@@ -103,8 +121,9 @@ def surprisal_table(
     if correct:
         options = options_with_masses(options, starts)
     end_id = end_target(starts, text_end, lm.name) if correct else None
-    scored = score_continuations(lm, texts, contexts, bos=bos, max_length=max_length, stride=stride,
-                                 options=options, end_id=end_id)  # fmt: skip
+    scored = score_continuations(
+        lm, texts, contexts, bos=bos, max_length=max_length, stride=stride, options=options, end_id=end_id
+    )
     columns = scored.columns
     frame = tokens_frame(lm.name, list(range(len(texts))), columns)
     order = np.lexsort((columns["position"], columns["doc_index"]))
@@ -120,8 +139,11 @@ def surprisal_table(
 
 
 def _protocol_attrs(applied: str, text_end: str, starts) -> dict:
-    attrs = {"word_correction": applied, "text_end": text_end,
-             "word_start_marker": None if starts is None else starts.marker}  # fmt: skip
+    attrs = {
+        "word_correction": applied,
+        "text_end": text_end,
+        "word_start_marker": None if starts is None else starts.marker,
+    }
     if starts is not None and starts.marker is None:
         attrs["word_correction_note"] = (
             "the tokenizer has no word-start marker (no piece begins with whitespace, e.g. end-of-word "
@@ -265,7 +287,8 @@ def aggregate_words(tokens_df: pd.DataFrame, texts, word_correction: str | None 
         )
     parts = [
         _document_words(doc_id, texts[int(doc_id)], rows, word_correction == "bow")
-        for doc_id, rows in tokens_df.groupby("doc_id", sort=True) if texts[int(doc_id)].strip()
+        for doc_id, rows in tokens_df.groupby("doc_id", sort=True)
+        if texts[int(doc_id)].strip()
     ]
     columns = WORD_TABLE_COLUMNS + [c for c in ("crosses_context", "topk") if c in tokens_df.columns]
     out = pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame({c: [] for c in columns})
@@ -326,16 +349,23 @@ def _document_words(doc_id, text: str, rows: pd.DataFrame, correct: bool) -> pd.
             "entropy": rows["entropy"].to_numpy(np.float64),
             "rank": rows["rank"].to_numpy(np.int64),
             "crosses_word": crosses,
-            "crosses_context": rows["crosses_context"].to_numpy(bool) if "crosses_context" in rows else np.zeros(n, bool),
+            "crosses_context": rows["crosses_context"].to_numpy(bool)
+            if "crosses_context" in rows
+            else np.zeros(n, bool),
             "before": rows["boundary_before_bits"].to_numpy(np.float64) if correct else np.zeros(n),
             "after": rows["boundary_after_bits"].to_numpy(np.float64) if correct else np.zeros(n),
         }
     ).groupby("word", sort=True)
     sums = grouped.agg(
-        n_tokens=("nll", "size"), nll=("nll", "sum"), entropy=("entropy", "sum"),
-        rank=("rank", "max"), crosses_word=("crosses_word", "any"), crosses_context=("crosses_context", "any"),
-        before=("before", "first"), after=("after", "last"),
-    )  # fmt: skip
+        n_tokens=("nll", "size"),
+        nll=("nll", "sum"),
+        entropy=("entropy", "sum"),
+        rank=("rank", "max"),
+        crosses_word=("crosses_word", "any"),
+        crosses_context=("crosses_context", "any"),
+        before=("before", "first"),
+        after=("after", "last"),
+    )
     if "topk" in rows:  # the alternatives where the word's first token stands
         sums["topk"] = pd.Series(list(rows["topk"]), index=word).groupby(level=0, sort=True).first()
     index = sums.index.to_numpy()

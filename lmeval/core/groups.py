@@ -1,0 +1,203 @@
+"""Groups of documents: pooled figures per group, the named averages over groups and their
+stratified bootstrap. Pure numpy, built from per-document sums.
+
+Why: a corpus is usually a mixture (sources, domains, languages), and the field uses one
+word, "average", for several different numbers. Pooled over every document (micro), the
+large groups decide the figure; averaged over groups (macro), each group counts once; the
+mean over documents weighs a ten-token document like a ten-thousand-token one; a weighted
+mean uses weights chosen elsewhere (lm-eval weighs each task by its document count). Each
+is named for what it is here, and each is computed from the same per-document sums
+(``nll_sum`` in nats, ``n_tokens``, ``n_bytes``, ``n_words``), pooled within a group with
+one division at the end.
+
+The intervals resample documents within their group (a stratified bootstrap over the finest
+level's groups): a resample keeps every group's size, so a macro average's interval reflects
+the uncertainty inside the groups, not a reshuffling of the mixture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bootstrap import resampled_sums
+from .units import LN2
+
+# Per-document columns the bootstrap resamples (`document_columns`), by index.
+NLL, TOKENS, BYTES, WORDS, BPB_SUM, PPL_SUM, N_BPB, N_PPL = range(8)
+SEPARATOR = "/"  # joins a group's label with its parents' below the top level: prophets/daniel
+
+
+@dataclass(frozen=True)
+class GroupLabels:
+    """Each document's group at every level of ``data.group_by``, in corpus order.
+
+    ``codes[d, k]`` indexes ``names[k]``: document d's group at level k, its label joined with
+    its parents' by "/" below the top level (``prophets/daniel``); names are sorted. A
+    finest-level group lies inside one group of every coarser level.
+    """
+
+    levels: tuple[str, ...]
+    doc_ids: Sequence  # the documents' ids, in corpus order
+    codes: np.ndarray  # (D, L) int64
+    names: tuple[tuple[str, ...], ...]  # per level, the group labels
+    n_skipped: int = 0  # documents left out for want of a value (data.group_missing: skip)
+
+    @classmethod
+    def from_values(cls, levels, doc_ids, values, n_skipped: int = 0) -> GroupLabels:
+        """Labels from ``values``: per level, each document's value as a string (corpus order)."""
+        n_docs = len(doc_ids)
+        raw = np.zeros((n_docs, len(levels)), dtype=np.int64)
+        uniques = []
+        for k, column in enumerate(values):
+            unique, inverse = np.unique(np.asarray(column, dtype=object).astype(str), return_inverse=True)
+            raw[:, k], uniques = inverse.reshape(-1), [*uniques, unique]
+        codes = np.zeros_like(raw)
+        names = []
+        for k in range(len(levels)):
+            paths, inverse = np.unique(raw[:, : k + 1], axis=0, return_inverse=True)  # (G_k, k + 1), sorted
+            codes[:, k] = inverse.reshape(-1)
+            names.append(tuple(SEPARATOR.join(str(uniques[j][p[j]]) for j in range(k + 1)) for p in paths))
+        return cls(tuple(levels), doc_ids, codes, tuple(names), n_skipped)
+
+    def finest_to(self, level: int) -> np.ndarray:
+        """(G_finest,) the group at ``level`` that holds each finest-level group."""
+        out = np.zeros(len(self.names[-1]), dtype=np.int64)
+        out[self.codes[:, -1]] = self.codes[:, level]
+        return out
+
+    def parents(self, level: int) -> np.ndarray:
+        """(G_level,) the group one level up of each group at ``level`` (>= 1)."""
+        out = np.zeros(len(self.names[level]), dtype=np.int64)
+        out[self.codes[:, level]] = self.codes[:, level - 1]
+        return out
+
+    def n_documents(self, level: int) -> np.ndarray:
+        """(G_level,) documents per group."""
+        return np.bincount(self.codes[:, level], minlength=len(self.names[level]))
+
+
+def document_columns(nll_sum, n_tokens, n_bytes, n_words) -> np.ndarray:
+    """(D, 8) float64: the sums (`NLL`, `TOKENS`, `BYTES`, `WORDS`) and, for the means over
+    documents, each document's bits per byte and perplexity (0 where it has none) beside an
+    indicator of having one (`N_BPB`, `N_PPL`): a document with no scored token has neither."""
+    nll = np.asarray(nll_sum, dtype=np.float64)
+    tokens, n_bytes = np.asarray(n_tokens, dtype=np.float64), np.asarray(n_bytes, dtype=np.float64)
+    has_ppl = tokens > 0
+    has_bpb = has_ppl & (n_bytes > 0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        bpb = np.where(has_bpb, nll / LN2 / np.where(has_bpb, n_bytes, 1.0), 0.0)
+        ppl = np.where(has_ppl, np.exp(nll / np.where(has_ppl, tokens, 1.0)), 0.0)
+    words = np.asarray(n_words, dtype=np.float64)
+    return np.column_stack([nll, tokens, n_bytes, words, bpb, ppl, has_bpb, has_ppl]).reshape(len(nll), 8)
+
+
+def stratum_sums(columns: np.ndarray, strata: np.ndarray, n_strata: int) -> np.ndarray:
+    """(n_strata, k) column sums per stratum (group)."""
+    out = np.zeros((n_strata, columns.shape[1]))
+    np.add.at(out, strata, columns)
+    return out
+
+
+def stratified_resampled_sums(columns: np.ndarray, strata: np.ndarray, n_strata: int, n_resamples: int,
+                              seed: int) -> np.ndarray:  # fmt: skip
+    """(n_resamples, n_strata, k) column sums of bootstrap resamples drawn within each stratum.
+
+    Stratum s (its documents in corpus order) is resampled with `resampled_sums` and seed
+    ``np.random.SeedSequence(seed).generate_state(n_strata)[s]``, so each stratum's draw is
+    fixed by the seed and its own documents."""
+    out = np.zeros((n_resamples, n_strata, columns.shape[1]))
+    if n_resamples == 0:
+        return out
+    seeds = np.random.SeedSequence(seed).generate_state(n_strata)
+    order = np.argsort(strata, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(strata, minlength=n_strata))])
+    for s in range(n_strata):
+        rows = order[bounds[s] : bounds[s + 1]]
+        if len(rows):
+            out[:, s] = resampled_sums(columns[rows], n_resamples, int(seeds[s]))
+    return out
+
+
+def to_level(finest: np.ndarray, labels: GroupLabels, level: int) -> np.ndarray:
+    """(..., G_level, k) sums per group of ``level`` from (..., G_finest, k) finest-level sums."""
+    members = np.zeros((len(labels.names[-1]), len(labels.names[level])))
+    members[np.arange(len(labels.names[-1])), labels.finest_to(level)] = 1.0
+    return np.einsum("...gk,gh->...hk", finest, members)
+
+
+def _ratio(numerator: np.ndarray, count: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(ok, numerator / np.where(ok, count, 1.0), np.nan)
+
+
+def pooled(sums: np.ndarray) -> dict[str, np.ndarray]:
+    """Pooled figures of (..., k) sums, one division each; NaN where nothing was scored (a
+    count of bytes or words with no scored token is no denominator, as in the summary)."""
+    nll, tokens = sums[..., NLL], sums[..., TOKENS]
+    scored = tokens > 0
+    nll_per_token = _ratio(nll, tokens, scored)
+    with np.errstate(over="ignore"):
+        return {
+            "nll_per_token": nll_per_token,
+            "ppl": np.exp(nll_per_token),
+            "bits_per_token": _ratio(nll / LN2, tokens, scored),
+            "bits_per_byte": _ratio(nll / LN2, sums[..., BYTES], scored & (sums[..., BYTES] > 0)),
+            "word_ppl": np.exp(_ratio(nll, sums[..., WORDS], scored & (sums[..., WORDS] > 0))),
+        }
+
+
+def _mean(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Mean over the last axis of the finite values (weighted), NaN when none."""
+    ok = np.isfinite(values)
+    w = np.broadcast_to(np.ones(values.shape[-1]) if weights is None else np.asarray(weights, np.float64), values.shape)
+    w = np.where(ok, w, 0.0)
+    total = w.sum(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(total > 0, (np.where(ok, values, 0.0) * w).sum(axis=-1) / np.where(total > 0, total, 1.0), np.nan)
+
+
+def children_mean(values: np.ndarray, parents: np.ndarray, n_parents: int) -> np.ndarray:
+    """(..., n_parents) the unweighted mean of the children's finite ``values`` (..., G_child)
+    per parent (Paloma's macro over the domains of a source)."""
+    members = np.zeros((len(parents), n_parents))
+    members[np.arange(len(parents)), parents] = 1.0
+    ok = np.isfinite(values)
+    counts = ok.astype(np.float64) @ members
+    sums = np.where(ok, values, 0.0) @ members
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(counts > 0, sums / np.where(counts > 0, counts, 1.0), np.nan)
+
+
+def named_averages(finest: np.ndarray, labels: GroupLabels, weights: dict | None = None) -> dict[str, np.ndarray]:
+    """The named averages over groups from (..., G_finest, k) finest-level sums (a point
+    estimate with a leading axis of 1, or B resamples).
+
+    - ``bits_per_byte_micro`` = Σ nll / ln 2 / Σ n_bytes over every document (the summary's
+      bits_per_byte); ``ppl_micro`` = exp(Σ nll / Σ n_tokens) (the summary's ppl);
+    - ``bits_per_byte_doc_mean`` = the mean over documents of each document's bits per byte
+      (documents with a scored token); ``ppl_doc_mean`` the same of their perplexities;
+    - per level ℓ: ``bits_per_byte_macro_ℓ`` = the unweighted mean over ℓ's groups of each
+      group's pooled bits per byte; ``ppl_macro_ℓ`` = exp(the mean over ℓ's groups of each
+      group's Σ nll / Σ n_tokens), the geometric mean of the groups' perplexities;
+    - ``bits_per_byte_macro_weighted_ℓ`` = Σ_g w_g·bpb_g / Σ_g w_g for each level in ``weights``
+      (level -> (G_level,) weights; groups without a figure drop out of both sums).
+    """
+    total = finest.sum(axis=-2)
+    whole = pooled(total)
+    out = {"bits_per_byte_micro": whole["bits_per_byte"]}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["bits_per_byte_doc_mean"] = _ratio(total[..., BPB_SUM], total[..., N_BPB], total[..., N_BPB] > 0)
+    for k, level in enumerate(labels.levels):
+        figures = pooled(to_level(finest, labels, k))
+        out[f"bits_per_byte_macro_{level}"] = _mean(figures["bits_per_byte"])
+        if weights and level in weights:
+            out[f"bits_per_byte_macro_weighted_{level}"] = _mean(figures["bits_per_byte"], weights[level])
+    out["ppl_micro"] = whole["ppl"]
+    for k, level in enumerate(labels.levels):
+        with np.errstate(over="ignore"):
+            out[f"ppl_macro_{level}"] = np.exp(_mean(pooled(to_level(finest, labels, k))["nll_per_token"]))
+    out["ppl_doc_mean"] = _ratio(total[..., PPL_SUM], total[..., N_PPL], total[..., N_PPL] > 0)
+    return out
