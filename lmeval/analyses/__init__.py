@@ -14,6 +14,7 @@ def analyses_for(config) -> tuple:
     from .calibration import CalibrationAnalysis
     from .divergence import DivergenceAnalysis
     from .documents import DocumentsAnalysis
+    from .groups import GroupsAnalysis
     from .membership import MembershipAnalysis
     from .positions import PositionsAnalysis
 
@@ -27,4 +28,7 @@ def analyses_for(config) -> tuple:
         baseline = config.compare.baseline or config.models[0].name
         others = tuple(m.name for m in config.models if m.name != baseline)
         chosen.append(DivergenceAnalysis(config.compare, baseline, others, config.output.per_token))
+    if config.data.group_by:  # last: its summary fields follow every other analysis's
+        divergence_baseline = (config.compare.baseline or config.models[0].name) if config.compare.divergence else None
+        chosen.append(GroupsAnalysis(config.data, config.compare, divergence_baseline))
     return tuple(chosen)

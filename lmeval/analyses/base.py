@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..core.groups import GroupLabels
+
 
 @dataclass(frozen=True)
 class Needs:
@@ -78,6 +80,7 @@ class RunFacts:
     n_documents: int
     n_skipped: int
     text_of: object  # doc_id (string) -> the document's text, for token excerpts
+    groups: GroupLabels | None = None  # each document's groups, with data.group_by
 
 
 class Analysis:

@@ -330,6 +330,39 @@ def _unscored(documents: pd.DataFrame, names: list[str], baseline: str) -> set[s
     return set(names) if baseline in unscored else unscored
 
 
+GROUP_KEYS = ["level", "group"]  # compare.csv's last columns with data.group_by
+
+
+def group_comparisons(docs, base, groups: pd.DataFrame, metrics, cfg, pair_note: str, pair: tuple) -> list:
+    """The paired bootstrap of one pair on each group's documents alone: one frame per level
+    and group (levels in order, groups sorted), intervals withheld below ``compare.min_documents``."""
+    model, baseline = pair
+    where = pd.Index(base["doc_id"])
+    frames = []
+    for level in pd.unique(groups["level"]):
+        for group, members in groups[groups["level"] == level].groupby("group", sort=True):
+            rows = where.get_indexer(members["doc_id"])
+            rows = np.sort(rows[rows >= 0])  # the group's documents in the baseline's order
+            if not len(rows):
+                continue
+            mine, theirs = docs.iloc[rows].reset_index(drop=True), base.iloc[rows].reset_index(drop=True)
+            table = paired_bootstrap(mine, theirs, metrics, cfg.bootstrap, cfg.seed)
+            table = withhold_small_sample(table, len(rows), cfg.min_documents)
+            note = "; ".join(n for n in (pair_note, small_sample_note(len(rows), cfg.min_documents)) if n)
+            frames.append(
+                table.assign(
+                    model=model,
+                    baseline=baseline,
+                    n_documents=len(rows),
+                    n_resamples=cfg.bootstrap,
+                    note=note,
+                    level=level,
+                    group=group,
+                )
+            )
+    return frames
+
+
 def compare_tables(tables: dict, run_record: dict, compare_config=None, token_chunks=None) -> dict:
     """Compare every model with the baseline on the run's documents.
 
@@ -344,6 +377,10 @@ def compare_tables(tables: dict, run_record: dict, compare_config=None, token_ch
     its resampled indices point into the baseline's documents in their table order. With
     fewer than ``compare.min_documents`` documents the intervals and p-values are NaN, and
     the ``note`` says why; ``n_documents`` stands beside every row.
+
+    With ``tables["document_groups"]`` (``doc_id, level, group``: data.group_by), each pair
+    also gets one row per level, group and metric, compared on the group's documents alone,
+    and the table gains `GROUP_KEYS` (empty on the whole corpus's rows).
     """
     cfg = CompareConfig(**compare_config) if isinstance(compare_config, dict) else compare_config or CompareConfig()
     names = _model_names(tables)
@@ -351,6 +388,7 @@ def compare_tables(tables: dict, run_record: dict, compare_config=None, token_ch
     if token_chunks is None and tables.get("tokens") is not None:
         token_chunks = tokens_in_memory(tables["tokens"])
     rows, token_rows, document_rows = [], [], []
+    groups = tables.get("document_groups")
     unscored = _unscored(tables["documents"], names, baseline)
     for model in (n for n in names if n != baseline and n not in unscored):
         docs, base = aligned_documents(tables["documents"], model, baseline)
@@ -370,12 +408,18 @@ def compare_tables(tables: dict, run_record: dict, compare_config=None, token_ch
         rows.append(
             table.assign(model=model, baseline=baseline, n_documents=len(base), n_resamples=cfg.bootstrap, note=note)
         )
+        if groups is not None:
+            pair_note = _pair_note(run_record, model, baseline, docs, base)
+            rows.extend(group_comparisons(docs, base, groups, metrics, cfg, pair_note, (model, baseline)))
         document_rows.append(document_differences(docs, base, model, baseline, shared))
         if shared and token_chunks is not None:
             token_rows.append(token_differences(token_chunks(model, baseline), model, baseline, cfg.top_k))
-    compare = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=COMPARE_COLUMNS + EXTRA_COLUMNS)
+    columns = COMPARE_COLUMNS + EXTRA_COLUMNS + (GROUP_KEYS if groups is not None else [])
+    compare = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=columns)
+    if groups is not None:  # the whole corpus's rows: no level, no group
+        compare = compare.assign(**{key: compare.get(key, pd.Series(dtype=object)).fillna("") for key in GROUP_KEYS})
     return {
-        "compare": compare[COMPARE_COLUMNS + EXTRA_COLUMNS],
+        "compare": compare[columns],
         "compare_tokens": pd.concat(token_rows, ignore_index=True) if token_rows else None,
         "compare_documents": pd.concat(document_rows, ignore_index=True) if document_rows else None,
     }

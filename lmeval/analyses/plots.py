@@ -85,7 +85,10 @@ def checkpoint_points(summary: pd.DataFrame, compare: pd.DataFrame, metric: str)
     if by_step:
         points = points.sort_values("step", kind="stable").reset_index(drop=True)
     points["x"] = points["step"] if by_step else np.arange(len(points))
-    rows = compare[compare["metric"] == metric].set_index("model")
+    rows = compare[compare["metric"] == metric]
+    if "group" in rows:  # the whole corpus's rows (per-group rows have a group: data.group_by)
+        rows = rows[rows["group"].fillna("") == ""]
+    rows = rows.set_index("model")
     points["low"] = points["model"].map(rows["baseline_value"] * rows["ratio_ci_low"])
     points["high"] = points["model"].map(rows["baseline_value"] * rows["ratio_ci_high"])
     points["is_baseline"] = points["model"].isin(set(compare["baseline"]))
@@ -240,3 +243,62 @@ def _position_bins(kl_sum: np.ndarray, n: np.ndarray, n_bins: int = 60) -> tuple
     sums, counts = np.add.reduceat(kl_sum, edges[:-1]), np.add.reduceat(n, edges[:-1])
     centres = (edges[:-1] + edges[1:] - 1) / 2
     return centres, np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def plot_groups(groups: pd.DataFrame, levels, max_groups: int = 40, min_documents: int | None = None):
+    """PNG forest plot of groups.csv: one panel per level of ``data.group_by``, each group's
+    bits per byte (pooled within the group) with its 95% document-bootstrap interval, one
+    marker per model, groups sorted by the first model's value (lowest at the top), and a
+    dashed line at that model's bits per byte over all documents (micro). A panel with more
+    than ``max_groups`` groups shows the lowest and highest half of them and says how many in
+    the middle it leaves to groups.csv. Returns the matplotlib Figure (the engine writes it)."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    models = list(pd.unique(groups["model"]))
+    panels = []
+    for level in levels:
+        first = groups[(groups["level"] == level) & (groups["model"] == models[0])]
+        order = list(first.sort_values(["bits_per_byte", "group"], kind="stable")["group"])  # NaN last
+        hidden = max(len(order) - max_groups, 0)
+        if hidden:
+            order = order[: max_groups // 2] + order[len(order) - (max_groups - max_groups // 2) :]
+        micro = first["nll_sum"].sum() / np.log(2) / first["n_bytes"].sum() if first["n_bytes"].sum() else np.nan
+        panels.append((level, order, hidden, micro))
+    heights = [0.3 * max(len(order), 1) + 0.9 for _, order, _, _ in panels]
+    fig = Figure(figsize=(8.5, sum(heights) + 0.9), dpi=110, layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    offsets = np.linspace(-0.18, 0.18, len(models)) if len(models) > 1 else np.zeros(1)
+    for ax, (level, order, hidden, micro) in zip(axes, panels):
+        for offset, model in zip(offsets, models):
+            rows = groups[(groups["level"] == level) & (groups["model"] == model)].set_index("group").reindex(order)
+            x = rows["bits_per_byte"].to_numpy(np.float64)
+            low, high = (rows[c].to_numpy(np.float64) for c in ("bits_per_byte_ci_low", "bits_per_byte_ci_high"))
+            below, above = np.nan_to_num(np.clip(x - low, 0, None)), np.nan_to_num(np.clip(high - x, 0, None))
+            ax.errorbar(
+                x,
+                np.arange(len(order)) + offset,
+                xerr=[below, above],
+                fmt="o",
+                ms=4,
+                lw=1.2,
+                capsize=2.5,
+                label=f"model {model}",
+            )
+        if np.isfinite(micro):
+            ax.axvline(micro, ls="--", lw=1, color="grey", label=f"all documents (micro), model {models[0]}")
+        ax.set_yticks(np.arange(len(order)), order, fontsize=8)
+        ax.set_ylim(len(order) - 0.5, -0.5)  # the lowest bits per byte at the top
+        shown = f"{len(order) + hidden} groups" + (
+            f", the {hidden} in the middle not shown (groups.csv)" if hidden else ""
+        )
+        ax.set_title(f"{level}: {shown}", fontsize=10, loc="left")
+        ax.grid(axis="x", alpha=0.3)
+    bare = f"; a dot without a bar: fewer than {min_documents} documents" if min_documents else ""
+    axes[-1].set_xlabel(
+        "bits per byte, pooled within the group (lower is better)\n"
+        f"bars: 95% document-bootstrap interval within the group{bare}",
+        fontsize=9,
+    )
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 3), fontsize=8, frameon=False)
+    return fig

@@ -83,7 +83,10 @@ def format_summary(summary: pd.DataFrame) -> str:
 
 
 def format_compare(compare: pd.DataFrame) -> str:
-    """The comparison as an aligned text table, then its notes (why a unit was refused), each once."""
+    """The comparison as an aligned text table, then its notes (why a unit was refused), each once.
+    Only the whole corpus's rows: per-group rows (data.group_by) are in compare.csv."""
+    if "group" in compare:
+        compare = compare[compare["group"].fillna("") == ""]
     text = compare[[c for c in COMPARE_SHOWN if c in compare]].to_string(index=False, float_format=lambda x: f"{x:.4g}")
     notes = [
         f"note ({row.model} vs {row.baseline}): {row.note}"

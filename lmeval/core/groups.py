@@ -50,7 +50,7 @@ class GroupLabels:
         """Labels from ``values``: per level, each document's value as a string (corpus order)."""
         n_docs = len(doc_ids)
         raw = np.zeros((n_docs, len(levels)), dtype=np.int64)
-        uniques = []
+        uniques: list[np.ndarray] = []
         for k, column in enumerate(values):
             unique, inverse = np.unique(np.asarray(column, dtype=object).astype(str), return_inverse=True)
             raw[:, k], uniques = inverse.reshape(-1), [*uniques, unique]
@@ -79,6 +79,29 @@ class GroupLabels:
         return np.bincount(self.codes[:, level], minlength=len(self.names[level]))
 
 
+def weight_problems(labels: GroupLabels, weights) -> list[str]:
+    """What is wrong with ``data.group_weights`` for the groups found: every group of a weighted
+    level needs a weight (named as groups.csv names it), and the weights must not all be 0.
+    Weights of groups absent from the corpus are allowed (a subset of it may be scored)."""
+    if not isinstance(weights, dict):
+        return []
+    problems = []
+    for k, level in enumerate(labels.levels):
+        if level not in weights:
+            continue
+        table = {str(g): w for g, w in weights[level].items()}
+        missing = [name for name in labels.names[k] if name not in table]
+        if missing:
+            shown = ", ".join(map(repr, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            problems.append(
+                f"data.group_weights.{level}: every group of the level must have a weight (got none for {shown}). "
+                "Name groups as groups.csv does: below the top level, joined with their parents by '/'."
+            )
+        elif not sum(float(table[name]) for name in labels.names[k]) > 0:
+            problems.append(f"data.group_weights.{level}: the weights of the groups present must not all be 0.")
+    return problems
+
+
 def document_columns(nll_sum, n_tokens, n_bytes, n_words) -> np.ndarray:
     """(D, 8) float64: the sums (`NLL`, `TOKENS`, `BYTES`, `WORDS`) and, for the means over
     documents, each document's bits per byte and perplexity (0 where it has none) beside an
@@ -101,8 +124,9 @@ def stratum_sums(columns: np.ndarray, strata: np.ndarray, n_strata: int) -> np.n
     return out
 
 
-def stratified_resampled_sums(columns: np.ndarray, strata: np.ndarray, n_strata: int, n_resamples: int,
-                              seed: int) -> np.ndarray:  # fmt: skip
+def stratified_resampled_sums(
+    columns: np.ndarray, strata: np.ndarray, n_strata: int, n_resamples: int, seed: int
+) -> np.ndarray:
     """(n_resamples, n_strata, k) column sums of bootstrap resamples drawn within each stratum.
 
     Stratum s (its documents in corpus order) is resampled with `resampled_sums` and seed
@@ -156,7 +180,9 @@ def _mean(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     w = np.where(ok, w, 0.0)
     total = w.sum(axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(total > 0, (np.where(ok, values, 0.0) * w).sum(axis=-1) / np.where(total > 0, total, 1.0), np.nan)
+        return np.where(
+            total > 0, (np.where(ok, values, 0.0) * w).sum(axis=-1) / np.where(total > 0, total, 1.0), np.nan
+        )
 
 
 def children_mean(values: np.ndarray, parents: np.ndarray, n_parents: int) -> np.ndarray:
@@ -179,10 +205,11 @@ def named_averages(finest: np.ndarray, labels: GroupLabels, weights: dict | None
       bits_per_byte); ``ppl_micro`` = exp(Σ nll / Σ n_tokens) (the summary's ppl);
     - ``bits_per_byte_doc_mean`` = the mean over documents of each document's bits per byte
       (documents with a scored token); ``ppl_doc_mean`` the same of their perplexities;
-    - per level ℓ: ``bits_per_byte_macro_ℓ`` = the unweighted mean over ℓ's groups of each
-      group's pooled bits per byte; ``ppl_macro_ℓ`` = exp(the mean over ℓ's groups of each
-      group's Σ nll / Σ n_tokens), the geometric mean of the groups' perplexities;
-    - ``bits_per_byte_macro_weighted_ℓ`` = Σ_g w_g·bpb_g / Σ_g w_g for each level in ``weights``
+    - per level: ``bits_per_byte_macro_<level>`` = the unweighted mean over the level's groups
+      of each group's pooled bits per byte; ``ppl_macro_<level>`` = exp(the mean over the
+      level's groups of each group's Σ nll / Σ n_tokens), the geometric mean of the groups'
+      perplexities;
+    - ``bits_per_byte_macro_weighted_<level>`` = Σ_g w_g·bpb_g / Σ_g w_g for each level in ``weights``
       (level -> (G_level,) weights; groups without a figure drop out of both sums).
     """
     total = finest.sum(axis=-2)

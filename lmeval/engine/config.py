@@ -44,6 +44,16 @@ class DataConfig:
         None  # score text_field GIVEN this column (it conditions, never scores; joined verbatim)
     )
     messages_field: str | None = None  # a column of [{role, content}]: score the assistant turns only
+    group_by: str | tuple[str, ...] | None = None  # metadata column(s), top level first: per-group figures
+    group_missing: Literal["error", "skip"] = "error"  # a document without a value at a level of group_by
+    group_weights: Literal["documents"] | dict | None = None  # {level: {group: weight}}: the weighted macro
+
+    def __post_init__(self):
+        # One spelling of group_by downstream: a tuple of column names (a single name is a one-level tuple).
+        if isinstance(self.group_by, str):
+            object.__setattr__(self, "group_by", (self.group_by,))
+        elif isinstance(self.group_by, list):
+            object.__setattr__(self, "group_by", tuple(self.group_by))
 
 
 @dataclass(frozen=True)
@@ -314,6 +324,12 @@ def _type_problem(where: str, value, hint) -> str | None:
 def _type_name(hint) -> str:
     if typing.get_origin(hint) is Literal:
         return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    if typing.get_origin(hint) is tuple:
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(
+            typing.get_args(hint)[0], "values"
+        )
+    if hint is dict:
+        return "a mapping"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}.get(
         hint, str(hint)
     )
@@ -358,8 +374,8 @@ def _check_values(config: Config, problems: list[str]) -> None:
         problems.append(f"scoring.max_length: must be >= 1 or null (got {s.max_length}).")
     if s.stride is not None and (s.stride < 1 or (s.max_length is not None and s.stride > s.max_length)):
         problems.append(f"scoring.stride: must be in [1, max_length] (got {s.stride}).")
-    if isinstance(s.bos, str) and s.bos not in ("auto", "none"):
-        problems.append(f"scoring.bos: must be auto, none or a token id (got {s.bos!r}).")
+    if isinstance(s.bos, str) and s.bos not in ("auto", "eos", "none"):
+        problems.append(f"scoring.bos: must be auto, eos, none or a token id (got {s.bos!r}).")
     if isinstance(s.bos, int) and s.bos < 0:
         problems.append(f"scoring.bos: a token id must be >= 0 (got {s.bos}).")
     if isinstance(s.compile, str) and s.compile != "auto":
@@ -384,6 +400,7 @@ def _check_values(config: Config, problems: list[str]) -> None:
         )
     if config.data.max_documents is not None and config.data.max_documents < 1:
         problems.append(f"data.max_documents: must be >= 1 or null (got {config.data.max_documents}).")
+    _check_groups(d, s, problems)
     c = config.calibration
     problems.extend(validate_calibration_options(c.bins, list(c.label_smoothing), list(c.temperatures)))
     cmp = config.compare
@@ -409,6 +426,50 @@ def _check_values(config: Config, problems: list[str]) -> None:
             f"compare.divergence: needs at least two models, a baseline and one to compare (got {len(names)}). "
             "Add the base checkpoint to `models:` and name it in `compare.baseline`."
         )
+
+
+def _check_groups(d: DataConfig, s: ScoringConfig, problems: list[str]) -> None:
+    """data.group_by names distinct columns; group_weights weighs groups of those levels."""
+    levels = d.group_by or ()
+    if d.group_by is not None and (not levels or any(not isinstance(v, str) or not v.strip() for v in levels)):
+        problems.append(
+            f"data.group_by: must be a column name or a list of them, top level first (got {d.group_by!r})."
+        )
+    elif len(set(levels)) != len(levels):
+        problems.append(f"data.group_by: each column must appear once (got {list(levels)}).")
+    if levels and s.documents == "concatenated":
+        problems.append(
+            "scoring.documents: must be independent with data.group_by (got concatenated): a group's "
+            "figures pool whole documents, and a stream's separators belong to no group."
+        )
+    if levels and d.messages_field is not None:
+        problems.append(
+            "data.group_by: cannot be used with data.messages_field (got both). Group plain texts, or "
+            "score each group's conversations in a run of its own."
+        )
+    weights = d.group_weights
+    if weights is not None and not levels:
+        problems.append("data.group_weights: needs data.group_by (got group_weights without groups).")
+    elif isinstance(weights, dict):
+        for level, table in weights.items():
+            if level not in levels:
+                problems.append(
+                    f"data.group_weights.{level}: must name a level of data.group_by ({', '.join(levels)}) "
+                    f"(got {level!r})."
+                )
+            elif not isinstance(table, dict) or not table:
+                problems.append(
+                    f"data.group_weights.{level}: must map each group to a weight, e.g. {{wiki: 2, code: 1}} "
+                    f"(got {table!r})."
+                )
+            else:
+                bad = {
+                    g: w
+                    for g, w in table.items()
+                    if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0
+                }
+                if bad:
+                    problems.append(f"data.group_weights.{level}: weights must be numbers >= 0 (got {bad}).")
 
 
 def _check_analysis(a: AnalysisConfig, names: list[str], problems: list[str]) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.groups import GroupLabels, weight_problems
 from ..errors import DataError
 from ..producers.text import (  # noqa: F401  (re-exported: the engine's view of a text)
     ROLES_SCORED,
@@ -54,6 +55,7 @@ class Corpus:
     documents: Sequence[Document]
     n_skipped: int
     fingerprint: str
+    groups: GroupLabels | None = None  # each document's groups, with data.group_by
 
     @cached_property
     def lengths(self) -> np.ndarray:
@@ -380,21 +382,40 @@ def load_documents(config) -> Corpus:
         raise DataError(
             f"data.id_field: {config.id_field!r} is not a column of {config.path}. Available columns: {', '.join(columns)}."
         )
+    levels = tuple(getattr(config, "group_by", None) or ())
+    absent = [level for level in levels if level not in columns]
+    if absent:
+        raise DataError(
+            f"data.group_by: {', '.join(map(repr, absent))} must be columns of {config.path}. "
+            f"Available columns: {', '.join(columns)}."
+        )
     table, context_field = arrow_table(dataset), getattr(config, "context_field", None)
-    names = [n for n in (config.id_field, config.text_field, context_field) if n is not None]
+    names = [n for n in (config.id_field, config.text_field, context_field, *levels) if n is not None]
     scan = _Scan(config, {name: _decoder(dataset, name) for name in names})
     for start, batch in _record_batches(table, names):
         if not scan.add_batch(start, batch):
             break
     if not scan.n_documents:
+        without = f", {scan.n_skipped_group} without a group" if scan.n_skipped_group else ""
         raise DataError(
-            f"data.path: {config.path} holds no non-empty documents ({scan.n_skipped} empty). Nothing to score."
+            f"data.path: {config.path} holds no non-empty documents ({scan.n_skipped} empty{without}). Nothing to score."
         )
     fields = (config.text_field, context_field)
     readers = tuple(_Column(table.column(n), scan.decoders[n]) if n else None for n in fields)
     rows, lengths = np.concatenate(scan.rows).astype(np.int64), np.concatenate(scan.lengths).astype(np.int64)
     documents = ArrowDocuments(readers, rows, scan.doc_ids, lengths, scan.detokenizer)
-    return Corpus(documents, scan.n_skipped, scan.digest.hexdigest())
+    return Corpus(documents, scan.n_skipped, scan.digest.hexdigest(), _group_labels(config, scan))
+
+
+def _group_labels(config, scan) -> GroupLabels | None:
+    """The documents' groups (data.group_by), their weights checked against the groups found."""
+    if not scan.group_fields:
+        return None
+    labels = GroupLabels.from_values(scan.group_fields, scan.doc_ids, scan.group_values, scan.n_skipped_group)
+    problems = weight_problems(labels, getattr(config, "group_weights", None))
+    if problems:
+        raise DataError(problems[0] if len(problems) == 1 else "data.group_weights: " + "; ".join(problems))
+    return labels
 
 
 def arrow_table(dataset):
@@ -440,6 +461,10 @@ class _Scan:
         self.config, self.detokenizer, self.decoders = config, getattr(config, "detokenizer", None), decoders
         self.context_field = getattr(config, "context_field", None)
         self.rows, self.doc_ids, self.lengths, self.n_skipped, self.seen = [], [], [], 0, {}
+        # data.group_by: each kept document's value at every level, as a string
+        self.group_fields = tuple(getattr(config, "group_by", None) or ())
+        self.group_values: list[list[str]] = [[] for _ in self.group_fields]
+        self.n_skipped_group, self.skip_missing = 0, getattr(config, "group_missing", "error") == "skip"
         self.digest = hashlib.sha256()
 
     @property
@@ -455,7 +480,8 @@ class _Scan:
             return True
         texts = self._values(batch, config.text_field)
         contexts = self._values(batch, self.context_field) if self.context_field else [None] * n
-        return self._add_rows(start, ids, texts, contexts)
+        groups = list(zip(*(self._values(batch, f) for f in self.group_fields))) or [()] * n
+        return self._add_rows(start, ids, texts, contexts, groups)
 
     def _values(self, batch, name: str) -> list:
         """A column of the batch as the Python values ``dataset[name]`` gives."""
@@ -474,10 +500,12 @@ class _Scan:
         strings = [batch.column(config.text_field)] + ([batch.column(self.context_field)] if self.context_field else [])
         if any(not _is_string(c.type) or c.null_count for c in strings) or _has_bom(strings[0]):
             return False
-        if config.id_field is not None:
-            column = batch.column(config.id_field)
+        for name in [n for n in (config.id_field, *self.group_fields) if n is not None]:
+            column = batch.column(name)
             if column.null_count or not (pa.types.is_integer(column.type) or _is_string(column.type)):
                 return False
+        if any(_is_string(batch.column(f).type) and not _non_blank(batch.column(f)).all() for f in self.group_fields):
+            return False  # a blank group: its row raises (or is skipped) on the row path
         return len(set(ids)) == len(ids) and self.seen.keys().isdisjoint(ids)
 
     def _keep_arrow(self, start: int, batch, ids: list) -> None:
@@ -498,11 +526,13 @@ class _Scan:
         id_texts = id_column.filter(kept).cast(pa.string())  # as str(id): decimal digits for an integer
         contexts = batch.column(self.context_field).filter(kept) if self.context_field else None
         _arrow_fingerprint_update(self.digest, id_texts, texts, contexts)
+        for values, name in zip(self.group_values, self.group_fields):
+            values.extend(batch.column(name).filter(kept).cast(pa.string()).to_pylist())  # as str(value)
 
-    def _add_rows(self, start: int, ids, texts, contexts) -> bool:
+    def _add_rows(self, start: int, ids, texts, contexts, groups) -> bool:
         """`add_batch` row by row: the first faulty row raises its own error; False at `max_documents`."""
         limit, kept = self.config.max_documents, []
-        for row, doc_id, text, context in zip(range(start, start + len(texts)), ids, texts, contexts):
+        for row, doc_id, text, context, group in zip(range(start, start + len(texts)), ids, texts, contexts, groups):
             if limit is not None and self.n_documents + len(kept) >= limit:
                 self._keep(kept)
                 return False
@@ -510,6 +540,12 @@ class _Scan:
             if not text.strip():
                 self.n_skipped += 1
                 continue
+            labels = self._check_groups(row, doc_id, group)
+            if labels is None:
+                self.n_skipped_group += 1
+                continue
+            for values, label in zip(self.group_values, labels):
+                values.append(label)
             kept.append((row, doc_id if isinstance(doc_id, int) else str(doc_id), text, context))
         self._keep(kept)
         return True
@@ -527,6 +563,27 @@ class _Scan:
             ids, texts, contexts = [d.doc_id for d in scored], [d.text for d in scored], [d.context for d in scored]
         self.lengths.append(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)))
         _fingerprint_update(self.digest, ids, texts, contexts)
+
+    def _check_groups(self, row: int, doc_id, values: tuple) -> tuple[str, ...] | None:
+        """A row's group at each level of data.group_by, as strings; None to skip a row that lacks
+        one (data.group_missing: skip)."""
+        labels = []
+        for level, value in zip(self.group_fields, values):
+            if value is None or value != value or (isinstance(value, str) and not value.strip()):  # value != value: NaN
+                if self.skip_missing:
+                    return None
+                raise DataError(
+                    f"{row_place(self.config, row)} (id {doc_id!r}) has no `{level}` (got {value!r}); data.group_by "
+                    "needs a value at every level. Fill it in, or set data.group_missing: skip to leave such "
+                    "documents out (they are counted in summary.csv's n_skipped_no_group)."
+                )
+            if isinstance(value, (list, dict, bytes)):
+                raise DataError(
+                    f"{row_place(self.config, row)} (id {doc_id!r}) has a {type(value).__name__} `{level}`; a group "
+                    "must be a string or a number. Group by another column, or flatten this one."
+                )
+            labels.append(str(value))
+        return tuple(labels)
 
     def _check_row(self, row: int, doc_id, text, context) -> str:
         """One row's id (not null, unique), text (a string) and context (a string); returns the text BOM-stripped."""

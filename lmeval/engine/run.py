@@ -216,7 +216,9 @@ def _run_facts(config: Config, corpus: Corpus) -> RunFacts:
                 texts[SEPARATOR_ID] = join_documents(list(corpus.documents), config.scoring.separator).document.text
         return texts[doc_id]
 
-    return RunFacts(tuple(m.name for m in config.models), len(corpus.documents), corpus.n_skipped, text_of)
+    return RunFacts(
+        tuple(m.name for m in config.models), len(corpus.documents), corpus.n_skipped, text_of, corpus.groups
+    )
 
 
 def run_loaded(config: Config, corpus: Corpus, lm, out: Path | None = None) -> dict:

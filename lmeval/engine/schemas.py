@@ -113,6 +113,9 @@ TABLES = {
     "(`compare.divergence: true`; `lmeval.divergence()` returns the same columns)",
     "divergence.csv": "one row per model against the baseline (`lmeval.divergence_summary()` returns the same columns)",
     "divergence_tokens.csv": "each model's `compare.top_k` tokens of largest KL",
+    "groups.csv": "one row per model, level of `data.group_by` and group: the group's documents pooled",
+    "divergence_groups.csv": "one row per model, level and group against the baseline (`compare.divergence: true` "
+    "with `data.group_by`)",
     "score_texts()": "`lmeval.score_texts`: the columns of tokens.parquet, plus these on request",
     "surprisal_table()": "`lmeval.surprisal_table` (and `lmeval surprisal --format csv`): one row per token",
     "surprisal_table(words=True)": "`lmeval.surprisal_table(words=True)` (and `lmeval surprisal --words`): one row per word",
@@ -129,12 +132,15 @@ FAMILIES = {
     "q": r"[0-9]+",
     "mean": r"kl_mean|kl_reverse_mean|same_top1|delta_p_mean|delta_p_rms|ln_ppl_ratio|ppl_ratio",
     "tested": r"delta_p_mean|ln_ppl_ratio",
+    "level": r".+",  # a column of data.group_by
+    "average": r"bits_per_byte_micro|bits_per_byte_doc_mean|bits_per_byte_macro_.+|ppl_micro|ppl_macro_.+|ppl_doc_mean",
 }
 
 _T, _D, _S = "tokens.parquet", "documents.parquet", "summary.csv"
 _CAL, _TEMP, _POS = "calibration.csv", "temperature.csv", "positions.csv"
 _CMP, _CD, _CT = "compare.csv", "compare_documents.csv", "compare_tokens.csv"
 _DV, _DS, _DT = "divergence.parquet", "divergence.csv", "divergence_tokens.csv"
+_GR, _DG = "groups.csv", "divergence_groups.csv"
 _ST, _SV, _SW, _SB = "score_texts()", "surprisal_table()", "surprisal_table(words=True)", "lmeval surprisal --baseline"
 _PR, _SC, _TT = "minimal_pairs()", "score_chats()", "turn_table()"
 _PER_TOKEN = (_T, _ST)  # the scorer's columns: tokens.parquet and score_texts() share them
@@ -149,12 +155,12 @@ COLUMNS: dict[str, Column] = {
     "model": Column(
         "—",
         "the model's name: `models[].name` (default the last part of its path)",
-        (_T, _D, _S, _CAL, _TEMP, _POS, _CMP, _CD, _CT, _DV, _DS, _DT, _ST),
+        (_T, _D, _S, _CAL, _TEMP, _POS, _CMP, _CD, _CT, _DV, _DS, _DT, _ST, _GR, _DG),
     ),
     "baseline": Column(
         "—",
         "the model compared against: `compare.baseline` (default the first model), or the `baseline` argument",
-        (_CMP, _CD, _CT, _DV, _DS, _DT),
+        (_CMP, _CD, _CT, _DV, _DS, _DT, _DG),
     ),
     "doc_id": Column(
         "—",
@@ -293,28 +299,28 @@ COLUMNS: dict[str, Column] = {
         "scored tokens: of the document (compare_documents.csv: the model's), of the "
         "corpus (summary.csv, divergence.csv), of the bin (calibration.csv, positions.csv), of the "
         "word, or of the turn with its end-of-turn token (turn_table)",
-        (_D, _S, _CAL, _POS, _CD, _DS, _SW, _TT),
+        (_D, _S, _CAL, _POS, _CD, _DS, _SW, _TT, _GR, _DG),
     ),
     "n_bytes": Column(
         "bytes",
         "UTF-8 bytes of the scored text (of the text before `data.detokenizer` under "
         "`data.count_on: source`); compare_documents.csv: the baseline's",
-        (_D, _S, _CD),
+        (_D, _S, _CD, _GR),
     ),
-    "n_words": Column("words", '`len(re.split(r"\\s+", text))`, as lm-eval counts words', (_D, _S)),
+    "n_words": Column("words", '`len(re.split(r"\\s+", text))`, as lm-eval counts words', (_D, _S, _GR)),
     "n_documents": Column(
         "documents",
         "summary.csv: documents scored (empty ones are counted in n_skipped "
         "instead); compare.csv and divergence.csv: documents both models were compared on, the "
         "unit the bootstrap resamples; positions.csv: documents with tokens in the bin",
-        (_S, _POS, _CMP, _DS),
+        (_S, _POS, _CMP, _DS, _GR, _DG),
     ),
     "n_skipped": Column("documents", "empty or whitespace-only documents skipped (never scored as a zero loss)", (_S,)),
     "nll_sum": Column(
         "nats",
         "Σ nll over the document's scored tokens (summary.csv: the corpus's; turn_table: the "
         "turn's, its end-of-turn token included)",
-        (_D, _S, _CD, _TT),
+        (_D, _S, _CD, _TT, _GR),
     ),
     "nll_mean": Column(
         "nats",
@@ -327,16 +333,76 @@ COLUMNS: dict[str, Column] = {
         "— (per token)",
         "exp(Σ nll / n_tokens), pooled; in summary.csv over every scored token of the "
         "corpus, never a mean of per-document values",
-        (_D, _S),
+        (_D, _S, _GR),
     ),
-    "bits_per_token": Column("bits/token", "Σ nll / ln 2 / n_tokens", (_D, _S)),
-    "bits_per_byte": Column("bits/byte", "Σ nll / ln 2 / n_bytes: comparable across tokenizers", (_D, _S)),
-    "word_ppl": Column("— (per word)", "exp(Σ nll / n_words): lm-eval's `word_perplexity`", (_S,)),
+    "bits_per_token": Column("bits/token", "Σ nll / ln 2 / n_tokens", (_D, _S, _GR)),
+    "bits_per_byte": Column("bits/byte", "Σ nll / ln 2 / n_bytes: comparable across tokenizers", (_D, _S, _GR)),
+    "word_ppl": Column("— (per word)", "exp(Σ nll / n_words): lm-eval's `word_perplexity`", (_S, _GR)),
     "byte_ppl": Column("— (per byte)", "exp(Σ nll / n_bytes): lm-eval's `byte_perplexity`", (_S,)),
     "ppl_doc_mean": Column(
         "— (per token)",
         "the unweighted mean over documents of each document's own ppl (HF "
         "evaluate's `mean_perplexity`); not the pooled ppl",
+        (_S,),
+    ),
+    # Groups (data.group_by): one row per level and group in groups.csv, named averages in the summary
+    "level": Column(
+        "—",
+        "the `data.group_by` column a row groups by (compare.csv: empty on the whole corpus's rows)",
+        (_GR, _DG, _CMP),
+    ),
+    "group": Column(
+        "—",
+        "the documents' value of that column, joined with its parents' values by `/` below the top level "
+        "(`prophets/daniel`); compare.csv: empty on the whole corpus's rows",
+        (_GR, _DG, _CMP),
+    ),
+    "bits_per_byte_ci_low": Column(
+        "bits/byte",
+        "lower end of the group's bits_per_byte 95% document-bootstrap percentile interval (documents resampled "
+        "within the group; a parent's within each child); NaN with fewer than `compare.min_documents` documents",
+        (_GR,),
+    ),
+    "bits_per_byte_ci_high": Column("bits/byte", "upper end of that interval", (_GR,)),
+    "bits_per_byte_macro_children": Column(
+        "bits/byte",
+        "the unweighted mean of the bits_per_byte of the group's children one level down (Paloma's macro over the "
+        "subdomains of a source); NaN at the finest level",
+        (_GR,),
+    ),
+    "n_skipped_no_group": Column(
+        "documents", "documents left out for want of a `data.group_by` value (`data.group_missing: skip`)", (_S,)
+    ),
+    "bits_per_byte_micro": Column(
+        "bits/byte", "Σ nll / ln 2 / Σ n_bytes over every document: the summary's bits_per_byte, named", (_S,)
+    ),
+    "bits_per_byte_doc_mean": Column(
+        "bits/byte", "the unweighted mean over documents of each document's bits_per_byte", (_S,)
+    ),
+    "{average}_ci_low": Column(
+        "the average's unit",
+        "lower end of the named average's 95% percentile interval over `compare.bootstrap` resamples that draw "
+        "documents within their finest-level group (stratified: every group keeps its size); NaN with fewer than "
+        "`compare.min_documents` documents",
+        (_S,),
+    ),
+    "{average}_ci_high": Column("the average's unit", "upper end of that interval", (_S,)),
+    "bits_per_byte_macro_weighted_{level}": Column(
+        "bits/byte",
+        "Σ_g w_g·bpb_g / Σ_g w_g over the level's groups, w from `data.group_weights` (`documents`: each group's "
+        "document count, lm-eval's weight_by_size group mean)",
+        (_S,),
+    ),
+    "bits_per_byte_macro_{level}": Column(
+        "bits/byte", "the unweighted mean over the level's groups of each group's pooled bits_per_byte", (_S,)
+    ),
+    "ppl_micro": Column(
+        "— (per token)", "exp(Σ nll / Σ n_tokens) over every document: the summary's ppl, named", (_S,)
+    ),
+    "ppl_macro_{level}": Column(
+        "— (per token)",
+        "exp(the unweighted mean over the level's groups of Σ nll / Σ n_tokens): the geometric mean of the groups' "
+        "perplexities",
         (_S,),
     ),
     "tokens_per_second": Column("tokens/s", "scored tokens per second of scoring (model loading excluded)", (_S,)),
@@ -486,12 +552,12 @@ COLUMNS: dict[str, Column] = {
     "ratio": Column("—", "value / baseline_value", (_CMP,)),
     "ratio_ci_low": Column("—", "lower end of ratio's 95% paired bootstrap interval", (_CMP,)),
     "ratio_ci_high": Column("—", "upper end of that interval", (_CMP,)),
-    "n_resamples": Column("resamples", "bootstrap resamples of documents (`compare.bootstrap`)", (_CMP, _DS)),
+    "n_resamples": Column("resamples", "bootstrap resamples of documents (`compare.bootstrap`)", (_CMP, _DS, _DG)),
     "note": Column(
         "—",
         "why a metric is absent or what to keep in mind (tokenizers differ, the protocol differs, "
         "too few documents for an interval); empty otherwise",
-        (_CMP,),
+        (_CMP, _GR, _DG),
     ),
     "nll_sum_baseline": Column("nats", "the baseline's Σ nll over the document", (_CD,)),
     "delta_nll_sum": Column("nats", "nll_sum − nll_sum_baseline", (_CD,)),
@@ -520,24 +586,24 @@ COLUMNS: dict[str, Column] = {
         "bool (per token); share (divergence.csv)",
         "both models' most likely tokens are the same; "
         'in divergence.csv the share of tokens where they are (llama.cpp\'s "Same top p")',
-        (_DV, _DT, _DS, _SB),
+        (_DV, _DT, _DS, _SB, _DG),
     ),
-    "kl_mean": Column("nats", "Σ kl / n_tokens, pooled over all tokens", (_DS,)),
+    "kl_mean": Column("nats", "Σ kl / n_tokens, pooled over all tokens", (_DS, _DG)),
     "kl_median": Column("nats", "the median kl over every token", (_DS,)),
     "kl_p{q}": Column("nats", "kl: " + _Q, (_DS,)),
     "kl_max": Column("nats", "the largest kl", (_DS,)),
-    "kl_reverse_mean": Column("nats", "Σ kl_reverse / n_tokens", (_DS,)),
-    "delta_p_mean": Column("probability", "Σ delta_p / n_tokens", (_DS,)),
+    "kl_reverse_mean": Column("nats", "Σ kl_reverse / n_tokens", (_DS, _DG)),
+    "delta_p_mean": Column("probability", "Σ delta_p / n_tokens", (_DS, _DG)),
     "delta_p_rms": Column("probability", '√(Σ delta_p² / n_tokens): llama.cpp\'s "RMS Δp"', (_DS,)),
     "delta_p_min": Column("probability", "the smallest delta_p", (_DS,)),
     "delta_p_median": Column("probability", "the median delta_p", (_DS,)),
     "delta_p_p{q}": Column("probability", "delta_p: " + _Q, (_DS,)),
     "delta_p_max": Column("probability", "the largest delta_p", (_DS,)),
     "ln_ppl_ratio": Column(
-        "nats", "ln PPL(model) − ln PPL(baseline) on the same tokens = the mean of nll − nll_baseline", (_DS,)
+        "nats", "ln PPL(model) − ln PPL(baseline) on the same tokens = the mean of nll − nll_baseline", (_DS, _DG)
     ),
     "ppl_ratio": Column(
-        "—", "exp(ln_ppl_ratio) = PPL(model) / PPL(baseline); > 1: the model is more perplexed", (_DS,)
+        "—", "exp(ln_ppl_ratio) = PPL(model) / PPL(baseline); > 1: the model is more perplexed", (_DS, _DG)
     ),
     "nll_baseline_mean": Column("nats", "the baseline's Σ nll / n_tokens over the same tokens", (_DS,)),
     "{mean}_ci_low": Column(
@@ -545,9 +611,9 @@ COLUMNS: dict[str, Column] = {
         "lower end of the mean's paired 95% document-bootstrap percentile "
         "interval (for kl_mean, kl_reverse_mean, same_top1, delta_p_mean, delta_p_rms, "
         "ln_ppl_ratio, ppl_ratio)",
-        (_DS,),
+        (_DS, _DG),
     ),
-    "{mean}_ci_high": Column("the mean's unit", "upper end of that interval", (_DS,)),
+    "{mean}_ci_high": Column("the mean's unit", "upper end of that interval", (_DS, _DG)),
     "{tested}_p_value": Column(
         "probability",
         "two-sided paired bootstrap p-value that the mean is 0 (for delta_p_mean and ln_ppl_ratio)",
@@ -583,7 +649,9 @@ COLUMNS: dict[str, Column] = {
 def _family_pattern(key: str) -> re.Pattern | None:
     if "{" not in key:
         return None
-    head, name, tail = re.match(r"(.*)\{(\w+)\}(.*)", key).groups()
+    match = re.match(r"(.*)\{(\w+)\}(.*)", key)
+    assert match is not None, key  # a family key holds one {name}
+    head, name, tail = match.groups()
     return re.compile(f"{re.escape(head)}(?:{FAMILIES[name]}){re.escape(tail)}")
 
 

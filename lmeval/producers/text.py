@@ -105,6 +105,7 @@ def resolve_prefix(tokenizer, bos) -> tuple[int, ...]:
     """The conditioning prefix for a BOS policy.
 
     ``"auto"``: the tokenizer's BOS, else its EOS (GPT-2's ``<|endoftext|>``).
+    ``"eos"``: the tokenizer's EOS, even where it has a BOS (OLMo-Eval / catwalk's prefix token).
     ``"none"``: no prefix; each document's first token only conditions.
     an int: that token id.
     """
@@ -120,8 +121,16 @@ def resolve_prefix(tokenizer, bos) -> tuple[int, ...]:
             "neither. Set `bos` to a token id to condition on, or to `none` to leave each "
             "document's first token unscored."
         )
+    if bos == "eos":
+        token_id = getattr(tokenizer, "eos_token_id", None)
+        if token_id is None:
+            raise ModelError(
+                "scoring.bos: `eos` needs a tokenizer with an EOS token, and this one has none. "
+                "Set `bos` to auto or to a token id to condition on."
+            )
+        return (int(token_id),)
     if isinstance(bos, bool) or not isinstance(bos, int) or bos < 0:
-        raise ModelError(f"scoring.bos: must be auto, none or a token id >= 0 (got {bos!r}).")
+        raise ModelError(f"scoring.bos: must be auto, eos, none or a token id >= 0 (got {bos!r}).")
     size = len(tokenizer)
     if bos >= size:
         named = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
