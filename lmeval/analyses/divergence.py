@@ -300,7 +300,8 @@ class _Collected:
     position (for the plot) and the ``top_k`` tokens of largest KL so far."""
 
     def __init__(self, top_k: int):
-        self.top_k, self.sums, self.top = top_k, [], None
+        self.top_k, self.top = top_k, None
+        self.sums: list[np.ndarray] = []  # per-document SUMS rows, a part at a time
         self.kl, self.delta_p = QuantileSketch(), QuantileSketch()
         self.kl_by_position, self.n_by_position = np.zeros(0), np.zeros(0)
         self.protocol = None

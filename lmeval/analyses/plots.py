@@ -249,7 +249,7 @@ def plot_groups(groups: pd.DataFrame, levels, max_groups: int = 40, min_document
     """PNG forest plot of groups.csv: one panel per level of ``data.group_by``, each group's
     bits per byte (pooled within the group) with its 95% document-bootstrap interval, one
     marker per model, groups sorted by the first model's value (lowest at the top), and a
-    dashed line at that model's bits per byte over all documents (micro). A panel with more
+    dashed line per model at its bits per byte over all documents (micro). A panel with more
     than ``max_groups`` groups shows the lowest and highest half of them and says how many in
     the middle it leaves to groups.csv. Returns the matplotlib Figure (the engine writes it)."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
@@ -262,19 +262,19 @@ def plot_groups(groups: pd.DataFrame, levels, max_groups: int = 40, min_document
         hidden = max(len(order) - max_groups, 0)
         if hidden:
             order = order[: max_groups // 2] + order[len(order) - (max_groups - max_groups // 2) :]
-        micro = first["nll_sum"].sum() / np.log(2) / first["n_bytes"].sum() if first["n_bytes"].sum() else np.nan
-        panels.append((level, order, hidden, micro))
-    heights = [0.3 * max(len(order), 1) + 0.9 for _, order, _, _ in panels]
+        panels.append((level, order, hidden))
+    heights = [0.3 * max(len(order), 1) + 0.9 for _, order, _ in panels]
     fig = Figure(figsize=(8.5, sum(heights) + 0.9), dpi=110, layout="constrained")
     axes = fig.subplots(len(panels), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
     offsets = np.linspace(-0.18, 0.18, len(models)) if len(models) > 1 else np.zeros(1)
-    for ax, (level, order, hidden, micro) in zip(axes, panels):
-        for offset, model in zip(offsets, models):
-            rows = groups[(groups["level"] == level) & (groups["model"] == model)].set_index("group").reindex(order)
+    for ax, (level, order, hidden) in zip(axes, panels):
+        for i, (offset, model) in enumerate(zip(offsets, models)):
+            of_model = groups[(groups["level"] == level) & (groups["model"] == model)]
+            rows = of_model.set_index("group").reindex(order)
             x = rows["bits_per_byte"].to_numpy(np.float64)
             low, high = (rows[c].to_numpy(np.float64) for c in ("bits_per_byte_ci_low", "bits_per_byte_ci_high"))
             below, above = np.nan_to_num(np.clip(x - low, 0, None)), np.nan_to_num(np.clip(high - x, 0, None))
-            ax.errorbar(
+            bars = ax.errorbar(
                 x,
                 np.arange(len(order)) + offset,
                 xerr=[below, above],
@@ -284,8 +284,16 @@ def plot_groups(groups: pd.DataFrame, levels, max_groups: int = 40, min_document
                 capsize=2.5,
                 label=f"model {model}",
             )
-        if np.isfinite(micro):
-            ax.axvline(micro, ls="--", lw=1, color="grey", label=f"all documents (micro), model {models[0]}")
+            n_bytes = of_model["n_bytes"].sum()  # every document lies in one group of each level
+            if n_bytes:
+                ax.axvline(
+                    of_model["nll_sum"].sum() / np.log(2) / n_bytes,
+                    ls="--",
+                    lw=1,
+                    alpha=0.7,
+                    color=bars.lines[0].get_color(),
+                    label="dashed: all documents (micro)" if i == 0 else None,
+                )
         ax.set_yticks(np.arange(len(order)), order, fontsize=8)
         ax.set_ylim(len(order) - 0.5, -0.5)  # the lowest bits per byte at the top
         shown = f"{len(order) + hidden} groups" + (

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -209,7 +210,7 @@ class ModelAnalysis:
 class PerDocumentAnalysis(Analysis):
     """An analysis whose state is a `ModelAnalysis`: sums kept per document and per bin."""
 
-    options = None
+    options: Any  # the config's `analysis` section: each subclass sets it in __init__
 
     def start(self, model: str) -> ModelAnalysis:
         return ModelAnalysis(model, self.options)

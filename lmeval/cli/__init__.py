@@ -30,7 +30,7 @@ class _StderrHandler(logging.StreamHandler):
     def filter(self, record) -> bool:
         """Skip a record that a library's own handler has printed already (huggingface_hub and
         datasets attach one to their logger and still propagate), so that it shows once."""
-        logger = logging.getLogger(record.name)
+        logger: logging.Logger | None = logging.getLogger(record.name)
         while logger is not None and logger is not logging.root:
             if logger.handlers:
                 return False

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,7 +61,8 @@ def _list_errors(path: str, values, item_error) -> list[str]:
     """Errors for each item of a list, plus one per repeated value (0 and 0.0 are the same)."""
     if not isinstance(values, (list, tuple, np.ndarray)):
         return [f"{path}: value must be a list (got {values!r}). Write a YAML list, e.g. [1.0]."]
-    errors, seen = [], {}
+    errors: list[str] = []
+    seen: dict[object, int] = {}  # value -> its first index
     for i, value in enumerate(values):
         value = value.item() if isinstance(value, np.generic) else value
         message = item_error(f"{path}[{i}]", value)
@@ -75,7 +77,7 @@ def _list_errors(path: str, values, item_error) -> list[str]:
     return errors
 
 
-def _raise_first(errors: list[str | None]) -> None:
+def _raise_first(errors: Sequence[str | None]) -> None:
     """Raise the first real message, for functions that fail fast instead of listing all."""
     for message in errors:
         if message:

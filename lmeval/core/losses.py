@@ -12,6 +12,7 @@ All logs are natural (nats). `nats_to_bits` converts; perplexity is exp of a poo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -217,7 +218,7 @@ def _reductions(
     )
 
 
-_COMPILED = {}
+_COMPILED: dict[str, Callable] = {}  # "fn": the compiled `_reductions`, once per process
 
 
 def _compiled_reductions():

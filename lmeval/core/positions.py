@@ -157,9 +157,9 @@ def bin_intervals(
             columns[groups[g].doc[rows], c] = groups[g].n_tokens[rows]
             columns[groups[g].doc[rows], len(block) + c] = groups[g].nll_sum[rows]
         boot = resampled_sums(columns, n_resamples, seed)  # (B, 2c); the same draw for every block
-        counts, sums = boot[:, : len(block)], boot[:, len(block) :]
+        counts, nll_sums = boot[:, : len(block)], boot[:, len(block) :]
         with np.errstate(invalid="ignore", divide="ignore"):
-            means = np.where(counts > 0, sums / counts, np.nan)
+            means = np.where(counts > 0, nll_sums / counts, np.nan)
         with warnings.catch_warnings():  # an all-empty column (vanishingly rare) is NaN, as meant
             warnings.simplefilter("ignore", RuntimeWarning)
             low, high = np.nanpercentile(means, [2.5, 97.5], axis=0)

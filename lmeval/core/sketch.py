@@ -53,7 +53,7 @@ class QuantileSketch:
         positive = values[values > 0]
         if len(positive):
             self.min_positive = min(self.min_positive, positive.min())
-        if self.exact:
+        if self.values is not None:  # exact mode
             self.values.append(raw.copy())
             if self.count > self.exact_limit:
                 self._to_buckets()
@@ -65,7 +65,7 @@ class QuantileSketch:
         """This sketch with ``other``'s values added (same alpha and limit), in place."""
         if other.count == 0:
             return self
-        if other.exact:
+        if other.values is not None:  # exact mode
             return self.add(np.concatenate(other.values))
         if self.exact:
             self._to_buckets()
@@ -81,7 +81,7 @@ class QuantileSketch:
         """The ``q``-th percentile (0-100) with numpy's linear interpolation; NaN when empty."""
         if self.count == 0:
             return float("nan")
-        if self.exact:
+        if self.values is not None:  # exact mode
             return float(np.percentile(np.concatenate(self.values).astype(np.float64), q))
         rank = q / 100 * (self.count - 1)
         lower, upper = int(np.floor(rank)), int(np.ceil(rank))
@@ -93,7 +93,7 @@ class QuantileSketch:
     def histogram(self, edges: np.ndarray) -> np.ndarray:
         """Counts of the values in the bins ``edges`` (as `numpy.histogram`); in bucket mode
         each bucket counts at its representative value, so a count may move one bin at an edge."""
-        if self.exact:
+        if self.values is not None:  # exact mode
             values = np.concatenate(self.values) if self.values else np.zeros(0)
             return np.histogram(values, bins=edges)[0]
         values, cumulative = self._ordered()
@@ -103,7 +103,7 @@ class QuantileSketch:
 
     def count_at_most(self, threshold: float) -> int:
         """How many values are <= ``threshold`` (exact in both modes for threshold 0)."""
-        if self.exact:
+        if self.values is not None:  # exact mode
             return int(sum((v <= threshold).sum() for v in self.values))
         values, cumulative = self._ordered()
         index = np.searchsorted(values, threshold, side="right")
@@ -112,7 +112,7 @@ class QuantileSketch:
     # ---- bucket mode ---------------------------------------------------------------------------
 
     def _to_buckets(self) -> None:
-        values, self.values = self.values, None
+        values, self.values = self.values or [], None
         for chunk in values:
             self._bucket(chunk)
 

@@ -73,7 +73,7 @@ def word_start_marker(pieces: list[str | None]) -> str | None:
                 counts[" "] += 1
     # Byte-level and Metaspace vocabularies hold hundreds of marked pieces; the larger count
     # wins when a vocabulary happens to contain both characters.
-    marker = max(("Ġ", "▁"), key=counts.get)
+    marker = max(("Ġ", "▁"), key=lambda m: counts[m])
     if counts[marker]:
         return marker
     return " " if counts[" "] else None

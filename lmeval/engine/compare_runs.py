@@ -47,7 +47,7 @@ def read_run(run_dir) -> dict:
 
 def check_runs_comparable(runs: list[dict]) -> None:
     """Refuse runs that scored different data, under different protocols, or reuse a name."""
-    owner = {}
+    owner: dict[str, str] = {}  # model name -> the run that holds it
     for run in runs:
         for name in run["record"]["protocol"]["models"]:
             if name in owner:

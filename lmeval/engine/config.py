@@ -22,7 +22,7 @@ import yaml
 from ..core.bootstrap import MIN_DOCUMENTS
 from ..core.calibration import validate_calibration_options
 from ..errors import ConfigError
-from ..model.spec import DEVICE_MAPS, ModelSpec, default_name, looks_like_hub_id
+from ..model.spec import DEVICE_MAPS, ModelSpec, looks_like_hub_id
 
 # A `models:` entry is the model record itself: one dataclass for the config, the loader and
 # the resume identity.
@@ -149,7 +149,7 @@ class _SafeLoader(yaml.SafeLoader):
     """
 
     def construct_mapping(self, node, deep=False):
-        first_line = {}
+        first_line: dict[object, int] = {}  # key -> the line it was first given on
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden, by design
                 continue
@@ -528,7 +528,7 @@ def _expand_models(raw_models, base: Path, problems: list[str]) -> list[dict]:
     if not isinstance(raw_models, list) or not raw_models:
         problems.append(f"models: must be a non-empty list of {{path: ...}} entries (got {raw_models!r}).")
         return []
-    out = []
+    out: list[dict] = []
     for i, entry in enumerate(raw_models):
         if isinstance(entry, str):
             entry = {"path": entry}
@@ -536,6 +536,8 @@ def _expand_models(raw_models, base: Path, problems: list[str]) -> list[dict]:
             problems.append(f"models[{i}]: must be a mapping with a `path` (got {entry!r}).")
             continue
         entry = dict(entry)
+        if entry.get("name") is None:  # `name: null` is an absent name: the path's last part
+            entry.pop("name", None)
         if "glob" in entry:
             pattern = str(entry.pop("glob"))
             full = pattern if Path(pattern).is_absolute() else str(base / pattern)
@@ -578,7 +580,7 @@ def build_config(raw: dict, base: Path, source: str | None = None) -> Config:
     for i, entry in enumerate(_expand_models(raw.get("models", []), base, problems) if "models" in raw else []):
         model = _build(ModelSpec, entry, f"models[{i}]", problems)
         if model is not None:
-            models.append(dataclasses.replace(model, name=model.name or default_name(model.path)))
+            models.append(model)  # its name filled from the path where absent (ModelSpec)
     _check_model_paths(models, problems)
     data_raw = raw.get("data")
     if isinstance(data_raw, dict) and isinstance(data_raw.get("path"), str) and _looks_local(data_raw["path"], base):
@@ -598,6 +600,7 @@ def build_config(raw: dict, base: Path, source: str | None = None) -> Config:
         _check_values(config, problems)
     if problems:
         raise ConfigError(problems, source=source)
+    assert config is not None  # each way to leave it None recorded a problem
     return config
 
 

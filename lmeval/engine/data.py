@@ -108,7 +108,7 @@ class ArrowDocuments(Sequence):
     def __eq__(self, other) -> bool:
         return isinstance(other, Sequence) and len(other) == len(self) and list(self) == list(other)
 
-    __hash__ = None
+    __hash__ = None  # type: ignore[assignment]  # unhashable, as a list: == compares the documents
 
     def __repr__(self) -> str:
         return f"ArrowDocuments({len(self)} documents)"
@@ -460,7 +460,11 @@ class _Scan:
     def __init__(self, config, decoders: dict):
         self.config, self.detokenizer, self.decoders = config, getattr(config, "detokenizer", None), decoders
         self.context_field = getattr(config, "context_field", None)
-        self.rows, self.doc_ids, self.lengths, self.n_skipped, self.seen = [], [], [], 0, {}
+        self.rows: list[np.ndarray] = []  # the kept rows' numbers, a batch at a time
+        self.doc_ids: list[str | int] = []
+        self.lengths: list[np.ndarray] = []  # the kept texts' lengths, a batch at a time
+        self.n_skipped = 0
+        self.seen: dict[str | int, int] = {}  # id -> its row
         # data.group_by: each kept document's value at every level, as a string
         self.group_fields = tuple(getattr(config, "group_by", None) or ())
         self.group_values: list[list[str]] = [[] for _ in self.group_fields]
@@ -531,7 +535,8 @@ class _Scan:
 
     def _add_rows(self, start: int, ids, texts, contexts, groups) -> bool:
         """`add_batch` row by row: the first faulty row raises its own error; False at `max_documents`."""
-        limit, kept = self.config.max_documents, []
+        limit = self.config.max_documents
+        kept: list[tuple] = []  # (row, doc_id, text, context)
         for row, doc_id, text, context, group in zip(range(start, start + len(texts)), ids, texts, contexts, groups):
             if limit is not None and self.n_documents + len(kept) >= limit:
                 self._keep(kept)
@@ -554,7 +559,7 @@ class _Scan:
         """Record the kept rows, and their scored texts' lengths and fingerprint (after the detokenizer)."""
         if not kept:
             return
-        rows, ids, texts, contexts = zip(*kept)
+        rows, ids, texts, contexts = map(list, zip(*kept))
         self.rows.append(np.array(rows, dtype=np.int64))
         self.doc_ids.extend(ids)
         if self.detokenizer is not None:  # per document (no neighbours needed): as `ArrowDocuments.take` reads them
@@ -681,7 +686,8 @@ def _load_conversations(config, table) -> Corpus:
     them with its own chat template when it scores them)."""
     rows = table[config.messages_field]
     ids = table[config.id_field] if config.id_field else list(range(len(rows)))
-    documents, seen = [], {}
+    documents: list[Document] = []
+    seen: dict = {}  # id -> its row
     for row, (doc_id, messages) in enumerate(zip(ids, rows)):
         if config.max_documents is not None and len(documents) >= config.max_documents:
             break
@@ -711,7 +717,7 @@ def fingerprint_documents(documents: list[Document]) -> str:
 def _fingerprint_update(digest, ids, texts, contexts) -> None:
     """Add documents to a fingerprint, in order: each id, text (and context) length-prefixed, so no
     two corpora collide by concatenation; one ``update`` per call (the same digest as one per part)."""
-    pieces = []
+    pieces: list[bytes] = []
     for doc_id, text, context in zip(ids, texts, contexts):
         doc_id, text = str(doc_id).encode("utf-8"), text.encode("utf-8")
         pieces += (_LENGTH(len(doc_id)), doc_id, _LENGTH(len(text)), text)

@@ -30,7 +30,7 @@ import pickle
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from ..errors import LmevalError
 
@@ -124,7 +124,7 @@ class Context:
 
         box = [obj if self.is_main else None]
         dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return cast(T, box[0])  # rank 0's obj, now on every rank
 
     def gather(self, obj) -> list:
         """Every rank's ``obj``, in rank order, on every rank."""

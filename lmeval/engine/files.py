@@ -166,7 +166,7 @@ class TokenWriter:
         self.path = path
         self.schema = schema or schema_for(path)
         self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        self.writer = None
+        self.writer: pq.ParquetWriter | None = None
 
     def write(self, frame: pd.DataFrame) -> None:
         table = to_arrow(frame, self.schema)

@@ -11,6 +11,7 @@ grows with the number of documents and bins, not with the number of tokens.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from .provenance import fingerprint_model, versions
 class Merger:
     """Folds every model's parts, in config order then corpus order, into the analyses."""
 
-    def __init__(self, out: Path | None, analyses: tuple, paths: dict[str, list[Path | None]]):
+    def __init__(self, out: Path | None, analyses: tuple, paths: Mapping[str, Sequence[Path | None]]):
         """``paths[model]``: each part's file in corpus order (None: a part that only ever
         exists in memory, as in the in-loop evaluator)."""
         self.analyses, self.paths = analyses, paths
@@ -58,13 +59,15 @@ class Merger:
             model, index = self.order[self.cursor]
             path = self.paths[model][index]
             if path is None or not path.exists():
-                if final:
-                    raise OutputError(
-                        f"output.dir: every result part must be in {path.parent.parent} before the merge (parts of "
-                        f"{model} are missing). Every rank writes there: put `output.dir` on a file system all "
-                        "nodes share, then rerun to resume."
-                    )
-                return
+                if not final:
+                    return
+                if path is None:  # a bug in the caller, not the user's: keeps its traceback
+                    raise RuntimeError(f"merge: in-memory part {index} of {model} was never added.")
+                raise OutputError(
+                    f"output.dir: every result part must be in {path.parent.parent} before the merge (parts of "
+                    f"{model} are missing). Every rank writes there: put `output.dir` on a file system all "
+                    "nodes share, then rerun to resume."
+                )
             columns, meta = _read_checked(path)
             self._fold(Part(model, [str(d) for d in meta["doc_ids"]], columns, meta))
             self.cursor += 1

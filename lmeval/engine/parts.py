@@ -20,6 +20,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -145,7 +146,7 @@ def read_columns(path: Path, names: list[str] | None = None) -> dict[str, np.nda
 
 
 def _stack(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out: dict[str, list] = {}
+    out: dict[str, Any] = {}  # a column, or the list of a family's columns name.0, name.1, ...
     for name, values in flat.items():
         base, _, k = name.rpartition(".")
         if base and k.isdigit():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from ..analyses.base import Part
 from ..errors import OutputError, option
@@ -32,6 +33,7 @@ from .data import Corpus
 from .parts import finished_keys, read_meta, roundtrip, write_part
 from .plan import PartPlan, part_doc_ids, plan_key
 from .prefetch import BackgroundWriter, prefetched
+from .progress import ScoringProgress
 from .provenance import tokenizer_fingerprint
 
 # Tokens are counted only once a part is tokenized; English BPE averages about 4 characters
@@ -83,12 +85,19 @@ def check_tokenizers(config: Config, passes: list[Pass]) -> None:
 
     from ..model.loading import load_tokenizer
 
-    pairs = [p for p in passes if p.baseline is not None]
+    pairs = [(p.model, p.baseline) for p in passes if p.baseline is not None]
     if not pairs:
         return
-    base = SimpleNamespace(name=pairs[0].baseline.name, tokenizer=load_tokenizer(pairs[0].baseline))
-    for p in pairs:
-        check_same_tokenizer(SimpleNamespace(name=p.model.name, tokenizer=load_tokenizer(p.model)), base)
+    baseline = pairs[0][1]
+    base = SimpleNamespace(name=baseline.name, tokenizer=load_tokenizer(baseline))
+    for model, _ in pairs:
+        check_same_tokenizer(SimpleNamespace(name=model.name, tokenizer=load_tokenizer(model)), base)
+
+
+class PartSink(Protocol):
+    """Where a scored part goes: rank 0's `Merger`, a no-op on the other ranks."""
+
+    def add(self, model: str, index: int, part: Part) -> None: ...
 
 
 @dataclass
@@ -100,8 +109,8 @@ class PassJob:
     analyses: tuple
     identity_hash: str
     folder: Path | None  # where its parts are written (None: in memory only, no resume)
-    merger: object
-    bar: object
+    merger: PartSink
+    bar: ScoringProgress
 
 
 def score_share(job: PassJob, lm, base, plans: list[tuple[int, PartPlan]]) -> None:
@@ -114,7 +123,8 @@ def score_share(job: PassJob, lm, base, plans: list[tuple[int, PartPlan]]) -> No
     if job.folder is not None:
         job.folder.mkdir(parents=True, exist_ok=True)
         check_protocol(job.folder, protocol, lm.name)
-    produce, cache = producer_for(config), {}
+    produce = producer_for(config)
+    cache: dict = {}  # the producer's, across the parts of this pass
     keep = _kept_columns(job.analyses)
     tokenize = _tokenizer_ahead(config, job.corpus, lm, produce)
     with BackgroundWriter() as writer:

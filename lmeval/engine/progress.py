@@ -11,17 +11,18 @@ class ScoringProgress:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(desc="scoring", unit="tok", disable=not show, dynamic_ncols=True)
-        self.chars_left = 0  # planned characters not yet started
-        self.chars_seen = 0  # characters of the groups started so far
+        # characters (a part's weight: a fraction where a document is split into pieces)
+        self.chars_left: float = 0  # planned, not yet started
+        self.chars_seen: float = 0  # of the groups started so far
         self.done_before = 0  # tokens of the groups finished before the current one
 
-    def plan(self, n_chars: int) -> None:
+    def plan(self, n_chars: float) -> None:
         self.chars_left += n_chars
 
-    def group(self, n_chars: int, tokenizing: bool = False) -> None:
+    def group(self, n_chars: float, tokenizing: bool = False) -> None:
         """A part starts; ``tokenizing`` says its documents are being tokenized first (shown
         on the bar, since a document of many MB takes seconds before its first batch)."""
-        self.done_before = self.bar.n
+        self.done_before = int(self.bar.n)
         self.chars_left -= n_chars
         self.chars_seen += n_chars
         self.bar.set_description_str("tokenizing" if tokenizing else "scoring")

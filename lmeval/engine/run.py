@@ -72,7 +72,7 @@ def _run_locked(config: Config, overwrite, fresh, show_progress, return_tokens, 
     analyses = analyses_for(config)
     opened = ctx.call(lambda: _open_run(config, analyses, overwrite, fresh, lock), main_only=True)  # rank 0 first
     out, corpus, parts, replaced = ctx.call(lambda: opened if ctx.is_main else _join_run(config, analyses))
-    merger = None
+    merger: Merger | _NoMerge | None = None
     try:
         plans = plan_parts(corpus, config.scoring.documents, config.scoring.separator, config.output.part_chars)
         _require_whole(analyses, plans, corpus)
@@ -89,14 +89,17 @@ def _run_locked(config: Config, overwrite, fresh, show_progress, return_tokens, 
                 warm.join()
     except BaseException:
         if ctx.is_main:
-            if merger is not None:
+            if isinstance(merger, Merger):
                 merger.abort()
             replaced.restore_if_nothing_scored()  # a run that failed before scoring changes nothing
         raise
     timing = {"started": started, "scored": time.time()}
-    return ctx.call(
-        lambda: _finish(out, config, corpus, parts, merger, return_tokens, timing, replaced), main_only=True
-    )
+
+    def finish() -> dict:
+        assert isinstance(merger, Merger)  # rank 0 merges, and only rank 0 finishes
+        return _finish(out, config, corpus, parts, merger, return_tokens, timing, replaced)
+
+    return ctx.call(finish, main_only=True)
 
 
 class _NoMerge:
@@ -207,7 +210,7 @@ def _part_paths(config: Config, corpus: Corpus, parts: Path, plans) -> dict[str,
 
 
 def _run_facts(config: Config, corpus: Corpus) -> RunFacts:
-    texts = {}
+    texts: dict[str, str] = {}  # doc_id -> text, filled on the first call
 
     def text_of(doc_id: str) -> str:  # only the few top divergence tokens ask, once, at the end
         if not texts:

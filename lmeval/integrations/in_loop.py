@@ -58,7 +58,7 @@ def _section(value, where: str) -> dict:
     """A config section given as a mapping or as its dataclass."""
     if value is None:
         return {}
-    if dataclasses.is_dataclass(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # an instance, not the class
         return dataclasses.asdict(value)
     if isinstance(value, dict):
         return dict(value)

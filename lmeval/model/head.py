@@ -52,7 +52,8 @@ class OutputHead:
         self.scale = scale
         self.divisor = divisor
         self.body_module = body_module if body_module is not None else getattr(model, "base_model", model)
-        self._column_sums = None  # (weight key, sum_v w_v, sum_v b_v), for `logit_sums`
+        # (weight key, sum_v w_v, sum_v b_v), for `logit_sums`
+        self._column_sums: tuple[tuple, torch.Tensor, float] | None = None
 
     @classmethod
     def for_model(cls, model) -> OutputHead:
@@ -120,7 +121,7 @@ class OutputHead:
             sums = sums / self.divisor
         return sums
 
-    def body(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def body(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, T) ids -> (B, T, H) final hidden states (after the final norm)."""
         out = self.body_module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
@@ -179,7 +180,10 @@ def _candidates(model):
             scale *= value
     softcap = next((v for k in _SOFTCAPS if (v := getattr(config, k, None))), None)
     scaling = getattr(config, "logits_scaling", None)
-    readings = [(None, scaling)] if isinstance(scaling, (int, float)) and scaling != 1 else [(None, None)]
+    # (multiplier, divisor) pairs
+    readings: list[tuple[float | None, float | None]] = (
+        [(None, scaling)] if isinstance(scaling, (int, float)) and scaling != 1 else [(None, None)]
+    )
     if readings[0][1] is not None:
         readings.append((scaling, None))  # the multiplying reading (HyperCLOVA X)
     for body in _bodies(model):
@@ -192,7 +196,7 @@ def _bodies(model):
     """Modules that may return the final hidden states: ``base_model`` first, then the
     usual attribute names (Llama-4 text keeps its body at ``model`` although its
     ``base_model_prefix`` says ``language_model``)."""
-    seen = []
+    seen: list[torch.nn.Module] = []
     for module in [getattr(model, "base_model", None)] + [getattr(model, n, None) for n in _BODY_NAMES]:
         if isinstance(module, torch.nn.Module) and module is not model and all(module is not m for m in seen):
             seen.append(module)

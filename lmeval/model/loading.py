@@ -140,7 +140,7 @@ def load_model(
     options = {
         k: v
         for k, v in dict(
-            name=name,
+            name=name or "",  # None and "": no name given (ModelSpec takes the path's last part)
             dtype=dtype,
             device=device,
             revision=revision,
@@ -171,8 +171,8 @@ def load_model(
         _check_local_weights(path, spec.allow_pickle)
     if spec.trust_remote_code:
         log.warning("trust_remote_code is on for %s: its repository code will run on this machine.", spec.path)
-    device = _resolve_device(spec.device, spec.display_name)
-    dtype = _resolve_dtype(spec.dtype, device)
+    torch_device = _resolve_device(spec.device, spec.display_name)
+    torch_dtype = _resolve_dtype(spec.dtype, torch_device)
     source = str(path) if is_local else spec.path
     common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     try:
@@ -180,7 +180,7 @@ def load_model(
         check_tokenizer(tokenizer, source, spec.display_name)  # before the weights: a refusal costs no load
         placed = dict(device_map=spec.device_map, max_memory=spec.max_memory) if spec.device_map else {}
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, use_safetensors=None if spec.allow_pickle else True, **common, **placed
+            source, dtype=torch_dtype, use_safetensors=None if spec.allow_pickle else True, **common, **placed
         )
     except pickle.UnpicklingError as exc:
         # torch.load(weights_only=True) stops at the first object that is not plain tensor data,
@@ -205,7 +205,7 @@ def load_model(
             "save one with `tokenizers`/`PreTrainedTokenizerFast`."
         )
     if not spec.device_map:  # with a device_map, accelerate has placed (and hooked) every layer
-        model.to(device)
+        model.to(torch_device)  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to) reads as unbound
     model.eval()
     lm = prepare_model(model, tokenizer, name=spec.display_name, spec=spec)
     lm.commit_sha = None if is_local else getattr(model.config, "_commit_hash", None)

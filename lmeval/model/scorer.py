@@ -151,7 +151,7 @@ def _scored_index(windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor, to
     rows = np.repeat(np.arange(len(windows)), counts)
     cols = np.repeat(first - (np.cumsum(counts) - counts), counts) + np.arange(total)
     targets = np.fromiter((t for w in windows for t in w.targets), dtype=np.int64, count=total)
-    return tuple(torch.from_numpy(a) for a in (rows, cols, targets))
+    return torch.from_numpy(rows), torch.from_numpy(cols), torch.from_numpy(targets)
 
 
 # The default budget of one chunk: ~16 MiB of float32 logits on CPU, where the reductions
@@ -218,6 +218,7 @@ def score_batch(
     `TokenStats` fields (and ``log_mass`` under ``options.mass_masks``), and with a
     ``baseline`` also the `PAIR_FIELDS` other than ``nll`` (the model's nll is the
     `TokenStats` one)."""
+    mask: torch.Tensor | None
     ids, mask = _pad(windows, lm.device)
     if not _probes(lm, baseline).mask:  # a model that fails when given a mask: unpadded rows, no mask
         mask = None

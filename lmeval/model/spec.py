@@ -45,7 +45,8 @@ FILE_SUFFIXES = (
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to load one model. ``path`` is a local folder or a hub id.
+    """How to load one model. ``path`` is a local folder or a hub id; ``name`` labels the model
+    in every table and folder, the last part of ``path`` unless given.
 
     ``dtype`` is the weights' precision (the statistics are float32 regardless); ``device``
     is auto, cpu, cuda or cuda:N; ``revision`` a hub branch, tag or commit;
@@ -58,7 +59,7 @@ class ModelSpec:
     """
 
     path: str
-    name: str | None = None
+    name: str = ""  # empty: the last part of the path (`default_name`), filled in at construction
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "auto"
     revision: str | None = None
@@ -68,9 +69,14 @@ class ModelSpec:
     max_memory: dict | None = None
     allow_noncausal: bool = False
 
+    def __post_init__(self) -> None:
+        # A name is a str from here on: folder names and table keys never see None.
+        if not self.name:
+            object.__setattr__(self, "name", default_name(self.path))
+
     @property
     def display_name(self) -> str:
-        return self.name or default_name(self.path)
+        return self.name
 
 
 def default_name(path: str) -> str:

@@ -184,5 +184,9 @@ def _first_time(config) -> bool:
     known = _WARNED.get(key)
     if known is not None and known() is config:
         return False
-    _WARNED[key] = weakref.ref(config, lambda _, key=key: _WARNED.pop(key, None))
+
+    def forget(_: weakref.ref) -> None:
+        _WARNED.pop(key, None)
+
+    _WARNED[key] = weakref.ref(config, forget)
     return True

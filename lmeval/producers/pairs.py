@@ -146,7 +146,7 @@ def pooled(table: pd.DataFrame, bootstrap: int, seed: int) -> dict:
 def check_pair_ids(ids: list, places: list[str]) -> None:
     """Ids as `lmeval run` takes them (a string or a number; never null, a list or a mapping),
     unique as the text they are written as: ``1`` and ``"1"`` would be one row id in the CSV."""
-    seen = {}
+    seen: dict[str, str] = {}  # the id as written -> where it first was
     for doc_id, place in zip(ids, places):
         if doc_id is None or doc_id != doc_id or isinstance(doc_id, (bool, list, dict, bytes)):
             kind = "null" if doc_id is None or doc_id != doc_id else type(doc_id).__name__
@@ -199,7 +199,7 @@ def read_pairs(path) -> tuple[list[str], list[str], list[str] | None, list]:
         raise DataError(f"{path}: must be a readable jsonl file (got {exc.strerror}). Check the path.") from exc
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: must be UTF-8 text (byte {exc.start} is not). Re-encode it.") from exc
-    rows = []
+    rows: list[tuple[int, dict]] = []  # (line number, pair)
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -223,10 +223,10 @@ def read_pairs(path) -> tuple[list[str], list[str], list[str] | None, list]:
     if not rows:
         raise DataError(f"{path}: holds no pairs. Each line must be a JSON object with sentence_good and sentence_bad.")
     places = [f"{path}: line {number}" for number, _ in rows]
-    rows = [row for _, row in rows]
-    has_context = any("context" in r for r in rows)
-    ids = [r.get("id", i) for i, r in enumerate(rows)]
+    records = [row for _, row in rows]
+    has_context = any("context" in r for r in records)
+    ids = [r.get("id", i) for i, r in enumerate(records)]
     check_pair_ids(ids, places)
-    good, bad = [r["sentence_good"] for r in rows], [r["sentence_bad"] for r in rows]
-    contexts = [r.get("context", "") for r in rows] if has_context else None
+    good, bad = [r["sentence_good"] for r in records], [r["sentence_bad"] for r in records]
+    contexts = [r.get("context", "") for r in records] if has_context else None
     return good, bad, contexts, ids

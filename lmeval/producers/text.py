@@ -73,7 +73,7 @@ class TokenizedDocument:
     """A document's token ids, their character spans ``[char_start, char_end)`` into
     ``text``, and the conditioning prefix (``[bos_id]`` or ``[]``)."""
 
-    doc_id: str
+    doc_id: str | int  # as the Document has it: the API's texts are numbered
     text: str
     token_ids: np.ndarray  # (n,) int64
     offsets: np.ndarray  # (n, 2) int64

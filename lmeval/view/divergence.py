@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import math
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -127,7 +128,7 @@ def _rows(table: pd.DataFrame) -> list[dict]:
     )
     return [
         {
-            "index": int(r.position),
+            "index": int(cast(int, r.position)),  # an int64 column (pandas-stubs: any Scalar)
             "label": str(r.token),
             "text": str(r.token_text),
             "same_top1": bool(r.same_top1),

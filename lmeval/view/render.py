@@ -184,7 +184,7 @@ def _rows(table: pd.DataFrame) -> list[dict]:
     text_col = "token_text" if unit == "token" else "word"
     index_col = "position" if unit == "token" else "word_index"
     entropy = table["entropy_bits"] if "entropy_bits" in table.columns else [math.nan] * len(table)
-    topk = table["topk"] if "topk" in table.columns else [[]] * len(table)
+    topk: pd.Series | list[list[dict]] = table["topk"] if "topk" in table.columns else [[]] * len(table)
     return [
         {
             "index": int(i),

@@ -26,6 +26,7 @@ those.
 from __future__ import annotations
 
 import re
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -116,11 +117,12 @@ def surprisal_table(
     contexts = None if contexts is None else check_contexts(contexts, len(texts))
     lm = as_loaded_model(demo_model_path() if model is None else model)
     starts = word_starts(lm) if word_correction == "bow" else None
-    correct = starts is not None and starts.marker is not None
+    marked = starts if starts is not None and starts.marker is not None else None  # the word starts to correct at
+    correct = marked is not None
     options = ScoreOptions(top_k=top_k)
-    if correct:
-        options = options_with_masses(options, starts)
-    end_id = end_target(starts, text_end, lm.name) if correct else None
+    if marked is not None:
+        options = options_with_masses(options, marked)
+    end_id = end_target(marked, text_end, lm.name) if marked is not None else None
     scored = score_continuations(
         lm, texts, contexts, bos=bos, max_length=max_length, stride=stride, options=options, end_id=end_id
     )
@@ -128,8 +130,8 @@ def surprisal_table(
     frame = tokens_frame(lm.name, list(range(len(texts))), columns)
     order = np.lexsort((columns["position"], columns["doc_index"]))
     extra = {"crosses_context": columns["crosses_context"]} if contexts is not None else {}
-    if correct:
-        before, after = boundary_columns(scored, starts, text_end)
+    if marked is not None:
+        before, after = boundary_columns(scored, marked, text_end)
         extra.update(boundary_before_bits=-before / LN2, boundary_after_bits=-after / LN2)
     table = token_table(frame, texts, lm.tokenizer)
     for key, values in extra.items():
@@ -285,11 +287,11 @@ def aggregate_words(tokens_df: pd.DataFrame, texts, word_correction: str | None 
             "(got a token table without them). Make the token table with surprisal_table(..., word_correction='bow'), "
             "or pass word_correction='none' for the token sum."
         )
-    parts = [
-        _document_words(doc_id, texts[int(doc_id)], rows, word_correction == "bow")
-        for doc_id, rows in tokens_df.groupby("doc_id", sort=True)
-        if texts[int(doc_id)].strip()
-    ]
+    parts = []
+    for doc_id, rows in tokens_df.groupby("doc_id", sort=True):
+        text = texts[int(cast(int, doc_id))]  # doc_id: the text's index (pandas-stubs: any Scalar)
+        if text.strip():
+            parts.append(_document_words(doc_id, text, rows, word_correction == "bow"))
     columns = WORD_TABLE_COLUMNS + [c for c in ("crosses_context", "topk") if c in tokens_df.columns]
     out = pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame({c: [] for c in columns})
     out.attrs.update({k: v for k, v in tokens_df.attrs.items() if k in ("text_end", "word_start_marker")})
