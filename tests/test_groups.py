@@ -359,6 +359,19 @@ def test_group_config_errors_are_reported_together():
         )
 
 
+def test_grouping_is_not_part_of_the_run_identity(folder):
+    """Regrouping an interrupted run resumes its parts: how documents are pooled changes no score."""
+    from lmeval.analyses import analyses_for
+    from lmeval.engine.run import _identity
+
+    data = {"path": str(folder / "mixture.jsonl"), "id_field": "id"}
+    identities = []
+    for extra in ({}, {"group_by": ["source", "domain"], "group_weights": "documents", "group_missing": "skip"}):
+        config = build_config({"models": [{"path": str(folder / "gpt2")}], "data": {**data, **extra}}, folder)
+        identities.append(_identity(config, load_documents(config.data), analyses_for(config)))
+    assert identities[0] == identities[1]
+
+
 def test_bos_eos_is_the_eos_even_with_a_bos():
     class Tokenizer:
         bos_token_id, eos_token_id = 1, 2

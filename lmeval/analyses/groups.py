@@ -22,6 +22,7 @@ import pandas as pd
 
 from ..core import groups as G
 from ..core.bootstrap import bootstrap_interval, resampled_sums
+from ..errors import ConfigError
 from .base import Analysis, ModelResult, Outputs, Part, RunFacts
 from .compare import small_sample_note
 from .divergence import MEANS, document_sums
@@ -251,7 +252,10 @@ class GroupsAnalysis(Analysis):
 
 def _labels(run: RunFacts) -> G.GroupLabels:
     if run.groups is None:
-        raise ValueError("groups: the corpus carries no group labels; load it with `load_documents` and data.group_by")
+        raise ConfigError(
+            "data.group_by: needs documents read from data.path, which carry the group columns (got documents "
+            "without groups, e.g. texts given to the in-loop evaluator). Give the data by data.path, or drop group_by."
+        )
     return run.groups
 
 

@@ -139,8 +139,10 @@ def _join_run(config: Config, analyses: tuple):
 def _identity(config: Config, corpus: Corpus, analyses: tuple) -> dict:
     """What the parts depend on: changing any of it makes earlier parts invalid. Every field
     of every model record counts, whatever fields the record grows; each analysis adds what
-    its parts carry (membership's moments, a pair's baseline)."""
+    its parts carry (membership's moments, a pair's baseline). How documents are grouped is
+    not: it changes no score (the documents a group leaves out change the fingerprint)."""
     raw = config.to_dict()
+    raw["data"] = {k: v for k, v in raw["data"].items() if k not in ("group_by", "group_missing", "group_weights")}
     added: dict = {}
     for analysis in analyses:
         added.update(analysis.identity())
