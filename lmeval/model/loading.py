@@ -113,7 +113,7 @@ def _check_local_weights(path: Path, allow_pickle: bool) -> None:
 def load_model(
     source,
     *,
-    name: str | None = None,
+    name: str = "",
     dtype: str = "auto",
     device: str = "auto",
     revision: str | None = None,
@@ -140,7 +140,7 @@ def load_model(
     options = {
         k: v
         for k, v in dict(
-            name=name or "",  # None and "": no name given (ModelSpec takes the path's last part)
+            name=name or "",  # "" (or None): no name given, so ModelSpec takes the path's last part
             dtype=dtype,
             device=device,
             revision=revision,

@@ -27,7 +27,7 @@ def as_loaded_model(model, name: str | None = None) -> LoadedModel:
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, (str, Path, ModelSpec)):
-        return load_model(model, name=name)
+        return load_model(model, name=name or "")
     if isinstance(model, tuple) and len(model) == 2:
         return prepare_model(model[0], model[1], name=name or type(model[0]).__name__)
     raise DataError(f"model: must be a path, a hub id or a (model, tokenizer) pair (got {type(model).__name__}).")
