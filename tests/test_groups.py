@@ -211,31 +211,32 @@ def test_named_averages_differ_and_each_equals_its_formula(grouped):
         assert summary.loc[model, "n_skipped_no_group"] == 0
 
 
-def stratified_oracle(rows: pd.DataFrame, n_resamples: int, seed: int) -> np.ndarray:
+def stratified_oracle(rows: pd.DataFrame, n_resamples: int, seed: int) -> tuple[np.ndarray, list]:
     """(B, G, 2) resampled (nll_sum, n_bytes) per finest group, by the documented draw: groups
-    in the order of their labels (top level first), documents in corpus order, group s drawn
-    with default_rng(SeedSequence(seed).generate_state(G)[s]).integers(0, n_s, (B, n_s))."""
+    numbered in the order of their labels (top level first), documents ordered by group (corpus
+    order within one), position j drawing the document at start_j + i, i from
+    default_rng(seed).integers(0, n_j, (B, D)), n_j and start_j its group's size and start."""
     keys = sorted({tuple(r) for r in rows[LEVELS].itertuples(index=False)}, key=lambda t: [p.split("/")[-1] for p in t])
-    seeds = np.random.SeedSequence(seed).generate_state(len(keys))
-    out = np.zeros((n_resamples, len(keys), 2))
-    for s, key in enumerate(keys):
-        members = rows[(rows[LEVELS] == list(key)).all(axis=1)]
-        values = members[["nll_sum", "n_bytes"]].to_numpy(np.float64)
-        index = np.random.default_rng(int(seeds[s])).integers(0, len(values), size=(n_resamples, len(values)))
-        out[:, s] = values[index].sum(axis=1)
-    return out
+    stratum = np.array([keys.index(tuple(r)) for r in rows[LEVELS].itertuples(index=False)])
+    order = np.argsort(stratum, kind="stable")
+    counts = np.bincount(stratum, minlength=len(keys))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    position = stratum[order]
+    pick = starts[position] + np.random.default_rng(seed).integers(0, counts[position], size=(n_resamples, len(rows)))
+    values = rows[["nll_sum", "n_bytes"]].to_numpy(np.float64)[order][pick]  # (B, D, 2)
+    out = np.stack([values[:, position == s].sum(axis=1) for s in range(len(keys))], axis=1)
+    return out, keys
 
 
 def test_intervals_follow_the_documented_stratified_draw(grouped):
     rows = labelled(grouped["documents"], "tiny")
-    boot = stratified_oracle(rows, 200, 3)  # compare.bootstrap, compare.seed
+    boot, keys = stratified_oracle(rows, 200, 3)  # compare.bootstrap, compare.seed
     summary = grouped["summary"].set_index("model").loc["tiny"]
     micro = boot[..., 0].sum(axis=1) / LN2 / boot[..., 1].sum(axis=1)
     low, high = np.percentile(micro, [2.5, 97.5])
     assert close(summary["bits_per_byte_micro_ci_low"], low) and close(summary["bits_per_byte_micro_ci_high"], high)
     # A finest group with enough documents: a plain document bootstrap within it.
     groups = grouped["groups"].set_index(["model", "level", "group"])
-    keys = sorted({tuple(r) for r in rows[LEVELS].itertuples(index=False)}, key=lambda t: [p.split("/")[-1] for p in t])
     s = keys.index(("prophets", "prophets/daniel", "prophets/daniel/visions"))
     within = np.percentile(boot[:, s, 0] / LN2 / boot[:, s, 1], [2.5, 97.5])
     row = groups.loc[("tiny", "topic", "prophets/daniel/visions")]

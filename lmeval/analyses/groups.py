@@ -112,17 +112,28 @@ class GroupsAnalysis(Analysis):
         strata, n_strata = labels.codes[where, -1], len(labels.names[-1])
         c = self.options
         finest = G.stratum_sums(columns, strata, n_strata)[None]  # (1, G_finest, k)
-        boot = G.stratified_resampled_sums(columns, strata, n_strata, c.bootstrap, c.seed)  # (B, G_finest, k)
         weights = self._weights(labels, where)
+        point = G.named_averages(finest, labels, weights)
+        # Groups with enough documents for an interval, per level, and their resampled bits per byte.
+        sizes = [np.bincount(labels.codes[where, k], minlength=len(labels.names[k])) for k in range(len(labels.levels))]
+        shown = [n >= c.min_documents for n in sizes]
+        resampled: dict = {name: [] for name in point}
+        per_group: list[list] = [[] for _ in labels.levels]
+        for block in G.stratified_resamples(columns, strata, n_strata, c.bootstrap, c.seed):  # (b, G_finest, k)
+            for name, values in G.named_averages(block, labels, weights).items():
+                resampled[name].append(values)
+            for k, keep in enumerate(shown):
+                per_group[k].append(G.pooled(G.to_level(block, labels, k)[:, keep])["bits_per_byte"])  # (b, G_kept)
         summary: dict[str, float] = {"n_skipped_no_group": labels.n_skipped}
-        resampled = G.named_averages(boot, labels, weights)
         enough = len(ids) >= c.min_documents
-        for name, value in G.named_averages(finest, labels, weights).items():
+        for name, value in point.items():
             if name != "ppl_doc_mean":  # the documents analysis's, unchanged
                 summary[name] = float(value[0])
-            low, high, _ = bootstrap_interval(resampled[name]) if enough else (math.nan, math.nan, math.nan)
+            draws = np.concatenate(resampled[name]) if resampled[name] else np.zeros(0)
+            low, high, _ = bootstrap_interval(draws) if enough else (math.nan, math.nan, math.nan)
             summary[f"{name}_ci_low"], summary[f"{name}_ci_high"] = low, high
-        tables = {"groups": self._group_rows(model, labels, where, finest, boot)}
+        intervals = [_percentiles(blocks, keep) for blocks, keep in zip(per_group, shown)]
+        tables = {"groups": self._group_rows(model, labels, sizes, finest, intervals)}
         if state["pairs"]:
             tables["divergence_groups"] = self._divergence_rows(model, labels, state["pairs"])
         return ModelResult(summary=summary, tables=tables)
@@ -174,18 +185,13 @@ class GroupsAnalysis(Analysis):
             if level in tables
         }
 
-    def _group_rows(self, model: str, labels: G.GroupLabels, where, finest, boot) -> pd.DataFrame:
-        """One row per level and group (`GROUP_COLUMNS`)."""
+    def _group_rows(self, model: str, labels: G.GroupLabels, sizes: list, finest, intervals: list) -> pd.DataFrame:
+        """One row per level and group (`GROUP_COLUMNS`); ``intervals[k]``: (2, G_k) ends."""
         c, frames = self.options, []
         for k, level in enumerate(labels.levels):
             sums = G.to_level(finest, labels, k)[0]  # (G_k, k)
             figures = G.pooled(sums)
-            resampled = G.pooled(G.to_level(boot, labels, k))["bits_per_byte"]  # (B, G_k)
-            n_documents = np.bincount(labels.codes[where, k], minlength=len(labels.names[k]))
-            intervals = [
-                bootstrap_interval(resampled[:, g])[:2] if n >= c.min_documents else (math.nan, math.nan)
-                for g, n in enumerate(n_documents)
-            ]
+            n_documents = sizes[k]
             children = np.full(len(n_documents), np.nan)
             if k + 1 < len(labels.levels):
                 below = G.pooled(G.to_level(finest, labels, k + 1)[0])["bits_per_byte"]
@@ -205,8 +211,8 @@ class GroupsAnalysis(Analysis):
                         "bits_per_token": figures["bits_per_token"],
                         "bits_per_byte": figures["bits_per_byte"],
                         "word_ppl": figures["word_ppl"],
-                        "bits_per_byte_ci_low": [i[0] for i in intervals],
-                        "bits_per_byte_ci_high": [i[1] for i in intervals],
+                        "bits_per_byte_ci_low": intervals[k][0],
+                        "bits_per_byte_ci_high": intervals[k][1],
                         "bits_per_byte_macro_children": children,
                         "note": [small_sample_note(int(n), c.min_documents) for n in n_documents],
                     }
@@ -248,6 +254,15 @@ class GroupsAnalysis(Analysis):
                 row["ppl_ratio"] = math.exp(row["ln_ppl_ratio"])
                 rows.append(row)
         return pd.DataFrame(rows, columns=DIVERGENCE_GROUP_COLUMNS)
+
+
+def _percentiles(blocks: list, keep: np.ndarray) -> np.ndarray:
+    """(2, G) each group's 95% percentile interval (`bootstrap_interval`'s ends) from its
+    resampled values; NaN for the groups left out (too few documents) or without resamples."""
+    out = np.full((2, len(keep)), np.nan)
+    if blocks and keep.any():
+        out[:, keep] = np.percentile(np.concatenate(blocks), [2.5, 97.5], axis=0)
+    return out
 
 
 def _labels(run: RunFacts) -> G.GroupLabels:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bootstrap import resampled_sums
 from .units import LN2
 
 # Per-document columns the bootstrap resamples (`document_columns`), by index.
@@ -124,32 +123,65 @@ def stratum_sums(columns: np.ndarray, strata: np.ndarray, n_strata: int) -> np.n
     return out
 
 
+# Documents x columns drawn at a time in a block of resamples: bounds memory, same stream.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def stratified_resamples(columns: np.ndarray, strata: np.ndarray, n_strata: int, n_resamples: int, seed: int):
+    """Column sums of bootstrap resamples drawn within each stratum (group): yields blocks of
+    shape (b, n_strata, k), ``n_resamples`` rows in all, so that memory follows the block.
+
+    The documents are ordered by stratum (stable: corpus order within one); position j, in
+    stratum s of n_s documents starting at position a_s, draws the document at a_s + i with
+    ``i`` from ``np.random.default_rng(seed).integers(0, n, size=(n_resamples, D))``, n the
+    size of each position's stratum, row r being resample r. Every stratum keeps its size in
+    every resample. The draws come in blocks of rows; numpy's generator gives the same stream
+    either way."""
+    columns = np.asarray(columns, dtype=np.float64)  # (D, k)
+    order = np.argsort(strata, kind="stable")
+    counts = np.bincount(strata, minlength=n_strata)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    stratum = np.asarray(strata)[order]  # (D,) each position's stratum
+    base, high = starts[stratum], counts[stratum]
+    ordered, present = columns[order], counts > 0
+    n_docs, k = columns.shape
+    rows = max(1, _BLOCK_ELEMENTS // max(n_docs * k, 1))
+    rng = np.random.default_rng(seed)
+    for first in range(0, n_resamples, rows):
+        b = min(rows, n_resamples - first)
+        drawn = ordered[base + rng.integers(0, high, size=(b, n_docs))]  # (b, D, k)
+        block = np.zeros((b, n_strata, k))
+        block[:, present] = np.add.reduceat(drawn, starts[present], axis=1)  # (b, G, k)
+        yield block
+
+
 def stratified_resampled_sums(
     columns: np.ndarray, strata: np.ndarray, n_strata: int, n_resamples: int, seed: int
 ) -> np.ndarray:
-    """(n_resamples, n_strata, k) column sums of bootstrap resamples drawn within each stratum.
+    """(n_resamples, n_strata, k): every block of `stratified_resamples` at once."""
+    blocks = list(stratified_resamples(columns, strata, n_strata, n_resamples, seed))
+    return np.concatenate(blocks) if blocks else np.zeros((0, n_strata, np.shape(columns)[1]))
 
-    Stratum s (its documents in corpus order) is resampled with `resampled_sums` and seed
-    ``np.random.SeedSequence(seed).generate_state(n_strata)[s]``, so each stratum's draw is
-    fixed by the seed and its own documents."""
-    out = np.zeros((n_resamples, n_strata, columns.shape[1]))
-    if n_resamples == 0:
-        return out
-    seeds = np.random.SeedSequence(seed).generate_state(n_strata)
-    order = np.argsort(strata, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(strata, minlength=n_strata))])
-    for s in range(n_strata):
-        rows = order[bounds[s] : bounds[s + 1]]
-        if len(rows):
-            out[:, s] = resampled_sums(columns[rows], n_resamples, int(seeds[s]))
-    return out
+
+def _sum_into(values: np.ndarray, index: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """``values`` summed along ``axis`` into ``size`` bins, position i into bin ``index[i]``.
+    Groups are numbered in the order of their labels, top level first, so the finer groups of
+    one coarser group are contiguous: one `np.add.reduceat` (no groups-by-groups matrix: a
+    level may hold many thousands of groups)."""
+    values = np.asarray(values, dtype=np.float64)
+    index = np.asarray(index)
+    starts = np.flatnonzero(np.concatenate([[True], index[1:] != index[:-1]])) if len(index) else index
+    if len(starts) == size and np.array_equal(index[starts], np.arange(size)):
+        return np.add.reduceat(values, starts, axis=axis)
+    moved = np.moveaxis(values, axis, 0)  # any other order: slower, the same sums
+    out = np.zeros((size, *moved.shape[1:]))
+    np.add.at(out, index, moved)
+    return np.moveaxis(out, 0, axis)
 
 
 def to_level(finest: np.ndarray, labels: GroupLabels, level: int) -> np.ndarray:
     """(..., G_level, k) sums per group of ``level`` from (..., G_finest, k) finest-level sums."""
-    members = np.zeros((len(labels.names[-1]), len(labels.names[level])))
-    members[np.arange(len(labels.names[-1])), labels.finest_to(level)] = 1.0
-    return np.einsum("...gk,gh->...hk", finest, members)
+    return _sum_into(finest, labels.finest_to(level), len(labels.names[level]), axis=-2)
 
 
 def _ratio(numerator: np.ndarray, count: np.ndarray, ok: np.ndarray) -> np.ndarray:
@@ -188,11 +220,9 @@ def _mean(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
 def children_mean(values: np.ndarray, parents: np.ndarray, n_parents: int) -> np.ndarray:
     """(..., n_parents) the unweighted mean of the children's finite ``values`` (..., G_child)
     per parent (Paloma's macro over the domains of a source)."""
-    members = np.zeros((len(parents), n_parents))
-    members[np.arange(len(parents)), parents] = 1.0
     ok = np.isfinite(values)
-    counts = ok.astype(np.float64) @ members
-    sums = np.where(ok, values, 0.0) @ members
+    counts = _sum_into(ok, parents, n_parents, axis=-1)
+    sums = _sum_into(np.where(ok, values, 0.0), parents, n_parents, axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(counts > 0, sums / np.where(counts > 0, counts, 1.0), np.nan)
 
