@@ -102,3 +102,16 @@ def saved_gpt2(tmp_path, gpt2_pair):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def chat_lm(tmp_path_factory):
+    """A tiny GPT-2 with a ChatML template, room for a whole conversation in one window."""
+    from helpers import CHATML
+    from lmeval.model.loading import prepare_model
+
+    tok = train_bpe(tmp_path_factory.mktemp("chat"))
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    # Room for a whole conversation in one window, so that whole-conversation scoring is the oracle.
+    return prepare_model(build_model("gpt2", len(tok), n_positions=256), tok, name="tiny-chat")

@@ -11,9 +11,9 @@ import torch
 
 import lmeval
 from conftest import CORPUS, build_model
+from helpers import write_config, write_jsonl
 from lmeval import ConfigError, ModelError
 from lmeval.cli import main
-from test_run import write_config, write_jsonl
 
 GOOD_DATA = [{"id": f"d{i}", "text": t} for i, t in enumerate(CORPUS)]
 

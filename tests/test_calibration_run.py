@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import lmeval
 from conftest import CORPUS
+from helpers import write_config, write_jsonl
 from lmeval.cli import main
-from test_run import write_config, write_jsonl
 
 EPS = [0.0, 0.05, 0.1]
 TEMPS = [0.7, 1.0, 1.3]

@@ -5,7 +5,6 @@ bit-for-bit the training without it, and each step's run folder is an `lmeval ru
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import subprocess
@@ -18,7 +17,9 @@ import pytest
 import torch
 
 import lmeval
-from conftest import CORPUS, build_model
+from conftest import build_model
+from helpers import HELDOUT, make_trainer
+from helpers import callback_oracle as oracle
 from lmeval.engine.config import build_config
 from lmeval.errors import ConfigError, DataError, ModelError
 from lmeval.integrations.in_loop import InLoopEvaluator, preserved_rng
@@ -26,26 +27,7 @@ from lmeval.integrations.in_loop import InLoopEvaluator, preserved_rng
 transformers = pytest.importorskip("transformers")
 from lmeval.integrations.transformers import LmevalCallback  # noqa: E402
 
-HELDOUT = [
-    "The lazy dog sleeps while the quick fox jumps over the word.",
-    "Entropy plus divergence is the cross-entropy of the model.",
-    "Café owners like 3.14159 and formulas — 猫 too.",
-]
 METRICS = ("ppl", "bits_per_token", "bits_per_byte", "ece")
-
-
-class TinyTexts(torch.utils.data.Dataset):
-    """Fixed-length language-modelling rows (no padding), labels = inputs."""
-
-    def __init__(self, tokenizer, length: int = 12):
-        ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:length] for t in CORPUS * 2]
-        self.rows = [torch.tensor(i) for i in ids if len(i) == length]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.rows[i], "labels": self.rows[i]}
 
 
 class Recorder(transformers.TrainerCallback):
@@ -69,53 +51,6 @@ class Recorder(transformers.TrainerCallback):
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         self.expected[state.global_step] = oracle(model, self.tokenizer)
-
-
-def oracle(model, tokenizer) -> dict:
-    """Pooled metrics from score_texts' per-token rows, computed here in float64."""
-    tokens = lmeval.score_texts(HELDOUT, (model, tokenizer), max_length=16)
-    nll = tokens.nll.to_numpy(np.float64)
-    n_bytes = sum(len(t.encode("utf-8")) for t in HELDOUT)  # bos auto: every character is scored
-    conf, top1 = tokens.max_prob.to_numpy(np.float64), tokens.is_top1.to_numpy(np.float64)
-    bins = np.clip(np.floor(conf * 15).astype(int), 0, 14)
-    ece = sum(abs(conf[bins == b].sum() - top1[bins == b].sum()) for b in range(15)) / len(conf)
-    return {
-        "ppl": math.exp(nll.sum() / len(nll)),
-        "bits_per_token": nll.sum() / len(nll) / math.log(2),
-        "bits_per_byte": nll.sum() / n_bytes / math.log(2),
-        "ece": ece,
-    }
-
-
-def make_trainer(tmp_path, tokenizer, *, evaluate_every=None, max_steps=4, seed=0, **extra):
-    model = build_model("gpt2", len(tokenizer), seed=seed).train()  # GPT-2's default dropout 0.1 is on
-    data = TinyTexts(tokenizer)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "trainer"),
-        max_steps=max_steps,
-        per_device_train_batch_size=2,
-        per_device_eval_batch_size=2,
-        learning_rate=5e-3,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=seed,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        eval_strategy="steps" if evaluate_every else "no",
-        eval_steps=evaluate_every,
-        **extra,
-    )
-    dev = torch.utils.data.Subset(data, [0, 1]) if evaluate_every else None  # the Trainer's own eval: kept small
-    return transformers.Trainer(
-        model=model,
-        args=args,
-        train_dataset=data,
-        eval_dataset=dev,
-        processing_class=tokenizer,
-        data_collator=transformers.default_data_collator,
-    )
 
 
 def test_logged_values_equal_score_texts_at_that_step(tmp_path, bpe_tokenizer):
@@ -268,7 +203,7 @@ sys.path.insert(0, {tests!r})
 from pathlib import Path
 import torch, transformers
 from conftest import train_bpe
-from test_callback import HELDOUT, make_trainer, oracle
+from helpers import HELDOUT, make_trainer, callback_oracle as oracle
 from lmeval.integrations.transformers import LmevalCallback
 
 rank = int(os.environ["RANK"])
@@ -288,7 +223,7 @@ if rank == 0:
 @pytest.mark.slow
 def test_ddp_rank0_scores_and_every_rank_logs_the_same(tmp_path):
     """Under torchrun (2 CPU ranks, gloo) rank 0 scores; both ranks log its values."""
-    from test_distributed import child_env, free_port
+    from helpers import child_env, free_port
 
     tests = str(Path(__file__).resolve().parent)
     script = tmp_path / "ddp_train.py"

@@ -15,15 +15,13 @@ import pytest
 import torch
 
 import lmeval
-from conftest import build_model
+from helpers import CHATML, CONTEXTS, CONVERSATIONS
+from helpers import CONTEXT_TEXTS as TEXTS
 from lmeval.cli import pairs as pairs_cli
 from lmeval.cli import surprisal as surprisal_cli
 from lmeval.errors import ConfigError, DataError, ModelError
 from lmeval.model.loading import prepare_model
 from lmeval.producers.chat import score_chats, turn_table
-
-CONTEXTS = ["The quick brown fox", "The quick brown fox ", "The dog sle", ""]
-TEXTS = [" jumps over the lazy dog.", "jumps over the lazy dog.", "eps on.", "Perplexity is the word."]
 
 
 @pytest.fixture(scope="module")
@@ -162,35 +160,6 @@ def test_surprisal_cli_context(saved_gpt2, gpt2_lm, capsys):
 # --------------------------------------------------------------------------------------
 # Chat turns
 # --------------------------------------------------------------------------------------
-
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-CONVERSATIONS = [
-    [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Who sleeps?"},
-        {"role": "assistant", "content": "The dog sleeps."},
-        {"role": "user", "content": "And the fox?"},
-        {"role": "assistant", "content": "The fox jumps over the lazy dog."},
-    ],
-    [
-        {"role": "user", "content": "Define perplexity."},
-        {"role": "assistant", "content": "The exponential of the loss."},
-    ],
-]
-
-
-@pytest.fixture(scope="module")
-def chat_lm(tmp_path_factory):
-    from conftest import train_bpe
-
-    tok = train_bpe(tmp_path_factory.mktemp("chat"))
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tok.chat_template = CHATML
-    # Room for a whole conversation in one window, so that whole-conversation scoring is the oracle.
-    return prepare_model(build_model("gpt2", len(tok), n_positions=256), tok, name="tiny-chat")
 
 
 def test_chat_scores_assistant_turns_only(chat_lm):

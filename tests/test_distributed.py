@@ -3,7 +3,6 @@ process, resumable with a different number of ranks, balanced by characters."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,66 +15,25 @@ import torch
 
 import lmeval
 from conftest import CORPUS
+from helpers import (
+    assert_same_tables,
+    child_env,
+    read_tables,
+    run_ranks,
+    torchrun_command,
+    write_config,
+    write_jsonl,
+)
 from lmeval.engine.distributed import Launch, LaunchError, assign, launch_from_env, launched
 from lmeval.engine.parts import plan_groups
 from lmeval.errors import OutputError
-from test_resume import assert_same_tables, read_tables
-from test_run import write_config, write_jsonl
 
 TEXTS = [f"{i}: {CORPUS[i % len(CORPUS)]} {CORPUS[(i * 5 + 1) % len(CORPUS)]}" for i in range(24)]
-LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
-
-
-def child_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    return {
-        **env,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun_command(config, nproc: int = 2) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "lmeval",
-        "run",
-        str(config),
-        "-q",
-    ]
 
 
 # gloo can rarely abort a worker while it tears down (seen once in about 40 launches here),
 # after the job's results are complete. That is gloo's, not lmeval's: such a run is redone
 # once with --overwrite, and the tables it writes are what the test checks.
-TEARDOWN_ABORT = "terminate called without an active exception"
-
-
-def run_ranks(config, nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
-    command = torchrun_command(config, nproc)
-    done = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0 and TEARDOWN_ABORT in done.stderr:
-        done = subprocess.run(
-            command + ["--overwrite"], env=child_env(), capture_output=True, text=True, timeout=timeout
-        )
-    return done
 
 
 def process_tree(pid: int) -> list[int]:

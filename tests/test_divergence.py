@@ -13,6 +13,7 @@ import torch
 
 import lmeval
 from conftest import CORPUS, build_model, train_bpe
+from helpers import finetuned, numpy_summary
 from lmeval import ModelError, TokenizerMismatchError
 from lmeval.model import pair_scorer, scorer
 from lmeval.model.loading import prepare_model
@@ -20,16 +21,6 @@ from lmeval.model.loading import prepare_model
 TEXTS = CORPUS[:4] + ["short", "é 猫 😀 mixed scripts and emoji"]
 FEW = [TEXTS[0], TEXTS[3], TEXTS[5]]  # for the slower checks (bfloat16 on CPU, many variants)
 STATS = ("kl", "kl_reverse", "delta_p", "nll", "nll_baseline")
-
-
-def finetuned(model, scale: float = 0.05, seed: int = 7):
-    """A copy of ``model`` with every weight nudged: a stand-in for a fine-tuned checkpoint."""
-    other = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * scale * p.std().clamp_min(1e-3))
-    return other
 
 
 def oracle(model, baseline, ids: list[int]) -> dict[str, np.ndarray]:
@@ -194,57 +185,6 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(tiny_models, bpe_token
 # --------------------------------------------------------------------------------------
 # The summary against numpy over the per-token table
 # --------------------------------------------------------------------------------------
-
-
-def numpy_summary(table: pd.DataFrame, n_resamples: int, seed: int) -> dict:
-    """The documented figures, computed here from the per-token rows with numpy alone."""
-    kl, dp = table.kl.to_numpy(np.float64), table.delta_p.to_numpy(np.float64)
-    diff = table.nll.to_numpy(np.float64) - table.nll_baseline.to_numpy(np.float64)
-    out = {
-        "kl_mean": kl.mean(),
-        "kl_median": np.median(kl),
-        "kl_p90": np.quantile(kl, 0.9),
-        "kl_p99": np.quantile(kl, 0.99),
-        "kl_p999": np.quantile(kl, 0.999),
-        "kl_max": kl.max(),
-        "kl_reverse_mean": table.kl_reverse.to_numpy(np.float64).mean(),
-        "same_top1": table.same_top1.mean(),
-        "delta_p_mean": dp.mean(),
-        "delta_p_rms": np.sqrt((dp**2).mean()),
-        "delta_p_p01": np.quantile(dp, 0.01),
-        "delta_p_p99": np.quantile(dp, 0.99),
-        "delta_p_min": dp.min(),
-        "delta_p_max": dp.max(),
-        "ln_ppl_ratio": diff.mean(),
-        "n_tokens": len(table),
-        "n_documents": table.doc_id.nunique(),
-    }
-    # The paired document bootstrap, as documented: documents in order of first appearance,
-    # default_rng(seed).integers(0, D, (B, D)), each resample pooled from sums.
-    docs = pd.unique(table.doc_id)
-    frame = pd.DataFrame(
-        {
-            "doc": table.doc_id,
-            "n": 1.0,
-            "kl": kl,
-            "dp": dp,
-            "dp2": dp**2,
-            "diff": diff,
-            "top": table.same_top1.astype(float),
-        }
-    )
-    sums = frame.groupby("doc", sort=False).sum().loc[docs]
-    draw = np.random.default_rng(seed).integers(0, len(docs), size=(n_resamples, len(docs)))
-    boot = {c: sums[c].to_numpy()[draw].sum(axis=1) for c in sums.columns}
-    for name, value in (
-        ("kl_mean", boot["kl"] / boot["n"]),
-        ("same_top1", boot["top"] / boot["n"]),
-        ("delta_p_mean", boot["dp"] / boot["n"]),
-        ("delta_p_rms", np.sqrt(boot["dp2"] / boot["n"])),
-        ("ln_ppl_ratio", boot["diff"] / boot["n"]),
-    ):
-        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = np.percentile(value, [2.5, 97.5])
-    return out
 
 
 def test_summary_equals_numpy_over_the_token_table(tiny_models, bpe_tokenizer):

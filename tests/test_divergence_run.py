@@ -22,13 +22,12 @@ import pytest
 
 import lmeval
 from conftest import CORPUS, build_model, train_bpe
+from helpers import finetuned, numpy_summary, write_config, write_jsonl
 from lmeval import ConfigError, TokenizerMismatchError
 from lmeval.analyses.divergence import SUMMARY_COLUMNS
 from lmeval.cli import main
 from lmeval.engine.parts import model_dirname, plan_groups
 from lmeval.engine.schemas import DIVERGENCE
-from test_divergence import finetuned, numpy_summary
-from test_run import write_config, write_jsonl
 
 passes = importlib.import_module("lmeval.engine.passes")
 TEXTS = [f"{i}: {CORPUS[i % len(CORPUS)]} {CORPUS[(i * 5 + 1) % len(CORPUS)]}" for i in range(10)]
@@ -166,7 +165,7 @@ def test_sigkill_mid_divergence_then_rerun_gives_identical_tables(reference, che
 
 @pytest.mark.slow
 def test_two_ranks_write_the_same_divergence_tables(reference, checkpoints, tmp_path):
-    from test_distributed import run_ranks
+    from helpers import run_ranks
 
     config = workspace(tmp_path, checkpoints)
     done = run_ranks(config, nproc=2, timeout=600)

@@ -13,14 +13,11 @@ import pytest
 
 import lmeval
 from conftest import CORPUS
+from helpers import CONTEXT_TEXTS, CONTEXTS, CONVERSATIONS, finetuned, write_config, write_jsonl
 from lmeval.analyses.base import Analysis, ModelResult, Needs, Outputs
 from lmeval.engine import passes as passes_module
 from lmeval.engine import run as run_module
 from lmeval.engine.parts import model_dirname
-from test_context_pairs_chat import CONTEXTS, CONVERSATIONS, chat_lm  # noqa: F401
-from test_context_pairs_chat import TEXTS as CONTEXT_TEXTS
-from test_divergence import finetuned
-from test_run import write_config, write_jsonl
 
 TEXTS = [f"{i}: {CORPUS[i % len(CORPUS)]} {CORPUS[(i * 3 + 1) % len(CORPUS)]}" for i in range(8)]
 
@@ -156,7 +153,7 @@ def test_a_toy_analysis_plugs_in_without_touching_the_library(tmp_path, three_ch
     assert tables["summary"]["n_above_3_nats"].tolist() == [expected]
 
 
-def test_in_loop_evaluator_scores_chat_turns_like_lmeval_run(tmp_path, chat_lm):  # noqa: F811
+def test_in_loop_evaluator_scores_chat_turns_like_lmeval_run(tmp_path, chat_lm):
     folder = tmp_path / "chat-model"
     chat_lm.model.save_pretrained(folder)
     chat_lm.tokenizer.save_pretrained(folder)

@@ -19,11 +19,10 @@ import pytest
 
 import lmeval
 from conftest import CORPUS
+from helpers import ENV, assert_same_tables, interrupted_after, read_tables, snapshot, write_config, write_jsonl
+from helpers import FOLDER_TEXTS as TEXTS
 from lmeval import DataError, ModelError, OutputError
 from lmeval.cli import main
-from test_resume import assert_same_tables, read_tables
-from test_run import write_config, write_jsonl
-from test_run_folder import ENV, TEXTS, interrupted_after, snapshot
 
 
 def _run_config(folder: Path, model: Path, extra: str = "", data: str = "docs.jsonl") -> Path:

@@ -12,8 +12,8 @@ import torch
 
 import lmeval
 from conftest import CORPUS, build_model
+from helpers import write_config, write_jsonl
 from lmeval import ModelError, OutputError
-from test_run import write_config, write_jsonl
 
 run_module = importlib.import_module("lmeval.engine.passes")  # where models load and parts are written
 

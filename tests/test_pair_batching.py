@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from conftest import build_model
+from helpers import PROBE_TEXTS as TEXTS
+from helpers import InferPadding, MaskCrash, RowMixing, finetuned, with_body
 from lmeval.core.divergence import PAIR_FIELDS, divergence_statistics
 from lmeval.core.losses import token_statistics
 from lmeval.core.windows import make_windows
@@ -24,8 +26,6 @@ from lmeval.model import pair_scorer, scorer
 from lmeval.model.loading import prepare_model
 from lmeval.model.probes import BATCHINGS, Probes
 from lmeval.model.scorer import ScoreOptions, pair_batching, score_windows
-from test_divergence import finetuned
-from test_probes import TEXTS, InferPadding, MaskCrash, RowMixing, with_body
 from tiny_arch import oracle_nll
 
 MAX_LENGTH, STRIDE = 16, 5  # S < L: overlapping windows, and shorter final ones

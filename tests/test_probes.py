@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import lmeval
-from conftest import CORPUS, build_model
+from conftest import build_model
+from helpers import PROBE_TEXTS as TEXTS
+from helpers import InferPadding, MaskCrash, RowMixing, with_body
 from lmeval import ModelError
 from lmeval.core.windows import Window
 from lmeval.model import loading
@@ -20,8 +22,6 @@ from lmeval.model.loading import prepare_model
 from lmeval.model.probes import Probes
 from lmeval.model.scorer import pack_batches
 from tiny_arch import build_tiny, oracle_nll, reinitialise
-
-TEXTS = [" ".join(CORPUS[:2]), CORPUS[4], "short", CORPUS[1][:30]]
 
 
 def max_error(table, model, tokenizer, texts, max_length, stride) -> float:
@@ -34,68 +34,6 @@ def max_error(table, model, tokenizer, texts, max_length, stride) -> float:
         assert len(got) == len(want)
         worst = max(worst, float(np.abs(got - want).max()))
     return worst
-
-
-def with_body(body_class, tokenizer):
-    """A tiny Llama whose body is ``body_class`` (a LlamaModel subclass), same weights."""
-    model = build_model("llama", len(tokenizer))
-    body = body_class(model.config)
-    body.load_state_dict(model.model.state_dict())
-    model.model = body
-    return model.eval()
-
-
-def llama_body():
-    from transformers import LlamaModel
-
-    return LlamaModel
-
-
-class InferPadding:
-    """A body that ignores the mask it is given and infers padding from id 0, assuming
-    left padding: it shifts positions by the number of 0s, so with right padding every
-    real token of a padded row moves."""
-
-    @staticmethod
-    def make():
-        class Body(llama_body()):
-            def forward(self, input_ids=None, attention_mask=None, **kwargs):
-                kwargs.pop("position_ids", None)
-                n_pad = (input_ids == 0).sum(1, keepdim=True)
-                positions = (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] - n_pad).clamp_min(0)
-                ones = torch.ones_like(input_ids)  # the mask it was given is ignored
-                return super().forward(input_ids=input_ids, attention_mask=ones, position_ids=positions, **kwargs)
-
-        return Body
-
-
-class MaskCrash:
-    """A body that raises on a mask for a batch of two or more rows (XLNet's bug)."""
-
-    @staticmethod
-    def make():
-        class Body(llama_body()):
-            def forward(self, input_ids=None, attention_mask=None, **kwargs):
-                if attention_mask is not None and input_ids.shape[0] > 1:
-                    raise RuntimeError("shape mismatch in the attention mask")
-                return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-
-        return Body
-
-
-class RowMixing:
-    """A body whose rows interact: every row's embeddings are shifted by the batch mean."""
-
-    @staticmethod
-    def make():
-        class Body(llama_body()):
-            def forward(self, input_ids=None, attention_mask=None, **kwargs):
-                kwargs.pop("inputs_embeds", None)
-                embeds = self.embed_tokens(input_ids)
-                embeds = embeds + 0.5 * embeds.mean(dim=0, keepdim=True)
-                return super().forward(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
-
-        return Body
 
 
 @pytest.mark.parametrize(

@@ -13,10 +13,10 @@ import pytest
 
 import lmeval
 from conftest import CORPUS
+from helpers import assert_same_tables, read_tables, write_config, write_jsonl
 from lmeval import OutputError
 from lmeval.cli import main
 from lmeval.engine.parts import plan_groups
-from test_run import write_config, write_jsonl
 
 run_module = importlib.import_module("lmeval.engine.passes")  # where parts are written
 
@@ -36,22 +36,6 @@ output: {{dir: out, part_chars: 300}}
 """,
     )
     return tmp_path, config
-
-
-def read_tables(out):
-    tables = {
-        "tokens": pd.read_parquet(out / "tokens.parquet"),
-        "documents": pd.read_parquet(out / "documents.parquet"),
-        "summary": pd.read_csv(out / "summary.csv").drop(columns=["tokens_per_second"]),
-    }
-    for name in ("calibration", "temperature"):
-        tables[name] = pd.read_csv(out / f"{name}.csv")
-    return tables
-
-
-def assert_same_tables(a, b):
-    for name in a:
-        pd.testing.assert_frame_equal(a[name], b[name], check_exact=True, obj=name)
 
 
 def test_ctrl_c_keeps_parts_and_resume_scores_only_the_rest(resumable, monkeypatch, capsys):

@@ -10,22 +10,12 @@ import pytest
 
 import lmeval
 from conftest import CORPUS
+from helpers import write_config, write_jsonl
 from lmeval.cli import main
 from lmeval.engine.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [{"id": f"doc-{i}", "text": t} for i, t in enumerate(CORPUS)] + [{"id": "blank", "text": "  \n "}]
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def write_config(folder: Path, body: str) -> Path:
-    path = folder / "run.yaml"
-    path.write_text(body, encoding="utf-8")
-    return path
 
 
 @pytest.fixture

@@ -3,10 +3,8 @@ a safe --overwrite, huge documents in resumable pieces, and no leftovers."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -17,14 +15,11 @@ import pytest
 
 import lmeval
 from conftest import CORPUS
+from helpers import ENV, assert_same_tables, interrupted_after, read_tables, snapshot, write_config, write_jsonl
+from helpers import FOLDER_TEXTS as TEXTS
+from helpers import passes_module as run_module
 from lmeval import OutputError
 from lmeval.cli import main
-from test_resume import assert_same_tables, read_tables
-from test_run import write_config, write_jsonl
-
-run_module = importlib.import_module("lmeval.engine.passes")  # where parts are written
-TEXTS = [f"{i}: {CORPUS[i % len(CORPUS)]} {CORPUS[(i * 5 + 1) % len(CORPUS)]}" for i in range(24)]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture
@@ -36,23 +31,6 @@ def folder_config(tmp_path, saved_gpt2):
         "scoring: {max_length: 16, batch_tokens: 64}\noutput: {dir: out, part_chars: 300}\n",
     )
     return tmp_path, config
-
-
-def interrupted_after(n_parts: int, config, monkeypatch, overrides=()):
-    """Run until ``n_parts`` parts are written, then stop as Ctrl-C would."""
-    real_write, written = run_module.write_part, []
-
-    def write_then_stop(path, columns, meta):
-        if len(written) == n_parts:
-            raise KeyboardInterrupt
-        written.append(path)
-        real_write(path, columns, meta)
-
-    monkeypatch.setattr(run_module, "write_part", write_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        lmeval.run(str(config), list(overrides), show_progress=False)
-    monkeypatch.setattr(run_module, "write_part", real_write)
-    return written
 
 
 def wait_for(condition, proc, seconds=120):
@@ -155,10 +133,6 @@ def test_parts_without_their_manifest_are_an_error_not_a_fresh_start(folder_conf
 # --------------------------------------------------------------------------------------
 # A safe --overwrite
 # --------------------------------------------------------------------------------------
-
-
-def snapshot(folder) -> dict:
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_overwrite_with_a_model_that_fails_to_load_changes_nothing(folder_config, tmp_path, capsys):

@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import CORPUS, build_model
+from conftest import build_model
+from helpers import train_metaspace
 from lmeval.cli import surprisal as surprisal_cli
 from lmeval.engine import demo
 from lmeval.engine.demo import demo_model_path
@@ -34,27 +35,6 @@ TEXTS = [
     "   \n",
 ]
 NON_ASCII = "Naïve café — crème brûlée, 猫と犬 and 😀🦜 emoji."
-
-
-def train_metaspace(tmp_dir, split: bool):
-    """A SentencePiece-like tokenizer ('▁' for spaces). ``split=False`` lets BPE merge
-    across words ('▁the▁lazy▁'), so one token can span several words."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    path = tmp_dir / "corpus.txt"
-    path.write_text("\n".join(CORPUS * 20), encoding="utf-8")
-    specials = ["<unk>", "<s>", "</s>"]
-    if split:
-        tok = Tokenizer(models.Unigram())
-        trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=specials, unk_token="<unk>")
-    else:
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, max_token_length=12)
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(split=split)
-    tok.decoder = decoders.Metaspace()
-    tok.train([str(path)], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,11 @@ import torch
 
 import lmeval
 from conftest import CORPUS
+from helpers import write_config, write_jsonl
 from lmeval.cli import main
 from lmeval.engine.config import DataConfig, load_config
 from lmeval.engine.data import load_documents
 from lmeval.errors import ModelError
-from test_run import write_config, write_jsonl
 
 DOCS = [{"id": f"d{i}", "text": t} for i, t in enumerate(CORPUS)]
 

@@ -16,6 +16,7 @@ import torch
 
 import toy_lm
 from conftest import build_model
+from helpers import train_metaspace
 from lmeval.core.continuation import range_windows
 from lmeval.core.windows import make_windows
 from lmeval.core.words import log_mass, word_start_mask
@@ -23,7 +24,6 @@ from lmeval.errors import DataError
 from lmeval.model import scorer
 from lmeval.model.loading import prepare_model
 from lmeval.view.surprisal import aggregate_words, surprisal_table
-from test_surprisal import train_metaspace
 
 TOY_TEXTS = ["ab a", "a\nb", " ba b", "\n a", "b", "ab ba", "a b a"]
 
