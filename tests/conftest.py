@@ -3,6 +3,8 @@ and randomly initialised causal LMs of several architectures. Nothing is downloa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -115,3 +117,38 @@ def chat_lm(tmp_path_factory):
     tok.chat_template = CHATML
     # Room for a whole conversation in one window, so that whole-conversation scoring is the oracle.
     return prepare_model(build_model("gpt2", len(tok), n_positions=256), tok, name="tiny-chat")
+
+
+def _one_pixel_png() -> bytes:
+    """A valid 1x1 grey PNG, built by hand (signature, IHDR, IDAT, IEND)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)  # 1x1, 8-bit greyscale
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00\x80")) + chunk(b"IEND", b"")
+    )
+
+
+ONE_PIXEL_PNG = _one_pixel_png()
+
+
+@pytest.fixture(autouse=True)
+def _figures_not_rendered(request, monkeypatch):
+    """Rendering a run's PNGs is about a third of a tiny run's time, and most tests never look
+    at them: those get a valid 1x1 PNG where each figure goes (the figure itself is still built,
+    and written by the engine's atomic writer). Tests marked ``figures`` get the real pixels."""
+    if request.node.get_closest_marker("figures"):
+        return
+    from matplotlib.figure import Figure
+
+    def savefig(self, target, *args, **kwargs):
+        if hasattr(target, "write"):
+            target.write(ONE_PIXEL_PNG)
+        else:
+            Path(target).write_bytes(ONE_PIXEL_PNG)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)

@@ -470,6 +470,7 @@ def test_label_smoothing_columns_have_one_spelling_whatever_the_yaml(written, sm
 # ------------------------------------------------------------------------------- plot
 
 
+@pytest.mark.figures
 def test_plot_reliability_writes_png(tmp_path, small_batch):
     _, _, stats = small_batch
     rng = np.random.default_rng(3)

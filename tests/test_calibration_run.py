@@ -92,6 +92,7 @@ def test_summary_columns_and_values_match_full_logits(calib_run, saved_gpt2):
     assert row.best_temperature == best
 
 
+@pytest.mark.figures
 def test_calibration_files(calib_run):
     folder, _, _ = calib_run
     bins = pd.read_csv(folder / "out" / "calibration.csv")
