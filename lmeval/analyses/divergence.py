@@ -313,7 +313,7 @@ class _Collected:
         self.delta_p.add(columns["delta_p"])
         self._keep_top(top_candidates(columns, part.doc_ids, self.top_k, part.model, baseline))
         position = columns["position"]
-        n = max(int(position.max()) + 1 if len(position) else 0, 0)
+        n = int(position.max()) + 1 if len(position) else 0
         self._add_positions(
             np.bincount(position, weights=columns["kl"].astype(np.float64), minlength=n),
             np.bincount(position, minlength=n),

@@ -190,13 +190,14 @@ def plot_divergence(by_model: dict, baseline: str):
     fig = Figure(figsize=(11, 4.2), dpi=110, layout="constrained")
     hist, trend = fig.subplots(1, 2)
     sketches = [kl for kl, _, _ in by_model.values() if kl.count and kl.max > 0]
+    if sketches:  # one set of log-spaced bins over every model's positive KL
+        low, high = min(s.min_positive for s in sketches), max(s.max for s in sketches)
+        edges = np.geomspace(low, high * (1 + 1e-9), 50)
     trend_means = []
     for name, (kl, kl_sum, n) in by_model.items():
         zeros = kl.count_at_most(0.0)
         label = f"{name} ({zeros} tokens with KL = 0 not shown)" if zeros else name
         if sketches:
-            low, high = min(s.min_positive for s in sketches), max(s.max for s in sketches)
-            edges = np.geomspace(low, high * (1 + 1e-9), 50)
             share = kl.histogram(edges) / max(kl.count, 1)
             hist.step(edges[:-1], np.where(share > 0, share, np.nan), where="post", lw=1.3, label=label)
         centres, means = _position_bins(kl_sum, n)

@@ -167,6 +167,7 @@ class TokenWriter:
         self.schema = schema or schema_for(path)
         self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self.writer: pq.ParquetWriter | None = None
+        self.n_rows = 0  # rows written so far: the next write's first row
 
     def write(self, frame: pd.DataFrame) -> None:
         table = to_arrow(frame, self.schema)
@@ -174,6 +175,7 @@ class TokenWriter:
             if self.writer is None:
                 self.writer = pq.ParquetWriter(self.tmp, self.schema)
             self.writer.write_table(table)
+            self.n_rows += len(frame)
         except OSError as exc:
             raise OutputError(
                 f"{self.path}: could not be written ({exc.strerror or exc}). {write_fix(self.path, exc)}"

@@ -44,7 +44,6 @@ class Merger:
         self.writers = {name: TokenWriter(out / name) for name in sorted(files)}
         # file -> model -> each part's [start, stop) rows in that file, for readers that pair parts
         self.row_ranges: dict[str, dict[str, list[tuple[int, int]]]] = {name: {} for name in self.writers}
-        self.rows_written = dict.fromkeys(self.writers, 0)
 
     def add(self, model: str, index: int, part: Part) -> None:
         """A part just scored: folded now if it is next, else left on disk for its turn."""
@@ -83,10 +82,10 @@ class Merger:
                 self._write_rows(analysis.token_file, part.model, rows)
 
     def _write_rows(self, name: str, model: str, rows: pd.DataFrame) -> None:
-        start = self.rows_written[name]
-        self.writers[name].write(rows)
-        self.rows_written[name] = start + len(rows)
-        self.row_ranges[name].setdefault(model, []).append((start, start + len(rows)))
+        writer = self.writers[name]
+        start = writer.n_rows
+        writer.write(rows)
+        self.row_ranges[name].setdefault(model, []).append((start, writer.n_rows))
 
     def finish(self, run: RunFacts) -> tuple[dict, dict, dict]:
         """(files, tables, record additions) of every analysis, the token tables closed."""
@@ -184,8 +183,8 @@ def part_pairs(path: Path, row_ranges: dict[str, list[tuple[int, int]]]):
     starts = np.cumsum([0] + [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)])
 
     def rows(start: int, stop: int) -> pd.DataFrame:
-        groups = [i for i in range(parquet.num_row_groups) if start <= starts[i] < stop]
-        return parquet.read_row_groups(groups, columns=TOKEN_DIFF_INPUTS).to_pandas()
+        first, end = np.searchsorted(starts, [start, stop])  # the row groups starting in [start, stop)
+        return parquet.read_row_groups(range(first, end), columns=TOKEN_DIFF_INPUTS).to_pandas()
 
     def chunks(model: str, baseline: str):
         for mine, theirs in zip(row_ranges[model], row_ranges[baseline], strict=True):
