@@ -208,6 +208,73 @@ def test_chat_errors(chat_lm, gpt2_lm):
         tok.chat_template = old
 
 
+OPENS_WITH = {
+    "assistant": [
+        {"role": "assistant", "content": "Hello, the fox jumps."},
+        {"role": "user", "content": "Who sleeps?"},
+        {"role": "assistant", "content": "The dog sleeps."},
+    ],
+    "system": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "assistant", "content": "The dog sleeps on."},
+    ],
+    "user": CONVERSATIONS[1],
+    "lone assistant": [{"role": "assistant", "content": "The word."}],
+}
+# A template with a preamble before the first message (a default system line), so that the
+# first turn's conditioning is more than the BOS and its own header.
+PREAMBLE_CHATML = "<|im_start|>system\nYou are a model.<|im_end|>\n" + CHATML
+
+
+@pytest.mark.parametrize("template", [CHATML, PREAMBLE_CHATML], ids=["chatml", "preamble"])
+@pytest.mark.parametrize("opening", list(OPENS_WITH))
+def test_conversations_opening_with_any_role_equal_float64_oracle(chat_lm, opening, template):
+    """Every assistant turn, the first message's included, is its tokens in the rendered
+    conversation scored with a float64 log-softmax of the full logits given the BOS and
+    everything rendered before it: its content and end-of-turn token, nothing else."""
+    conversation = OPENS_WITH[opening]
+    tok = chat_lm.tokenizer
+    old = tok.chat_template
+    try:
+        tok.chat_template = template
+        frame = score_chats([conversation], chat_lm)
+        rendered = tok.apply_chat_template(conversation, tokenize=False)
+    finally:
+        tok.chat_template = old
+    assert frame.attrs["rendered"] == [rendered]
+    encoded = tok(rendered, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], np.array(encoded["offset_mapping"])
+    with torch.no_grad():
+        logits = chat_lm.model(torch.tensor([[tok.bos_token_id] + ids])).logits[0].double()  # (T + 1, V)
+    logq = torch.log_softmax(logits, dim=-1).numpy()
+    # The oracle's turns: each assistant content found in the rendered text, in order, by hand.
+    expected, cursor = [], 0
+    for i, m in enumerate(conversation):
+        start = rendered.index(m["content"], cursor)
+        cursor = start + len(m["content"])
+        if m["role"] != "assistant":
+            continue
+        content = [k for k, (a, b) in enumerate(offsets) if b > start and a < cursor]
+        eot = content[-1] + 1
+        assert tok.convert_ids_to_tokens(ids[eot]) == "<|im_end|>"
+        expected += [(i, k, k == eot, -logq[k, ids[k]]) for k in content + [eot]]
+    assert frame["turn"].tolist() == [e[0] for e in expected]
+    assert frame["position"].tolist() == [e[1] for e in expected]
+    assert frame["end_of_turn"].tolist() == [e[2] for e in expected]
+    np.testing.assert_allclose(frame["nll"].to_numpy(np.float64), [e[3] for e in expected], rtol=2e-5, atol=2e-5)
+
+
+def test_first_message_whose_content_the_template_rewrites_is_named(chat_lm):
+    tok = chat_lm.tokenizer
+    old = tok.chat_template
+    try:
+        tok.chat_template = CHATML.replace("{{ m['content'] }}", "{{ m['content'] | lower }}")
+        with pytest.raises(DataError, match=r"\[0\]: the chat template must write a message's content verbatim"):
+            score_chats([OPENS_WITH["assistant"]], chat_lm)
+    finally:
+        tok.chat_template = old
+
+
 # --------------------------------------------------------------------------------------
 # Through `lmeval run`
 # --------------------------------------------------------------------------------------

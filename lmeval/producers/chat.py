@@ -3,8 +3,9 @@ assistant turns, each given everything before it.
 
 A conversation is a list of ``{"role", "content"}`` messages. The whole conversation is
 rendered once and tokenized once, with offsets; assistant turn i spans, in characters,
-from the end of the rendered prompt ``messages[:i]`` (with the generation prompt) to the
-end of its content, and its END-OF-TURN token is the first token after the content (e.g.
+from the end of the rendered prompt ``messages[:i]`` (with the generation prompt; for a
+conversation that opens with an assistant turn, the template's preamble and the turn's own
+header, see `preamble`) to the end of its content, and its END-OF-TURN token is the first token after the content (e.g.
 '<|im_end|>', '<|eot_id|>'). The rendered prompt must be a prefix of the rendered
 conversation, and the content must follow it: templates that render history differently
 from a live prompt (dropping reasoning, say) are refused by name rather than mis-scored.
@@ -59,7 +60,8 @@ def render(messages: list[dict], tokenizer, where: str) -> tuple[str, list[Turn]
     for i, m in enumerate(messages):
         if m["role"] != ROLES_SCORED:
             continue
-        prompt, through = text(messages[:i], generation_prompt=True), text(messages[: i + 1])
+        prompt = text(messages[:i], generation_prompt=True) if i else preamble(m["role"], text, where)
+        through = text(messages[: i + 1])
         if not full.startswith(prompt) or not full.startswith(through):
             raise DataError(
                 f"{where}[{i}]: the rendered prompt before this assistant turn must be a prefix of the rendered "
@@ -74,6 +76,29 @@ def render(messages: list[dict], tokenizer, where: str) -> tuple[str, list[Turn]
             )
         turns.append(Turn(len(prompt), start, start + len(m["content"]), len(through)))
     return full, turns
+
+
+# Stands for the content of a conversation's first message when its preamble is rendered:
+# plain letters, which no template escapes, trims or splits.
+_SENTINEL = "LmevalFirstTurnContentSentinel"
+
+
+def preamble(role: str, text, where: str) -> str:
+    """What the template writes before the content of a conversation's FIRST message: its
+    preamble (a BOS, a default system prompt) and the message's own header. A conversation
+    that opens with an assistant turn (a greeting bot, a transcript) has no history to
+    render as a prompt, and transformers refuses an empty conversation; so the first message
+    is rendered with a stand-in content, and everything before the stand-in conditions the
+    turn, exactly as it does in the rendered conversation."""
+    rendered = text([{"role": role, "content": _SENTINEL}])
+    at = rendered.find(_SENTINEL)
+    if at < 0:
+        raise DataError(
+            f"{where}[0]: the chat template must write a message's content verbatim (it dropped or rewrote "
+            f"the content of a first {role} message), so the turn cannot be found. Check the template's "
+            "handling of the first message."
+        )
+    return rendered[:at]
 
 
 def turn_tokens(offsets: np.ndarray, turn: Turn) -> tuple[int, int, int | None]:
