@@ -331,3 +331,48 @@ def test_config_rejects_both_fields(tmp_path):
     raw = {"models": ["gpt2"], "data": {"path": "x.jsonl", "context_field": "c", "messages_field": "m"}}
     with pytest.raises(ConfigError, match="together"):
         build_config(raw, tmp_path)
+
+
+def test_two_chat_templates_in_one_run_compare_in_bytes_and_words(tmp_path, chat_lm):
+    """Same vocabulary, two templates: the conversations are different token sequences, so the
+    comparison falls back to bits per byte and word perplexity, and says why; the run ends
+    with exit 0 and writes run.json (it used to align tokens by position and exit 2)."""
+    import yaml
+
+    from lmeval.cli import main
+
+    tok = chat_lm.tokenizer
+    old = tok.chat_template
+    folders = {}
+    try:
+        for name, template in (("plain", CHATML), ("preamble", PREAMBLE_CHATML)):
+            folders[name] = tmp_path / name
+            tok.chat_template = template
+            chat_lm.model.save_pretrained(folders[name])
+            tok.save_pretrained(folders[name])
+    finally:
+        tok.chat_template = old
+    rows = [{"id": f"c{i}", "messages": c} for i, c in enumerate([*CONVERSATIONS, OPENS_WITH["assistant"]])]
+    (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    config = tmp_path / "run.yaml"
+    body = {
+        "models": [{"path": str(f), "name": n} for n, f in folders.items()],
+        "data": {"path": str(tmp_path / "chats.jsonl"), "id_field": "id", "messages_field": "messages"},
+        "output": {"dir": str(tmp_path / "out")},
+        "compare": {"bootstrap": 50},
+    }
+    config.write_text(yaml.safe_dump(body), encoding="utf-8")
+    assert main(["run", str(config), "-q"]) == 0
+    out = tmp_path / "out"
+    record = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    protocols = record["protocol"]["models"]
+    assert protocols["plain"]["tokenizer_sha256"] == protocols["preamble"]["tokenizer_sha256"]
+    assert protocols["plain"]["chat_template_sha256"] != protocols["preamble"]["chat_template_sha256"]
+    compare = pd.read_csv(out / "compare.csv")
+    assert sorted(compare["metric"]) == ["bits_per_byte", "word_ppl"]
+    assert compare["note"].str.contains("chat templates differ").all()
+    assert not (out / "compare_tokens.csv").exists()
+    # The same scored text for both: bytes and words are the identical assistant contents.
+    documents = pd.read_parquet(out / "documents.parquet")
+    by_model = {m: d.sort_values("doc_id") for m, d in documents.groupby("model")}
+    assert by_model["plain"]["n_bytes"].tolist() == by_model["preamble"]["n_bytes"].tolist()

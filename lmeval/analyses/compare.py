@@ -9,8 +9,9 @@ one division at the end (``bits_per_token = sum nll_sum / ln 2 / sum n_tokens``)
 as the summary pools it; never a mean of per-document ratios.
 
 Per-token metrics (bits per token, token perplexity) are compared only when the two models
-share a tokenizer: otherwise a "token" is a different unit for each, and the delta mixes
-model quality with segmentation. Bits per byte and word perplexity are pooled over the
+share a tokenizer (and, where conversations are scored, a chat template, which decides a
+conversation's token sequence as much as the vocabulary does): otherwise a "token" is a
+different unit for each, and the delta mixes model quality with segmentation. Bits per byte and word perplexity are pooled over the
 identical raw text, so they are always compared.
 
 Units: ``nll`` and ``nll_sum`` are nats; ``bits_per_*`` are base 2; deltas are model minus
@@ -59,6 +60,11 @@ PROTOCOL_KEYS = ("max_length", "stride", "bos", "documents", "separator")
 TOKENIZERS_DIFFER = (
     "tokenizers differ (sha256 {model} vs {baseline}): per-token deltas refused; "
     "compared in bits per byte and word perplexity on the identical raw text"
+)
+TEMPLATES_DIFFER = (
+    "chat templates differ (sha256 {model} vs {baseline}): the same vocabulary, but each conversation is "
+    "another token sequence, so per-token deltas are refused; compared in bits per byte and word perplexity "
+    "on the identical assistant text"
 )
 
 
@@ -179,11 +185,13 @@ def small_sample_note(n_documents: int, min_documents: int = MIN_DOCUMENTS) -> s
 
 def shared_tokenizer(run_record: dict, names=None) -> bool:
     """True when all models (or the ``names`` given) have the same tokenizer_sha256, i.e.
-    share one vocabulary, so that a token is the same unit for each. A missing fingerprint
-    counts as different."""
+    share one vocabulary, and the same chat_template_sha256 (recorded when conversations
+    are scored: the template decides the token sequence of a conversation), so that a token
+    is the same unit for each. A missing vocabulary fingerprint counts as different."""
     protocols = run_record["protocol"]["models"]
     shas = [protocols[n].get("tokenizer_sha256") for n in (names if names is not None else protocols)]
-    return bool(shas) and None not in shas and len(set(shas)) == 1
+    templates = {protocols[n].get("chat_template_sha256") for n in (names if names is not None else protocols)}
+    return bool(shas) and None not in shas and len(set(shas)) == 1 and len(templates) == 1
 
 
 def protocol_differences(protocol: dict, reference: dict) -> list[str]:
@@ -229,8 +237,14 @@ def _pair_note(record: dict, model: str, baseline: str, docs: pd.DataFrame, base
     protocols = record["protocol"]["models"]
     notes = []
     if not shared_tokenizer(record, [model, baseline]):
-        short = [str(protocols[n].get("tokenizer_sha256"))[:12] + "…" for n in (model, baseline)]
-        notes.append(TOKENIZERS_DIFFER.format(model=short[0], baseline=short[1]))
+        vocabularies = [protocols[n].get("tokenizer_sha256") for n in (model, baseline)]
+        key, message = (
+            ("chat_template_sha256", TEMPLATES_DIFFER)
+            if None not in vocabularies and vocabularies[0] == vocabularies[1]
+            else ("tokenizer_sha256", TOKENIZERS_DIFFER)
+        )
+        short = [str(protocols[n].get(key))[:12] + "…" for n in (model, baseline)]
+        notes.append(message.format(model=short[0], baseline=short[1]))
     differences = protocol_differences(protocols[model], protocols[baseline])
     if differences:
         notes.append("scoring protocol differs from the baseline (" + "; ".join(differences) + ")")

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from ..analyses.base import Part
 from ..errors import OutputError, option
+from ..model.fingerprint import chat_template_fingerprint
 from ..model.loading import load_model
 from ..model.scorer import ScoreOptions, decide_compile, pair_batching, resolve_window
 from ..model.spec import ModelSpec
@@ -152,6 +153,8 @@ def _options(job: PassJob, lm, n_chars: float) -> ScoreOptions:
         temperatures=job.config.calibration.temperatures,
         compile=s.compile,
         moments=any(n.moments for n in needs),
+        overlap_k=job.config.compare.overlap_k,
+        kl_top_k=job.config.compare.kl_top_k,
     )
     # `compile: auto` is settled once for this rank's whole share, from its characters.
     return decide_compile(lm, options, int(n_chars / CHARS_PER_TOKEN))
@@ -214,6 +217,9 @@ def protocol_record(lm, config: Config, baseline=None) -> dict:
         "documents": s.documents,
         "separator": s.separator if s.documents == "concatenated" else None,
         "tokenizer_sha256": tokenizer_fingerprint(lm.tokenizer),
+        # With conversations, the chat template is part of the tokenizer's identity: the same
+        # conversation is another token sequence under another template (None: no conversations).
+        "chat_template_sha256": chat_template_fingerprint(lm.tokenizer) if config.data.messages_field else None,
         "vocab_size": lm.vocab_size,
         "commit_sha": lm.commit_sha,
         **lm.probes.protocol(),
