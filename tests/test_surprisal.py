@@ -378,3 +378,80 @@ def test_cli_color_always_and_never(saved_gpt2, capsys):
     _, coloured = run_cli(["--model", str(saved_gpt2), "--color", "always", TEXTS[0]], capsys)
     _, plain = run_cli(["--model", str(saved_gpt2), "--color", "never", TEXTS[0]], capsys)
     assert "\x1b[" in coloured and "\x1b[" not in plain
+
+
+# --------------------------------------------------------------------------------------
+# Word covariates
+# --------------------------------------------------------------------------------------
+
+COVARIATE_TEXTS = ["The dog sleeps. The DOG sleeps!", '"Zzxqvw" (dog) — ok', "The end."]
+# By hand: each word with its surrounding punctuation stripped, and case-folded for the counts.
+STRIPPED = ["The", "dog", "sleeps", "The", "DOG", "sleeps", "Zzxqvw", "dog", "", "ok", "The", "end"]
+COUNTS = {"the": 3, "dog": 3, "sleeps": 2, "zzxqvw": 1, "": 1, "ok": 1, "end": 1}  # 12 words
+
+
+def test_word_covariates_on_a_fixture(gpt2_lm):
+    import wordfreq
+
+    plain = surprisal_table(COVARIATE_TEXTS, gpt2_lm, words=True)
+    table = surprisal_table(
+        COVARIATE_TEXTS, gpt2_lm, words=True, covariates=["frequency", "length", "unigram"], language="en"
+    )
+    assert table["word"].tolist() == [w for t in COVARIATE_TEXTS for w in t.split()]
+    assert table["length_chars"].tolist() == [len(w) for w in STRIPPED]
+    expected_zipf = [
+        math.log10(wordfreq.word_frequency(w, "en")) + 9 if w != "Zzxqvw" and w else math.nan for w in STRIPPED
+    ]
+    np.testing.assert_allclose(table["frequency_zipf"], expected_zipf, rtol=0, atol=1e-12)
+    # A word wordfreq does not know, and a word of punctuation alone: NaN, never 0.
+    assert wordfreq.word_frequency("Zzxqvw", "en") == 0 and table["frequency_zipf"].isna().tolist() == [
+        w in ("Zzxqvw", "") for w in STRIPPED
+    ]
+    # wordfreq's own (rounded) Zipf value where it knows the word.
+    known = table.dropna(subset=["frequency_zipf"])
+    rounded = [wordfreq.zipf_frequency(w, "en") for w, keep in zip(STRIPPED, table["frequency_zipf"].notna()) if keep]
+    np.testing.assert_allclose(known["frequency_zipf"], rounded, atol=0.005 + 1e-12)
+    expected_unigram = [math.log10(COUNTS[w.casefold()] / 12) if w else math.nan for w in STRIPPED]
+    np.testing.assert_allclose(table["unigram_logfreq"], expected_unigram, rtol=0, atol=1e-12)
+    # Asking for covariates adds columns and changes nothing else.
+    pd.testing.assert_frame_equal(table[plain.columns], plain)
+    assert list(table.columns) == [*plain.columns, "length_chars", "frequency_zipf", "unigram_logfreq"]
+    assert table.attrs == {**plain.attrs, "covariates": ["length", "frequency", "unigram"], "language": "en"}
+
+
+def test_word_covariates_follow_the_language(gpt2_lm):
+    french = surprisal_table(["le chat dort"], gpt2_lm, words=True, covariates=["frequency"], language="fr")
+    english = surprisal_table(["le chat dort"], gpt2_lm, words=True, covariates=["frequency"])
+    assert (french["frequency_zipf"] > english["frequency_zipf"].fillna(0)).all()
+    assert french.attrs["language"] == "fr" and "length_chars" not in french
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(covariates=["length"]), "are columns of word tables"),
+        (dict(words=True, covariates=["size"]), "must be one of length, frequency, unigram"),
+        (dict(words=True, covariates="length"), r"Wrap it: \['length'\]"),
+        (dict(words=True, covariates=["frequency"], language="xx"), "language: must be a language wordfreq has"),
+        (dict(words=True, word_boundary="newline"), "word_boundary: must be one of whitespace, marker"),
+    ],
+)
+def test_covariate_and_boundary_errors(gpt2_lm, kwargs, error):
+    with pytest.raises(DataError, match=error):
+        surprisal_table(["the dog"], gpt2_lm, **kwargs)
+
+
+def test_cli_word_boundary_and_covariates(saved_gpt2, gpt2_lm, capsys):
+    argv = ["--model", str(saved_gpt2), "--words", "--format", "csv", "--word-boundary", "marker"]
+    code, out = run_cli([*argv, "--covariates", "frequency,length", "The dog sleeps."], capsys)
+    assert code == 0
+    got = pd.read_csv(io.StringIO(out))
+    expected = surprisal_table(
+        ["The dog sleeps."], gpt2_lm, words=True, word_boundary="marker", covariates=["frequency", "length"]
+    )
+    assert got.columns.tolist() == expected.columns.tolist()
+    np.testing.assert_allclose(got["surprisal_bits"], expected["surprisal_bits"], rtol=1e-5)
+    np.testing.assert_allclose(got["frequency_zipf"], expected["frequency_zipf"], rtol=1e-12)
+    assert got["length_chars"].tolist() == [3, 3, 6]
+    whitespace = surprisal_table(["The dog sleeps."], gpt2_lm, words=True)
+    assert not np.allclose(got["surprisal_bits"], whitespace["surprisal_bits"], rtol=1e-7, atol=0)

@@ -169,6 +169,16 @@ def decoder_word_starts(tokenizer, width: int) -> np.ndarray:
     return mask
 
 
+def marker_word_starts(tokenizer, width: int) -> np.ndarray:
+    """B under word_boundary="marker", by the authors' own rule (wordsprobability's
+    ``_initialise_bow_mask``): the ids whose vocabulary entry starts with the marker."""
+    marker = "Ġ" if any(piece.startswith("Ġ") for piece in tokenizer.get_vocab()) else "▁"
+    mask = np.zeros(width, dtype=bool)
+    for piece, i in tokenizer.get_vocab().items():
+        mask[i] = piece[0] == marker and i not in tokenizer.all_special_ids
+    return mask
+
+
 def float64_log_probs(lm, ids: list[int]) -> np.ndarray:
     with torch.no_grad():
         logits = lm.model(torch.tensor([ids])).logits[0].double()  # (T, V)
@@ -179,17 +189,21 @@ def logsum(logq: np.ndarray, mask: np.ndarray) -> float:
     return float(np.logaddexp.reduce(logq[mask]))
 
 
+@pytest.mark.parametrize("word_boundary", ["whitespace", "marker"])
 @pytest.mark.parametrize("text_end", ["eos", "word"])
 @pytest.mark.parametrize("style", ["bytelevel", "metaspace"])
-def test_words_against_float64_logits(models, style, text_end):
+def test_words_against_float64_logits(models, style, text_end, word_boundary):
     lm = models[style]
     tok = lm.tokenizer
-    b = decoder_word_starts(tok, lm.vocab_size)
+    starts = {"whitespace": decoder_word_starts, "marker": marker_word_starts}[word_boundary]
+    b = starts(tok, lm.vocab_size)
     union = b.copy()
     if text_end == "eos":
         union[tok.eos_token_id] = True
-    words = surprisal_table(TEXTS, lm, words=True, text_end=text_end)
-    tokens = surprisal_table(TEXTS, lm, text_end=text_end)
+    options = dict(text_end=text_end, word_boundary=word_boundary)
+    words = surprisal_table(TEXTS, lm, words=True, **options)
+    tokens = surprisal_table(TEXTS, lm, **options)
+    assert words.attrs["word_boundary"] == tokens.attrs["word_boundary"] == word_boundary
     bos = tok.bos_token_id
     for doc_id, text in enumerate(TEXTS):
         ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -231,6 +245,12 @@ def test_word_start_rule_matches_the_decoder(models):
         mask, marker = word_start_mask(pieces, lm.tokenizer.all_special_ids, lm.vocab_size)
         np.testing.assert_array_equal(mask, decoder_word_starts(lm.tokenizer, lm.vocab_size))
         assert marker in ("Ġ", "▁") and mask.sum() > 10
+        # The authors' B is the marked pieces alone: a strict subset, without the newline pieces.
+        marked, _ = word_start_mask(pieces, lm.tokenizer.all_special_ids, lm.vocab_size, "marker")
+        np.testing.assert_array_equal(marked, marker_word_starts(lm.tokenizer, lm.vocab_size))
+        assert (marked <= mask).all() and marked.sum() < mask.sum()
+        newline = lm.tokenizer("a\nb", add_special_tokens=False)["input_ids"]
+        assert any(mask[i] and not marked[i] for i in newline)
 
 
 def test_no_correction_restores_the_sum_and_end_of_word_markers_need_none(models, tmp_path):
@@ -308,3 +328,71 @@ def test_bad_word_options(models):
         surprisal_table(["a"], models["bytelevel"], words=True, text_end="sentence")
     with pytest.raises(DataError, match="needs the columns"):
         aggregate_words(surprisal_table(["a b"], models["bytelevel"], word_correction="none"), ["a b"], "bow")
+
+
+# --------------------------------------------------------------------------------------
+# word_boundary="marker" against the authors' package
+# --------------------------------------------------------------------------------------
+
+WP_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "In the beginning was the word, and the word was with the model.",
+    "Perplexity is the exponential of the average negative log-likelihood.",
+    "word",
+]
+
+
+def eos_heavy(model, tok):
+    """A copy of the tiny GPT-2 whose EOS is likely after the BOS (its output row set along the
+    hidden state there), so that the package's double count of EOS shows."""
+    import copy
+
+    heavy = copy.deepcopy(model)
+    with torch.no_grad():
+        hidden = heavy.transformer(torch.tensor([[tok.bos_token_id]])).last_hidden_state[0, 0]  # (H,)
+        top = (heavy.lm_head.weight @ hidden).max()
+        heavy.lm_head.weight[tok.eos_token_id] = hidden * (top + 1.0) / hidden.dot(hidden)
+    return heavy
+
+
+@pytest.mark.parametrize("eos_likely", [False, True], ids=["fixture", "eos-heavy"])
+def test_marker_equals_wordsprobability(gpt2_pair, monkeypatch, eos_likely):
+    """wordsprobability (Pimentel & Meister's package, the bench extra) on a tiny GPT-2: every
+    word but a text's first equals lmeval's word_boundary="marker" within 1e-3 bits. The first
+    word differs by exactly the package's double count of EOS: its ``bos_fix`` sums the
+    'mid', 'punct' and 'eos' masks, and 'mid' (every id not a word start nor punctuation)
+    already holds EOS, so its first-word term is log(q(not B) + q(EOS)) where the
+    probability that the text starts without a space is log q(not B). On the fixture model
+    q(EOS | BOS) is small and the two agree within 1e-3 bits on every word; on a model that
+    expects EOS after the BOS the first word is more surprising under the package."""
+    pytest.importorskip("wordsprobability")
+    from wordsprobability import main as wp_main
+    from wordsprobability.models.bow_lm import GPT2BaseModel
+
+    model, tok = gpt2_pair
+    model = eos_heavy(model, tok) if eos_likely else model
+
+    class TinyGpt2(GPT2BaseModel):
+        model_name = "tiny-gpt2"
+
+        def _initialise_model(self):
+            return model, tok
+
+    reference = TinyGpt2()
+    assert reference.vocab_masks["mid"][tok.eos_token_id] == 1  # the double count, in the package's masks
+    monkeypatch.setattr(wp_main, "get_model", lambda name: reference)
+    theirs = wp_main._get_surprisal_per_word(WP_TEXTS, "gpt2-small")  # nats, per (text_id, word_id)
+    lm = prepare_model(model, tok, name="tiny-gpt2")
+    ours = surprisal_table(WP_TEXTS, lm, words=True, word_boundary="marker")
+    b = marker_word_starts(tok, lm.vocab_size)
+    logq = float64_log_probs(lm, [tok.bos_token_id])[0]  # after the BOS
+    not_b = logsum(logq, ~b)
+    double_eos = (np.logaddexp(not_b, logq[tok.eos_token_id]) - not_b) / math.log(2)  # bits
+    for text_id, text in enumerate(WP_TEXTS):
+        mine = ours[ours["doc_id"] == text_id]
+        words = theirs.loc[text_id]
+        assert words["word"].tolist() == mine["word"].tolist() == text.split()
+        diff = words["surprisal"].to_numpy(np.float64) / math.log(2) - mine["surprisal_bits"].to_numpy()  # bits
+        np.testing.assert_allclose(diff[1:], 0, atol=1e-3)
+        assert diff[0] == pytest.approx(double_eos, abs=1e-3)
+    assert (double_eos > 0.1) if eos_likely else (double_eos < 1e-3)

@@ -69,6 +69,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="eos: a text may end after any word (default); word: another word always follows",
     )
     parser.add_argument(
+        "--word-boundary",
+        choices=("whitespace", "marker"),
+        default="whitespace",
+        help="which tokens start a word in the correction: whitespace (any token whose text starts with "
+        "whitespace, newlines too; default) or marker (only 'Ġ'/'▁' tokens, as wordsprobability and minicons)",
+    )
+    parser.add_argument(
+        "--covariates",
+        type=_covariate_list,
+        default=None,
+        metavar="NAMES",
+        help="with --words, comma-separated word covariates: length (length_chars), frequency (frequency_zipf, "
+        "from wordfreq) and unigram (unigram_logfreq, from the texts themselves)",
+    )
+    parser.add_argument(
+        "--language",
+        default="en",
+        metavar="CODE",
+        help="the language of --covariates frequency, a wordfreq language code (default: en)",
+    )
+    parser.add_argument(
         "--top-k", type=int_at_least(0), default=0, metavar="K", help="also list the K likeliest tokens"
     )
     parser.add_argument("--format", choices=FORMATS, default="table", help="output on stdout (default: table)")
@@ -101,6 +122,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="colour the terminal table: auto (on a terminal, unless NO_COLOR is set), always or never",
     )
     return parser
+
+
+def _covariate_list(value: str) -> list[str]:
+    """``frequency,length`` -> ["frequency", "length"]; the names are checked with the table's options."""
+    return [name.strip() for name in value.split(",") if name.strip()]
 
 
 def read_texts(texts: list[str], files: list[str]) -> list[str]:
@@ -179,6 +205,9 @@ def main(args: argparse.Namespace) -> int:
         contexts=_contexts(args.context, len(texts)),
         word_correction=args.word_correction,
         text_end=args.text_end,
+        word_boundary=args.word_boundary,
+        covariates=args.covariates,
+        language=args.language,
     )
     if args.format == "json":
         sys.stdout.write(json.dumps(_records(table), ensure_ascii=False, indent=1) + "\n")
@@ -200,7 +229,7 @@ def _divergence_main(args: argparse.Namespace, texts: list[str]) -> int:
     from ..view.divergence import divergence_table, render_divergence_html, render_divergence_terminal
     from ..view.render import write_html
 
-    for flag, used in (("--words", args.words), ("--top-k", args.top_k)):
+    for flag, used in (("--words", args.words), ("--top-k", args.top_k), ("--covariates", args.covariates)):
         if used:
             raise DataError(
                 f"{flag}: must not be combined with --baseline (got both). Drop {flag} to compare two models."

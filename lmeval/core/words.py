@@ -26,6 +26,12 @@ import torch
 MASS_WORD_START, MASS_EOS, MASS_NOT_WORD_START = 0, 1, 2
 TEXT_ENDS = ("eos", "word")
 WORD_CORRECTIONS = ("bow", "none")
+# Which ids make up B. "whitespace": every id whose text begins with whitespace (a space, a
+# newline, a tab), as the ``\S+`` word runs split. "marker": only the ids whose piece begins
+# with the word-start marker itself ('Ġ', '▁', or a literal space), the convention of
+# Pimentel & Meister's `wordsprobability` and of minicons' ``bow_correction``: a newline
+# token does not start a word there.
+WORD_BOUNDARIES = ("whitespace", "marker")
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -79,16 +85,23 @@ def word_start_marker(pieces: list[str | None]) -> str | None:
     return " " if counts[" "] else None
 
 
-def piece_starts_word(piece: str | None, marker: str | None) -> bool:
-    """Whether a vocabulary piece's text begins with whitespace (``str.isspace``, as the
-    ``\\S+`` word runs split), so that it begins a word."""
+def piece_starts_word(piece: str | None, marker: str | None, word_boundary: str = "whitespace") -> bool:
+    """Whether a vocabulary piece begins a word: under ``"whitespace"`` its text begins with
+    whitespace (``str.isspace``, as the ``\\S+`` word runs split); under ``"marker"`` the
+    piece itself begins with the vocabulary's word-start marker (so 'Ġthe' and '▁the' do,
+    and a newline piece 'Ċ' or '<0x0A>' does not)."""
     if not piece or marker is None:
         return False
+    if word_boundary == "marker":
+        return piece[0] == marker
     return piece_text(piece, marker)[:1].isspace()
 
 
-def word_start_mask(pieces: list[str | None], special_ids, width: int) -> tuple[np.ndarray, str | None]:
-    """(width,) bool mask of B, the ids whose piece begins a word, and the marker found.
+def word_start_mask(
+    pieces: list[str | None], special_ids, width: int, word_boundary: str = "whitespace"
+) -> tuple[np.ndarray, str | None]:
+    """(width,) bool mask of B, the ids whose piece begins a word (see `piece_starts_word`
+    and `WORD_BOUNDARIES`), and the marker found.
 
     ``pieces[i]`` is the vocabulary piece of id i (None when unknown); ids at or past
     ``len(pieces)`` (padded embedding rows) and special tokens never begin a word.
@@ -96,7 +109,7 @@ def word_start_mask(pieces: list[str | None], special_ids, width: int) -> tuple[
     marker = word_start_marker(pieces)
     mask = np.zeros(width, dtype=bool)
     for i, piece in enumerate(pieces[:width]):
-        mask[i] = piece_starts_word(piece, marker)
+        mask[i] = piece_starts_word(piece, marker, word_boundary)
     specials = [i for i in special_ids if 0 <= i < width]
     mask[specials] = False
     return mask, marker

@@ -274,7 +274,8 @@ COLUMNS: dict[str, Column] = {
         "bits",
         "−log2 q(B ∪ E | before the token or word): the surprisal of a word "
         "boundary where the word starts, already paid by the previous word (B: the ids "
-        'whose text begins with whitespace; E: {EOS} under `text_end="eos"`, else '
+        'whose text begins with whitespace under `word_boundary="whitespace"`, or with the '
+        'word-start marker Ġ/▁ under `"marker"`; E: {EOS} under `text_end="eos"`, else '
         "empty). For a text's first word, of the text starting the way it does after "
         "the BOS",
         (_SV, _SW),
@@ -291,6 +292,26 @@ COLUMNS: dict[str, Column] = {
     "crosses_word": Column(
         "bool",
         "a token of this word also covers characters of another word (the whole token counts for the first word)",
+        (_SW,),
+    ),
+    # Word covariates (surprisal_table(words=True, covariates=[...]))
+    "length_chars": Column(
+        "characters",
+        "with covariates `length`: the word's length in characters (Unicode code points) once the punctuation "
+        "at either end is stripped (`dog.` is 3; the raw span is char_end − char_start)",
+        (_SW,),
+    ),
+    "frequency_zipf": Column(
+        "Zipf (log10 per 10^9 words)",
+        "with covariates `frequency`: log10(wordfreq.word_frequency(word, language)) + 9 for the word with the "
+        "punctuation at either end stripped (wordfreq's Zipf scale, unrounded); NaN for a word wordfreq does not "
+        "know or a word of punctuation alone, never 0",
+        (_SW,),
+    ),
+    "unigram_logfreq": Column(
+        "log10",
+        "with covariates `unigram`: log10(count / n_words) of the stripped, case-folded word among every word of "
+        "the scored texts themselves (no library, no language); NaN for a word of punctuation alone",
         (_SW,),
     ),
     # Counts and pooled loss

@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from ..core.words import TEXT_ENDS, WORD_CORRECTIONS, boundary_terms, mass_masks, word_start_mask
+from ..core.words import TEXT_ENDS, WORD_BOUNDARIES, WORD_CORRECTIONS, boundary_terms, mass_masks, word_start_mask
 from ..errors import DataError, ModelError
 
 
@@ -25,22 +25,24 @@ class WordStarts:
     mask: np.ndarray  # (V,) bool, V = the logits' width
     marker: str | None  # 'Ġ', '▁', ' ' or None (no piece starts a word: no correction needed)
     eos_id: int | None
+    word_boundary: str = "whitespace"  # which pieces make up B (`WORD_BOUNDARIES`)
 
     @property
     def n_ids(self) -> int:
         return int(self.mask.sum())
 
 
-def word_starts(lm) -> WordStarts:
-    """B for a loaded model: the ids whose piece begins with whitespace (see `word_start_mask`)."""
+def word_starts(lm, word_boundary: str = "whitespace") -> WordStarts:
+    """B for a loaded model: the ids whose piece begins with whitespace, or with the word-start
+    marker alone under ``word_boundary="marker"`` (see `word_start_mask`)."""
     tokenizer = lm.tokenizer
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    mask, marker = word_start_mask(pieces, tokenizer.all_special_ids, lm.vocab_size)
+    mask, marker = word_start_mask(pieces, tokenizer.all_special_ids, lm.vocab_size, word_boundary)
     eos = getattr(tokenizer, "eos_token_id", None)
-    return WordStarts(mask, marker if mask.any() else None, None if eos is None else int(eos))
+    return WordStarts(mask, marker if mask.any() else None, None if eos is None else int(eos), word_boundary)
 
 
-def check_word_options(word_correction, text_end) -> None:
+def check_word_options(word_correction, text_end, word_boundary="whitespace") -> None:
     if word_correction not in WORD_CORRECTIONS:
         raise DataError(
             f"word_correction: must be one of {', '.join(WORD_CORRECTIONS)} (got {word_correction!r}). "
@@ -50,6 +52,12 @@ def check_word_options(word_correction, text_end) -> None:
         raise DataError(
             f"text_end: must be one of {', '.join(TEXT_ENDS)} (got {text_end!r}). 'eos': the text may end "
             "after any word (Pimentel & Meister); 'word': another word follows (Oh & Schuler, minicons)."
+        )
+    if word_boundary not in WORD_BOUNDARIES:
+        raise DataError(
+            f"word_boundary: must be one of {', '.join(WORD_BOUNDARIES)} (got {word_boundary!r}). 'whitespace': "
+            "every token whose text starts with whitespace (newlines too) starts a word; 'marker': only tokens "
+            "that start with the word-start marker ('Ġ', '▁'), as wordsprobability and minicons count them."
         )
 
 

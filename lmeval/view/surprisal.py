@@ -46,6 +46,7 @@ from ..producers.words import (
     options_with_masses,
     word_starts,
 )
+from .covariates import add_covariates, check_covariates, require_wordfreq
 
 _WORD = re.compile(r"\S+")
 WORD_TABLE_COLUMNS = [
@@ -82,6 +83,9 @@ def surprisal_table(
     contexts=None,
     word_correction: str = "bow",
     text_end: str = "eos",
+    word_boundary: str = "whitespace",
+    covariates=None,
+    language: str = "en",
 ) -> pd.DataFrame:
     """Surprisal of every token (or word, with ``words=True``) of each text.
 
@@ -108,15 +112,32 @@ def surprisal_table(
     `aggregate_words` corrects word surprisal; ``"none"`` leaves them out. A tokenizer
     whose pieces never begin with whitespace (end-of-word markers) needs no correction:
     then word surprisal is the token sum, and ``attrs["word_correction_note"]`` says why.
-    ``attrs`` record word_correction (as applied), text_end and word_start_marker.
+
+    ``word_boundary`` says which tokens make up the word-start set B of the correction:
+    ``"whitespace"`` (the default) every token whose text starts with whitespace, newline and
+    tab tokens included, so that B matches the ``\\S+`` words exactly; ``"marker"`` only the
+    tokens that start with the word-start marker ('Ġ', '▁'), the convention of Pimentel &
+    Meister's ``wordsprobability`` and minicons' ``bow_correction``. They differ where the
+    model expects a newline (or a tab) after a word: see docs/psycholinguistics.md.
+
+    ``covariates`` (word tables only): any of ``"length"`` (length_chars), ``"frequency"``
+    (frequency_zipf, from wordfreq's list for ``language``) and ``"unigram"``
+    (unigram_logfreq, from ``texts`` themselves); see `lmeval.view.covariates`. They add
+    columns and change no other value.
+
+    ``attrs`` record word_correction (as applied), text_end, word_boundary and
+    word_start_marker (and covariates, language when asked for).
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise DataError(f"top_k: must be an integer >= 0 (got {top_k!r}). Use 0 for no alternatives, or e.g. 5.")
-    check_word_options(word_correction, text_end)
+    check_word_options(word_correction, text_end, word_boundary)
+    names = check_covariates(covariates, words)
+    if "frequency" in names:  # before scoring: a missing package or word list fails at once
+        require_wordfreq(language)
     texts = check_texts(texts)
     contexts = None if contexts is None else check_contexts(contexts, len(texts))
     lm = as_loaded_model(demo_model_path() if model is None else model)
-    starts = word_starts(lm) if word_correction == "bow" else None
+    starts = word_starts(lm, word_boundary) if word_correction == "bow" else None
     marked = starts if starts is not None and starts.marker is not None else None  # the word starts to correct at
     correct = marked is not None
     options = ScoreOptions(top_k=top_k)
@@ -136,14 +157,17 @@ def surprisal_table(
     table = token_table(frame, texts, lm.tokenizer)
     for key, values in extra.items():
         table[key] = values[order]
-    table.attrs.update(_protocol_attrs(word_correction if correct else "none", text_end, starts))
-    return aggregate_words(table, texts) if words else table
+    table.attrs.update(_protocol_attrs(word_correction if correct else "none", text_end, word_boundary, starts))
+    if not words:
+        return table
+    return add_covariates(aggregate_words(table, texts), texts, names, language)
 
 
-def _protocol_attrs(applied: str, text_end: str, starts) -> dict:
+def _protocol_attrs(applied: str, text_end: str, word_boundary: str, starts) -> dict:
     attrs = {
         "word_correction": applied,
         "text_end": text_end,
+        "word_boundary": word_boundary,
         "word_start_marker": None if starts is None else starts.marker,
     }
     if starts is not None and starts.marker is None:
@@ -294,7 +318,9 @@ def aggregate_words(tokens_df: pd.DataFrame, texts, word_correction: str | None 
             parts.append(_document_words(doc_id, text, rows, word_correction == "bow"))
     columns = WORD_TABLE_COLUMNS + [c for c in ("crosses_context", "topk") if c in tokens_df.columns]
     out = pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame({c: [] for c in columns})
-    out.attrs.update({k: v for k, v in tokens_df.attrs.items() if k in ("text_end", "word_start_marker")})
+    out.attrs.update(
+        {k: v for k, v in tokens_df.attrs.items() if k in ("text_end", "word_boundary", "word_start_marker")}
+    )
     out.attrs["word_correction"] = word_correction
     if "word_correction_note" in tokens_df.attrs:
         out.attrs["word_correction_note"] = tokens_df.attrs["word_correction_note"]
