@@ -61,6 +61,20 @@ def finetuned(model, scale: float = 0.05, seed: int = 7):
     return other
 
 
+def rounded(model, bits: int = 8):
+    """A copy of ``model`` with every weight matrix rounded to a symmetric ``bits``-bit grid
+    per output row (absmax scaling, as weight-only int8 does): a stand-in for a quantization."""
+    other = copy.deepcopy(model)
+    levels = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        for p in other.parameters():
+            if p.ndim < 2:
+                continue
+            scale = p.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / levels
+            p.copy_(torch.round(p / scale) * scale)
+    return other
+
+
 def numpy_summary(table: pd.DataFrame, n_resamples: int, seed: int) -> dict:
     """The documented figures, computed here from the per-token rows with numpy alone."""
     kl, dp = table.kl.to_numpy(np.float64), table.delta_p.to_numpy(np.float64)
@@ -81,6 +95,9 @@ def numpy_summary(table: pd.DataFrame, n_resamples: int, seed: int) -> dict:
         "delta_p_min": dp.min(),
         "delta_p_max": dp.max(),
         "ln_ppl_ratio": diff.mean(),
+        "acceptance_mean": table.acceptance.to_numpy(np.float64).mean(),
+        "topk_overlap_mean": table.topk_overlap.to_numpy(np.float64).mean(),
+        "kl_topk_mean": table.kl_topk.to_numpy(np.float64).mean(),
         "n_tokens": len(table),
         "n_documents": table.doc_id.nunique(),
     }
@@ -96,6 +113,9 @@ def numpy_summary(table: pd.DataFrame, n_resamples: int, seed: int) -> dict:
             "dp2": dp**2,
             "diff": diff,
             "top": table.same_top1.astype(float),
+            "acc": table.acceptance.to_numpy(np.float64),
+            "overlap": table.topk_overlap.to_numpy(np.float64),
+            "kl_topk": table.kl_topk.to_numpy(np.float64),
         }
     )
     sums = frame.groupby("doc", sort=False).sum().loc[docs]
@@ -107,6 +127,9 @@ def numpy_summary(table: pd.DataFrame, n_resamples: int, seed: int) -> dict:
         ("delta_p_mean", boot["dp"] / boot["n"]),
         ("delta_p_rms", np.sqrt(boot["dp2"] / boot["n"])),
         ("ln_ppl_ratio", boot["diff"] / boot["n"]),
+        ("acceptance_mean", boot["acc"] / boot["n"]),
+        ("topk_overlap_mean", boot["overlap"] / boot["n"]),
+        ("kl_topk_mean", boot["kl_topk"] / boot["n"]),
     ):
         out[f"{name}_ci_low"], out[f"{name}_ci_high"] = np.percentile(value, [2.5, 97.5])
     return out

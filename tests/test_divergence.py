@@ -13,7 +13,7 @@ import torch
 
 import lmeval
 from conftest import CORPUS, build_model, train_bpe
-from helpers import finetuned, numpy_summary
+from helpers import finetuned, numpy_summary, rounded
 from lmeval import ModelError, TokenizerMismatchError
 from lmeval.model import pair_scorer, scorer
 from lmeval.model.loading import prepare_model
@@ -23,21 +23,37 @@ FEW = [TEXTS[0], TEXTS[3], TEXTS[5]]  # for the slower checks (bfloat16 on CPU, 
 STATS = ("kl", "kl_reverse", "delta_p", "nll", "nll_baseline")
 
 
-def oracle(model, baseline, ids: list[int]) -> dict[str, np.ndarray]:
+def top_set(x: np.ndarray, k: int) -> np.ndarray:
+    """(N, k) ids of each row's k largest values, a tie to the lower id."""
+    ids = np.arange(x.shape[1])
+    return np.stack([np.lexsort((ids, -row))[:k] for row in x])
+
+
+def oracle(model, baseline, ids: list[int], k: int = 10, big_k: int = 100) -> dict[str, np.ndarray]:
     """Every statistic for s[1:], from each model's full forward over ``ids``, in float64."""
     with torch.no_grad():
-        log_q = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), dim=-1)  # (T-1, V)
-        log_p = torch.log_softmax(baseline(torch.tensor([ids])).logits[0, :-1].double(), dim=-1)
+        z = model(torch.tensor([ids])).logits[0, :-1].double()  # (T-1, V)
+        w = baseline(torch.tensor([ids])).logits[0, :-1].double()
+    log_q, log_p = torch.log_softmax(z, dim=-1), torch.log_softmax(w, dim=-1)
     y = torch.tensor(ids[1:])[:, None]
     q_y, p_y = log_q.gather(1, y).squeeze(1).exp(), log_p.gather(1, y).squeeze(1).exp()
+    top_q, top_p = top_set(z.numpy(), k), top_set(w.numpy(), big_k)
+    top_p_t = torch.from_numpy(top_p)
+    lp_s, lq_s = torch.log_softmax(w.gather(1, top_p_t), 1), torch.log_softmax(z.gather(1, top_p_t), 1)
     return {
         "kl": (log_p.exp() * (log_p - log_q)).sum(1).numpy(),
         "kl_reverse": (log_q.exp() * (log_q - log_p)).sum(1).numpy(),
         "delta_p": (q_y - p_y).numpy(),
-        "same_top1": (log_q.argmax(1) == log_p.argmax(1)).numpy(),
+        "same_top1": top_q[:, 0] == top_p[:, 0],
         "nll": -q_y.log().numpy(),
         "nll_baseline": -p_y.log().numpy(),
+        "acceptance": torch.minimum(log_p.exp(), log_q.exp()).sum(1).numpy(),
+        "topk_overlap": np.array([len(set(a) & set(b)) for a, b in zip(top_q, top_p[:, :k])]) / k,
+        "kl_topk": (lp_s.exp() * (lp_s - lq_s)).sum(1).numpy(),
     }
+
+
+ABSOLUTE = ("kl", "kl_reverse", "delta_p", "acceptance", "topk_overlap", "kl_topk")
 
 
 def assert_matches_oracle(table, model, base, tokenizer, texts, atol=1e-6, rtol=0.0):
@@ -47,7 +63,7 @@ def assert_matches_oracle(table, model, base, tokenizer, texts, atol=1e-6, rtol=
         rows = table[table.doc_id == i]
         assert rows.position.tolist() == list(range(len(ids))) and rows.token_id.tolist() == ids
         expected = oracle(model, base, [bos] + ids)
-        for key in ("kl", "kl_reverse", "delta_p"):
+        for key in ABSOLUTE:
             np.testing.assert_allclose(rows[key].to_numpy(np.float64), expected[key], atol=atol, rtol=rtol, err_msg=key)
         for key in ("nll", "nll_baseline"):  # float32 itself is 1e-6 coarse near 10 nats: relative
             np.testing.assert_allclose(rows[key].to_numpy(np.float64), expected[key], rtol=1e-6, atol=1e-6, err_msg=key)
@@ -72,6 +88,17 @@ def test_matches_float64_oracle_from_full_logits(arch, dtype, tiny_models, bpe_t
     table = lmeval.divergence(texts, (model, bpe_tokenizer), (base, bpe_tokenizer), batch_tokens=1)
     assert 1e-4 < table.kl.mean() < 1.0  # moved, but like a fine-tune, not a different model
     assert_matches_oracle(table, model, base, bpe_tokenizer, texts)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_weight_rounded_copy_matches_the_oracle(arch, tiny_models, bpe_tokenizer):
+    """Every weight matrix rounded to 8 bits (a quantization's small moves): all nine per-token
+    statistics within 1e-6 of the float64 oracle on both models' full logits."""
+    base = tiny_models[arch]
+    model = rounded(base)
+    table = lmeval.divergence(TEXTS, (model, bpe_tokenizer), (base, bpe_tokenizer), batch_tokens=64)
+    assert 0 < table.kl.mean() < 1e-2 and table.acceptance.min() < 1.0  # moved, a little
+    assert_matches_oracle(table, model, base, bpe_tokenizer, TEXTS)
 
 
 @pytest.mark.slow
@@ -136,6 +163,7 @@ def test_a_model_against_itself_is_zero_everywhere(twice, tiny_models, bpe_token
     assert (summary.kl_mean, summary.kl_mean_ci_low, summary.kl_mean_ci_high) == (0.0, 0.0, 0.0)
     assert (summary.same_top1, summary.same_top1_ci_low, summary.same_top1_ci_high) == (1.0, 1.0, 1.0)
     assert (summary.ln_ppl_ratio_ci_low, summary.ln_ppl_ratio_ci_high) == (0.0, 0.0)
+    assert (table.acceptance == 1).all() and (table.topk_overlap == 1).all() and (table.kl_topk == 0).all()
 
 
 def test_mixed_tokenizers_are_refused_by_name(tmp_path, tiny_models, bpe_tokenizer):

@@ -2,7 +2,7 @@
 per model with paired document-bootstrap intervals.
 
 The pass of a model with its baseline (`lmeval.model.scorer.score_windows` with a baseline)
-adds ``kl, kl_reverse, delta_p, same_top1, nll_baseline`` to the model's own columns; this
+adds ``kl, kl_reverse, delta_p, same_top1, nll_baseline, acceptance, topk_overlap, kl_topk`` to the model's own columns; this
 analysis folds them a part at a time. The summary pools tokens as the rest of lmeval does:
 means are sums over all tokens divided once (never a mean of per-document means), and every
 mean gets a paired document-bootstrap 95% interval: documents, not tokens, are resampled
@@ -34,6 +34,9 @@ DIVERGENCE_COLUMNS = [
     "same_top1",
     "nll",
     "nll_baseline",
+    "acceptance",
+    "topk_overlap",
+    "kl_topk",
     "token_id",
     "token",
     "char_start",
@@ -41,7 +44,19 @@ DIVERGENCE_COLUMNS = [
     "context_len",
 ]
 # Per-document sums the bootstrap resamples; column 0 counts the tokens.
-SUMS = ("n_tokens", "kl", "kl_reverse", "delta_p", "delta_p_sq", "same_top1", "nll", "nll_baseline")
+SUMS = (
+    "n_tokens",
+    "kl",
+    "kl_reverse",
+    "delta_p",
+    "delta_p_sq",
+    "same_top1",
+    "nll",
+    "nll_baseline",
+    "acceptance",
+    "topk_overlap",
+    "kl_topk",
+)
 KL_PERCENTILES = {"kl_median": 50.0, "kl_p90": 90.0, "kl_p99": 99.0, "kl_p999": 99.9}
 DELTA_P_PERCENTILES = {
     "delta_p_p001": 0.1,
@@ -108,6 +123,9 @@ def document_sums(doc_index: np.ndarray, columns: dict, n_docs: int) -> np.ndarr
             total(columns["same_top1"]),
             total(columns["nll"]),
             total(columns["nll_baseline"]),
+            total(columns["acceptance"]),
+            total(columns["topk_overlap"]),
+            total(columns["kl_topk"]),
         ]
     ).reshape(n_docs, len(SUMS))
 
@@ -120,6 +138,9 @@ MEANS = {
     "delta_p_mean": lambda s: s[..., 3] / s[..., 0],
     "delta_p_rms": lambda s: np.sqrt(s[..., 4] / s[..., 0]),
     "ln_ppl_ratio": lambda s: (s[..., 6] - s[..., 7]) / s[..., 0],
+    "acceptance_mean": lambda s: s[..., 8] / s[..., 0],
+    "topk_overlap_mean": lambda s: s[..., 9] / s[..., 0],
+    "kl_topk_mean": lambda s: s[..., 10] / s[..., 0],
 }
 WITH_P_VALUE = ("delta_p_mean", "ln_ppl_ratio")  # the means whose sign is a question
 
@@ -177,7 +198,10 @@ SUMMARY_COLUMNS = [
     "delta_p_mean", "delta_p_mean_ci_low", "delta_p_mean_ci_high", "delta_p_mean_p_value",
     "delta_p_rms", "delta_p_rms_ci_low", "delta_p_rms_ci_high", "delta_p_min", *DELTA_P_PERCENTILES, "delta_p_max",
     "ln_ppl_ratio", "ln_ppl_ratio_ci_low", "ln_ppl_ratio_ci_high", "ln_ppl_ratio_p_value",
-    "ppl_ratio", "ppl_ratio_ci_low", "ppl_ratio_ci_high", "nll_mean", "nll_baseline_mean", "n_resamples",
+    "ppl_ratio", "ppl_ratio_ci_low", "ppl_ratio_ci_high", "nll_mean", "nll_baseline_mean",
+    "acceptance_mean", "acceptance_mean_ci_low", "acceptance_mean_ci_high",
+    "topk_overlap_mean", "topk_overlap_mean_ci_low", "topk_overlap_mean_ci_high",
+    "kl_topk_mean", "kl_topk_mean_ci_low", "kl_topk_mean_ci_high", "n_resamples",
 ]  # fmt: skip
 
 
@@ -217,6 +241,11 @@ DEFINITIONS = {
     "delta_p": "q_y - p_y: the true token's probability under the model minus under the baseline",
     "same_top1": "both models' argmax token is the same",
     "ln_ppl_ratio": "ln PPL(model) - ln PPL(baseline) = mean(nll - nll_baseline) over the same tokens, nats",
+    "acceptance": "sum_v min(p_v, q_v) = 1 - TV(P, Q): speculative decoding's acceptance probability of a draft "
+    "from the model against the baseline",
+    "topk_overlap": "|top-k(P_baseline) ∩ top-k(P_model)| / k, k = compare.overlap_k; ties go to the lower token id",
+    "kl_topk": "KL(P_S || Q_S) over S = the baseline's top-K tokens (K = compare.kl_top_k), each distribution "
+    "renormalised over S (brevitas' top-K-normalised KL), nats",
     "intervals": "95% percentile intervals of a paired document bootstrap (documents resampled, both models together)",
     "percentiles": "over all scored tokens, numpy linear interpolation: exact up to 2,097,152 tokens per model, "
     "beyond that within 0.5% of the exact value (logarithmic buckets, DDSketch's mapping; min and max exact)",
@@ -239,7 +268,12 @@ class DivergenceAnalysis(Analysis):
         return Needs(token_columns=TOKEN_INPUTS)
 
     def identity(self) -> dict:
-        return {"divergence_baseline": self.baseline}  # a model's parts carry its pair's columns
+        # a model's parts carry its pair's columns, which k and K change
+        return {
+            "divergence_baseline": self.baseline,
+            "overlap_k": self.options.overlap_k,
+            "kl_top_k": self.options.kl_top_k,
+        }
 
     def start(self, model: str):
         return _Collected(self.options.top_k) if model in self.models else None
@@ -283,6 +317,8 @@ class DivergenceAnalysis(Analysis):
                 "baseline": self.baseline,
                 "models": list(chosen),
                 "definitions": DEFINITIONS,
+                "overlap_k": self.options.overlap_k,
+                "kl_top_k": self.options.kl_top_k,
                 "protocol": {m: r.extra["protocol"] for m, r in chosen.items()},
             }
         }

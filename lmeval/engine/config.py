@@ -90,6 +90,8 @@ class CompareConfig:
     top_k: int = 20
     min_documents: int = MIN_DOCUMENTS  # fewer documents: no CI or p-value (NaN, with a note)
     divergence: bool = False  # per-token KL, Δp and top-1 agreement against the baseline (divergence.*)
+    overlap_k: int = 10  # topk_overlap: |top-k(P) ∩ top-k(Q)| / k
+    kl_top_k: int = 100  # kl_topk: KL over the baseline's top-K tokens, both renormalised
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,8 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+CMP_DEFAULTS = {"overlap_k": 10, "kl_top_k": 100}
 
 SECTIONS = {
     "data": DataConfig,
@@ -408,6 +412,11 @@ def _check_values(config: Config, problems: list[str]) -> None:
         problems.append(f"compare.bootstrap: must be >= 0 (got {cmp.bootstrap}).")
     if cmp.top_k < 0:
         problems.append(f"compare.top_k: must be >= 0 (got {cmp.top_k}).")
+    for key in ("overlap_k", "kl_top_k"):
+        if getattr(cmp, key) < 1:
+            problems.append(
+                f"compare.{key}: must be >= 1 (got {getattr(cmp, key)}). The default is {CMP_DEFAULTS[key]}."
+            )
     if cmp.min_documents < 1:
         problems.append(
             f"compare.min_documents: must be >= 1 (got {cmp.min_documents}). The default is {MIN_DOCUMENTS}."

@@ -60,6 +60,9 @@ DIVERGENCE = pa.schema(
         ("same_top1", pa.bool_()),
         ("nll", pa.float32()),
         ("nll_baseline", pa.float32()),
+        ("acceptance", pa.float32()),
+        ("topk_overlap", pa.float32()),
+        ("kl_topk", pa.float32()),
         ("token_id", pa.int64()),
         ("token", pa.string()),
         ("char_start", pa.int64()),
@@ -130,7 +133,8 @@ FAMILIES = {
     "eps": r"[0-9]+(?:\.[0-9]+)?(?:e-?[0-9]+)?",
     "k": r"[0-9]+",
     "q": r"[0-9]+",
-    "mean": r"kl_mean|kl_reverse_mean|same_top1|delta_p_mean|delta_p_rms|ln_ppl_ratio|ppl_ratio",
+    "mean": r"kl_mean|kl_reverse_mean|same_top1|delta_p_mean|delta_p_rms|ln_ppl_ratio|ppl_ratio|acceptance_mean"
+    r"|topk_overlap_mean|kl_topk_mean",
     "tested": r"delta_p_mean|ln_ppl_ratio",
     "level": r".+",  # a column of data.group_by
     "average": r"bits_per_byte_micro|bits_per_byte_doc_mean|bits_per_byte_macro_.+|ppl_micro|ppl_macro_.+|ppl_doc_mean",
@@ -609,6 +613,27 @@ COLUMNS: dict[str, Column] = {
         'in divergence.csv the share of tokens where they are (llama.cpp\'s "Same top p")',
         (_DV, _DT, _DS, _SB, _DG),
     ),
+    "acceptance": Column(
+        "probability",
+        "Σ_v min(p_v, q_v) = 1 − TV(P, Q): the probability that speculative decoding accepts a token drawn from "
+        "the model (the draft) against the baseline (the target); 1 exactly when they agree",
+        (_DV,),
+    ),
+    "topk_overlap": Column(
+        "share",
+        "|top-k(P) ∩ top-k(Q)| / k, k = compare.overlap_k (default 10): the share of the baseline's k likeliest "
+        "tokens the model also ranks among its k likeliest; a tie at the k-th place goes to the lower token id",
+        (_DV,),
+    ),
+    "kl_topk": Column(
+        "nats",
+        "KL(P_S ‖ Q_S) over S = the baseline's top-K tokens (K = compare.kl_top_k, default 100), P and Q each "
+        "renormalised over S (brevitas' top-K-normalised KL); blind to mass moved outside S",
+        (_DV,),
+    ),
+    "acceptance_mean": Column("probability", "Σ acceptance / n_tokens: the mean acceptance rate", (_DS,)),
+    "topk_overlap_mean": Column("share", "Σ topk_overlap / n_tokens", (_DS,)),
+    "kl_topk_mean": Column("nats", "Σ kl_topk / n_tokens", (_DS,)),
     "kl_mean": Column("nats", "Σ kl / n_tokens, pooled over all tokens", (_DS, _DG)),
     "kl_median": Column("nats", "the median kl over every token", (_DS,)),
     "kl_p{q}": Column("nats", "kl: " + _Q, (_DS,)),
@@ -631,7 +656,7 @@ COLUMNS: dict[str, Column] = {
         "the mean's unit",
         "lower end of the mean's paired 95% document-bootstrap percentile "
         "interval (for kl_mean, kl_reverse_mean, same_top1, delta_p_mean, delta_p_rms, "
-        "ln_ppl_ratio, ppl_ratio)",
+        "ln_ppl_ratio, ppl_ratio, acceptance_mean, topk_overlap_mean, kl_topk_mean)",
         (_DS, _DG),
     ),
     "{mean}_ci_high": Column("the mean's unit", "upper end of that interval", (_DS, _DG)),

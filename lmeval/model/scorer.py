@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..core.divergence import PAIR_FIELDS, divergence_statistics
+from ..core.divergence import KL_TOP_K, OVERLAP_K, PAIR_FIELDS, divergence_statistics
 from ..core.losses import Workspace, token_statistics
 from ..core.windows import Window
 from ..core.words import log_mass
@@ -55,6 +55,8 @@ class ScoreOptions:
     compile: str | bool = "auto"  # fuse the per-token reductions with torch.compile
     # (K, V) bool id sets: also ``log_mass`` (N, K), log q(set) at each scored output (words)
     mass_masks: np.ndarray | None = None
+    overlap_k: int = OVERLAP_K  # with a baseline: k of topk_overlap (compare.overlap_k)
+    kl_top_k: int = KL_TOP_K  # with a baseline: K of kl_topk (compare.kl_top_k)
 
 
 # Below this many logits (tokens x vocabulary) a CPU run does not repay the compile time.
@@ -231,8 +233,8 @@ def score_batch(
         else _logit_source(baseline, ids, mask, rows, cols, _base_workspace(lm, baseline), sums=False)
     )
     masks = None if options.mass_masks is None else torch.from_numpy(options.mass_masks.T.astype(np.float32))
-    # A pair holds five float32 (n, V) buffers on the model's head device (both heads' logits,
-    # the reductions' two scratch, divergence's d = w - z): within the single model's budget.
+    # A pair holds six float32 (n, V) buffers on the model's head device (both heads' logits,
+    # the reductions' two scratch, divergence's r and q - p): the single model's budget.
     step = _chunk_rows(lm, options.chunk_bytes)
     parts, masses, pairs = [], [], []
     for begin in range(0, len(targets), step):
@@ -253,7 +255,11 @@ def score_batch(
             masses.append(log_mass(chunk, masks.to(chunk.device), scratch).float())
         if base_source is not None:  # last: it overwrites both chunks, which nothing reads again
             w = base_source(sl)[0].to(chunk.device)  # (n, V), copied there when the baseline lives elsewhere
-            pairs.append(divergence_statistics(chunk, w, y, lm.workspace, overwrite=True))
+            pairs.append(
+                divergence_statistics(
+                    chunk, w, y, lm.workspace, overwrite=True, overlap_k=options.overlap_k, kl_top_k=options.kl_top_k
+                )
+            )
     out = _gather(parts, parts[0].__dataclass_fields__)
     if masses:
         out["log_mass"] = torch.cat(masses).cpu().numpy()
@@ -279,7 +285,8 @@ def score_windows(
 
     With a ``baseline`` (a second `LoadedModel` over the same vocabulary), both models score
     the same batches, packed under the stricter of their batchings (`pair_batching`), and
-    the columns also hold ``nll_baseline, kl, kl_reverse, delta_p, same_top1``
+    the columns also hold ``nll_baseline, kl, kl_reverse, delta_p, same_top1, acceptance,
+    topk_overlap, kl_topk``
     (`core.divergence`); the model's own columns are the ones it gets scored alone.
     Every model is scored in eval mode and left in the mode it had.
     """

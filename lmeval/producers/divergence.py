@@ -3,7 +3,8 @@
 Comparing perplexities says whether a model is better; quantizing, pruning, distilling or
 fine-tuning asks how far each prediction moved. Per scored token (nats, see
 `lmeval.core.divergence`): ``kl`` = KL(P_base || P_model), ``kl_reverse``, ``delta_p`` =
-q_y - p_y, ``same_top1``, ``nll`` and ``nll_baseline``; both models' logits meet a chunk at
+q_y - p_y, ``same_top1``, ``nll``, ``nll_baseline``, ``acceptance``, ``topk_overlap`` and
+``kl_topk``; both models' logits meet a chunk at
 a time (`lmeval.model.pair_scorer`) and no distribution is stored.
 
 The summary pools tokens as the rest of lmeval does: means are sums over all tokens divided
@@ -20,8 +21,9 @@ from types import SimpleNamespace
 import pandas as pd
 
 from ..analyses.divergence import DIVERGENCE_COLUMNS, pair_frame  # noqa: F401  (DIVERGENCE_COLUMNS: re-exported)
+from ..core.divergence import KL_TOP_K, OVERLAP_K
 from ..engine.config import ScoringConfig
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 from ..model.fingerprint import tokenizer_fingerprint
 from ..model.scorer import ScoreOptions, resolve_window
 from .score import as_loaded_model, check_batch_tokens, score_group, score_stream
@@ -85,14 +87,23 @@ def resolve_pair_window(lm, baseline, max_length, stride) -> tuple[int, int]:
 
 
 def score_pair_documents(
-    lm, baseline, documents: list[Document], scoring: ScoringConfig, progress=None, where: str = "compare.divergence"
+    lm,
+    baseline,
+    documents: list[Document],
+    scoring: ScoringConfig,
+    progress=None,
+    where: str = "compare.divergence",
+    overlap_k: int = OVERLAP_K,
+    kl_top_k: int = KL_TOP_K,
 ) -> dict:
     """Per-token divergence columns of ``documents`` (scored independently, or joined into one
     stream under ``scoring.documents: concatenated``); ``doc_index`` indexes ``documents``,
     and in a stream index ``len(documents)`` marks separator tokens."""
     check_same_tokenizer(lm, baseline, where)
     resolve_pair_window(lm, baseline, scoring.max_length, scoring.stride)
-    options = ScoreOptions(batch_tokens=check_batch_tokens(scoring.batch_tokens))
+    options = ScoreOptions(
+        batch_tokens=check_batch_tokens(scoring.batch_tokens), overlap_k=overlap_k, kl_top_k=kl_top_k
+    )
     produce = score_stream if scoring.documents == "concatenated" else score_group
     # The same producers as every other entry point, with the baseline beside the model.
     columns, _ = produce(
@@ -112,6 +123,8 @@ def divergence(
     batch_tokens: int = 16384,
     name: str | None = None,
     baseline_name: str | None = None,
+    overlap_k: int = OVERLAP_K,
+    kl_top_k: int = KL_TOP_K,
 ) -> pd.DataFrame:
     """Per-token divergence of ``model`` from ``baseline`` on each text, one row per scored token.
 
@@ -121,7 +134,9 @@ def divergence(
     (`DIVERGENCE_COLUMNS`, all in nats): ``kl`` = KL(P_baseline || P_model), ``kl_reverse`` =
     KL(P_model || P_baseline), ``delta_p`` = q_y - p_y (the true token's probability under
     the model minus under the baseline), ``same_top1`` (both argmaxes equal), ``nll`` (the
-    model's) and ``nll_baseline``, beside the token's id, piece, character span and context
+    model's), ``nll_baseline``, ``acceptance`` = sum_v min(p_v, q_v), ``topk_overlap`` (the
+    share of the baseline's ``overlap_k`` likeliest tokens among the model's) and ``kl_topk``
+    (KL over the baseline's ``kl_top_k`` likeliest tokens, both renormalised), beside the token's id, piece, character span and context
     length. `divergence_summary` pools the table with document-bootstrap intervals.
     """
     texts = check_texts(texts)
@@ -129,7 +144,10 @@ def divergence(
         max_length=max_length, stride=stride, bos=bos, batch_tokens=check_batch_tokens(batch_tokens)
     )
     lm, base = as_loaded_model(model, name), as_loaded_model(baseline, baseline_name)
-    columns = score_pair_documents(lm, base, [Document(i, t) for i, t in enumerate(texts)], scoring, where="divergence")
+    if overlap_k < 1 or kl_top_k < 1:
+        raise ConfigError(f"divergence: overlap_k and kl_top_k must be >= 1 (got {overlap_k}, {kl_top_k}).")
+    documents = [Document(i, t) for i, t in enumerate(texts)]
+    columns = score_pair_documents(lm, base, documents, scoring, None, "divergence", overlap_k, kl_top_k)
     frame = pair_frame(lm.name, base.name, list(range(len(texts))), columns)
     frame.attrs["n_documents"] = len(texts)
     return frame
