@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from ..core.losses import Workspace
 from ..errors import ModelError
 from .head import OutputHead
-from .probes import Probes, probe_model
+from .probes import Probes, max_positions, probe_model
 from .spec import DTYPE_NAMES, ModelSpec, looks_like_hub_id
 
 log = logging.getLogger(__name__)
@@ -252,16 +252,6 @@ def _as_spec(source, options: dict) -> ModelSpec:
             known = ", ".join(f.name for f in dataclasses.fields(ModelSpec) if f.name != "path")
             raise ModelError(f"load_model: unknown option ({exc}). Known options: {known}.") from None
     raise ModelError(f"load_model: source must be a path, a hub id or a ModelSpec (got {type(source).__name__}).")
-
-
-def max_positions(config) -> int | None:
-    """The model's context size from its config, if it declares one."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def prepare_model(
