@@ -11,7 +11,9 @@ architecture as it finishes, then the counts and the runtime:
 
 Columns: result (pass / FAIL / refused / skipped / error), head (fast: body + head on
 scored positions; fallback: plain model(...).logits), batching (padded / equal_length /
-equal_length_no_mask / one_window), max_error (nats, over every token and setting).
+equal_length_no_mask / one_window), max_error (nats, over every token and setting);
+``--errors`` adds each setting's largest error under its row. Windows are 16 tokens, or 40
+for a model whose config declares a top-k selection of keys (``index_topk``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_types", nargs="*", help="model types to sweep (default: the whole mapping)")
     parser.add_argument("--quick", action="store_true", help="two texts and two batch sizes per architecture")
+    parser.add_argument(
+        "--errors", action="store_true", help="under each row, its largest error per (L, S, batch_tokens)"
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)  # the probes' warnings would interleave with the table
@@ -56,6 +61,10 @@ def main(argv=None) -> int:
             f"{row['max_error']:9.2e} {row['seconds']:7.1f}  {note}",
             flush=True,
         )
+        if args.errors and row["errors"]:
+            print(
+                "    " + ", ".join(f"L={m} S={s} batch_tokens={b}: {e:.2e}" for (m, s, b), e in row["errors"].items())
+            )
     print(summary(rows, time.perf_counter() - started), flush=True)
     return 0 if all(r["result"] in ("pass", "refused", "skipped") for r in rows) else 1
 
