@@ -366,6 +366,7 @@ def test_two_chat_templates_in_one_run_compare_in_bytes_and_words(tmp_path, chat
     out = tmp_path / "out"
     record = json.loads((out / "run.json").read_text(encoding="utf-8"))
     protocols = record["protocol"]["models"]
+    assert record["protocol"]["word_boundary"] is None  # a run writes no word table
     assert protocols["plain"]["tokenizer_sha256"] == protocols["preamble"]["tokenizer_sha256"]
     assert protocols["plain"]["chat_template_sha256"] != protocols["preamble"]["chat_template_sha256"]
     compare = pd.read_csv(out / "compare.csv")

@@ -453,5 +453,9 @@ def test_cli_word_boundary_and_covariates(saved_gpt2, gpt2_lm, capsys):
     np.testing.assert_allclose(got["surprisal_bits"], expected["surprisal_bits"], rtol=1e-5)
     np.testing.assert_allclose(got["frequency_zipf"], expected["frequency_zipf"], rtol=1e-12)
     assert got["length_chars"].tolist() == [3, 3, 6]
+    code, out = run_cli(
+        ["--model", str(saved_gpt2), "--words", "--covariates", "length,unigram", "Zzxq (dog)."], capsys
+    )
+    assert code == 0 and "length_chars  unigram_logfreq" in out and "frequency_zipf" not in out
     whitespace = surprisal_table(["The dog sleeps."], gpt2_lm, words=True)
     assert not np.allclose(got["surprisal_bits"], whitespace["surprisal_bits"], rtol=1e-7, atol=0)

@@ -9,7 +9,9 @@ log-probability is
 
     log p(w | before) = sum_k log q(t_k | ...) + log q(B u E | after t_j) - log q(B u E | before t_i)
 
-where ``q(S | ctx) = sum_{v in S} q(v | ctx)`` is the mass of a set of ids. This module finds
+where ``q(S | ctx) = sum_{v in S} q(v | ctx)`` is the mass of a set of ids. B is every id
+whose text begins with whitespace (``word_boundary="whitespace"``), or only those whose piece
+begins with the word-start marker (``"marker"``, see `WORD_BOUNDARIES`). This module finds
 B from the vocabulary and computes ``log q(S | ctx)`` for a few id sets at once, one chunk of
 logits at a time (the scorer calls `log_mass` beside the per-token statistics).
 """

@@ -153,10 +153,13 @@ PROTOCOL_NOTES = {
     },
     "aggregation": "pooled: ppl = exp(sum nll / sum tokens); never a mean of per-document ratios",
     "log_base": "nll in nats (natural log); *_bits and bits_per_* are nats / ln 2",
-    # A run writes no word table: word_ppl is the token sum over lm-eval's word count.
+    # A run writes no word table: word_ppl is the token sum over lm-eval's word count, so no
+    # word-boundary convention enters its numbers (word tables record theirs in their attrs).
     "word_correction": "none (word_ppl divides the token nll sum by the word count; corrected word "
-    "surprisal, word_correction=bow, is in word tables: lmeval.surprisal_table(words=True), lmeval surprisal --words)",
+    "surprisal, word_correction=bow, is in word tables: lmeval.surprisal_table(words=True), lmeval surprisal --words, "
+    "whose attrs record text_end and word_boundary)",
     "text_end": None,
+    "word_boundary": None,
 }
 
 

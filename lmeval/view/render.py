@@ -126,14 +126,22 @@ def _fit(cell: str, width: int) -> str:
     return cell + " " * (width - display_width(cell))
 
 
+COVARIATE_COLUMNS = ("length_chars", "frequency_zipf", "unigram_logfreq")  # shown when a word table has them
+
+
 def format_table(table: pd.DataFrame, max_width: int = 24) -> str:
-    """An aligned plain-text table: unit, surprisal_bits, rank, prob."""
+    """An aligned plain-text table: unit, surprisal_bits, rank, prob (and the word
+    covariates a word table was asked for; NaN where a word has no frequency)."""
     unit = unit_column(table)
     labels = [visible(str(t), keep_newlines=False) for t in table[unit]]
     width = min(max([display_width(s) for s in labels] + [len(unit)]), max_width)
-    lines = [f"{_fit(unit, width)}  {'surprisal_bits':>14}  {'rank':>8}  {'prob':>10}"]
-    for label, bits, rank, prob in zip(labels, table["surprisal_bits"], table["rank"], table["prob"]):
-        lines.append(f"{_fit(label, width)}  {bits:14.3f}  {int(rank):8d}  {prob:10.4g}")
+    extra = [c for c in COVARIATE_COLUMNS if c in table.columns]
+    lines = [
+        f"{_fit(unit, width)}  {'surprisal_bits':>14}  {'rank':>8}  {'prob':>10}" + "".join(f"  {c}" for c in extra)
+    ]
+    for i, (label, bits, rank, prob) in enumerate(zip(labels, table["surprisal_bits"], table["rank"], table["prob"])):
+        cells = "".join(f"  {table[c].iloc[i]:>{len(c)}.{0 if c == 'length_chars' else 2}f}" for c in extra)
+        lines.append(f"{_fit(label, width)}  {bits:14.3f}  {int(rank):8d}  {prob:10.4g}" + cells)
     return "\n".join(lines)
 
 
