@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lmeval
-from helpers import CHATML, CONTEXTS, CONVERSATIONS
+from helpers import CHATML, CONTEXTS, CONVERSATIONS, interrupted_after
 from helpers import CONTEXT_TEXTS as TEXTS
 from lmeval.cli import pairs as pairs_cli
 from lmeval.cli import surprisal as surprisal_cli
@@ -377,3 +377,35 @@ def test_two_chat_templates_in_one_run_compare_in_bytes_and_words(tmp_path, chat
     documents = pd.read_parquet(out / "documents.parquet")
     by_model = {m: d.sort_values("doc_id") for m, d in documents.groupby("model")}
     assert by_model["plain"]["n_bytes"].tolist() == by_model["preamble"]["n_bytes"].tolist()
+
+
+def test_resuming_a_chat_run_after_its_template_changed_is_refused(tmp_path, chat_lm, monkeypatch):
+    """The parts of a chat run were scored under one template; a rerun of the same folder
+    after the model's template changed must not merge them with the new rendering (the chat
+    template was not part of the recorded protocol, so it did)."""
+    import yaml
+
+    from lmeval.errors import OutputError
+
+    folder = tmp_path / "chat-model"
+    chat_lm.model.save_pretrained(folder)
+    chat_lm.tokenizer.save_pretrained(folder)
+    chats = [*CONVERSATIONS, OPENS_WITH["assistant"], OPENS_WITH["system"]]
+    (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps({"messages": c}) for c in chats), "utf-8")
+    config = tmp_path / "run.yaml"
+    body = {
+        "models": [{"path": str(folder), "name": "m"}],
+        "data": {"path": str(tmp_path / "chats.jsonl"), "messages_field": "messages"},
+        "output": {"dir": str(tmp_path / "out"), "part_chars": 260},  # a part per conversation
+    }
+    config.write_text(yaml.safe_dump(body), encoding="utf-8")
+    assert len(interrupted_after(1, config, monkeypatch)) == 1  # one part scored under CHATML
+    saved = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    template_file = folder / "chat_template.jinja"
+    if template_file.exists():
+        template_file.write_text(PREAMBLE_CHATML, encoding="utf-8")
+    else:
+        saved["chat_template"] = PREAMBLE_CHATML
+        (folder / "tokenizer_config.json").write_text(json.dumps(saved), encoding="utf-8")
+    with pytest.raises(OutputError, match="chat_template_sha256"):
+        lmeval.run(config, show_progress=False)
