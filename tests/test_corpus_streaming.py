@@ -352,3 +352,56 @@ def test_iterating_a_20mb_corpus_never_holds_every_text(tmp_path):
     corpus_bytes = n * (size + 49)  # each text as a Python str: at least its characters
     assert load_peak < corpus_bytes / 4, f"loading peaked at {load_peak / 1e6:.1f} MB"
     assert iter_peak < corpus_bytes / 4, f"iterating peaked at {iter_peak / 1e6:.1f} MB"
+
+
+def _resident_bytes_of(folder) -> int:
+    """Resident bytes of every mapping of a file under ``folder`` in this process (/proc/self/smaps)."""
+    resident, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+                inside = len(fields) >= 6 and fields[5].startswith(str(folder))
+            elif inside and fields[0] == "Rss:":
+                resident += int(fields[1]) * 1024
+    return resident
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="needs Linux's /proc")
+def test_reading_the_whole_corpus_leaves_none_of_its_cache_resident(tmp_path):
+    """Validating and reading every text maps the cache a record batch at a time: nothing of it
+    stays in the process (datasets' own map of it kept every page read, 40 MB here)."""
+    from lmeval.engine.columns import MappedColumn
+
+    n, size = 10_000, 2_000
+    texts = [f"{i:08d}" + "é" * (size - 8) for i in range(n)]  # 40 MB of UTF-8
+    pq.write_table(pa.table({"text": texts}), tmp_path / "big.parquet", row_group_size=1_000)
+    del texts
+    corpus = load_documents(DataConfig(path=str(tmp_path / "big.parquet")))
+    assert sum(len(d.text) for d in corpus.documents) == n * size
+    assert corpus.take([5, n - 1, 7])[1].text.startswith(f"{n - 1:08d}")
+    assert _resident_bytes_of(tmp_path / "hf_cache") < 2e6  # at most the schema and batch headers
+    assert isinstance(corpus.documents.texts, MappedColumn)
+
+
+def test_a_renamed_or_in_memory_table_is_read_through_its_own_chunks(tmp_path):
+    """Only cache files stored as the dataset reads them are mapped by lmeval; a column that
+    `datasets` renames on load, or a table in memory, is read from the table as it was."""
+    import datasets
+
+    from lmeval.engine.columns import MappedSource, TableSource, open_source
+
+    pq.write_table(pa.table({"body": ["a", "b", "c"]}), tmp_path / "x.parquet", row_group_size=1)
+    loaded = datasets.load_dataset("parquet", data_files=str(tmp_path / "x.parquet"), split="train")
+    assert isinstance(open_source(loaded, loaded.data.table, ["body"]), MappedSource)
+    renamed = loaded.rename_column("body", "text")
+    for dataset in (renamed, datasets.Dataset.from_dict({"text": ["a", "b", "c"]})):
+        source = open_source(dataset, dataset.data.table, ["text"])
+        assert isinstance(source, TableSource)
+        assert source.column("text").fetch(np.array([2, 0])) == ["c", "a"]
+    mapped = open_source(loaded, loaded.data.table, ["body"])
+    assert mapped.column("body").fetch(np.array([2, 0, 1])) == ["c", "a", "b"]
+    batches = list(mapped.batches(["body"], 2))
+    assert all(b.num_rows <= 2 for _, b in batches)
+    assert [s for s, _ in batches] == np.cumsum([0] + [b.num_rows for _, b in batches[:-1]]).tolist()
+    assert [v for _, b in batches for v in b.column("body").to_pylist()] == ["a", "b", "c"]

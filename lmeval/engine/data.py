@@ -39,6 +39,7 @@ from ..producers.text import (  # noqa: F401  (re-exported: the engine's view of
     split_stream,
     tokenize_documents,
 )
+from .columns import open_source
 from .detokenize import detokenize_documents
 
 log = logging.getLogger(__name__)
@@ -78,14 +79,16 @@ class Corpus:
 class ArrowDocuments(Sequence):
     """A read-only sequence of `Document` read from an Arrow table on demand.
 
-    Why: a corpus of millions of documents as Python objects costs gigabytes; the table is
-    memory-mapped by `datasets`, so only ``rows`` (document index -> table row), the ids and the
-    lengths are kept. A text is read, BOM-stripped and detokenized when it is asked for,
-    exactly as `load_documents` validated and fingerprinted it.
+    Why: a corpus of millions of documents as Python objects costs gigabytes; the texts stay in
+    the dataset's Arrow files, read a record batch at a time (`lmeval.engine.columns`), so only
+    ``rows`` (document index -> table row), the ids and the lengths are kept. A text is read,
+    BOM-stripped and detokenized when it is asked for, exactly as `load_documents` validated
+    and fingerprinted it.
     """
 
     def __init__(self, columns: tuple, rows: np.ndarray, doc_ids: list, lengths: np.ndarray, detokenizer):
-        (self.texts, self.contexts), self.detokenizer = columns, detokenizer  # _Column each; contexts may be None
+        self.texts, self.contexts = columns  # a MappedColumn or ChunkedColumn each; contexts may be None
+        self.detokenizer = detokenizer
         self.rows, self.doc_ids, self.lengths = rows, doc_ids, lengths
 
     def __len__(self) -> int:
@@ -122,32 +125,6 @@ class ArrowDocuments(Sequence):
         ids = [self.doc_ids[i] for i in indices.tolist()]
         documents = [Document(i, strip_bom(t), context=c) for i, t, c in zip(ids, texts, contexts)]
         return detokenize_documents(documents, self.detokenizer)
-
-
-class _Column:
-    """One column of a table, read at given rows without concatenating its chunks, as Python
-    values decoded as ``dataset[name]`` decodes them (``decode``: see `_decoder`).
-
-    Why: ``ChunkedArray.take`` costs time in the number of chunks (10 ms for 1,000 chunks) on
-    every call; resolving rows to chunks here costs only the rows asked for.
-    """
-
-    def __init__(self, column, decode=None):
-        self.chunks, self.decode = [c for c in column.chunks if len(c)], decode
-        self.starts = np.cumsum([0] + [len(c) for c in self.chunks], dtype=np.int64)
-
-    def fetch(self, rows: np.ndarray) -> list:
-        """The Python values at ``rows``: a slice for a run of consecutive rows in one chunk, else a take."""
-        chunk = np.searchsorted(self.starts, rows, side="right") - 1
-        values = []
-        for run in np.split(np.arange(len(rows)), np.flatnonzero(np.diff(chunk)) + 1) if len(rows) else []:
-            c = int(chunk[run[0]])
-            local = rows[run] - self.starts[c]
-            if np.all(np.diff(local) == 1):
-                values.extend(self.chunks[c].slice(int(local[0]), len(run)).to_pylist())
-            else:
-                values.extend(self.chunks[c].take(local).to_pylist())
-        return self.decode(values) if self.decode is not None else values
 
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -389,10 +366,13 @@ def load_documents(config) -> Corpus:
             f"data.group_by: {', '.join(map(repr, absent))} must be columns of {config.path}. "
             f"Available columns: {', '.join(columns)}."
         )
-    table, context_field = arrow_table(dataset), getattr(config, "context_field", None)
-    names = [n for n in (config.id_field, config.text_field, context_field, *levels) if n is not None]
+    dataset, context_field = flat_rows(dataset), getattr(config, "context_field", None)
+    names = list(
+        dict.fromkeys(n for n in (config.id_field, config.text_field, context_field, *levels) if n is not None)
+    )
+    source = open_source(dataset, dataset.data.table, names)
     scan = _Scan(config, {name: _decoder(dataset, name) for name in names})
-    for start, batch in _record_batches(table, names):
+    for start, batch in source.batches(names, BATCH_ROWS):
         if not scan.add_batch(start, batch):
             break
     if not scan.n_documents:
@@ -401,7 +381,7 @@ def load_documents(config) -> Corpus:
             f"data.path: {config.path} holds no non-empty documents ({scan.n_skipped} empty{without}). Nothing to score."
         )
     fields = (config.text_field, context_field)
-    readers = tuple(_Column(table.column(n), scan.decoders[n]) if n else None for n in fields)
+    readers = tuple(source.column(n, scan.decoders[n]) if n else None for n in fields)
     rows, lengths = np.concatenate(scan.rows).astype(np.int64), np.concatenate(scan.lengths).astype(np.int64)
     documents = ArrowDocuments(readers, rows, scan.doc_ids, lengths, scan.detokenizer)
     return Corpus(documents, scan.n_skipped, scan.digest.hexdigest(), _group_labels(config, scan))
@@ -418,11 +398,11 @@ def _group_labels(config, scan) -> GroupLabels | None:
     return labels
 
 
-def arrow_table(dataset):
-    """The `pyarrow.Table` behind a `datasets.Dataset`, in the dataset's row order."""
-    if getattr(dataset, "_indices", None) is not None:  # a select/shuffle view: write its rows in order
+def flat_rows(dataset):
+    """``dataset`` with its table in the dataset's row order (a select/shuffle view is written out)."""
+    if getattr(dataset, "_indices", None) is not None:
         dataset = dataset.flatten_indices()
-    return dataset.data.table
+    return dataset
 
 
 def _decoder(dataset, name: str):
@@ -434,14 +414,6 @@ def _decoder(dataset, name: str):
     if not features or name not in features or not require_decoding(features[name]):
         return None
     return lambda values: features.decode_column(values, name)
-
-
-def _record_batches(table, names: list[str]):
-    """``(first row, record batch)`` over the columns ``names``, `BATCH_ROWS` rows at a time."""
-    start = 0
-    for batch in table.select(list(dict.fromkeys(names))).to_batches(max_chunksize=BATCH_ROWS):
-        yield start, batch
-        start += batch.num_rows
 
 
 def strip_bom(text: str) -> str:
