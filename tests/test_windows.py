@@ -2,7 +2,7 @@
 
 import pytest
 
-from lmeval.core.windows import make_windows, window_spans
+from lmeval.core.windows import Chunks, make_chunk_windows, make_windows, window_spans
 
 
 def lm_eval_rolling_windows(token_list, prefix_token, max_seq_len, context_len=1):
@@ -96,3 +96,44 @@ def test_stride_equal_length_is_lm_eval_rolling(n, max_length):
 def test_bad_window_arguments(max_length, stride):
     with pytest.raises(ValueError, match="must be"):
         window_spans(10, max_length, stride)
+
+
+# --------------------------------------------------------------------------------------
+# Chunks (the GPTQ and llama.cpp presets)
+# --------------------------------------------------------------------------------------
+
+
+def test_chunks_gold_windows():
+    """The docstring's drawing: L = 4, context 2, a BOS prefix, ten tokens."""
+    t = list(range(10, 20))
+    windows = make_chunk_windows(0, t, [0], 4, Chunks(context=2))
+    assert [w.input_ids for w in windows] == [(0, 10, 11), (13, 14, 15)]
+    assert [w.targets for w in windows] == [(11, 12), (15, 16)]
+    assert [w.positions for w in windows] == [(1, 2), (5, 6)]
+    assert [w.context_len for w in windows] == [(2, 3), (2, 3)]
+    # llama.cpp at n_ctx = 6 without a prefix, each chunk's first id replaced by BOS (id 0)
+    windows = make_chunk_windows(0, t, [], 6, Chunks(context="half", bos=0))
+    assert [w.input_ids for w in windows] == [(0, 11, 12, 13, 14)]  # one chunk of 6; 4 ids dropped
+    assert [w.targets for w in windows] == [(14, 15)] and [w.positions for w in windows] == [(4, 5)]
+
+
+@pytest.mark.parametrize("length, context", [(2, 1), (5, 1), (5, 4), (8, "half"), (9, "half")])
+@pytest.mark.parametrize("n, prefix", [(0, []), (1, [7]), (23, [7]), (24, []), (40, [7])])
+def test_chunks_score_each_token_at_most_once_and_only_in_whole_chunks(length, context, n, prefix):
+    t = list(range(100, 100 + n))
+    s = prefix + t
+    windows = make_chunk_windows(3, t, prefix, length, Chunks(context=context))
+    c = length // 2 + 1 if context == "half" else context
+    assert len(windows) == len(s) // length
+    scored = [p for w in windows for p in w.positions]
+    assert scored == sorted(set(scored))
+    assert len(scored) == len(windows) * (length - c)
+    for i, w in enumerate(windows):
+        assert list(w.input_ids) == s[i * length : (i + 1) * length - 1]
+        assert [s[p + len(prefix)] for p in w.positions] == list(w.targets)
+        assert w.n_scored == len(w.targets) == length - c
+
+
+def test_chunk_context_out_of_range_is_named():
+    with pytest.raises(ValueError, match="chunk_context"):
+        Chunks(context=4).context_for(4)

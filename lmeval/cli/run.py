@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..engine.presets import PRESETS
 from ..errors import ConfigError
 from .common import format_compare, format_divergence, format_summary, int_at_least
 
@@ -16,6 +17,8 @@ RUN_EPILOG = """examples:
              --max-length 1024 --stride 512 --out runs/steps
   lmeval run --model gpt2 --data docs.jsonl --print-config > my.yaml   keep it as a config
   lmeval run lm_eval_wikitext --model gpt2        a shipped config (lm-eval's wikitext task)
+  lmeval run --preset llama_cpp --model M --data wiki.test.raw     llama.cpp's perplexity arithmetic
+  lmeval run --preset gptq_wikitext2 --model M --data test.jsonl   the GPTQ paper's (L = 2048)
 """
 DEMO_EPILOG = """examples:
   lmeval demo                                     writes ./runs/demo
@@ -89,6 +92,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--stride", type=int_at_least(1), metavar="S", help="new tokens scored per window (default: L)")
     group.add_argument("--out", metavar="DIR", help="output folder (default: runs/lmeval)")
+    group.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a protocol preset: the windows, joining and prefix of another tool's perplexity "
+        "(keys you set still win; see docs/protocol.md)",
+    )
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -119,6 +128,7 @@ def load_command_config(args):
         max_length=args.max_length,
         stride=args.stride,
         out=args.out,
+        preset=getattr(args, "preset", None),
     )
     if config is None and not (args.model and args.data):
         given = "--model only" if args.model else "--data only" if args.data else "neither"

@@ -95,3 +95,67 @@ def make_windows(
             )
         )
     return windows
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """The chunk protocol of the numbers quantization papers quote (GPTQ's ``llama_eval``,
+    llama.cpp's ``perplexity``), instead of the rolling windows above.
+
+    The ids ``s = prefix + t`` are cut into disjoint chunks of exactly L ids, ``s[iL:(i+1)L]``;
+    a remainder shorter than L is dropped. In each chunk the first ``context`` ids only
+    condition, and the chunk's positions ``context .. L-1`` are scored, each given the chunk
+    before it and nothing earlier. With ``bos`` the chunk's first id is replaced by ``bos``
+    (llama.cpp's rule); its own token is then never seen. With L = 4, context = 2, n = 10::
+
+        s:  b  t0 t1 t2 t3 t4 t5 t6 t7 t8 t9
+        c0 [b  t0 t1 t2]                       scores t1, t2   (context 2, 3)
+        c1             [t3 t4 t5 t6]           scores t5, t6   (context 2, 3)
+        c2                         [t7 t8 t9]  dropped: fewer than L ids
+
+    ``context`` is an int in [1, L-1], or ``"half"``: L // 2 + 1, llama.cpp's ``first =
+    n_ctx / 2`` (the outputs from index n_ctx / 2 on are scored). The chunk's last id
+    predicts nothing that is scored, so a window holds the chunk's first L - 1 ids (a causal
+    model gives the same outputs for them).
+    """
+
+    context: int | str = 1
+    bos: int | None = None
+
+    def context_for(self, max_length: int) -> int:
+        context = max_length // 2 + 1 if self.context == "half" else int(self.context)
+        if not 1 <= context <= max_length - 1:
+            raise ValueError(
+                f"scoring.chunk_context: must be in [1, max_length - 1 = {max_length - 1}] (got {self.context!r} -> "
+                f"{context}). At least one id must condition and one be scored in each chunk of max_length ids."
+            )
+        return context
+
+
+def make_chunk_windows(
+    doc_id: int,
+    token_ids: list[int] | tuple[int, ...],
+    prefix: list[int] | tuple[int, ...],
+    max_length: int,
+    chunks: Chunks,
+) -> list[Window]:
+    """Cut one document (or stream) into the disjoint chunks of `Chunks`; positions index
+    ``token_ids`` as in `make_windows`."""
+    context = chunks.context_for(max_length)
+    s = tuple(prefix) + tuple(token_ids)
+    offset = -len(prefix)  # s[j] is document position j + offset
+    windows = []
+    for start in range(0, len(s) - max_length + 1, max_length):
+        ids = s[start : start + max_length - 1]
+        if chunks.bos is not None:
+            ids = (chunks.bos,) + ids[1:]
+        windows.append(
+            Window(
+                doc_id=doc_id,
+                input_ids=ids,
+                first_scored=context - 1,  # output context - 1 predicts chunk position context
+                positions=tuple(range(start + context + offset, start + max_length + offset)),
+                targets=s[start + context : start + max_length],
+            )
+        )
+    return windows

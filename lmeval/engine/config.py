@@ -23,6 +23,7 @@ from ..core.bootstrap import MIN_DOCUMENTS
 from ..core.calibration import validate_calibration_options
 from ..errors import ConfigError
 from ..model.spec import DEVICE_MAPS, ModelSpec, looks_like_hub_id
+from .presets import apply_preset
 
 # A `models:` entry is the model record itself: one dataclass for the config, the loader and
 # the resume identity.
@@ -65,6 +66,12 @@ class ScoringConfig:
     documents: Literal["independent", "concatenated"] = "independent"
     separator: str = "\n\n"
     compile: bool | str = "auto"
+    # rolling: lmeval's windows (every token once, max_length / stride); chunks: disjoint chunks of
+    # max_length ids, the first chunk_context of each only conditioning, a remainder dropped
+    # (GPTQ's and llama.cpp's perplexity; lmeval.core.windows.Chunks)
+    windows: Literal["rolling", "chunks"] = "rolling"
+    chunk_context: int | Literal["half"] = 1  # "half": max_length // 2 + 1 (llama.cpp)
+    chunk_bos: bool = False  # replace each chunk's first id by the BOS prefix (llama.cpp)
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,7 @@ class Config:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    preset: str | None = None  # a protocol preset (lmeval.engine.presets), laid under the keys given
     source: str | None = None  # the YAML file this came from
 
     def to_dict(self) -> dict:
@@ -378,8 +386,9 @@ def _check_values(config: Config, problems: list[str]) -> None:
         problems.append(f"scoring.max_length: must be >= 1 or null (got {s.max_length}).")
     if s.stride is not None and (s.stride < 1 or (s.max_length is not None and s.stride > s.max_length)):
         problems.append(f"scoring.stride: must be in [1, max_length] (got {s.stride}).")
-    if isinstance(s.bos, str) and s.bos not in ("auto", "eos", "none"):
-        problems.append(f"scoring.bos: must be auto, eos, none or a token id (got {s.bos!r}).")
+    if isinstance(s.bos, str) and s.bos not in ("auto", "eos", "none", "tokenizer"):
+        problems.append(f"scoring.bos: must be auto, eos, none, tokenizer or a token id (got {s.bos!r}).")
+    _check_chunks(s, problems)
     if isinstance(s.bos, int) and s.bos < 0:
         problems.append(f"scoring.bos: a token id must be >= 0 (got {s.bos}).")
     if isinstance(s.compile, str) and s.compile != "auto":
@@ -435,6 +444,27 @@ def _check_values(config: Config, problems: list[str]) -> None:
             f"compare.divergence: needs at least two models, a baseline and one to compare (got {len(names)}). "
             "Add the base checkpoint to `models:` and name it in `compare.baseline`."
         )
+
+
+def _check_chunks(s: ScoringConfig, problems: list[str]) -> None:
+    if s.windows != "chunks":
+        for key, default in (("chunk_context", 1), ("chunk_bos", False)):
+            if getattr(s, key) != default:
+                problems.append(f"scoring.{key}: applies to scoring.windows: chunks only (got windows: {s.windows}).")
+        return
+    if s.stride is not None:
+        problems.append(
+            f"scoring.stride: chunks are disjoint, so stride must be null under scoring.windows: chunks (got {s.stride})."
+        )
+    context = s.chunk_context
+    if (
+        isinstance(context, int)
+        and not isinstance(context, bool)
+        and (context < 1 or (s.max_length is not None and context >= s.max_length))
+    ):
+        problems.append(f"scoring.chunk_context: must be in [1, max_length - 1] or half (got {s.chunk_context}).")
+    if s.chunk_bos and s.bos == "none":
+        problems.append("scoring.chunk_bos: needs a BOS to put first in each chunk (got scoring.bos: none).")
 
 
 def _check_groups(d: DataConfig, s: ScoringConfig, problems: list[str]) -> None:
@@ -578,7 +608,8 @@ def _check_model_paths(models: list[ModelSpec], problems: list[str]) -> None:
 def build_config(raw: dict, base: Path, source: str | None = None) -> Config:
     """Validate a raw mapping into a `Config`; raise one `ConfigError` listing every problem."""
     problems: list[str] = []
-    known = {"models", *SECTIONS}
+    raw = apply_preset(raw, problems)
+    known = {"models", "preset", *SECTIONS}
     for key in raw:
         if key not in known:
             guess = difflib.get_close_matches(str(key), known, n=1)
@@ -605,7 +636,8 @@ def build_config(raw: dict, base: Path, source: str | None = None) -> Config:
         sections["output"] = dataclasses.replace(output, dir=str((base / output.dir).resolve()))
     config = None
     if models and all(v is not None for v in sections.values()):
-        config = Config(models=tuple(models), source=source, **sections)
+        preset = raw.get("preset") if isinstance(raw.get("preset"), str) else None
+        config = Config(models=tuple(models), source=source, preset=preset, **sections)
         _check_values(config, problems)
     if problems:
         raise ConfigError(problems, source=source)
@@ -636,6 +668,7 @@ def raw_config_from_options(
     max_length=None,
     stride=None,
     out=None,
+    preset=None,
     cwd: Path | None = None,
 ) -> dict:
     """The raw config mapping the command-line options stand for; None options are left out.
@@ -656,6 +689,8 @@ def raw_config_from_options(
         "scoring": {k: v for k, v in {"max_length": max_length, "stride": stride}.items() if v is not None},
         "output": {"dir": str((cwd / Path(out).expanduser()).resolve())} if out else {},
     }
+    if preset is not None:
+        sections["preset"] = preset
     return {k: v for k, v in sections.items() if v}
 
 
@@ -696,4 +731,6 @@ def config_to_yaml(config: Config) -> str:
 
     raw = plain(config.to_dict())
     raw.pop("source", None)
+    if raw.get("preset") is None:  # every key is written out; the preset's name only when one was used
+        raw.pop("preset", None)
     return yaml.safe_dump(raw, sort_keys=False, allow_unicode=True, width=120)

@@ -196,11 +196,28 @@ def part_pairs(path: Path, row_ranges: dict[str, list[tuple[int, int]]]):
     return chunks
 
 
+def chunk_notes(config: Config) -> dict:
+    """The preset's name and, under ``scoring.windows: chunks``, what replaces the window note."""
+    notes: dict = {"preset": config.preset} if config.preset else {}
+    if config.scoring.windows == "chunks":
+        notes["windows"] = (
+            "disjoint chunks of `max_length` ids from the start (a shorter remainder dropped); in each, the first "
+            "`chunk_context` ids only condition and the rest are scored; with chunk_bos the first id is the BOS "
+            "(lmeval.core.windows.Chunks)"
+        )
+        notes["normalisers"] = {
+            "tokens": "scored tokens",
+            "bytes": "none: bits_per_byte and byte_ppl are NaN (a dropped remainder and unscored chunk heads)",
+            "words": "none: word_ppl is NaN (the same reason)",
+        }
+    return notes
+
+
 def run_record(config: Config, corpus: Corpus, protocols: dict, summary: pd.DataFrame, seconds: float) -> dict:
     """run.json: the config, the protocol of each model, versions, fingerprints and timing."""
     return {
         "config": config.to_dict(),
-        "protocol": {**PROTOCOL_NOTES, "models": protocols},
+        "protocol": {**PROTOCOL_NOTES, **chunk_notes(config), "models": protocols},
         "versions": versions(),
         "models": {
             m.name: {**fingerprint_model(m.path, m.revision), "commit_sha": protocols[m.name].get("commit_sha")}

@@ -216,6 +216,7 @@ def protocol_record(lm, config: Config, baseline=None) -> dict:
         "bos_token_id": (resolve_prefix(lm.tokenizer, s.bos) or [None])[0],
         "documents": s.documents,
         "separator": s.separator if s.documents == "concatenated" else None,
+        **_chunk_record(config, length),
         "tokenizer_sha256": tokenizer_fingerprint(lm.tokenizer),
         # With conversations, the chat template is part of the tokenizer's identity: the same
         # conversation is another token sequence under another template (None: no conversations).
@@ -230,6 +231,22 @@ def protocol_record(lm, config: Config, baseline=None) -> dict:
             baseline_commit_sha=baseline.commit_sha,
             baseline_probes=baseline.probes.protocol(),
             batching=pair_batching(lm, baseline),
+        )
+    return record
+
+
+def _chunk_record(config: Config, length: int) -> dict:
+    """The preset and, under ``windows: chunks``, the chunk rule (and why bytes and words are NaN)."""
+    s = config.scoring
+    record: dict = {"preset": config.preset} if config.preset else {}
+    if s.windows == "chunks":
+        context = length // 2 + 1 if s.chunk_context == "half" else s.chunk_context
+        record.update(
+            windows="chunks",
+            chunk_context=context,
+            chunk_bos=s.chunk_bos,
+            normalisers="bits_per_byte, byte_ppl and word_ppl are NaN: the chunks drop a remainder and leave each "
+            "chunk's first chunk_context ids unscored, so no byte or word count matches the scored tokens",
         )
     return record
 

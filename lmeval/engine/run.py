@@ -143,6 +143,8 @@ def _identity(config: Config, corpus: Corpus, analyses: tuple) -> dict:
     not: it changes no score (the documents a group leaves out change the fingerprint)."""
     raw = config.to_dict()
     raw["data"] = {k: v for k, v in raw["data"].items() if k not in ("group_by", "group_missing", "group_weights")}
+    if raw["scoring"]["windows"] == "rolling":  # the chunk keys are unused: a rolling run keeps its identity
+        raw["scoring"] = {k: v for k, v in raw["scoring"].items() if k not in ("windows", "chunk_context", "chunk_bos")}
     added: dict = {}
     for analysis in analyses:
         added.update(analysis.identity())

@@ -12,14 +12,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core.windows import make_windows
-from ..errors import DataError
+from ..core.windows import Chunks, make_chunk_windows, make_windows
+from ..errors import ConfigError, DataError
 from ..model.loading import LoadedModel, load_model, prepare_model
 from ..model.scorer import ScoreOptions, check_vocabulary, resolve_window, score_windows
 from ..model.spec import ModelSpec
 from .continuation import check_contexts, score_continuations
 from .tables import char_spans, token_strings, tokens_frame
-from .text import Document, TokenizedDocument, check_texts, join_documents, split_stream, tokenize_documents
+from .text import (
+    Document,
+    TokenizedDocument,
+    check_texts,
+    join_documents,
+    resolve_prefix,
+    split_stream,
+    tokenize_documents,
+)
 
 
 def as_loaded_model(model, name: str | None = None) -> LoadedModel:
@@ -48,14 +56,35 @@ def document_windows(
     max_length: int | None,
     stride: int | None,
     baseline: LoadedModel | None = None,
+    chunks: Chunks | None = None,
 ):
-    """Every window of every document under the protocol; ``doc_id`` indexes ``docs``."""
-    length, step = resolve_window(lm, max_length, stride)
+    """Every window of every document under the protocol (rolling windows, or ``chunks``);
+    ``doc_id`` indexes ``docs``."""
+    length, step = resolve_window(lm, max_length, None if chunks is not None else stride)
     if docs:
         top = int(np.concatenate([d.token_ids for d in docs] + [np.zeros(1, np.int64)]).max())
         for model in (lm, baseline) if baseline is not None else (lm,):
             check_vocabulary(model, top)
+    if chunks is not None:
+        try:
+            return [
+                w
+                for i, d in enumerate(docs)
+                for w in make_chunk_windows(i, d.token_ids.tolist(), d.prefix, length, chunks)
+            ]
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return [w for i, d in enumerate(docs) for w in make_windows(i, d.token_ids.tolist(), d.prefix, length, step)]
+
+
+def chunks_of(lm: LoadedModel, scoring) -> Chunks | None:
+    """The `Chunks` of ``scoring.windows: chunks`` (None for rolling windows); ``chunk_bos``
+    puts the BOS prefix first in each chunk when there is one (llama.cpp: when the
+    tokenizer adds a BOS)."""
+    if getattr(scoring, "windows", "rolling") != "chunks":
+        return None
+    prefix = resolve_prefix(lm.tokenizer, scoring.bos) if scoring.chunk_bos else ()
+    return Chunks(context=scoring.chunk_context, bos=prefix[0] if prefix else None)
 
 
 def score_documents(
@@ -67,12 +96,13 @@ def score_documents(
     progress=None,
     piece=None,
     baseline: LoadedModel | None = None,
+    chunks: Chunks | None = None,
 ) -> dict[str, np.ndarray]:
     """Window every document and score the windows; columns carry ``doc_index`` into ``docs``.
 
     ``piece`` (a `PartPlan` of one document or stream) keeps only the windows it owns, by
     the character offset of each window's first scored token."""
-    windows = document_windows(lm, docs, max_length, stride, baseline)
+    windows = document_windows(lm, docs, max_length, stride, baseline, chunks)
     if piece is not None and piece.n_pieces > 1:
         windows = [w for w in windows if piece.owns(int(docs[w.doc_id].offsets[w.positions[0], 0]))]
     return score_windows(lm, windows, options, progress=progress, doc_names=[d.doc_id for d in docs], baseline=baseline)
@@ -168,8 +198,11 @@ def score_group(
     tokenized (a run does it in the background)."""
     docs = _tokenized(cache, documents, lambda: tokenize_documents(documents, lm.tokenizer, config.scoring.bos), docs)
     s = config.scoring
-    columns = score_documents(lm, docs, s.max_length, s.stride, options, progress, piece, baseline)
-    if getattr(config.data, "count_on", "scored") == "source":  # lm-eval's wikitext: the text before detokenizing
+    chunks = chunks_of(lm, s)
+    columns = score_documents(lm, docs, s.max_length, s.stride, options, progress, piece, baseline, chunks)
+    if chunks is not None:  # no byte or word count matches chunks' scored tokens: NaN normalisers
+        texts = ["" for _ in documents]
+    elif getattr(config.data, "count_on", "scored") == "source":  # lm-eval's wikitext: the text before detokenizing
         texts = [d.text if d.source is None else d.source for d in documents]
     else:
         texts = [d.scored_text() for d in docs]
@@ -183,8 +216,9 @@ def score_stream(lm, documents: list[Document], config, options, progress, piece
         cache, documents, lambda: tokenize_documents([stream.document], lm.tokenizer, config.scoring.bos)
     )
     s = config.scoring
+    chunks = chunks_of(lm, s)
     columns = finish_columns(
-        lm, score_documents(lm, [doc], s.max_length, s.stride, options, progress, piece, baseline), [doc]
+        lm, score_documents(lm, [doc], s.max_length, s.stride, options, progress, piece, baseline, chunks), [doc]
     )
     index, start, end, position = split_stream(stream, columns["char_start"], columns["char_end"])
     columns.update(doc_index=index, char_start=start, char_end=end, position=position)
@@ -192,7 +226,10 @@ def score_stream(lm, documents: list[Document], config, options, progress, piece
     texts = [d.text if d.source is None or count_on == "scored" else d.source for d in documents]
     if not doc.prefix and len(doc.token_ids):  # the stream's first token only conditions
         texts[0] = texts[0][int(doc.offsets[0, 1]) :]
-    return columns, _counted(texts + [config.scoring.separator * (len(texts) - 1)], piece)
+    counted = texts + [config.scoring.separator * (len(texts) - 1)]
+    if chunks is not None:  # a dropped remainder and unscored chunk heads: no byte or word count fits (NaN)
+        counted = ["" for _ in counted]
+    return columns, _counted(counted, piece)
 
 
 def _tokenized(cache: dict | None, documents: list[Document], tokenize, ready=None):

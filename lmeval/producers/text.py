@@ -107,10 +107,15 @@ def resolve_prefix(tokenizer, bos) -> tuple[int, ...]:
     ``"auto"``: the tokenizer's BOS, else its EOS (GPT-2's ``<|endoftext|>``).
     ``"eos"``: the tokenizer's EOS, even where it has a BOS (OLMo-Eval / catwalk's prefix token).
     ``"none"``: no prefix; each document's first token only conditions.
+    ``"tokenizer"``: what ``tokenizer(text)`` puts before the text's tokens (Llama's BOS,
+    nothing for GPT-2): the GPTQ and llama.cpp presets' rule, the one exception to never
+    letting the tokenizer add its own special tokens.
     an int: that token id.
     """
     if bos == "none" or bos is None:
         return ()
+    if bos == "tokenizer":
+        return tokenizer_prefix(tokenizer)
     if bos == "auto":
         for attr in ("bos_token_id", "eos_token_id"):
             token_id = getattr(tokenizer, attr, None)
@@ -139,6 +144,21 @@ def resolve_prefix(tokenizer, bos) -> tuple[int, ...]:
             "Use auto (its BOS, else EOS), none, or an id it has."
         )
     return (bos,)
+
+
+def tokenizer_prefix(tokenizer) -> tuple[int, ...]:
+    """The ids ``tokenizer(text)`` adds before a text's own tokens (at most one is allowed)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    special = tokenizer("a")["input_ids"]
+    n = len(special) - len(plain)
+    lead = tuple(int(i) for i in special[: special.index(plain[0])]) if n > 0 and plain else ()
+    if len(lead) > 1:
+        named = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ModelError(
+            f"scoring.bos: `tokenizer` takes the one id the tokenizer {named} puts before a text, and it puts "
+            f"{len(lead)} ({list(lead)}). Set `bos` to the id to condition on instead."
+        )
+    return lead
 
 
 def tokenize_documents(documents: list[Document], tokenizer, bos="auto") -> list[TokenizedDocument]:
