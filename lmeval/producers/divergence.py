@@ -25,9 +25,10 @@ from ..core.divergence import KL_TOP_K, OVERLAP_K
 from ..engine.config import ScoringConfig
 from ..errors import ConfigError, ModelError
 from ..model.fingerprint import tokenizer_fingerprint
+from ..model.lockstep import score_windows_lockstep
 from ..model.scorer import ScoreOptions, resolve_window
-from .score import as_loaded_model, check_batch_tokens, score_group, score_stream
-from .text import Document, check_texts
+from .score import as_loaded_model, check_batch_tokens, document_windows, finish_columns, score_group, score_stream
+from .text import Document, check_texts, tokenize_documents
 
 
 class TokenizerMismatchError(ModelError):
@@ -129,7 +130,10 @@ def divergence(
     """Per-token divergence of ``model`` from ``baseline`` on each text, one row per scored token.
 
     ``model`` and ``baseline`` are anything `score_texts` takes (a path, a hub id, a
-    ``(model, tokenizer)`` pair or a `LoadedModel`) and must share one tokenizer
+    ``(model, tokenizer)`` pair or a `LoadedModel`) and must share one tokenizer. ``model``
+    may also be a list of them, variants of one base: they are scored in lockstep (the
+    baseline's body once per batch, its head once per chunk, for all of them) and the table
+    holds each variant's rows in list order. They must share one tokenizer
     (`TokenizerMismatchError` otherwise). ``doc_id`` is the text's index. Columns
     (`DIVERGENCE_COLUMNS`, all in nats): ``kl`` = KL(P_baseline || P_model), ``kl_reverse`` =
     KL(P_model || P_baseline), ``delta_p`` = q_y - p_y (the true token's probability under
@@ -143,11 +147,43 @@ def divergence(
     scoring = ScoringConfig(
         max_length=max_length, stride=stride, bos=bos, batch_tokens=check_batch_tokens(batch_tokens)
     )
-    lm, base = as_loaded_model(model, name), as_loaded_model(baseline, baseline_name)
     if overlap_k < 1 or kl_top_k < 1:
         raise ConfigError(f"divergence: overlap_k and kl_top_k must be >= 1 (got {overlap_k}, {kl_top_k}).")
+    base = as_loaded_model(baseline, baseline_name)
     documents = [Document(i, t) for i, t in enumerate(texts)]
-    columns = score_pair_documents(lm, base, documents, scoring, None, "divergence", overlap_k, kl_top_k)
-    frame = pair_frame(lm.name, base.name, list(range(len(texts))), columns)
+    if isinstance(model, list):  # several variants of one base: in lockstep, the base scored once
+        variants = [as_loaded_model(m, name if len(model) == 1 else None) for m in model]
+        frames = score_lockstep_documents(variants, base, documents, scoring, overlap_k, kl_top_k)
+        frame = pd.concat(frames, ignore_index=True)
+    else:
+        lm = as_loaded_model(model, name)
+        columns = score_pair_documents(lm, base, documents, scoring, None, "divergence", overlap_k, kl_top_k)
+        frame = pair_frame(lm.name, base.name, list(range(len(texts))), columns)
     frame.attrs["n_documents"] = len(texts)
     return frame
+
+
+def score_lockstep_documents(
+    variants: list, baseline, documents: list[Document], scoring: ScoringConfig, overlap_k: int, kl_top_k: int
+) -> list[pd.DataFrame]:
+    """Each variant's `pair_frame` from one lockstep pass over independent documents: the
+    baseline's body and head run once per batch and chunk for all of them."""
+    for variant in variants:
+        check_same_tokenizer(variant, baseline, "divergence")
+        resolve_pair_window(variant, baseline, scoring.max_length, scoring.stride)
+    if len({v.name for v in variants}) < len(variants):
+        raise ConfigError(
+            "divergence: the models of a list must have distinct names (pass `LoadedModel`s named apart)."
+        )
+    options = ScoreOptions(
+        batch_tokens=check_batch_tokens(scoring.batch_tokens), overlap_k=overlap_k, kl_top_k=kl_top_k
+    )
+    docs = tokenize_documents(documents, baseline.tokenizer, scoring.bos)
+    windows = document_windows(baseline, docs, scoring.max_length, scoring.stride)
+    names = [d.doc_id for d in docs]
+    _, *per_variant = score_windows_lockstep(baseline, variants, windows, options, doc_names=names)
+    doc_ids = [d.doc_id for d in documents]
+    return [
+        pair_frame(v.name, baseline.name, doc_ids, finish_columns(v, columns, docs))
+        for v, columns in zip(variants, per_variant)
+    ]
