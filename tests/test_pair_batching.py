@@ -26,7 +26,7 @@ from lmeval.model import pair_scorer, scorer
 from lmeval.model.loading import prepare_model
 from lmeval.model.probes import BATCHINGS, Probes
 from lmeval.model.scorer import ScoreOptions, pair_batching, score_windows
-from tiny_arch import oracle_nll
+from tiny_arch import LONG_WINDOWS, build_tiny, oracle_nll, sweep_texts
 
 MAX_LENGTH, STRIDE = 16, 5  # S < L: overlapping windows, and shorter final ones
 BATCH_TOKENS = (1, 40, 100_000)  # one window a batch, a few, all
@@ -38,18 +38,18 @@ TOYS = {
 }
 
 
-def sequences(tokenizer) -> list[list[int]]:
+def sequences(tokenizer, texts=TEXTS) -> list[list[int]]:
     """Each text's ids after the BOS the scorer prepends (the `oracle_nll` input)."""
-    return [[tokenizer.eos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    return [[tokenizer.eos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def windows_of(seqs):
-    return [w for i, s in enumerate(seqs) for w in make_windows(i, s[1:], s[:1], MAX_LENGTH, STRIDE)]
+def windows_of(seqs, max_length=MAX_LENGTH, stride=STRIDE):
+    return [w for i, s in enumerate(seqs) for w in make_windows(i, s[1:], s[:1], max_length, stride)]
 
 
-def oracle(model, seqs) -> np.ndarray:
+def oracle(model, seqs, max_length=MAX_LENGTH, stride=STRIDE) -> np.ndarray:
     """Every token's float64 NLL from ``model`` on its window alone, in window order."""
-    return np.concatenate([oracle_nll(model, s, MAX_LENGTH, STRIDE) for s in seqs])
+    return np.concatenate([oracle_nll(model, s, max_length, stride) for s in seqs])
 
 
 def oracle_kl(model, baseline, windows) -> np.ndarray:
@@ -96,6 +96,42 @@ def test_a_padding_sensitive_toy_in_a_pair_matches_the_oracle(toy_name, role, pl
         alone = score_windows(lm_alone, windows, options)
         for key in OWN:  # the model's own columns are those it gets when scored alone
             np.testing.assert_allclose(pair[key], alone[key], rtol=0, atol=1e-6, err_msg=f"{where}: {key}")
+
+
+# The sparse-attention indexers of test_sweep, built with index_topk = 24 and scored in
+# 40-token windows: padded beyond 24 tokens they keep other keys, so a pair with one of them,
+# on either side, must batch equal-length windows only. One runs by default: DeepSeek-V3.2 as
+# the baseline (the side whose probes the model's batching must take on).
+INDEXED_PAIRS = [("deepseek_v32", "baseline")] + [
+    pytest.param(t, role, marks=pytest.mark.slow)
+    for t in ("axk2", "deepseek_v32", "deepseek_v4", "dots3_note_text", "glm_moe_dsa", "hy_v4")
+    for role in ("model", "baseline")
+    if (t, role) != ("deepseek_v32", "baseline")
+]
+
+
+@pytest.mark.parametrize("model_type, role", INDEXED_PAIRS)
+def test_an_indexer_in_a_pair_matches_the_oracle(model_type, role, plain, bpe_tokenizer):
+    indexer = build_tiny(model_type, len(bpe_tokenizer))
+    model, base = (indexer, plain) if role == "model" else (plain, indexer)
+    lm, base_lm = prepare_model(model, bpe_tokenizer, name="model"), prepare_model(base, bpe_tokenizer, name="base")
+    assert pair_batching(lm, base_lm) == "equal_length"
+    (max_length, stride), texts = LONG_WINDOWS[1], sweep_texts(quick=True, long=True)
+    seqs = sequences(bpe_tokenizer, texts)
+    windows = windows_of(seqs, max_length, stride)
+    want, want_base = oracle(model, seqs, max_length, stride), oracle(base, seqs, max_length, stride)
+    want_kl = oracle_kl(model, base, windows)
+    for batch_tokens in (1, 100, 100_000):
+        pair = score_windows(lm, windows, ScoreOptions(batch_tokens=batch_tokens), baseline=base_lm)
+        where = f"{model_type} as {role}, batch_tokens={batch_tokens}"
+        np.testing.assert_allclose(pair["nll"], want, rtol=0, atol=1e-5, err_msg=f"{where}: nll")
+        np.testing.assert_allclose(pair["nll_baseline"], want_base, rtol=0, atol=1e-5, err_msg=f"{where}: nll_baseline")
+        np.testing.assert_allclose(pair["kl"], want_kl, rtol=0, atol=1e-5, err_msg=f"{where}: kl")
+    # Padded pair batches would move the indexer's NLL: the checks above can fail.
+    padded = [dataclasses.replace(x, probes=Probes(batching="padded")) for x in (lm, base_lm)]
+    pair = score_windows(padded[0], windows, ScoreOptions(batch_tokens=100_000), baseline=padded[1])
+    got, expected = (pair["nll"], want) if role == "model" else (pair["nll_baseline"], want_base)
+    assert np.abs(got - expected).max() > 1e-2
 
 
 def test_the_pair_wrapper_gives_the_old_columns_on_a_mask_crashing_model(plain, bpe_tokenizer):

@@ -5,6 +5,7 @@ import dataclasses
 import gc
 import json
 import weakref
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -12,14 +13,15 @@ import pytest
 import torch
 
 import lmeval
-from conftest import build_model
+from conftest import CORPUS, build_model
 from helpers import PROBE_TEXTS as TEXTS
 from helpers import InferPadding, MaskCrash, RowMixing, with_body
 from lmeval import ModelError
 from lmeval.core.windows import Window
-from lmeval.model import loading
+from lmeval.model import loading, probes
+from lmeval.model.head import OutputHead
 from lmeval.model.loading import prepare_model
-from lmeval.model.probes import Probes
+from lmeval.model.probes import ProbePlan, Probes, probe_plan
 from lmeval.model.scorer import pack_batches
 from tiny_arch import build_tiny, oracle_nll, reinitialise
 
@@ -189,3 +191,69 @@ def test_post_head_transforms_take_the_fast_path_and_match(model_type, bpe_token
     # hyperclovax under transformers 5.25 (1e-5 held under the previous release); a missed
     # transform or a padding leak is off by 1e-2 or more.
     assert max_error(table, model, bpe_tokenizer, TEXTS, 16, 5) <= 3e-5
+
+
+def config(**fields):
+    return SimpleNamespace(**{"max_position_embeddings": 32768, **fields})
+
+
+@pytest.mark.parametrize(
+    "fields, groups, floor, reason",
+    [
+        ({}, (), "padded", ""),
+        ({"sliding_window": 8, "chunk_size": 8}, (), "padded", ""),  # the short rows cross it
+        ({"sliding_window": 4096}, ((4112, 4105, 4098),), "padded", ""),  # probed beyond it
+        ({"sliding_window": [512, 4096, 512]}, ((4112, 4105, 4098),), "padded", ""),  # per layer: the longest
+        ({"sliding_window": 32768}, (), "padded", ""),  # no window reaches it
+        ({"attention_chunk_size": 8192}, (), "equal_length", "attention_chunk_size=8192"),  # too long to probe
+        ({"index_topk": 2048}, ((2064, 2057, 2050),), "equal_length", "index_topk=2048"),  # a selection
+        # DeepSeek-V4 ranks keys compressed 4 to 1; MiniMax-M3 keeps blocks of 128 keys
+        (
+            {"index_topk": 512, "compress_rates": {"compressed_sparse_attention": 4}},
+            ((2064, 2057, 2050),),
+            "equal_length",
+            "index_topk=2048",
+        ),
+        (
+            {"index_topk_blocks": 15, "index_local_blocks": 1, "index_block_size": 128},
+            ((2064, 2057, 2050),),
+            "equal_length",
+            "index_topk_blocks=2048",
+        ),
+        (
+            {"index_topk": 4000, "max_position_embeddings": 4010},
+            ((4010, 4009, 4002),),
+            "equal_length",
+            "index_topk=4000",
+        ),  # rows within the context
+    ],
+)
+def test_the_padding_probe_plan_crosses_every_declared_length(fields, groups, floor, reason):
+    plan = probe_plan(config(**fields))
+    assert plan.groups == (probes._LENGTHS, *groups) and plan.floor == floor and plan.reason == reason
+
+
+def test_the_probe_beyond_index_topk_sees_what_short_rows_miss(bpe_tokenizer):
+    """DeepSeek-V3.2 with index_topk = 24: rows padded beyond 24 tokens move, the short rows
+    (19 tokens at most) do not; the config alone already asks for equal-length batches
+    (`test_sweep` checks the verdict and the scores)."""
+    model = build_tiny("deepseek_v32", len(bpe_tokenizer), overrides={"index_topk": 24})
+    plan = probe_plan(model.config)
+    assert plan.floor == "equal_length" and plan.groups[-1] == (40, 33, 26)
+    head = OutputHead.for_model(model)
+    with torch.inference_mode():
+        assert probes._batching(model, head, dataclasses.replace(plan, floor="padded")) == "equal_length"
+        assert probes._batching(model, head, ProbePlan((probes._LENGTHS,))) == "padded"
+
+
+def test_a_sliding_window_is_probed_beyond_and_stays_padded(bpe_tokenizer):
+    """Probing beyond a declared span costs a model that handles it nothing: Mistral with a
+    24-token window keeps padded batches and is exact in 40-token windows."""
+    model = build_tiny("mistral", len(bpe_tokenizer), overrides={"sliding_window": 24})
+    assert probe_plan(model.config).groups[-1] == (40, 33, 26)
+    lm = prepare_model(model, bpe_tokenizer, name="mistral")
+    assert lm.probes.batching == "padded"
+    texts = [" ".join(CORPUS[:3]), CORPUS[5], "short"]
+    for batch_tokens in (40, 100, 100_000):
+        table = lmeval.score_texts(texts, lm, max_length=40, stride=13, batch_tokens=batch_tokens)
+        assert max_error(table, model, bpe_tokenizer, texts, 40, 13) <= 1e-5
