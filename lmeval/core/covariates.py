@@ -102,10 +102,19 @@ def zipf_frequencies(words: list[str], language: str) -> np.ndarray:
     return np.array([zipf[w] for w in words], dtype=np.float64)
 
 
-def unigram_log_frequencies(words: list[str], texts: list[str]) -> np.ndarray:
+def unigram_counts(texts) -> Counter:
+    """How often each stripped, case-folded ``\\S+`` word occurs in ``texts`` (punctuation-only
+    words count under the empty string). Counts of two stretches of a corpus add (``+``)."""
+    return Counter(strip_punctuation(m.group()).casefold() for text in texts for m in _WORD.finditer(text))
+
+
+def unigram_log_frequencies(
+    words: list[str], texts: list[str] | None = None, counts: Counter | None = None
+) -> np.ndarray:
     """log10 relative frequency of each (stripped) word among the case-folded, stripped
-    ``\\S+`` words of ``texts``; NaN for an empty word (punctuation alone)."""
-    counts = Counter(strip_punctuation(m.group()).casefold() for text in texts for m in _WORD.finditer(text))
+    ``\\S+`` words of ``texts`` (or of the texts ``counts`` were made from, `unigram_counts`);
+    NaN for an empty word (punctuation alone)."""
+    counts = unigram_counts(texts or []) if counts is None else counts
     n_words = sum(counts.values())  # every word of the texts, punctuation-only ones included
     out = np.full(len(words), np.nan)
     for i, word in enumerate(words):
