@@ -233,13 +233,15 @@ def test_the_padding_probe_plan_crosses_every_declared_length(fields, groups, fl
     assert plan.groups == (probes._LENGTHS, *groups) and plan.floor == floor and plan.reason == reason
 
 
-def test_the_probe_beyond_index_topk_sees_what_short_rows_miss(bpe_tokenizer):
+@pytest.mark.parametrize("topk, context", [(24, 64), (260, 512)])  # 260: rows beyond _CHUNK, compared chunk by chunk
+def test_the_probe_beyond_index_topk_sees_what_short_rows_miss(topk, context, bpe_tokenizer):
     """DeepSeek-V3.2 with index_topk = 24: rows padded beyond 24 tokens move, the short rows
     (19 tokens at most) do not; the config alone already asks for equal-length batches
     (`test_sweep` checks the verdict and the scores)."""
-    model = build_tiny("deepseek_v32", len(bpe_tokenizer), overrides={"index_topk": 24})
+    overrides = {"index_topk": topk, "max_position_embeddings": context}
+    model = build_tiny("deepseek_v32", len(bpe_tokenizer), overrides=overrides)
     plan = probe_plan(model.config)
-    assert plan.floor == "equal_length" and plan.groups[-1] == (40, 33, 26)
+    assert plan.floor == "equal_length" and plan.groups[-1] == (topk + 16, topk + 9, topk + 2)
     head = OutputHead.for_model(model)
     with torch.inference_mode():
         assert probes._batching(model, head, dataclasses.replace(plan, floor="padded")) == "equal_length"

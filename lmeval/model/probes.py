@@ -232,32 +232,33 @@ def _logits(model, head: OutputHead, ids: torch.Tensor, mask: torch.Tensor | Non
     return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
 
 
+_CHUNK = 256  # rows longer than this are compared a chunk of positions at a time
+
+
 def _outputs(model, head: OutputHead, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """(B, T) ids -> (B, T, H) final hidden states on the fast path (logits come later, a
-    chunk at a time: a long probe row's (T, V) logits need not exist at once), else
-    (B, T, V) logits."""
-    if head.fast:
+    """(B, T) ids -> (B, T, V) float32 logits, as the short probes always took them; on the
+    fast path with T > `_CHUNK`, (B, T, H) final hidden states instead, projected to logits
+    a chunk at a time by `_agree` (a long probe row's (T, V) logits need not exist at once)."""
+    if head.fast and ids.shape[1] > _CHUNK:
         return head.body(ids, mask)
-    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return _logits(model, head, ids, mask)
 
 
-_CHUNK = 256  # positions projected to logits at once when comparing
-
-
-def _agree(model, head: OutputHead, got: torch.Tensor, reference: torch.Tensor) -> bool:
+def _agree(model, head: OutputHead, got: torch.Tensor, reference: torch.Tensor, hidden: bool) -> bool:
     """Whether two (T, .) `_outputs` rows give the same logits, relative to the reference's
-    logit scale, within the padding tolerance."""
+    logit scale, within the padding tolerance; ``hidden``: they are hidden states."""
     if got.shape != reference.shape:
         return False
-    worst, scale = 0.0, 1.0
+    if not hidden:
+        scale = reference.abs().max().clamp_min(1.0)
+        return bool(((got - reference).abs().max() / scale) <= _tolerance(model, True))
+    worst, top = 0.0, 1.0
     for start in range(0, reference.shape[0], _CHUNK):
-        a, b = got[start : start + _CHUNK], reference[start : start + _CHUNK]
-        if head.fast:
-            a, b = head.project(a), head.project(b)
-        a, b = a.float(), b.float()
+        a = head.project(got[start : start + _CHUNK]).float()
+        b = head.project(reference[start : start + _CHUNK]).float()
         worst = max(worst, float((a - b).abs().max()))
-        scale = max(scale, float(b.abs().max()))
-    return worst / scale <= _tolerance(model, True)
+        top = max(top, float(b.abs().max()))
+    return worst / top <= _tolerance(model, True)
 
 
 def _batching(model, head: OutputHead, plan: ProbePlan | None = None) -> str:
@@ -271,12 +272,14 @@ def _batching(model, head: OutputHead, plan: ProbePlan | None = None) -> str:
     for group in plan.groups:
         rows = [_inputs(model, n, next(seed)) for n in group]
         checks.append(([rows[0], _inputs(model, group[0], next(seed))], rows))  # seeds as before: 0-6, then 7
-    alone = {}
+    alone: dict[tuple[int, bool], torch.Tensor] = {}
 
-    def alone_of(x: torch.Tensor) -> torch.Tensor:
-        if id(x) not in alone:
-            alone[id(x)] = _outputs(model, head, x[None], None)[0]
-        return alone[id(x)]
+    def alone_of(x: torch.Tensor, width: int) -> torch.Tensor:
+        """``x`` alone, in the form (logits or hidden states) of a batch ``width`` wide."""
+        key = (id(x), head.fast and width > _CHUNK)
+        if key not in alone:
+            alone[key] = (head.body(x[None], None) if key[1] else _logits(model, head, x[None], None))[0]
+        return alone[key]
 
     def rows_agree(rows: list[torch.Tensor], mask: bool, padded: bool) -> bool:
         width = len(rows[0])
@@ -289,7 +292,8 @@ def _batching(model, head: OutputHead, plan: ProbePlan | None = None) -> str:
         except Exception as exc:  # a model that cannot take this batch (XLNet with a mask)
             log.debug("probe batch failed: %s", exc)
             return False
-        return all(_agree(model, head, out[i, : len(x)], alone_of(x)) for i, x in enumerate(rows))
+        hidden = head.fast and width > _CHUNK
+        return all(_agree(model, head, out[i, : len(x)], alone_of(x, width), hidden) for i, x in enumerate(rows))
 
     if all(rows_agree(same, True, False) for same, _ in checks):
         if plan.floor == "padded" and all(rows_agree(padded, True, True) for _, padded in checks):
