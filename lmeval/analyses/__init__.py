@@ -17,6 +17,7 @@ def analyses_for(config) -> tuple:
     from .groups import GroupsAnalysis
     from .membership import MembershipAnalysis
     from .positions import PositionsAnalysis
+    from .words import WordsAnalysis
 
     a = config.analysis
     chosen = [DocumentsAnalysis(config.output.per_token, a.reference), CalibrationAnalysis(config.calibration)]
@@ -24,6 +25,8 @@ def analyses_for(config) -> tuple:
         chosen.append(PositionsAnalysis(a))
     if a.membership:
         chosen.append(MembershipAnalysis(a))
+    if a.words:
+        chosen.append(WordsAnalysis(a))
     if config.compare.divergence:
         baseline = config.compare.baseline or config.models[0].name
         others = tuple(m.name for m in config.models if m.name != baseline)

@@ -37,6 +37,9 @@ class Needs:
     token_columns: frozenset = frozenset()  # per-token columns a part must keep for `update`
     moments: bool = False  # Var_q[log q] per token (membership scores)
     whole_documents: str | None = None  # the config key that needs every document in one part
+    # (word_boundary, text_end): log q(B), q(E), q(not B) per token (``log_mass``) and at each
+    # document's END (``log_mass_end``, on its last token), and ``starts_word`` (analysis.words)
+    word_masses: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,19 @@ class Analysis:
 
     def token_rows(self, part: Part):
         """This part's rows of `token_file` (a DataFrame), or None."""
+        return None
+
+    def state_rows(self, state):
+        """Rows of `token_file` that ``state``, merged through the part just folded, has
+        completed, taken out of it (a DataFrame), or None: for rows that need the parts after
+        their own (a word split across two parts). The engine asks after every part, whether
+        it writes the file or not; an analysis implements this or `token_rows`."""
+        return None
+
+    def second_pass(self, results: dict):
+        """A function the engine maps over `token_file`, a row group at a time, once every
+        model is finished (``results``: this analysis's `ModelResult` of each model), for a
+        column that needs the whole corpus first (a word's frequency in it); None: none."""
         return None
 
     def finish(self, model: str, state, run: RunFacts) -> ModelResult:

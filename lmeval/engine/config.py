@@ -115,6 +115,11 @@ class AnalysisConfig:
     membership: bool = False  # mink_prob_{k}, mink_pp_{k}, zlib_ratio, extractable_suffix per document
     mink_k: tuple[float, ...] = (10, 20)  # percent of a document's tokens for Min-K% and Min-K%++
     reference: str | None = None  # a model of the run: ref_ratio of every model against it
+    words: bool = False  # words.parquet: corrected word surprisal, one row per word (lmeval.analyses.words)
+    word_boundary: Literal["whitespace", "marker"] = "whitespace"  # the word-start set B of the correction
+    text_end: Literal["eos", "word"] = "eos"  # whether a text may end after any word (E = {EOS})
+    covariates: tuple[str, ...] = ()  # any of length, frequency, unigram: length_chars, frequency_zipf, unigram_logfreq
+    language: str = "en"  # wordfreq's word list for the frequency covariate
 
 
 @dataclass(frozen=True)
@@ -431,6 +436,7 @@ def _check_values(config: Config, problems: list[str]) -> None:
             f"compare.min_documents: must be >= 1 (got {cmp.min_documents}). The default is {MIN_DOCUMENTS}."
         )
     _check_analysis(config.analysis, [m.name for m in config.models], problems)
+    _check_words_scoring(config, problems)
     for i, m in enumerate(config.models):
         _check_device_map(m, f"models[{i}]", problems)
     names = [m.name for m in config.models]
@@ -531,6 +537,60 @@ def _check_analysis(a: AnalysisConfig, names: list[str], problems: list[str]) ->
         )
     if a.reference is not None and a.reference not in names:
         problems.append(f"analysis.reference: must name one of the models ({', '.join(names)}) (got {a.reference!r}).")
+
+    _check_words(a, problems)
+
+
+WORD_COVARIATES = ("length", "frequency", "unigram")  # lmeval.core.covariates.COVARIATES (a test keeps them equal)
+
+
+def _check_words(a: AnalysisConfig, problems: list[str]) -> None:
+    """analysis.words and its options; what needs the rest of the config is in `_check_words_scoring`."""
+    unknown = [c for c in a.covariates if c not in WORD_COVARIATES]
+    if unknown:
+        problems.append(
+            f"analysis.covariates: each must be one of {', '.join(WORD_COVARIATES)} (got {', '.join(map(repr, unknown))}). "
+            "length adds length_chars, frequency adds frequency_zipf (wordfreq), unigram adds unigram_logfreq."
+        )
+    if not a.language:
+        problems.append("analysis.language: must be a language code such as en (got an empty string).")
+    changed = [k for k in ("word_boundary", "text_end", "covariates", "language") if getattr(a, k) != _WORD_DEFAULTS[k]]
+    if changed and not a.words:
+        problems.append(
+            f"analysis.{changed[0]}: applies to the word table only (got it without analysis.words). "
+            "Set analysis.words: true, or drop the key."
+        )
+
+
+_WORD_DEFAULTS = {"word_boundary": "whitespace", "text_end": "eos", "covariates": (), "language": "en"}
+
+
+def _check_words_scoring(config: Config, problems: list[str]) -> None:
+    """Word tables are made of plain documents scored in rolling windows: their words are the
+    scored text's, and each document's END position is scored after its last token."""
+    if not config.analysis.words:
+        return
+    d, s = config.data, config.scoring
+    refusals = [
+        (s.documents != "independent", f"scoring.documents: {s.documents}", "scoring.documents: independent"),
+        (s.windows != "rolling", f"scoring.windows: {s.windows}", "scoring.windows: rolling"),
+        (d.context_field is not None, "data.context_field", "lmeval.surprisal_table(texts, contexts=...)"),
+        (d.messages_field is not None, "data.messages_field", "a run without data.messages_field"),
+        (d.count_on == "source" and d.detokenizer is not None, "data.count_on: source", "data.count_on: scored"),
+        (
+            config.compare.divergence
+            and len(config.models) >= 3
+            and getattr(config.compare, "lockstep", "pair") != "pair",
+            "compare.divergence in lockstep",
+            "compare.lockstep: pair",
+        ),
+    ]
+    for refused, got, fix in refusals:
+        if refused:
+            problems.append(
+                f"analysis.words: needs plain documents scored independently in rolling windows (got {got}). "
+                f"Use {fix}, or drop analysis.words."
+            )
 
 
 def _check_device_map(model: ModelSpec, where: str, problems: list[str]) -> None:

@@ -41,6 +41,7 @@ OUTPUT_FILES = (
     "divergence.png",
     "positions.csv",
     "positions.png",
+    "words.parquet",
 )
 
 
@@ -164,12 +165,17 @@ class TokenWriter:
 
     def __init__(self, path: Path, schema: pa.Schema | None = None):
         self.path = path
-        self.schema = schema or schema_for(path)
+        self.schema = schema  # None: the file's schema, with the optional columns of the first rows
         self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self.writer: pq.ParquetWriter | None = None
         self.n_rows = 0  # rows written so far: the next write's first row
 
     def write(self, frame: pd.DataFrame) -> None:
+        if self.schema is None:  # the first rows' attrs become the file's (pandas reads them back)
+            schema = schema_for(self.path, list(frame.columns))
+            assert schema is not None, f"{self.path.name} has no schema in lmeval.engine.schemas"
+            attrs = {PANDAS_ATTRS: json.dumps(frame.attrs, default=_json_default)} if frame.attrs else None
+            self.schema = schema.with_metadata(attrs) if attrs else schema
         table = to_arrow(frame, self.schema)
         try:
             if self.writer is None:
@@ -199,3 +205,26 @@ class TokenWriter:
             os.replace(self.tmp, self.path)
         except OSError as exc:
             raise OutputError(f"{self.path}: could not be written ({exc.strerror}).") from exc
+
+
+PANDAS_ATTRS = b"PANDAS_ATTRS"  # where pandas keeps a DataFrame's attrs in parquet
+
+
+def rewrite_table(path: Path, transform) -> None:
+    """Map ``transform`` over a streamed table's row groups (each a DataFrame with the file's
+    attrs) into a new file renamed over it: an analysis's second pass, a row group in memory
+    at a time."""
+    if not path.exists():
+        return
+    source = pq.ParquetFile(path)
+    stored = (source.schema_arrow.metadata or {}).get(PANDAS_ATTRS)
+    writer = TokenWriter(path)
+    try:
+        for i in range(source.num_row_groups):
+            frame = source.read_row_group(i).to_pandas()
+            frame.attrs = json.loads(stored) if stored else {}
+            writer.write(transform(frame))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise

@@ -24,7 +24,7 @@ from ..errors import OutputError
 from .compare_runs import write_compare
 from .config import Config
 from .data import Corpus
-from .files import TokenWriter, write_figure, write_table
+from .files import TokenWriter, rewrite_table, write_figure, write_table
 from .parts import PartError, read_part
 from .provenance import fingerprint_model, versions
 
@@ -78,7 +78,9 @@ class Merger:
             state = analysis.update(analysis.start(part.model), part)  # this part's state, merged in
             states[analysis.name] = analysis.merge(states[analysis.name], state)
             rows = analysis.token_rows(part) if analysis.token_file in self.writers else None
-            if rows is not None:
+            if rows is None:  # rows the merged state completed (words across parts), taken out of it
+                rows = analysis.state_rows(states[analysis.name])
+            if rows is not None and analysis.token_file in self.writers:
                 self._write_rows(analysis.token_file, part.model, rows)
 
     def _write_rows(self, name: str, model: str, rows: pd.DataFrame) -> None:
@@ -93,6 +95,10 @@ class Merger:
         for writer in self.writers.values():
             writer.close()
         results = {a.name: {m: a.finish(m, self.states[m][a.name], run) for m in self.states} for a in self.analyses}
+        for analysis in self.analyses:  # columns that needed the whole corpus first
+            transform = analysis.second_pass(results[analysis.name]) if analysis.token_file in self.writers else None
+            if transform is not None:
+                rewrite_table(self.writers[analysis.token_file].path, transform)
         _gather_into_documents(results)
         files, tables, record = {}, {}, {}
         for analysis in self.analyses:
@@ -213,11 +219,25 @@ def chunk_notes(config: Config) -> dict:
     return notes
 
 
+def word_notes(config: Config) -> dict:
+    """With ``analysis.words``, the word convention of words.parquet replaces the null notes."""
+    a = config.analysis
+    if not a.words:
+        return {}
+    return {
+        "word_correction": "bow: words.parquet's surprisal_bits is the corrected word surprisal (Pimentel & Meister "
+        "2024), surprisal_bits_token_sum the plain token sum beside it; word_ppl still divides the token nll sum by "
+        "the word count",
+        "text_end": a.text_end,
+        "word_boundary": a.word_boundary,
+    }
+
+
 def run_record(config: Config, corpus: Corpus, protocols: dict, summary: pd.DataFrame, seconds: float) -> dict:
     """run.json: the config, the protocol of each model, versions, fingerprints and timing."""
     return {
         "config": config.to_dict(),
-        "protocol": {**PROTOCOL_NOTES, **chunk_notes(config), "models": protocols},
+        "protocol": {**PROTOCOL_NOTES, **chunk_notes(config), **word_notes(config), "models": protocols},
         "versions": versions(),
         "models": {
             m.name: {**fingerprint_model(m.path, m.revision), "commit_sha": protocols[m.name].get("commit_sha")}

@@ -29,6 +29,7 @@ from ..producers.divergence import check_same_tokenizer, resolve_pair_window
 from ..producers.score import check_batch_tokens
 from ..producers.tables import document_sums
 from ..producers.text import resolve_prefix
+from ..producers.words import with_word_masses
 from .config import Config
 from .data import Corpus
 from .parts import finished_keys, read_meta, roundtrip, write_part
@@ -156,6 +157,9 @@ def _options(job: PassJob, lm, n_chars: float) -> ScoreOptions:
         overlap_k=job.config.compare.overlap_k,
         kl_top_k=job.config.compare.kl_top_k,
     )
+    words = next((n.word_masses for n in needs if n.word_masses), None)
+    if words is not None:  # B's mass per token and at each document's END (analysis.words)
+        options = with_word_masses(options, lm, *words)
     # `compile: auto` is settled once for this rank's whole share, from its characters.
     return decide_compile(lm, options, int(n_chars / CHARS_PER_TOKEN))
 

@@ -70,7 +70,35 @@ DIVERGENCE = pa.schema(
         ("context_len", pa.int64()),
     ]
 )
-SCHEMAS = {"tokens.parquet": TOKENS, "documents.parquet": DOCUMENTS, "divergence.parquet": DIVERGENCE}
+# analysis.words: one row per model and word, the columns of surprisal_table(words=True)
+WORDS = pa.schema(
+    [
+        ("model", pa.string()),
+        ("doc_id", pa.string()),
+        ("word_index", pa.int64()),
+        ("word", pa.string()),
+        ("char_start", pa.int64()),
+        ("char_end", pa.int64()),
+        ("n_tokens", pa.int64()),
+        ("surprisal_bits", pa.float64()),
+        ("surprisal_bits_token_sum", pa.float64()),
+        ("boundary_before_bits", pa.float64()),
+        ("boundary_after_bits", pa.float64()),
+        ("nll", pa.float64()),
+        ("prob", pa.float64()),
+        ("rank", pa.int64()),
+        ("entropy", pa.float64()),
+        ("entropy_bits", pa.float64()),
+        ("complete", pa.bool_()),
+        ("crosses_word", pa.bool_()),
+    ]
+)
+SCHEMAS = {
+    "tokens.parquet": TOKENS,
+    "documents.parquet": DOCUMENTS,
+    "divergence.parquet": DIVERGENCE,
+    "words.parquet": WORDS,
+}
 # Columns a table holds only when asked for (analysis.membership, analysis.reference); a
 # trailing "_" names a family (mink_prob_10, mink_prob_20, ...).
 OPTIONAL = {
@@ -82,6 +110,7 @@ OPTIONAL = {
         "extractable_suffix": pa.int64(),
         "ref_ratio": pa.float64(),
     },
+    "words.parquet": {"length_chars": pa.int64(), "frequency_zipf": pa.float64(), "unigram_logfreq": pa.float64()},
 }
 
 # --------------------------------------------------------------------------------------
@@ -119,6 +148,7 @@ TABLES = {
     "groups.csv": "one row per model, level of `data.group_by` and group: the group's documents pooled",
     "divergence_groups.csv": "one row per model, level and group against the baseline (`compare.divergence: true` "
     "with `data.group_by`)",
+    "words.parquet": "one row per model and word (`analysis.words: true`): the columns of surprisal_table(words=True)",
     "score_texts()": "`lmeval.score_texts`: the columns of tokens.parquet, plus these on request",
     "surprisal_table()": "`lmeval.surprisal_table` (and `lmeval surprisal --format csv`): one row per token",
     "surprisal_table(words=True)": "`lmeval.surprisal_table(words=True)` (and `lmeval surprisal --words`): one row per word",
@@ -690,6 +720,13 @@ COLUMNS: dict[str, Column] = {
     "n_tokens_content": Column("tokens", "the turn's scored tokens without its end-of-turn token", (_TT,)),
     "nll_sum_content": Column("nats", "Σ nll of the turn without its end-of-turn token", (_TT,)),
 }
+
+
+# words.parquet holds the columns of surprisal_table(words=True) (not those of contexts or top_k), per model.
+_WORD_FILE_COLUMNS = set(WORDS.names) | set(OPTIONAL["words.parquet"])
+COLUMNS.update(
+    {k: c._replace(tables=(*c.tables, "words.parquet")) for k, c in COLUMNS.items() if k in _WORD_FILE_COLUMNS}
+)
 
 
 def _family_pattern(key: str) -> re.Pattern | None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..core.continuation import range_windows
 from ..core.windows import Chunks, make_chunk_windows, make_windows
 from ..errors import ConfigError, DataError
 from ..model.loading import LoadedModel, load_model, prepare_model
@@ -28,6 +29,7 @@ from .text import (
     split_stream,
     tokenize_documents,
 )
+from .words import run_end_id, split_end_rows
 
 
 def as_loaded_model(model, name: str | None = None) -> LoadedModel:
@@ -57,9 +59,11 @@ def document_windows(
     stride: int | None,
     baseline: LoadedModel | None = None,
     chunks: Chunks | None = None,
+    end_id: int | None = None,
 ):
     """Every window of every document under the protocol (rolling windows, or ``chunks``);
-    ``doc_id`` indexes ``docs``."""
+    ``doc_id`` indexes ``docs``. With ``end_id``, also each document's END position (one more
+    target after its last token, `lmeval.core.continuation`), for word masses."""
     length, step = resolve_window(lm, max_length, None if chunks is not None else stride)
     if docs:
         top = int(np.concatenate([d.token_ids for d in docs] + [np.zeros(1, np.int64)]).max())
@@ -74,6 +78,12 @@ def document_windows(
             ]
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+    if end_id is not None:  # the same windows (range_windows of every token is make_windows), plus END
+        return [
+            w
+            for i, d in enumerate(docs)
+            for w in range_windows(i, d.token_ids.tolist(), d.prefix, length, step, None, end_id)
+        ]
     return [w for i, d in enumerate(docs) for w in make_windows(i, d.token_ids.tolist(), d.prefix, length, step)]
 
 
@@ -97,15 +107,30 @@ def score_documents(
     piece=None,
     baseline: LoadedModel | None = None,
     chunks: Chunks | None = None,
+    end_id: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Window every document and score the windows; columns carry ``doc_index`` into ``docs``.
 
     ``piece`` (a `PartPlan` of one document or stream) keeps only the windows it owns, by
-    the character offset of each window's first scored token."""
-    windows = document_windows(lm, docs, max_length, stride, baseline, chunks)
+    the character offset of each window's first scored token (an END window of its own goes
+    with the window before it, which scores the document's last token)."""
+    windows = document_windows(lm, docs, max_length, stride, baseline, chunks, end_id)
     if piece is not None and piece.n_pieces > 1:
-        windows = [w for w in windows if piece.owns(int(docs[w.doc_id].offsets[w.positions[0], 0]))]
+        windows = [w for w, char in zip(windows, _owner_chars(windows, docs)) if piece.owns(char)]
     return score_windows(lm, windows, options, progress=progress, doc_names=[d.doc_id for d in docs], baseline=baseline)
+
+
+def _owner_chars(windows, docs: list[TokenizedDocument]) -> list[int]:
+    """The character offset that decides each window's piece: its first scored token's; an
+    END window of its own (its only position is the document's length) takes the previous
+    window's, so that the END row lands in the part holding the document's last token."""
+    chars, previous = [], 0
+    for w in windows:
+        doc = docs[w.doc_id]
+        if w.positions[0] < len(doc.token_ids):
+            previous = int(doc.offsets[w.positions[0], 0])
+        chars.append(previous)
+    return chars
 
 
 def score_texts(
@@ -199,7 +224,10 @@ def score_group(
     docs = _tokenized(cache, documents, lambda: tokenize_documents(documents, lm.tokenizer, config.scoring.bos), docs)
     s = config.scoring
     chunks = chunks_of(lm, s)
-    columns = score_documents(lm, docs, s.max_length, s.stride, options, progress, piece, baseline, chunks)
+    end_id = run_end_id(options) if chunks is None else None  # analysis.words
+    columns = score_documents(lm, docs, s.max_length, s.stride, options, progress, piece, baseline, chunks, end_id)
+    if end_id is not None:  # the END rows leave their masses on each document's last token
+        columns = split_end_rows(columns, np.array([len(d.token_ids) for d in docs]), options.mass_masks)
     if chunks is not None:  # no byte or word count matches chunks' scored tokens: NaN normalisers
         texts = ["" for _ in documents]
     elif getattr(config.data, "count_on", "scored") == "source":  # lm-eval's wikitext: the text before detokenizing

@@ -14,7 +14,16 @@ import dataclasses
 
 import numpy as np
 
-from ..core.words import TEXT_ENDS, WORD_BOUNDARIES, WORD_CORRECTIONS, boundary_terms, mass_masks, word_start_mask
+from ..core.words import (
+    MASS_EOS,
+    MASS_WORD_START,
+    TEXT_ENDS,
+    WORD_BOUNDARIES,
+    WORD_CORRECTIONS,
+    boundary_terms,
+    mass_masks,
+    word_start_mask,
+)
 from ..errors import DataError, ModelError
 
 
@@ -97,3 +106,53 @@ def boundary_columns(scored, starts: WordStarts, text_end: str) -> tuple[np.ndar
             columns["log_mass"][rows], end["log_mass"][end_rows[i]], text_end, first_class
         )
     return before, after
+
+
+# --------------------------------------------------------------------------------------
+# `lmeval run` (analysis.words): the END position of each document, and the columns it leaves
+# --------------------------------------------------------------------------------------
+
+
+def run_end_id(options) -> int | None:
+    """The id a run scores at each document's END position when ``options`` carry the word
+    masses (None otherwise): EOS when E holds it, else any id of B. Its own probability is never
+    read, only the masses at that output (`end_target` checked the tokenizer before scoring)."""
+    masks = getattr(options, "mass_masks", None)
+    if masks is None:
+        return None
+    eos = np.flatnonzero(masks[MASS_EOS])
+    return int(eos[0]) if len(eos) else int(np.flatnonzero(masks[MASS_WORD_START])[0])
+
+
+def split_end_rows(columns: dict, n_tokens: np.ndarray, masks: np.ndarray) -> dict:
+    """A run's columns scored with END targets (`run_end_id`), the END rows taken out.
+
+    What the END rows said stays on each document's last token: ``log_mass_end`` (N, 3), the
+    `log_mass` columns at the output after it (NaN on every other row); and ``starts_word`` (N,)
+    says whether each token is in B (a text's first token picks its class's mass from it).
+    ``n_tokens[i]``: the tokens of document ``doc_index`` i, so an END row has position n."""
+    doc, position = columns["doc_index"], columns["position"]
+    is_end = position == n_tokens[doc]
+    end_docs, end_mass = doc[is_end], columns["log_mass"][is_end]
+    out = {k: v[~is_end] for k, v in columns.items()}
+    log_mass_end = np.full(out["log_mass"].shape, np.nan, dtype=np.float32)
+    last = np.flatnonzero(out["position"] == n_tokens[out["doc_index"]] - 1)
+    at = np.full(len(n_tokens), -1, dtype=np.int64)
+    at[end_docs] = np.arange(len(end_docs))
+    has_end = at[out["doc_index"][last]] >= 0
+    log_mass_end[last[has_end]] = end_mass[at[out["doc_index"][last[has_end]]]]
+    out["log_mass_end"] = log_mass_end
+    out["starts_word"] = masks[MASS_WORD_START][out["token_id"]]
+    return out
+
+
+def with_word_masses(options, lm, word_boundary: str, text_end: str):
+    """``options`` with the mass masks of ``lm``'s B under ``word_boundary`` (a run's
+    ``analysis.words``); unchanged for a vocabulary without word-start pieces, whose words
+    need no correction. A tokenizer without EOS under ``text_end="eos"`` is refused here,
+    before any scoring."""
+    starts = word_starts(lm, word_boundary)
+    if starts.marker is None:
+        return options
+    end_target(starts, text_end, lm.name)
+    return options_with_masses(options, starts)
