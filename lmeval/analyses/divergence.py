@@ -21,7 +21,7 @@ from ..core.bootstrap import bootstrap_interval, resampled_sums
 from ..core.divergence import PAIR_FIELDS
 from ..core.sketch import QuantileSketch
 from .base import Analysis, ModelResult, Needs, Outputs, Part, RunFacts
-from .plots import plot_divergence
+from .plots import plot_divergence, plot_divergence_bpw
 
 DIVERGENCE_COLUMNS = [
     "model",
@@ -202,6 +202,7 @@ SUMMARY_COLUMNS = [
     "acceptance_mean", "acceptance_mean_ci_low", "acceptance_mean_ci_high",
     "topk_overlap_mean", "topk_overlap_mean_ci_low", "topk_overlap_mean_ci_high",
     "kl_topk_mean", "kl_topk_mean_ci_low", "kl_topk_mean_ci_high", "n_resamples",
+    "weight_bytes", "n_parameters", "bits_per_weight",
 ]  # fmt: skip
 
 
@@ -297,7 +298,7 @@ class DivergenceAnalysis(Analysis):
         c = self.options
         summary = summarize(np.concatenate(state.sums), state.kl, state.delta_p, c.bootstrap, c.seed)
         top = with_text(state.top if state.top is not None else pd.DataFrame(columns=DIVERGENCE_COLUMNS), run.text_of)
-        row = {"model": model, "baseline": self.baseline, **summary}
+        row = {"model": model, "baseline": self.baseline, **summary, **_size(state.protocol)}
         return ModelResult(
             tables={"divergence": row, "divergence_tokens": top},
             extra={"plot": (state.kl, state.kl_by_position, state.n_by_position), "protocol": state.protocol},
@@ -312,6 +313,7 @@ class DivergenceAnalysis(Analysis):
             ],
         }
         figure = plot_divergence({m: r.extra["plot"] for m, r in chosen.items()}, self.baseline)
+        sized = tables["divergence"][np.isfinite(tables["divergence"]["bits_per_weight"].astype(float))]
         record = {
             "divergence": {
                 "baseline": self.baseline,
@@ -327,7 +329,21 @@ class DivergenceAnalysis(Analysis):
             "divergence_tokens.csv": tables["divergence_tokens"],
             "divergence.png": figure,
         }
+        if len(sized):  # variants whose weight files are local: their size against their divergence
+            files["divergence_bpw.png"] = plot_divergence_bpw(sized, self.baseline)
         return Outputs(files=files, tables=tables, record=record)
+
+
+def _size(protocol: dict | None) -> dict:
+    """The model's weight bytes on disk, parameters and bits per weight, from its protocol
+    record (NaN where the checkpoint is not a local folder)."""
+    protocol = protocol or {}
+    size, n = protocol.get("weight_bytes"), protocol.get("n_parameters")
+    return {
+        "weight_bytes": float("nan") if size is None else size,
+        "n_parameters": float("nan") if n is None else n,
+        "bits_per_weight": 8.0 * size / n if size and n else float("nan"),
+    }
 
 
 class _Collected:

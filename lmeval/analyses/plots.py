@@ -222,6 +222,31 @@ def plot_divergence(by_model: dict, baseline: str):
     return fig
 
 
+def plot_divergence_bpw(rows: pd.DataFrame, baseline: str):
+    """PNG: each variant's bits per weight (its weight files' bits over its parameters; on
+    the x axis) against its mean KL (left) and its ln PPL ratio (right), each with its 95%
+    document-bootstrap interval as an error bar, one labelled point per variant. ``rows``
+    are divergence.csv's rows with a finite ``bits_per_weight``. Returns the Figure."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    fig = Figure(figsize=(11, 4.2), dpi=110, layout="constrained")
+    panels = fig.subplots(1, 2)
+    for ax, column, label in zip(panels, ("kl_mean", "ln_ppl_ratio"), ("mean KL (nats)", "ln PPL ratio (nats)")):
+        for _, row in rows.iterrows():
+            low, high = row[f"{column}_ci_low"], row[f"{column}_ci_high"]
+            errors = [[max(row[column] - low, 0.0)], [max(high - row[column], 0.0)]] if np.isfinite(low) else None
+            ax.errorbar(row["bits_per_weight"], row[column], yerr=errors, fmt="o", capsize=3)
+            ax.annotate(str(row["model"]), (row["bits_per_weight"], row[column]), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")  # fmt: skip
+        if column == "kl_mean":
+            ax.set_yscale(axis_scale(rows[column].to_numpy()))
+        else:
+            ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set(xlabel="bits per weight (weight files on disk)", ylabel=label, title=f"{label} vs {baseline}")
+        ax.grid(alpha=0.3)
+    return fig
+
+
 # A log axis pays only when values span a factor of this or more; over a narrow range (KL
 # between 1.07 and 1.36 nats) it shows a single tick and hides the differences.
 LOG_AXIS_MIN_RATIO = 10.0

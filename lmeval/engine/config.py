@@ -99,6 +99,9 @@ class CompareConfig:
     divergence: bool = False  # per-token KL, Δp and top-1 agreement against the baseline (divergence.*)
     overlap_k: int = 10  # topk_overlap: |top-k(P) ∩ top-k(Q)| / k
     kl_top_k: int = 100  # kl_topk: KL over the baseline's top-K tokens, both renormalised
+    # auto: every variant scored in one pass with the baseline (its forward once) when all the
+    # models' weights fit in memory together, else pair by pair; pair: always pair by pair
+    lockstep: Literal["auto", "pair"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -537,7 +540,6 @@ def _check_analysis(a: AnalysisConfig, names: list[str], problems: list[str]) ->
         )
     if a.reference is not None and a.reference not in names:
         problems.append(f"analysis.reference: must name one of the models ({', '.join(names)}) (got {a.reference!r}).")
-
     _check_words(a, problems)
 
 

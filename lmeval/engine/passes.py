@@ -13,6 +13,7 @@ what the tables and analyses read, written atomically in the background, and han
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,18 +47,79 @@ ALWAYS_KEPT = frozenset({"doc_index"})
 
 @dataclass(frozen=True)
 class Pass:
-    """One model's pass; with a ``baseline``, the pair's divergence columns come with it."""
+    """One model's pass; with a ``baseline``, the pair's divergence columns come with it. A
+    lockstep pass is the baseline's (``model``) with every other model in ``variants``."""
 
     model: ModelSpec
     baseline: ModelSpec | None = None
+    variants: tuple[ModelSpec, ...] = ()
 
 
 def plan_passes(config: Config) -> list[Pass]:
-    """One pass per model, in config order (the token tables list models in that order)."""
+    """One pass per model, in config order (the token tables list models in that order); with
+    divergence in lockstep, one pass for the baseline and every variant."""
     if not config.compare.divergence:
         return [Pass(m) for m in config.models]
     base = baseline_spec(config)
+    others = tuple(m for m in config.models if m.name != base.name)
+    if lockstep_decision(config)[0] == "lockstep":
+        return [Pass(base, variants=others)]
     return [Pass(m, None if m.name == base.name else base) for m in config.models]
+
+
+# Of the memory free when the run starts, the share all the models' weights may take together
+# in lockstep (the rest: activations, chunks of logits, the tokenizer, the data).
+LOCKSTEP_SHARE = 0.6
+
+
+def lockstep_decision(config: Config) -> tuple[str, str]:
+    """("lockstep" | "pair", why) for ``compare.lockstep`` (recorded in run.json)."""
+    from ..producers.score import score_group, score_stream
+
+    c = config.compare
+    if not c.divergence or len(config.models) < 3:
+        return "pair", "one model against the baseline: a pair is already one pass"
+    if c.lockstep == "pair":
+        return "pair", "compare.lockstep: pair"
+    if producer_for(config) not in (score_group, score_stream):
+        return "pair", "lockstep scores documents and streams only (not contexts or conversations)"
+    sizes = [weight_bytes(m) for m in config.models]
+    if any(size is None for size in sizes):
+        return "pair", "the size of a model's weights is unknown before loading (not a local folder)"
+    free = free_memory(config.models[0].device)
+    need = sum(s for s in sizes if s is not None)
+    if free is None or need > LOCKSTEP_SHARE * free:
+        return "pair", f"the weights ({need / 2**30:.1f} GiB) do not fit {LOCKSTEP_SHARE:.0%} of free memory together"
+    return "lockstep", f"the weights ({need / 2**30:.2f} GiB) fit {LOCKSTEP_SHARE:.0%} of free memory together"
+
+
+def weight_bytes(spec: ModelSpec) -> int | None:
+    """Bytes of a local checkpoint's weight files (None: not a local folder)."""
+    folder = Path(spec.path)
+    if not folder.is_dir():
+        return None
+    files = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")]
+    return sum(p.stat().st_size for p in files) if files else None
+
+
+def n_parameters(lm) -> int:
+    """Parameters of a loaded model, each counted once (tied embeddings once)."""
+    return sum(p.numel() for p in {id(p): p for p in lm.model.parameters()}.values())
+
+
+def free_memory(device: str) -> int | None:
+    """Free bytes where the models will live: the CUDA device's, else the machine's available RAM."""
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        index = torch.device(device).index if device not in ("auto", "cuda") else torch.cuda.current_device()
+        return int(torch.cuda.mem_get_info(index)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].strip().split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def baseline_spec(config: Config) -> ModelSpec:
@@ -94,6 +156,55 @@ def check_tokenizers(config: Config, passes: list[Pass]) -> None:
     base = SimpleNamespace(name=baseline.name, tokenizer=load_tokenizer(baseline))
     for model, _ in pairs:
         check_same_tokenizer(SimpleNamespace(name=model.name, tokenizer=load_tokenizer(model)), base)
+
+
+def score_lockstep_share(
+    jobs: dict[str, PassJob], base, variants: list, plans: list[tuple[int, PartPlan]], wanted: dict[str, set]
+) -> None:
+    """Score the baseline and every variant in lockstep over ``plans``; a model's part is
+    written and merged only where ``wanted[model]`` holds its index (the others are done)."""
+    if not plans:
+        return
+    config, s = next(iter(jobs.values())).config, next(iter(jobs.values())).config.scoring
+    job = jobs[base.name]
+    options = _options(job, base, sum(plan.weight for _, plan in plans))
+    options = dataclasses.replace(options, compile=False)  # the lockstep reductions run eager
+    models = [base, *variants]
+    protocols = {m.name: protocol_record(m, config, None if m is base else base) for m in models}
+    for m in models:
+        if jobs[m.name].folder is not None:
+            jobs[m.name].folder.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+            check_protocol(jobs[m.name].folder, protocols[m.name], m.name)  # type: ignore[arg-type]
+    produce = producer_for(config)
+    cache: dict = {}
+    keep = _kept_columns(job.analyses)
+    tokenize = _tokenizer_ahead(config, job.corpus, base, produce)
+    with BackgroundWriter() as writer:
+        for (index, plan), ready in prefetched(plans, lambda item: tokenize(item[1])):
+            started = time.perf_counter()
+            job.bar.group(plan.weight, tokenizing=not ready and (plan.piece == 0 or not cache))
+            documents = job.corpus.take(plan.docs)
+            each, texts = produce(
+                base,
+                documents,
+                config,
+                options,
+                job.bar.progress,
+                piece=plan,
+                cache=cache,
+                variants=tuple(variants),
+                **ready,
+            )
+            for m, columns in zip(models, each):
+                if index not in wanted[m.name]:
+                    continue
+                own = jobs[m.name]
+                meta = _meta(own, plan, columns, texts, protocols[m.name], "eager, lockstep", started)
+                kept = {k: v for k, v in columns.items() if k in keep}
+                if own.folder is not None:
+                    key = plan_key(own.corpus, plan, s.documents)
+                    writer.submit(write_part, own.folder / f"{key}.parquet", kept, meta)
+                own.merger.add(m.name, index, Part(m.name, [str(d) for d in meta["doc_ids"]], kept, meta))
 
 
 class PartSink(Protocol):
@@ -229,6 +340,10 @@ def protocol_record(lm, config: Config, baseline=None) -> dict:
         "commit_sha": lm.commit_sha,
         **lm.probes.protocol(),
     }
+    if config.compare.divergence:  # the size of each model for divergence.csv and divergence_bpw.png
+        record.update(
+            weight_bytes=weight_bytes(lm.spec) if lm.spec is not None else None, n_parameters=n_parameters(lm)
+        )
     if baseline is not None:
         record.update(
             baseline=baseline.name,

@@ -25,7 +25,7 @@ from .files import clean_leftovers, prepare_output_dir, replace_outputs, write_j
 from .lock import RunLock
 from .merge import Merger, run_record, write_comparison, write_outputs
 from .parts import identity_hash, model_dirname, open_parts
-from .passes import Models, PassJob, check_tokenizers, plan_passes, score_share
+from .passes import Models, PassJob, check_tokenizers, lockstep_decision, plan_passes, score_lockstep_share, score_share
 from .plan import PartPlan, plan_key, plan_parts, require_whole
 from .progress import ScoringProgress
 from .provenance import fingerprint_model
@@ -187,7 +187,8 @@ def _score_passes(config, corpus, parts, plans, todo, analyses, idh, merger, ctx
     passes = plan_passes(config)
     shares = {}
     for p in passes:
-        left = todo[p.model.name]
+        # a lockstep pass scores a part any of its models still needs (each writes only its own)
+        left = sorted(set().union(*(todo[m.name] for m in (p.model, *p.variants))))
         share = distributed.assign([plans[i] for i in left], [plans[i].weight for i in left], ctx.world_size)[ctx.rank]
         shares[p.model.name] = [left[j] for j in share]
         bar.plan(sum(plans[i].weight for i in shares[p.model.name]))
@@ -197,6 +198,16 @@ def _score_passes(config, corpus, parts, plans, todo, analyses, idh, merger, ctx
     for k, p in enumerate(passes):
         chosen = sorted(shares[p.model.name])
         if not chosen:
+            continue
+        if p.variants:  # every variant with the baseline, its forward once
+            group = (p.model, *p.variants)
+            jobs = {
+                m.name: PassJob(config, corpus, analyses, idh, parts / model_dirname(m.name), merger, bar)
+                for m in group
+            }
+            wanted = {m.name: set(todo[m.name]) for m in group}
+            loaded = [models.get(m) for m in group]
+            score_lockstep_share(jobs, loaded[0], loaded[1:], [(i, plans[i]) for i in chosen], wanted)
             continue
         job = PassJob(config, corpus, analyses, idh, parts / model_dirname(p.model.name), merger, bar)
         lm = models.get(p.model)
@@ -273,6 +284,12 @@ def _finish(
         write_outputs(out, files)
         record = run_record(config, corpus, merger.protocols, tables["summary"], time.time() - timing["started"])
         record.update(extra)
+        if "divergence" in record:  # how the variants met the baseline: one pass, or pair by pair
+            ran = any("lockstep" in str(p.get("reductions")) for p in merger.protocols.values())
+            mode, why = lockstep_decision(config)  # the reason as it stands now
+            if (mode == "lockstep") != ran:
+                mode, why = ("lockstep" if ran else "pair"), "decided from the free memory when the parts were scored"
+            record["divergence"]["lockstep"] = {"setting": config.compare.lockstep, "mode": mode, "why": why}
         if len(config.models) >= 2:
             tables.update(write_comparison(out, config, tables, record, merger.row_ranges.get("tokens.parquet")))
         # The merge keeps pace with scoring: what is left after the last part does not grow with the tokens.

@@ -661,6 +661,19 @@ COLUMNS: dict[str, Column] = {
         "renormalised over S (brevitas' top-K-normalised KL); blind to mass moved outside S",
         (_DV,),
     ),
+    "weight_bytes": Column(
+        "bytes",
+        "the model's weight files on disk (*.safetensors, *.bin, *.pt, *.gguf in its folder); NaN when it is not a "
+        "local folder",
+        (_DS,),
+    ),
+    "n_parameters": Column("parameters", "the loaded model's parameters, tied ones counted once", (_DS,)),
+    "bits_per_weight": Column(
+        "bits",
+        "8 × weight_bytes / n_parameters: the x axis of divergence_bpw.png (a dequantized load counts the "
+        "parameters it expands to)",
+        (_DS,),
+    ),
     "acceptance_mean": Column("probability", "Σ acceptance / n_tokens: the mean acceptance rate", (_DS,)),
     "topk_overlap_mean": Column("share", "Σ topk_overlap / n_tokens", (_DS,)),
     "kl_topk_mean": Column("nats", "Σ kl_topk / n_tokens", (_DS,)),

@@ -16,6 +16,7 @@ from ..core.continuation import range_windows
 from ..core.windows import Chunks, make_chunk_windows, make_windows
 from ..errors import ConfigError, DataError
 from ..model.loading import LoadedModel, load_model, prepare_model
+from ..model.lockstep import score_windows_lockstep
 from ..model.scorer import ScoreOptions, check_vocabulary, resolve_window, score_windows
 from ..model.spec import ModelSpec
 from .continuation import check_contexts, score_continuations
@@ -107,9 +108,11 @@ def score_documents(
     piece=None,
     baseline: LoadedModel | None = None,
     chunks: Chunks | None = None,
+    variants: tuple = (),
     end_id: int | None = None,
-) -> dict[str, np.ndarray]:
-    """Window every document and score the windows; columns carry ``doc_index`` into ``docs``.
+):
+    """Window every document and score the windows; columns carry ``doc_index`` into ``docs``
+    (with ``variants``, a list: ``lm``'s columns, then each variant's against ``lm``).
 
     ``piece`` (a `PartPlan` of one document or stream) keeps only the windows it owns, by
     the character offset of each window's first scored token (an END window of its own goes
@@ -117,7 +120,10 @@ def score_documents(
     windows = document_windows(lm, docs, max_length, stride, baseline, chunks, end_id)
     if piece is not None and piece.n_pieces > 1:
         windows = [w for w, char in zip(windows, _owner_chars(windows, docs)) if piece.owns(char)]
-    return score_windows(lm, windows, options, progress=progress, doc_names=[d.doc_id for d in docs], baseline=baseline)
+    names = [d.doc_id for d in docs]
+    if variants:  # lockstep: ``lm`` is the baseline; [its columns, then each variant's]
+        return score_windows_lockstep(lm, list(variants), windows, options, progress, names)
+    return score_windows(lm, windows, options, progress=progress, doc_names=names, baseline=baseline)
 
 
 def _owner_chars(windows, docs: list[TokenizedDocument]) -> list[int]:
@@ -215,7 +221,16 @@ def finish_columns(lm, columns: dict, docs: list[TokenizedDocument]) -> dict:
 
 
 def score_group(
-    lm, documents: list[Document], config, options, progress, piece=None, cache=None, docs=None, baseline=None
+    lm,
+    documents: list[Document],
+    config,
+    options,
+    progress,
+    piece=None,
+    cache=None,
+    docs=None,
+    baseline=None,
+    variants: tuple = (),
 ):
     """Score documents independently; columns' ``doc_index`` indexes ``documents``. For a
     piece, only its windows are scored and only piece 0 counts the documents' bytes and words
@@ -224,8 +239,10 @@ def score_group(
     docs = _tokenized(cache, documents, lambda: tokenize_documents(documents, lm.tokenizer, config.scoring.bos), docs)
     s = config.scoring
     chunks = chunks_of(lm, s)
-    end_id = run_end_id(options) if chunks is None else None  # analysis.words
-    columns = score_documents(lm, docs, s.max_length, s.stride, options, progress, piece, baseline, chunks, end_id)
+    end_id = run_end_id(options) if not variants and chunks is None else None  # analysis.words
+    columns = score_documents(
+        lm, docs, s.max_length, s.stride, options, progress, piece, baseline, chunks, variants, end_id
+    )
     if end_id is not None:  # the END rows leave their masses on each document's last token
         columns = split_end_rows(columns, np.array([len(d.token_ids) for d in docs]), options.mass_masks)
     if chunks is not None:  # no byte or word count matches chunks' scored tokens: NaN normalisers
@@ -234,22 +251,28 @@ def score_group(
         texts = [d.text if d.source is None else d.source for d in documents]
     else:
         texts = [d.scored_text() for d in docs]
+    if variants:  # lockstep: each model's columns, the baseline's first
+        return [finish_columns(m, c, docs) for m, c in zip((lm, *variants), columns)], _counted(texts, piece)
     return finish_columns(lm, columns, docs), _counted(texts, piece)
 
 
-def score_stream(lm, documents: list[Document], config, options, progress, piece=None, cache=None, baseline=None):
-    """Score documents joined into one stream; ``doc_index`` D marks separator tokens."""
+def score_stream(
+    lm, documents: list[Document], config, options, progress, piece=None, cache=None, baseline=None, variants=()
+):
+    """Score documents joined into one stream; ``doc_index`` D marks separator tokens (with
+    ``variants``, a list of columns: ``lm``'s, then each variant's against it)."""
     stream = join_documents(documents, config.scoring.separator)
     (doc,) = _tokenized(
         cache, documents, lambda: tokenize_documents([stream.document], lm.tokenizer, config.scoring.bos)
     )
     s = config.scoring
     chunks = chunks_of(lm, s)
-    columns = finish_columns(
-        lm, score_documents(lm, [doc], s.max_length, s.stride, options, progress, piece, baseline, chunks), [doc]
-    )
-    index, start, end, position = split_stream(stream, columns["char_start"], columns["char_end"])
-    columns.update(doc_index=index, char_start=start, char_end=end, position=position)
+    scored = score_documents(lm, [doc], s.max_length, s.stride, options, progress, piece, baseline, chunks, variants)
+    models = (lm, *variants) if variants else (lm,)
+    each = [finish_columns(m, c, [doc]) for m, c in zip(models, scored if variants else [scored])]
+    for one in each:
+        index, start, end, position = split_stream(stream, one["char_start"], one["char_end"])
+        one.update(doc_index=index, char_start=start, char_end=end, position=position)
     count_on = getattr(config.data, "count_on", "scored")
     texts = [d.text if d.source is None or count_on == "scored" else d.source for d in documents]
     if not doc.prefix and len(doc.token_ids):  # the stream's first token only conditions
@@ -257,7 +280,7 @@ def score_stream(lm, documents: list[Document], config, options, progress, piece
     counted = texts + [config.scoring.separator * (len(texts) - 1)]
     if chunks is not None:  # a dropped remainder and unscored chunk heads: no byte or word count fits (NaN)
         counted = ["" for _ in counted]
-    return columns, _counted(counted, piece)
+    return (each if variants else each[0]), _counted(counted, piece)
 
 
 def _tokenized(cache: dict | None, documents: list[Document], tokenize, ready=None):
