@@ -226,3 +226,99 @@ def _kl_top(z: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor
     zs, ws = z.gather(1, ids).double(), w.gather(1, ids).double()  # (N, K)
     log_q, log_p = zs - torch.logsumexp(zs, dim=1, keepdim=True), ws - torch.logsumexp(ws, dim=1, keepdim=True)
     return (log_p.exp() * (log_p - log_q)).sum(dim=1).clamp_min_(0.0).float()
+
+
+# --------------------------------------------------------------------------------------
+# A baseline kept as its top-K (compare.baseline_cache: topk)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TopKCache:
+    """What is kept of the baseline's distribution per token: its K likeliest ids (ordered as
+    `top_ids`), their log-probabilities and the log of the mass of every other token (the
+    tail). (N, K) int64, (N, K) float32, (N,) float32."""
+
+    ids: torch.Tensor
+    log_p: torch.Tensor
+    log_tail: torch.Tensor
+
+
+def topk_cache(logits: torch.Tensor, k: int) -> TopKCache:
+    """The `TopKCache` of a chunk of the baseline's (N, V) logits; the tail's mass is summed
+    over the tail itself (not 1 - the top-K's), so a tiny tail keeps its relative precision."""
+    w = logits.double()
+    k = min(k, w.shape[1])
+    ids = top_ids(w, k)
+    lse = torch.logsumexp(w, dim=1, keepdim=True)  # (N, 1)
+    log_p = w.gather(1, ids) - lse
+    tail = w.scatter(1, ids, float("-inf"))  # (N, V): the tail's logits, the top-K masked out
+    log_tail = (torch.logsumexp(tail, dim=1, keepdim=True) - lse).squeeze(1)  # -inf when K = V
+    return TopKCache(ids, log_p.float(), log_tail.float())
+
+
+def cached_divergence_statistics(
+    logits: torch.Tensor,
+    cache: TopKCache,
+    nll_baseline: torch.Tensor,
+    targets: torch.Tensor,
+    overlap_k: int = OVERLAP_K,
+    kl_top_k: int = KL_TOP_K,
+) -> PairStats:
+    """`divergence_statistics` against a baseline kept as its `TopKCache` (and its nll of the
+    true token), for a baseline that does not fit beside the model.
+
+    With S the baseline's K ids and the tail T = V \\ S, P and Q are coarsened to the K + 1
+    cells {v} for v in S, and T:
+
+    - ``kl`` = sum_S p log(p/q) + p_T log(p_T / q_T) <= KL(P || Q), and ``kl_reverse`` the
+      same with the roles swapped <= KL(Q || P): the KL of the coarsened distributions is a
+      LOWER bound (the log-sum inequality on the tail; the data-processing inequality),
+      exact when q / p is constant on T (and for K = V).
+    - ``acceptance`` = sum_S min(p, q) + min(p_T, q_T) >= sum_v min(p_v, q_v): an UPPER bound
+      (sum_T min(p_v, q_v) <= min(p_T, q_T)), exact when one model dominates the other on T.
+    - ``topk_overlap``, ``kl_topk``, ``same_top1``, ``delta_p`` and both nlls are exact when
+      ``overlap_k`` and ``kl_top_k`` are at most K.
+    """
+    k_cached = cache.ids.shape[1]
+    if overlap_k > k_cached or kl_top_k > k_cached:
+        raise ValueError(
+            f"cached_divergence_statistics: overlap_k and kl_top_k must be <= the cache's K = {k_cached} "
+            f"(got {overlap_k}, {kl_top_k})."
+        )
+    # float64: with no baseline chunk beside it, the model's chunk can afford the width
+    z = logits.double()
+    targets = targets.long()
+    if z.shape[0] == 0:
+        empty = z.new_empty(0, dtype=torch.float32)
+        none = torch.zeros(0, dtype=torch.bool, device=z.device)
+        return PairStats(empty, empty, empty, none, empty, empty, empty, empty, empty)
+    lse = torch.logsumexp(z, dim=1, keepdim=True)
+    ids = cache.ids.to(z.device)
+    log_q = z.gather(1, ids) - lse  # (N, K)
+    log_q_tail = torch.logsumexp(z.scatter(1, ids, float("-inf")), dim=1) - lse[:, 0]  # (N,)
+    log_p, log_p_tail = cache.log_p.to(z.device).double(), cache.log_tail.to(z.device).double()
+    p, q, p_tail, q_tail = log_p.exp(), log_q.exp(), log_p_tail.exp(), log_q_tail.exp()
+    kl = (p * (log_p - log_q)).sum(1) + torch.where(p_tail > 0, p_tail * (log_p_tail - log_q_tail), 0.0)
+    kl_reverse = (q * (log_q - log_p)).sum(1) + torch.where(q_tail > 0, q_tail * (log_q_tail - log_p_tail), 0.0)
+    acceptance = torch.minimum(p, q).sum(1) + torch.minimum(p_tail, q_tail)
+    k = min(overlap_k, z.shape[1])
+    top_q = top_ids(z, k)
+    overlap = (ids[:, :k, None] == top_q[:, None, :]).any(dim=2).sum(dim=1).float() / k
+    big_k = min(kl_top_k, z.shape[1])
+    lp_s = log_p[:, :big_k] - torch.logsumexp(log_p[:, :big_k], dim=1, keepdim=True)
+    lq_s = log_q[:, :big_k] - torch.logsumexp(log_q[:, :big_k], dim=1, keepdim=True)
+    kl_topk = (lp_s.exp() * (lp_s - lq_s)).sum(1).clamp_min(0.0)
+    nll = (lse[:, 0] - z.gather(1, targets[:, None]).squeeze(1)).float()
+    nll_baseline = nll_baseline.to(z.device).float()
+    return PairStats(
+        kl.clamp_min(0.0).float(),
+        kl_reverse.clamp_min(0.0).float(),
+        torch.exp(-nll) - torch.exp(-nll_baseline),
+        top_q[:, 0] == ids[:, 0],
+        nll,
+        nll_baseline,
+        acceptance.clamp_max(1.0).float(),
+        overlap,
+        kl_topk.float(),
+    )

@@ -24,7 +24,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..core.divergence import KL_TOP_K, OVERLAP_K, PAIR_FIELDS, divergence_statistics
+from ..core.divergence import (
+    KL_TOP_K,
+    OVERLAP_K,
+    PAIR_FIELDS,
+    TopKCache,
+    cached_divergence_statistics,
+    divergence_statistics,
+    topk_cache,
+)
 from ..core.losses import Workspace, token_statistics
 from ..core.windows import Window
 from ..core.words import log_mass
@@ -57,6 +65,13 @@ class ScoreOptions:
     mass_masks: np.ndarray | None = None
     overlap_k: int = OVERLAP_K  # with a baseline: k of topk_overlap (compare.overlap_k)
     kl_top_k: int = KL_TOP_K  # with a baseline: K of kl_topk (compare.kl_top_k)
+    cache_k: int = 0  # > 0: also the TopKCache columns of this model (it is the baseline of a later pass)
+    # a baseline kept as its top-K: CACHE_COLUMNS and nll_baseline, one row per scored token in
+    # window order; the pair's statistics then come from it (`cached_divergence_statistics`)
+    baseline_cache: dict | None = None
+
+
+CACHE_COLUMNS = ("cache_ids", "cache_log_p", "cache_log_tail")
 
 
 # Below this many logits (tokens x vocabulary) a CPU run does not repay the compile time.
@@ -237,6 +252,7 @@ def score_batch(
     # the reductions' two scratch, divergence's r and q - p): the single model's budget.
     step = _chunk_rows(lm, options.chunk_bytes)
     parts, masses, pairs = [], [], []
+    caches: list[dict[str, torch.Tensor]] = []
     for begin in range(0, len(targets), step):
         sl = slice(begin, begin + step)
         chunk, sums = source(sl)  # (n, V), on the output head's device
@@ -253,6 +269,14 @@ def score_batch(
                 else None
             )
             masses.append(log_mass(chunk, masks.to(chunk.device), scratch).float())
+        if options.cache_k:  # the baseline of a later pass keeps its top-K (and tail) per token
+            kept = topk_cache(chunk, options.cache_k)
+            caches.append(dict(zip(CACHE_COLUMNS, (kept.ids, kept.log_p, kept.log_tail))))
+        if options.baseline_cache is not None:  # the baseline, as its top-K: no second model here
+            kept_rows = {k: torch.from_numpy(v[sl]) for k, v in options.baseline_cache.items()}
+            cache = TopKCache(kept_rows["cache_ids"], kept_rows["cache_log_p"], kept_rows["cache_log_tail"])
+            nll_base = kept_rows["nll_baseline"]
+            pairs.append(cached_divergence_statistics(chunk, cache, nll_base, y, options.overlap_k, options.kl_top_k))
         if base_source is not None:  # last: it overwrites both chunks, which nothing reads again
             w = base_source(sl)[0].to(chunk.device)  # (n, V), copied there when the baseline lives elsewhere
             pairs.append(
@@ -265,6 +289,8 @@ def score_batch(
         out["log_mass"] = torch.cat(masses).cpu().numpy()
     if pairs:
         out.update(_gather(pairs, _PAIR_EXTRA))
+    for key in CACHE_COLUMNS if caches else ():
+        out[key] = torch.cat([c[key] for c in caches]).cpu().numpy()
     return out
 
 
@@ -309,15 +335,20 @@ def _score_all(
     while pending:
         batch, budget = pending.pop(0)
         batch_windows = [windows[i] for i in batch]
+        b = np.asarray(batch)
+        where = np.repeat(starts[b] - (np.cumsum(counts[b]) - counts[b]), counts[b]) + np.arange(counts[b].sum())
+        batch_options = options
+        if options.baseline_cache is not None:  # this batch's rows of the cached baseline, in batch order
+            batch_options = dataclasses.replace(
+                options, baseline_cache={k: v[where] for k, v in options.baseline_cache.items()}
+            )
         try:
-            stats, compiled = _score_batch_safely(lm, batch_windows, options, compiled, baseline)
+            stats, compiled = _score_batch_safely(lm, batch_windows, batch_options, compiled, baseline)
         except torch.OutOfMemoryError:
             pending[:0] = _split_after_oom(lm, windows, batch, budget, doc_names, baseline)
             continue
         _check_batch_finite(lm, baseline, batch_windows, stats, doc_names)
-        # Where each of the batch's rows goes in window order: one scatter per column.
-        b = np.asarray(batch)
-        where = np.repeat(starts[b] - (np.cumsum(counts[b]) - counts[b]), counts[b]) + np.arange(counts[b].sum())
+        # Where each of the batch's rows goes in window order (``where``): one scatter per column.
         for key, values in stats.items():
             if key not in out:
                 out[key] = np.empty((total,) + values.shape[1:], dtype=values.dtype)

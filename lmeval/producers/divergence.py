@@ -16,6 +16,7 @@ document travel together, since they are computed on the same tokens.
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pandas as pd
@@ -26,7 +27,7 @@ from ..engine.config import ScoringConfig
 from ..errors import ConfigError, ModelError
 from ..model.fingerprint import tokenizer_fingerprint
 from ..model.lockstep import score_windows_lockstep
-from ..model.scorer import ScoreOptions, resolve_window
+from ..model.scorer import CACHE_COLUMNS, ScoreOptions, resolve_window, score_windows
 from .score import as_loaded_model, check_batch_tokens, document_windows, finish_columns, score_group, score_stream
 from .text import Document, check_texts, tokenize_documents
 
@@ -126,8 +127,15 @@ def divergence(
     baseline_name: str | None = None,
     overlap_k: int = OVERLAP_K,
     kl_top_k: int = KL_TOP_K,
+    baseline_cache: str = "none",
 ) -> pd.DataFrame:
     """Per-token divergence of ``model`` from ``baseline`` on each text, one row per scored token.
+
+    ``baseline_cache="topk"`` scores the baseline first and keeps, per token, only its
+    ``kl_top_k`` likeliest ids with their log-probabilities, the log of the rest's mass and
+    its nll; the model is then scored alone against that (the two never share memory). ``kl``
+    and ``kl_reverse`` are then LOWER bounds and ``acceptance`` an UPPER bound
+    (`lmeval.core.divergence.cached_divergence_statistics`); the other columns are exact.
 
     ``model`` and ``baseline`` are anything `score_texts` takes (a path, a hub id, a
     ``(model, tokenizer)`` pair or a `LoadedModel`) and must share one tokenizer. ``model``
@@ -151,7 +159,13 @@ def divergence(
         raise ConfigError(f"divergence: overlap_k and kl_top_k must be >= 1 (got {overlap_k}, {kl_top_k}).")
     base = as_loaded_model(baseline, baseline_name)
     documents = [Document(i, t) for i, t in enumerate(texts)]
-    if isinstance(model, list):  # several variants of one base: in lockstep, the base scored once
+    if baseline_cache not in ("none", "topk"):
+        raise ConfigError(f"divergence: baseline_cache must be none or topk (got {baseline_cache!r}).")
+    if baseline_cache == "topk":
+        lm = as_loaded_model(model, name)
+        columns = score_cached_documents(lm, base, documents, scoring, overlap_k, kl_top_k)
+        frame = pair_frame(lm.name, base.name, list(range(len(texts))), columns)
+    elif isinstance(model, list):  # several variants of one base: in lockstep, the base scored once
         variants = [as_loaded_model(m, name if len(model) == 1 else None) for m in model]
         frames = score_lockstep_documents(variants, base, documents, scoring, overlap_k, kl_top_k)
         frame = pd.concat(frames, ignore_index=True)
@@ -161,6 +175,25 @@ def divergence(
         frame = pair_frame(lm.name, base.name, list(range(len(texts))), columns)
     frame.attrs["n_documents"] = len(texts)
     return frame
+
+
+def score_cached_documents(
+    lm, baseline, documents: list[Document], scoring: ScoringConfig, overlap_k: int, kl_top_k: int
+) -> dict:
+    """The pair's columns with the baseline scored first and kept as its top-``kl_top_k``
+    (``baseline_cache: topk``): the two models are never in one batch."""
+    check_same_tokenizer(lm, baseline, "divergence")
+    resolve_pair_window(lm, baseline, scoring.max_length, scoring.stride)
+    options = ScoreOptions(
+        batch_tokens=check_batch_tokens(scoring.batch_tokens), overlap_k=overlap_k, kl_top_k=kl_top_k
+    )
+    docs = tokenize_documents(documents, baseline.tokenizer, scoring.bos)
+    windows = document_windows(lm, docs, scoring.max_length, scoring.stride, baseline)
+    names = [d.doc_id for d in docs]
+    kept = score_windows(baseline, windows, dataclasses.replace(options, cache_k=kl_top_k), doc_names=names)
+    cache = {key: kept[key] for key in CACHE_COLUMNS} | {"nll_baseline": kept["nll"]}
+    columns = score_windows(lm, windows, dataclasses.replace(options, baseline_cache=cache), doc_names=names)
+    return finish_columns(lm, columns, docs)
 
 
 def score_lockstep_documents(
