@@ -93,8 +93,7 @@ def run_with_preset(folder, data, tokenizer_name: str, preset: str, *overrides: 
     return tables, json.loads((out / "run.json").read_text(encoding="utf-8"))
 
 
-# The tokenizer without a BOS (GPT-2's way) takes another full run per preset: slow-marked.
-@pytest.mark.parametrize("tokenizer_name", ["bos", pytest.param("no_bos", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("tokenizer_name", ["bos", "no_bos"])
 @pytest.mark.parametrize(
     ("preset", "reference"), [("gptq_wikitext2", gptq_reference), ("llama_cpp", llama_cpp_reference)]
 )
