@@ -53,20 +53,33 @@ compare: {{baseline: base, divergence: true, bootstrap: 50}}
     )
 
 
-def test_three_models_with_divergence_cost_three_loads_and_five_passes(tmp_path, three_checkpoints, monkeypatch):
+@pytest.mark.parametrize("lockstep", ["pair", "auto"])
+def test_three_models_with_divergence_cost_three_loads_and_five_passes(
+    lockstep, tmp_path, three_checkpoints, monkeypatch
+):
+    """k = 3 models with divergence: each loaded once, at most 2k - 1 = 5 model passes over the
+    corpus pair by pair (the baseline's own, then each variant beside it), and k in lockstep."""
     loads, forwards = [], []
-    real_load, real_share = passes_module.load_model, run_module.score_share
+    real_load, real_parts = passes_module.load_model, passes_module.score_parts
     monkeypatch.setattr(passes_module, "load_model", lambda spec: (loads.append(spec.name), real_load(spec))[1])
 
-    def counted(job, lm, base, plans):
-        forwards.append((lm.name, None if base is None else base.name))
-        return real_share(job, lm, base, plans)
+    def counted(jobs, lm, plans, baseline=None, variants=(), wanted=None):
+        forwards.append((lm.name, None if baseline is None else baseline.name, tuple(v.name for v in variants)))
+        return real_parts(jobs, lm, plans, baseline, variants, wanted)
 
-    monkeypatch.setattr(run_module, "score_share", counted)
-    tables = lmeval.run(three_model_config(tmp_path, three_checkpoints), show_progress=False)
+    monkeypatch.setattr(passes_module, "score_parts", counted)
+    config = three_model_config(tmp_path, three_checkpoints)
+    text = Path(config).read_text(encoding="utf-8").replace("bootstrap: 50}", f"bootstrap: 50, lockstep: {lockstep}}}")
+    Path(config).write_text(text, encoding="utf-8")
+    tables = lmeval.run(config, show_progress=False)
     assert sorted(loads) == ["base", "ft1", "ft2"]  # the baseline is loaded once
-    assert forwards == [("base", None), ("ft1", "base"), ("ft2", "base")]
-    assert sum(1 + (base is not None) for _, base in forwards) == 5  # 2k - 1 model passes over the corpus
+    if lockstep == "pair":
+        assert forwards == [("base", None, ()), ("ft1", "base", ()), ("ft2", "base", ())]
+    else:  # auto: three local folders that fit in memory together go in lockstep
+        assert forwards == [("base", None, ("ft1", "ft2"))]
+        assert tables["run"]["divergence"]["lockstep"]["mode"] == "lockstep"
+    model_passes = sum(1 + (base is not None) + len(variants) for _, base, variants in forwards)
+    assert model_passes == {"pair": 5, "auto": 3}[lockstep]  # at most 2k - 1
     # The pair pass feeds the model's own tables: the same numbers as a run without divergence.
     alone = lmeval.run(_without_divergence(tmp_path, three_checkpoints), show_progress=False)
     np.testing.assert_allclose(tables["summary"]["nll_sum"], alone["summary"]["nll_sum"], rtol=1e-6)

@@ -158,55 +158,6 @@ def check_tokenizers(config: Config, passes: list[Pass]) -> None:
         check_same_tokenizer(SimpleNamespace(name=model.name, tokenizer=load_tokenizer(model)), base)
 
 
-def score_lockstep_share(
-    jobs: dict[str, PassJob], base, variants: list, plans: list[tuple[int, PartPlan]], wanted: dict[str, set]
-) -> None:
-    """Score the baseline and every variant in lockstep over ``plans``; a model's part is
-    written and merged only where ``wanted[model]`` holds its index (the others are done)."""
-    if not plans:
-        return
-    config, s = next(iter(jobs.values())).config, next(iter(jobs.values())).config.scoring
-    job = jobs[base.name]
-    options = _options(job, base, sum(plan.weight for _, plan in plans))
-    options = dataclasses.replace(options, compile=False)  # the lockstep reductions run eager
-    models = [base, *variants]
-    protocols = {m.name: protocol_record(m, config, None if m is base else base) for m in models}
-    for m in models:
-        if jobs[m.name].folder is not None:
-            jobs[m.name].folder.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
-            check_protocol(jobs[m.name].folder, protocols[m.name], m.name)  # type: ignore[arg-type]
-    produce = producer_for(config)
-    cache: dict = {}
-    keep = _kept_columns(job.analyses)
-    tokenize = _tokenizer_ahead(config, job.corpus, base, produce)
-    with BackgroundWriter() as writer:
-        for (index, plan), ready in prefetched(plans, lambda item: tokenize(item[1])):
-            started = time.perf_counter()
-            job.bar.group(plan.weight, tokenizing=not ready and (plan.piece == 0 or not cache))
-            documents = job.corpus.take(plan.docs)
-            each, texts = produce(
-                base,
-                documents,
-                config,
-                options,
-                job.bar.progress,
-                piece=plan,
-                cache=cache,
-                variants=tuple(variants),
-                **ready,
-            )
-            for m, columns in zip(models, each):
-                if index not in wanted[m.name]:
-                    continue
-                own = jobs[m.name]
-                meta = _meta(own, plan, columns, texts, protocols[m.name], "eager, lockstep", started)
-                kept = {k: v for k, v in columns.items() if k in keep}
-                if own.folder is not None:
-                    key = plan_key(own.corpus, plan, s.documents)
-                    writer.submit(write_part, own.folder / f"{key}.parquet", kept, meta)
-                own.merger.add(m.name, index, Part(m.name, [str(d) for d in meta["doc_ids"]], kept, meta))
-
-
 class PartSink(Protocol):
     """Where a scored part goes: rank 0's `Merger`, a no-op on the other ranks."""
 
@@ -227,34 +178,69 @@ class PassJob:
 
 
 def score_share(job: PassJob, lm, base, plans: list[tuple[int, PartPlan]]) -> None:
-    """Score this rank's unfinished parts of one pass (``(index, plan)`` in corpus order)."""
+    """Score this rank's unfinished parts of one pass (``(index, plan)`` in corpus order): one
+    model, or a model with its ``base``line."""
+    score_parts({lm.name: job}, lm, plans, baseline=base)
+
+
+def score_lockstep_share(
+    jobs: dict[str, PassJob], base, variants: list, plans: list[tuple[int, PartPlan]], wanted: dict[str, set]
+) -> None:
+    """Score the baseline and every variant in lockstep over ``plans``; a model's part is
+    written and merged only where ``wanted[model]`` holds its index (the others are done)."""
+    score_parts(jobs, base, plans, variants=tuple(variants), wanted=wanted)
+
+
+def score_parts(
+    jobs: dict[str, PassJob],
+    lm,
+    plans: list[tuple[int, PartPlan]],
+    baseline=None,
+    variants: tuple = (),
+    wanted: dict[str, set] | None = None,
+) -> None:
+    """The one part loop of every pass: each part's documents are produced into columns for
+    ``lm`` (with its ``baseline``, or in lockstep as the baseline of ``variants``), and each
+    model's part is written in the background and handed to its job's merger at once."""
     if not plans:
         return
-    config, s = job.config, job.config.scoring
+    job = jobs[lm.name]
+    config, models = job.config, [lm, *variants]
     options = _options(job, lm, sum(plan.weight for _, plan in plans))
-    protocol = protocol_record(lm, config, base)  # also checks the window, before any scoring
-    if job.folder is not None:
-        job.folder.mkdir(parents=True, exist_ok=True)
-        check_protocol(job.folder, protocol, lm.name)
+    if variants:
+        options = dataclasses.replace(options, compile=False)  # the lockstep reductions run eager
+    # also checks the window, before any scoring
+    protocols = {m.name: protocol_record(m, config, baseline if m is lm else lm) for m in models}
+    for m in models:
+        folder = jobs[m.name].folder
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            check_protocol(folder, protocols[m.name], m.name)
     produce = producer_for(config)
     cache: dict = {}  # the producer's, across the parts of this pass
     keep = _kept_columns(job.analyses)
     tokenize = _tokenizer_ahead(config, job.corpus, lm, produce)
+    partners = {"variants": variants} if variants else {"baseline": baseline}
     with BackgroundWriter() as writer:
         for (index, plan), ready in prefetched(plans, lambda item: tokenize(item[1])):
             started = time.perf_counter()
             job.bar.group(plan.weight, tokenizing=not ready and (plan.piece == 0 or not cache))
             calls = dict(lm.workspace.calls)
             documents = job.corpus.take(plan.docs)
-            columns, texts = produce(
-                lm, documents, config, options, job.bar.progress, piece=plan, cache=cache, baseline=base, **ready
+            out, texts = produce(
+                lm, documents, config, options, job.bar.progress, piece=plan, cache=cache, **partners, **ready
             )
-            meta = _meta(job, plan, columns, texts, protocol, lm.workspace.mode_since(calls), started)
-            kept = {k: v for k, v in columns.items() if k in keep}
-            if job.folder is not None:
-                key = plan_key(job.corpus, plan, s.documents)
-                writer.submit(write_part, job.folder / f"{key}.parquet", kept, meta)
-            job.merger.add(lm.name, index, Part(lm.name, [str(d) for d in meta["doc_ids"]], kept, meta))
+            reductions = "eager, lockstep" if variants else lm.workspace.mode_since(calls)
+            for m, columns in zip(models, out if variants else [out]):
+                if wanted is not None and index not in wanted[m.name]:
+                    continue  # this model's part is already done
+                own = jobs[m.name]
+                meta = _meta(own, plan, columns, texts, protocols[m.name], reductions, started)
+                kept = {k: v for k, v in columns.items() if k in keep}
+                if own.folder is not None:
+                    key = plan_key(own.corpus, plan, config.scoring.documents)
+                    writer.submit(write_part, own.folder / f"{key}.parquet", kept, meta)
+                own.merger.add(m.name, index, Part(m.name, [str(d) for d in meta["doc_ids"]], kept, meta))
 
 
 def _options(job: PassJob, lm, n_chars: float) -> ScoreOptions:
