@@ -16,6 +16,7 @@ read the demo's held-out books through the demo tokenizer (only the logits' widt
     python scripts/bench.py --case short             # 10,000 sentences of 5-40 tokens vs minicons
     python scripts/bench.py --case strided           # S = L/4 vs the transformers fixed-length recipe
     python scripts/bench.py --case e2e               # `lmeval run` vs scoring alone
+    python scripts/bench.py --case reductions        # the per-token reductions per path, with and without the grid
     python scripts/bench.py --repeat 3 ...           # every method 3 times, interleaved; best and spread
 
 The three cases beyond the default one (see `bench_cases.py`):
@@ -62,7 +63,7 @@ MODELS = {
 # compile that the full corpus triggers is inside its timing; lmeval-eager and
 # lmeval-compiled force the mode.
 METHODS = ("bare", "lmeval", "lmeval-eager", "lmeval-compiled", "lm-eval")
-CASES = ("models", "short", "strided", "e2e")
+CASES = ("models", "short", "strided", "e2e", "reductions")
 
 
 def rss_mb() -> float:
@@ -326,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scaling-tokens", type=int, nargs="+", default=[20_000, 200_000, 1_000_000])
     parser.add_argument("--case", choices=CASES, default="models", help="which comparison (default: models)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per method, interleaved; the fastest is kept")
+    parser.add_argument("--compiled", action="store_true", help="reductions case: also the torch.compile path")
     parser.add_argument("--sentences", type=int, default=10_000, help="short case: number of sentences")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

@@ -1,4 +1,5 @@
-"""The three regimes of `bench.py --case`: short sentences, strided windows, `lmeval run` end to end.
+"""The regimes of `bench.py --case`: short sentences, strided windows, `lmeval run` end to end, and
+the per-token reductions alone.
 
 Each method runs in its own subprocess (`bench.py --child --method ...`), first once untimed
 on a small slice, then timed; `bench.py --repeat N` interleaves N runs of every method and
@@ -212,6 +213,8 @@ def child(args) -> dict:
 def compare(args) -> None:
     import bench
 
+    if args.case == "reductions":
+        return reductions(args)
     methods = list(CASE_METHODS[args.case])
     if "minicons" in methods:
         try:
@@ -258,6 +261,58 @@ def compare(args) -> None:
             )
         if "reductions" in r:
             print(f"{name}: reductions ran {r['reductions']}")
+
+
+# ---- the per-token reductions alone: each CPU path, with and without the temperature grid ----------
+
+REDUCTION_SHAPES = ((4096, 1048), (50257, 128), (128256, 128))  # (V, rows): the scorer's default CPU chunks
+
+
+def reductions(args) -> None:
+    """`token_statistics` on one chunk of random logits, per path (ATen ``eager``, the C
+    ``kernel``, ``compiled`` when asked for with ``--compiled``) and temperatures (none, the
+    calibration default grid), interleaved in this one process ``--repeat`` times (x 5 calls);
+    the fastest call's wall and CPU (`time.process_time`) nanoseconds per logit."""
+    import os
+
+    from lmeval.core import kernels
+    from lmeval.core.losses import Workspace, token_statistics
+    from lmeval.engine.config import CalibrationConfig
+
+    torch.set_num_threads(args.threads)
+    grid = tuple(CalibrationConfig().temperatures)
+    paths = ["eager", "kernel"] + (["compiled"] if args.compiled else [])
+    print(f"\n== reductions: threads = {args.threads}, repeat = {args.repeat}, load {os.getloadavg()[0]:.2f}")
+    print(f"grid {grid}; kernel {'built' if kernels.library() is not None else 'UNAVAILABLE'}")
+    print(f"{'V':>7} {'rows':>5} {'path':<9} {'temperatures':<13} {'wall ns/logit':>14} {'CPU ns/logit':>13}")
+    lib = kernels.library()
+    for vocab, rows in REDUCTION_SHAPES:
+        g = torch.Generator().manual_seed(vocab)
+        logits = torch.randn(rows, vocab, generator=g) * 4
+        targets = torch.randint(0, vocab, (rows,), generator=g)
+        sums = logits.double().sum(1)
+        best: dict = {}
+        for _ in range(args.repeat):
+            for path in paths:
+                kernels._STATE["lib"] = lib if path == "kernel" else None
+                for name, temps in (("none", ()), ("default grid", grid)):
+                    workspace = Workspace()
+                    for _ in range(5):
+                        wall, cpu = time.perf_counter(), time.process_time()
+                        token_statistics(
+                            logits, targets, temps, compiled=path == "compiled", workspace=workspace, logit_sums=sums
+                        )
+                        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                        key = (path, name)
+                        best[key] = min(best.get(key, (wall, cpu)), (wall, cpu))
+        kernels._STATE["lib"] = lib
+        for (path, name), (wall, cpu) in best.items():
+            n = rows * vocab
+            print(f"{vocab:>7} {rows:>5} {path:<9} {name:<13} {1e9 * wall / n:>14.2f} {1e9 * cpu / n:>13.2f}")
+        today = best[("eager", "none")]
+        for path in paths[1:]:
+            ratio = today[0] / best[(path, "default grid")][0], today[1] / best[(path, "default grid")][1]
+            print(f"{vocab:>7} {path} with the grid vs eager without: {ratio[0]:.2f}x wall, {ratio[1]:.2f}x CPU")
 
 
 def agreement(ra: dict, rb: dict) -> None:

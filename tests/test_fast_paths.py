@@ -3,11 +3,13 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 import lmeval
 from conftest import CORPUS
 from lmeval.cli import main
+from lmeval.core import kernels
 from lmeval.core.windows import make_windows
 from lmeval.model.scorer import _pad, _scored_index
 
@@ -34,12 +36,38 @@ def test_padding_and_scored_index_match_a_loop():
             assert ids[r, c + 1] == t
 
 
-def test_score_texts_says_how_the_reductions_ran(gpt2_pair):
+@pytest.fixture(params=["kernel", "eager"])
+def cpu_reductions(request, monkeypatch):
+    """Each CPU path of the uncompiled reductions: the C kernel, or ATen where it is off."""
+    if request.param == "eager":
+        monkeypatch.setitem(kernels._STATE, "lib", None)
+    elif kernels.library() is None:
+        pytest.skip("no reductions kernel on this machine (no C compiler)")
+    return request.param
+
+
+def test_score_texts_says_how_the_reductions_ran(gpt2_pair, cpu_reductions):
     frame = lmeval.score_texts(CORPUS[:2], gpt2_pair, compile=False)
-    assert frame.attrs["reductions"] == "eager"
+    assert frame.attrs["reductions"] == cpu_reductions
 
 
-def test_run_json_records_how_the_reductions_ran(tmp_path, saved_gpt2):
+def test_the_kernel_and_aten_reductions_score_alike(gpt2_pair, monkeypatch):
+    """Through the scorer, with the calibration grid: the kernel's columns equal ATen's."""
+    if kernels.library() is None:
+        pytest.skip("no reductions kernel on this machine (no C compiler)")
+    temps = (0.7, 0.85, 1.0, 1.15, 1.3)
+    kernel = lmeval.score_texts(CORPUS, gpt2_pair, compile=False, temperatures=temps)
+    monkeypatch.setitem(kernels._STATE, "lib", None)
+    aten = lmeval.score_texts(CORPUS, gpt2_pair, compile=False, temperatures=temps)
+    assert (kernel.attrs["reductions"], aten.attrs["reductions"]) == ("kernel", "eager")
+    numeric = [c for c in aten.columns if aten[c].dtype.kind == "f"]
+    assert {"nll", "entropy", "max_prob"} <= set(numeric)
+    for column in numeric:
+        np.testing.assert_allclose(kernel[column], aten[column], rtol=2e-5, atol=2e-5, err_msg=column)
+    assert (kernel["rank"] == aten["rank"]).all()
+
+
+def test_run_json_records_how_the_reductions_ran(tmp_path, saved_gpt2, cpu_reductions):
     rows = [{"id": f"d{i}", "text": t} for i, t in enumerate(CORPUS)]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     config = tmp_path / "run.yaml"
@@ -50,13 +78,14 @@ def test_run_json_records_how_the_reductions_ran(tmp_path, saved_gpt2):
     )
     assert main(["run", str(config), "-q"]) == 0
     record = json.loads((tmp_path / "out" / "run.json").read_text(encoding="utf-8"))
-    assert record["protocol"]["models"]["tiny"]["reductions"] == "eager"
+    assert record["protocol"]["models"]["tiny"]["reductions"] == cpu_reductions
 
 
-def test_auto_compile_is_decided_once_for_the_whole_run(tmp_path, saved_gpt2, monkeypatch):
-    """Each 60-character part alone is far below the threshold; the run as a whole is above
-    it, so every part runs compiled (the compiled function is the eager one here: this tests
-    the decision, and test_losses the compiled numbers)."""
+def test_auto_compile_is_decided_once_for_the_whole_run(tmp_path, saved_gpt2, monkeypatch, cpu_reductions):
+    """Without the kernel: each 60-character part alone is far below the threshold; the run
+    as a whole is above it, so every part runs compiled (the compiled function is the eager
+    one here: this tests the decision, and test_losses the compiled numbers). With the
+    kernel, ``auto`` never compiles on CPU, at any size."""
     from lmeval.core import losses
     from lmeval.model import scorer
 
@@ -72,7 +101,8 @@ def test_auto_compile_is_decided_once_for_the_whole_run(tmp_path, saved_gpt2, mo
         encoding="utf-8",
     )
     assert chars > 3 * 60  # several parts
-    for threshold, expected in ((chars / 8 * vocab, "compiled"), (chars * vocab, "eager")):
+    above = "compiled" if cpu_reductions == "eager" else "kernel"
+    for threshold, expected in ((chars / 8 * vocab, above), (chars * vocab, cpu_reductions)):
         monkeypatch.setattr(scorer, "_COMPILE_MIN_LOGITS_CPU", threshold)
         assert main(["run", str(config), "-q", "--overwrite"]) == 0
         record = json.loads((tmp_path / "out" / "run.json").read_text(encoding="utf-8"))
@@ -80,8 +110,6 @@ def test_auto_compile_is_decided_once_for_the_whole_run(tmp_path, saved_gpt2, mo
 
 
 def test_prefetched_keeps_order_and_raises_background_errors():
-    import pytest
-
     from lmeval.engine.prefetch import BackgroundWriter, prefetched
 
     assert list(prefetched([1, 2, 3], lambda x: x * 10)) == [(1, 10), (2, 20), (3, 30)]

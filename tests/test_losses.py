@@ -1,6 +1,8 @@
 """Losses against the seed article's worked values, closed forms and float64 / torch oracles."""
 
 import math
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lmeval.core.losses import (
+    Workspace,
     binary_cross_entropy,
     bits_per,
     cross_entropy,
@@ -106,14 +109,34 @@ def reference_stats(logits: torch.Tensor, targets: torch.Tensor, temperatures=()
     }
 
 
+@pytest.fixture(params=["kernel", "eager"])
+def reductions(request, monkeypatch):
+    """Run a test on each CPU path of the reductions: the C kernel (`core.kernels`) and ATen.
+    The kernel must build wherever a C compiler is found (a broken build fails here)."""
+    from lmeval.core import kernels
+
+    if request.param == "eager":
+        monkeypatch.setitem(kernels._STATE, "lib", None)
+    elif shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: the kernel cannot be built here")
+    else:
+        assert kernels.library() is not None, "the reductions kernel did not build"
+    return request.param
+
+
+DEFAULT_GRID = (0.7, 0.85, 1.0, 1.15, 1.3)  # calibration's default temperatures
+
+
 @pytest.mark.parametrize("vocab", [5, 1000, 50257])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_token_statistics_match_float64(vocab, dtype):
+def test_token_statistics_match_float64(vocab, dtype, reductions):
     torch.manual_seed(vocab)
     logits = (torch.randn(64, vocab) * 4).to(dtype)
     targets = torch.randint(0, vocab, (64,))
-    temps = (0.7, 1.0, 1.3)
-    ours = token_statistics(logits, targets, temps, top_k=5)
+    temps = DEFAULT_GRID
+    workspace = Workspace()
+    ours = token_statistics(logits, targets, temps, top_k=5, workspace=workspace)
+    assert workspace.calls[reductions] == 1
     ref = reference_stats(logits.float(), targets, temps)
     for key in ("nll", "entropy", "max_prob", "sum_q2", "mean_neg_logq", "nll_t", "max_prob_t"):
         torch.testing.assert_close(getattr(ours, key).double(), ref[key], atol=1e-5, rtol=1e-5, msg=key)
@@ -122,7 +145,66 @@ def test_token_statistics_match_float64(vocab, dtype):
     ce = F.cross_entropy(logits.float(), targets, reduction="none")
     torch.testing.assert_close(ours.nll, ce, atol=1e-5, rtol=1e-6)
     assert torch.all(ours.topk_probs[:, :-1] >= ours.topk_probs[:, 1:])
-    torch.testing.assert_close(ours.nll_t[:, 1], ours.nll)
+    torch.testing.assert_close(ours.nll_t[:, 2], ours.nll)
+
+
+def test_token_statistics_with_row_sums_match_float64(reductions):
+    """``logit_sums`` (the head's row sums, as the scorer passes them) give the same
+    ``mean_neg_logq`` as the logits themselves."""
+    torch.manual_seed(8)
+    logits = torch.randn(50, 3000) * 4
+    targets = torch.randint(0, 3000, (50,))
+    ours = token_statistics(logits, targets, DEFAULT_GRID, workspace=Workspace(), logit_sums=logits.double().sum(1))
+    ref = reference_stats(logits, targets, DEFAULT_GRID)
+    for key in ("mean_neg_logq", "nll_t", "max_prob_t"):
+        torch.testing.assert_close(getattr(ours, key).double(), ref[key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+def test_kernel_keeps_nan_and_zero_probabilities():
+    """The kernel is built with -ffast-math but keeps inf and NaN: a NaN logit makes the
+    row's nll NaN (the scorer then stops by name), and a logit of -inf is a probability of
+    0 that adds 0 to the entropy (0 log 0 = 0) and makes mean_v(-log q_v) infinite."""
+    from lmeval.core import kernels
+
+    if kernels.library() is None:
+        pytest.skip("no reductions kernel on this machine")
+    logits = torch.randn(4, 600) * 3
+    logits[0, 17] = float("nan")
+    logits[1:, 100:300] = float("-inf")
+    targets = torch.tensor([3, 4, 5, 6])
+    ours = token_statistics(logits, targets, DEFAULT_GRID, workspace=Workspace())
+    assert torch.isnan(ours.nll[0]) and torch.isnan(ours.entropy[0])
+    finite = torch.cat([logits[1:, :100], logits[1:, 300:]], 1)
+    ref = reference_stats(finite, targets[1:], DEFAULT_GRID)
+    for key in ("nll", "entropy", "max_prob", "sum_q2", "nll_t", "max_prob_t"):
+        torch.testing.assert_close(getattr(ours, key)[1:].double(), ref[key], atol=1e-5, rtol=1e-5, msg=key)
+    assert torch.equal(ours.rank[1:], ref["rank"])
+    assert torch.isinf(ours.mean_neg_logq[1:]).all()
+
+
+def test_kernel_is_built_once_per_machine(tmp_path, monkeypatch):
+    """A second process finds the built file under the cache directory and never calls the
+    compiler again; a cache directory per CPU and compiler (the file name is their hash)."""
+    from lmeval.core import kernels
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler: the kernel cannot be built here")
+    monkeypatch.setenv("LMEVAL_CACHE_DIR", str(tmp_path))
+    first = kernels._build(compiler)
+    assert first.parent == tmp_path / "kernels" and list(first.parent.iterdir()) == [first]
+    calls = []
+    real_run = subprocess.run
+    monkeypatch.setattr(kernels.subprocess, "run", lambda args, **kw: calls.append(args) or real_run(args, **kw))
+    assert kernels._build(compiler) == first
+    assert calls == [[compiler, "--version"]]  # the cache key only, no compile
+
+
+def test_kernel_can_be_turned_off(monkeypatch):
+    from lmeval.core import kernels
+
+    monkeypatch.setenv("LMEVAL_KERNELS", "0")
+    assert kernels._load() is None
 
 
 def test_uniform_logits_give_perplexity_v():
@@ -134,7 +216,7 @@ def test_uniform_logits_give_perplexity_v():
     assert bits_per(nll_sum, 10) == pytest.approx(12.0, rel=1e-6)
 
 
-def test_extreme_logits_stay_finite():
+def test_extreme_logits_stay_finite(reductions):
     logits = torch.tensor([[1e4, 0.0, -1e4], [-1e4, 0.0, 1e4]])
     stats = token_statistics(logits, torch.tensor([0, 0]))
     assert stats.nll[0].item() == pytest.approx(0.0, abs=1e-6)
@@ -155,10 +237,8 @@ def test_compiled_reductions_match_float64():
     assert torch.equal(ours.rank, ref["rank"])
 
 
-def test_workspace_reuse_gives_the_same_statistics():
+def test_workspace_reuse_gives_the_same_statistics(reductions):
     """The eager path's reused scratch buffers must not leak values between calls."""
-    from lmeval.core.losses import Workspace
-
     workspace = Workspace()
     torch.manual_seed(5)
     for n, vocab, dtype in ((40, 700, torch.float32), (13, 700, torch.bfloat16), (64, 300, torch.float32)):
@@ -171,7 +251,7 @@ def test_workspace_reuse_gives_the_same_statistics():
 
 
 @pytest.mark.parametrize("vocab, compiled", [(5, False), (1000, False), (50257, False), (1000, True)])
-def test_log_probability_variance_matches_float64(vocab, compiled):
+def test_log_probability_variance_matches_float64(vocab, compiled, reductions):
     """Var_q[log q] (Min-K%++'s denominator), on request, against a float64 log-softmax."""
     torch.manual_seed(vocab + 1)
     logits = torch.randn(32, vocab) * 4
@@ -180,8 +260,6 @@ def test_log_probability_variance_matches_float64(vocab, compiled):
     q = log_q.exp()
     mean = (q * log_q).sum(1)
     expected = (q * (log_q - mean[:, None]) ** 2).sum(1)
-    from lmeval.core.losses import Workspace
-
     ours = token_statistics(logits, targets, moments=True, compiled=compiled, workspace=Workspace())
     torch.testing.assert_close(ours.var_logq.double(), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(-ours.entropy.double(), mean, atol=1e-5, rtol=1e-5)  # E_q[log q] = -H(q)
@@ -205,13 +283,11 @@ def test_compiled_reductions_never_recompile_per_chunk_length():
     assert counters["frames"]["total"] == frames
 
 
-def test_workspace_counts_how_the_reductions_ran():
-    from lmeval.core.losses import Workspace
-
+def test_workspace_counts_how_the_reductions_ran(reductions):
     workspace = Workspace()
     before = dict(workspace.calls)
     assert workspace.mode_since(before) == "none"
     token_statistics(torch.randn(4, 10), torch.arange(4), workspace=workspace)
-    assert workspace.mode_since(before) == "eager"
+    assert workspace.mode_since(before) == reductions
     workspace.calls["compiled"] += 1
     assert workspace.mode_since(before) == "mixed"

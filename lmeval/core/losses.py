@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import kernels
 from .units import LN2, bits_per, nats_to_bits, perplexity  # noqa: F401  (the article's units, re-exported)
 
 # --------------------------------------------------------------------------------------
@@ -139,12 +140,13 @@ class Workspace:
 
     On CPU a fresh (N, V) tensor is paid for in page faults that cost more than the
     arithmetic done on it, so the eager path reuses these. ``calls`` counts the chunks
-    reduced ``"compiled"`` and ``"eager"``, so callers can record which one ran.
+    reduced ``"compiled"``, by the CPU ``"kernel"`` and ``"eager"``, so callers can record
+    which one ran.
     """
 
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
-        self.calls: dict[str, int] = {"compiled": 0, "eager": 0}
+        self.calls: dict[str, int] = {"compiled": 0, "kernel": 0, "eager": 0}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
         size = math.prod(shape)
@@ -155,8 +157,9 @@ class Workspace:
 
     def mode_since(self, before: dict[str, int]) -> str:
         """How the reductions ran since the snapshot ``before`` (a copy of ``calls``):
-        ``"compiled"``, ``"eager"``, ``"mixed"``, or ``"none"`` when nothing was reduced."""
-        ran = [k for k in ("compiled", "eager") if self.calls[k] > before.get(k, 0)]
+        ``"compiled"`` (torch.compile), ``"kernel"`` (the CPU kernel, `core.kernels`),
+        ``"eager"`` (ATen), ``"mixed"``, or ``"none"`` when nothing was reduced."""
+        ran = [k for k in ("compiled", "kernel", "eager") if self.calls[k] > before.get(k, 0)]
         return ran[0] if len(ran) == 1 else ("mixed" if ran else "none")
 
 
@@ -185,17 +188,17 @@ def _reductions(
     work = _scratch(workspace, "work", z)  # (N, V), reused by every pass below that writes
     # 0/1 as float32: its sum is vectorised (a bool sum is not) and exact below 2^24 ids.
     rank = torch.gt(z, z_y[:, None], out=work).sum(dim=1).to(torch.int32) + 1
-    e = torch.sub(z, z_max[:, None], out=_scratch(workspace, "e", z)).exp_()  # (N, V)
+    d = torch.sub(z, z_max[:, None], out=_scratch(workspace, "e", z))  # (N, V): z - max z, then e^d in place
+    # log-sum-exp of z / T, shifted by max z for stability: exp((z - max z) / T) from one d
+    sum_t = {t: torch.mul(d, 1.0 / t, out=work).exp_().sum(dim=1) for t in temperatures if t != 1.0}
+    e = d.exp_()
     s = e.sum(dim=1)
     lse = z_max + torch.log(s)
     e_dot_e = torch.linalg.vector_norm(e, dim=1).square()  # a fused reduction, no product
     e_dot_z = torch.mul(e, z, out=work).sum(dim=1)
     nll_t, max_prob_t = [], []
-    for t in temperatures:  # log-sum-exp of z / T, shifted by max z for stability
-        if t == 1.0:  # the plain distribution: its log-sum-exp is already known
-            lse_t = lse
-        else:
-            lse_t = z_max / t + torch.log(torch.sub(z, z_max[:, None], out=work).mul_(1.0 / t).exp_().sum(dim=1))
+    for t in temperatures:  # the plain distribution (T = 1): its log-sum-exp is already known
+        lse_t = lse if t == 1.0 else z_max / t + torch.log(sum_t[t])
         nll_t.append(lse_t - z_y / t)
         max_prob_t.append(torch.exp(z_max / t - lse_t))
     empty = z.new_empty((z.shape[0], 0))
@@ -215,6 +218,43 @@ def _reductions(
         torch.stack(max_prob_t, dim=1) if temperatures else empty,
         lse,
         var_logq,
+    )
+
+
+def _kernel_reductions(z: torch.Tensor, targets: torch.Tensor, temperatures: tuple[float, ...], moments, z_sum=None):
+    """`_reductions` by the CPU kernel (`core.kernels`): the same outputs, from two reads of
+    each row. The kernel's sums are float64; the statistics are formed from them in float64
+    and rounded to float32 once. With ``s = sum e^d``, ``d = z - max z``: ``lse = max z + log s``,
+    ``H(q) = log s - sum(e^d d) / s``, ``sum q^2 = sum(e^2d) / s^2``, and at temperature T
+    ``lse_T = max z / T + log sum e^(d / T)``."""
+    z = z.contiguous()
+    z_y = z.gather(1, targets[:, None]).squeeze(1)  # (N,): raises on an id outside the vocabulary
+    others = tuple(t for t in temperatures if t != 1.0)
+    inv_t = torch.tensor([1.0 / t for t in others], dtype=torch.float32)
+    sums = kernels.reduce_rows(z, z_y, inv_t, moments)  # (N, 7 + K) float64
+    z_max, above, sum_z, s, s2, sd, var = sums[:, : len(kernels.COLUMNS)].unbind(1)
+    y = z_y.double()
+    log_s = torch.log(s)
+    lse = z_max + log_s
+    z_mean = (sum_z if z_sum is None else z_sum.to(torch.float64)) / z.shape[1]
+    nll_t, max_prob_t = [], []
+    for t in temperatures:
+        s_t = s if t == 1.0 else sums[:, len(kernels.COLUMNS) + others.index(t)]
+        nll_t.append(z_max / t + torch.log(s_t) - y / t)
+        max_prob_t.append(1.0 / s_t)
+    empty = z.new_empty((z.shape[0], 0))
+    f32 = torch.float32
+    return (
+        (lse - y).to(f32),
+        (log_s - sd / s).to(f32),
+        (1.0 / s).to(f32),
+        above.to(torch.int32) + 1,
+        (s2 / (s * s)).to(f32),
+        (lse - z_mean).to(f32),
+        torch.stack(nll_t, dim=1).to(f32) if temperatures else empty,
+        torch.stack(max_prob_t, dim=1).to(f32) if temperatures else empty,
+        lse.to(f32),
+        (var / s).to(f32)[:, None] if moments else empty,
     )
 
 
@@ -261,10 +301,13 @@ def token_statistics(
     else:  # upcast half-precision logits into a reused float32 buffer
         z = _scratch(workspace, "z32", logits, torch.float32).copy_(logits)
     targets = targets.long()
+    kernel = not compiled and z.device.type == "cpu" and kernels.library() is not None
     if workspace is not None:
-        workspace.calls["compiled" if compiled else "eager"] += 1
+        workspace.calls["compiled" if compiled else "kernel" if kernel else "eager"] += 1
     if compiled:
         reduced = _run_compiled(z, targets, tuple(temperatures), moments)
+    elif kernel:
+        reduced = _kernel_reductions(z, targets, tuple(temperatures), moments, logit_sums)
     else:
         reduced = _reductions(z, targets, tuple(temperatures), workspace, moments, logit_sums)
     nll, ent, max_prob, rank, sum_q2, mean_neg_logq, nll_t, max_prob_t, lse, var_logq = reduced

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..core import kernels
 from ..core.divergence import (
     KL_TOP_K,
     OVERLAP_K,
@@ -74,17 +75,22 @@ class ScoreOptions:
 CACHE_COLUMNS = ("cache_ids", "cache_log_p", "cache_log_tail")
 
 
-# Below this many logits (tokens x vocabulary) a CPU run does not repay the compile time.
-# Measured on 2 threads at V = 50k: compiling costs 6-7 s with Inductor's on-disk cache warm
-# and 18 s cold, and saves ~2.7 ns per logit (eager 4.5, compiled 1.8), so a warm process
-# pays back from ~2.4e9 logits (a cold one from ~7e9).
+# Below this many logits (tokens x vocabulary) a CPU run without the reductions kernel does
+# not repay the compile time. Measured on 2 threads at V = 50k: compiling costs 6-7 s with
+# Inductor's on-disk cache warm and 18 s cold, and saves ~2.7 ns per logit (eager 4.5,
+# compiled 1.8), so a warm process pays back from ~2.4e9 logits (a cold one from ~7e9).
 _COMPILE_MIN_LOGITS_CPU = 2.5e9
 
 
 def use_compiled(lm: LoadedModel, options: ScoreOptions, n_tokens: int) -> bool:
-    """Whether to fuse the reductions: always on request, by size under ``auto``."""
+    """Whether to fuse the reductions with torch.compile: always on request; under ``auto``
+    on CUDA, and on CPU only where the C kernel (`core.kernels`) is unavailable and the job
+    is large enough. On CPU the kernel costs no more than the compiled reductions without a
+    temperature grid, less with one, and nothing to compile (`bench.py --case reductions`)."""
     if options.compile == "auto":
-        return lm.device.type == "cuda" or n_tokens * lm.vocab_size >= _COMPILE_MIN_LOGITS_CPU
+        if lm.device.type == "cuda":
+            return True
+        return kernels.library() is None and n_tokens * lm.vocab_size >= _COMPILE_MIN_LOGITS_CPU
     return bool(options.compile)
 
 

@@ -162,9 +162,10 @@ def score_texts(
     ``top_k`` > 0 also topk_token_ids, topk_probs. An empty or whitespace-only text yields no
     rows, as `lmeval run` skips such a document; the frame's ``attrs["n_documents"]`` still
     counts it and ``attrs["n_empty"]`` counts the texts with no row, ``attrs["reductions"]`` says how the per-token
-    reductions ran (``"compiled"`` or ``"eager"``), and ``attrs`` also record the load-time
-    probes' findings (``causal``, ``allow_noncausal``, ``batching``). ``compile`` fuses the per-token reductions with
-    torch.compile (``"auto"``: on CUDA, or when tokens x vocabulary >= 2.5e9 on CPU).
+    reductions ran (``"compiled"``, ``"kernel"``: the CPU kernel of `core.kernels`, or ``"eager"``), and ``attrs``
+    also record the load-time probes' findings (``causal``, ``allow_noncausal``, ``batching``). ``compile`` fuses the
+    per-token reductions with torch.compile (``"auto"``: on CUDA, or on CPU without the kernel when tokens x vocabulary
+    >= 2.5e9).
 
     ``contexts`` (one string per text) scores each text GIVEN its context: ``context +
     text`` is tokenized as one string, the context's tokens condition and get no row, and
@@ -189,7 +190,7 @@ def score_texts(
     frame = tokens_frame(lm.name, [d.doc_id for d in docs], columns)
     frame.attrs["n_documents"] = len(texts)
     frame.attrs["n_empty"] = sum(d.n_scored == 0 for d in docs)
-    frame.attrs["reductions"] = lm.workspace.mode_since(calls)  # "compiled", "eager", "mixed" or "none"
+    frame.attrs["reductions"] = lm.workspace.mode_since(calls)  # "compiled", "kernel", "eager", "mixed" or "none"
     frame.attrs.update(lm.probes.protocol())  # causal, allow_noncausal, batching
     return frame
 

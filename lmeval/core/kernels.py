@@ -1,0 +1,260 @@
+"""A CPU kernel for the per-token reductions: every statistic of a chunk of logits, the
+temperature grid included, in two reads of each row.
+
+Why: eager ATen runs each reduction as its own pass over the (N, V) chunk (about ten
+without a temperature grid, and four more per temperature other than 1.0), and a chunk is
+larger than the caches, so each pass streams it from memory. This kernel reads a row once
+for its max, the target's rank and the row sum, and once more for everything built on
+``d = z - max z``: ``sum e^d``, ``sum e^2d``, ``sum e^d d`` and ``sum e^(d / T)`` at each
+temperature, one cache-resident block of the row at a time. The exponentials are glibc's
+vectorised ``expf`` (libmvec); sums are taken in float32 within a block of 512 logits and in
+float64 across blocks.
+
+It is C, compiled once per machine with the system's C compiler and cached (a file named by
+the hash of the source, the compiler's version and the CPU's flags, since it is built for
+the CPU it runs on), then loaded with ctypes; rows are split over ``torch.get_num_threads()``
+threads (ctypes releases the GIL). Where there is no compiler, no libmvec, or the build or
+its self-check against float64 fails, `library` returns None and the reductions run in ATen,
+as before. ``LMEVAL_KERNELS=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Columns of the kernel's (N, 7 + K) float64 output, per row.
+COLUMNS = ("max", "above", "sum_z", "s", "s2", "sd", "var")
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+/* glibc's vector variants of expf (libmvec): the loops below call 8 at a time. */
+__attribute__((simd("notinbranch"))) float expf(float);
+#define BLK 512
+
+/* Rows [0, n) of z (n, V) row-major; zy[i] is row i's target logit; inv_t[k] = 1 / T_k.
+   out (n, 7 + K): max, #(z > zy), sum z, s = sum e^d, sum e^2d, sum e^d d, sum e^d (d - mu)^2
+   (moments only; mu = sum e^d d / s), then sum e^(d inv_t[k]) for each k, with d = z - max. */
+void lmeval_reduce_rows(const float *z, int64_t n, int64_t V, const float *zy, const float *inv_t,
+                        int64_t K, int32_t moments, double *out) {
+  float d[BLK], e[BLK];
+  const int64_t width = 7 + K;
+  for (int64_t i = 0; i < n; i++) {
+    const float *r = z + i * V;
+    double *o = out + i * width;
+    const float y = zy[i];
+    float m = r[0];
+    int64_t above = 0;
+    double sz = 0.0;
+    for (int64_t b = 0; b < V; b += BLK) {
+      const int64_t nb = V - b < BLK ? V - b : BLK;
+      float bm = m, bs = 0.0f;
+      int32_t ba = 0;
+      for (int64_t j = 0; j < nb; j++) {
+        const float x = r[b + j];
+        bm = x > bm ? x : bm;
+        ba += x > y;
+        bs += x;
+      }
+      m = bm; above += ba; sz += bs;
+    }
+    double s = 0.0, s2 = 0.0, sd = 0.0;
+    for (int64_t k = 0; k < K; k++) o[7 + k] = 0.0;
+    for (int64_t b = 0; b < V; b += BLK) {
+      const int64_t nb = V - b < BLK ? V - b : BLK;
+      float bs = 0.0f, bs2 = 0.0f, bsd = 0.0f;
+      for (int64_t j = 0; j < nb; j++) d[j] = r[b + j] - m;
+      for (int64_t j = 0; j < nb; j++) e[j] = expf(d[j]);
+      /* e > 0: a logit of -inf has probability 0 and adds 0 * log 0 = 0, not NaN */
+      for (int64_t j = 0; j < nb; j++) { bs += e[j]; bs2 += e[j] * e[j]; bsd += e[j] > 0.0f ? e[j] * d[j] : 0.0f; }
+      s += bs; s2 += bs2; sd += bsd;
+      for (int64_t k = 0; k < K; k++) {
+        const float a = inv_t[k];
+        float bt = 0.0f;
+        for (int64_t j = 0; j < nb; j++) bt += expf(d[j] * a);
+        o[7 + k] += bt;
+      }
+    }
+    double var = 0.0;
+    if (moments) {
+      const float mu = (float)(sd / s);
+      for (int64_t b = 0; b < V; b += BLK) {
+        const int64_t nb = V - b < BLK ? V - b : BLK;
+        float bv = 0.0f;
+        for (int64_t j = 0; j < nb; j++) {
+          const float x = r[b + j] - m, c = x - mu, w = expf(x);
+          bv += w > 0.0f ? w * c * c : 0.0f;
+        }
+        var += bv;
+      }
+    }
+    o[0] = m; o[1] = (double)above; o[2] = sz; o[3] = s; o[4] = s2; o[5] = sd; o[6] = var;
+  }
+}
+"""
+# -ffast-math for the vectorised reductions and libmvec's expf; -fno-finite-math-only keeps
+# inf and NaN meaning what they mean (a NaN logit must reach the scorer's finite check).
+_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC")
+_LIBS = ("-lmvec", "-lm")
+
+_STATE: dict = {}  # "lib": the loaded function or None, "pool": (threads, ThreadPoolExecutor)
+_LOCK = threading.Lock()
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$LMEVAL_CACHE_DIR``, else ``$XDG_CACHE_HOME/lmeval``,
+    else ``~/.cache/lmeval``; a file per source, compiler and CPU."""
+    if os.environ.get("LMEVAL_CACHE_DIR"):
+        return Path(os.environ["LMEVAL_CACHE_DIR"]) / "kernels"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lmeval" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return platform.processor()
+    # x86 says "flags", ARM "Features"; the first processor's line stands for all
+    return next((line for line in text.splitlines() if line.split(":")[0].strip() in ("flags", "Features")), "")
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = "\n".join((_SOURCE, " ".join(_FLAGS + _LIBS), version, platform.machine(), _cpu_flags()))
+    target = cache_dir() / f"reductions-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        source = Path(tmp) / "reductions.c"
+        source.write_text(_SOURCE, encoding="utf-8")
+        built = Path(tmp) / target.name
+        done = subprocess.run(
+            [compiler, *_FLAGS, str(source), "-o", str(built), *_LIBS], capture_output=True, text=True, timeout=120
+        )
+        if done.returncode != 0:
+            raise OSError(done.stderr.strip()[-500:])
+        os.replace(built, target)  # atomic: a concurrent process sees no half-written file
+    return target
+
+
+def _load():
+    if os.environ.get("LMEVAL_KERNELS", "1") == "0":
+        return None
+    if platform.system() != "Linux":  # libmvec is glibc's
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.info("no C compiler found; the per-token reductions run in ATen (slower with a temperature grid).")
+        return None
+    try:
+        fn = ctypes.CDLL(str(_build(compiler))).lmeval_reduce_rows
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("the reductions kernel could not be built (%s); the reductions run in ATen.", exc)
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [p, i64, i64, p, p, i64, ctypes.c_int32, p]
+    fn.restype = None
+    if not _self_check(fn):
+        log.warning("the reductions kernel disagrees with float64 on a test input; the reductions run in ATen.")
+        return None
+    return fn
+
+
+def _self_check(fn) -> bool:
+    """The built kernel against float64 on a small input (a compiler that mistranslates it
+    must not change a number)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 1100, generator=g) * 4
+    zy = z[:, 7].contiguous()
+    inv_t = torch.tensor([2.0, 0.5])
+    out = torch.empty(3, len(COLUMNS) + 2, dtype=torch.float64)
+    fn(z.data_ptr(), 3, 1100, zy.data_ptr(), inv_t.data_ptr(), 2, 1, out.data_ptr())
+    zd = z.double()
+    d = zd - zd.amax(1, keepdim=True)
+    q = torch.softmax(zd, 1)
+    want = torch.stack(
+        [
+            zd.amax(1),
+            (zd > zd[:, 7:8]).sum(1).double(),
+            zd.sum(1),
+            d.exp().sum(1),
+            (2 * d).exp().sum(1),
+            (d.exp() * d).sum(1),
+            d.exp().sum(1) * (q * (d - (q * d).sum(1, keepdim=True)) ** 2).sum(1),
+            (2 * d).exp().sum(1),
+            (0.5 * d).exp().sum(1),
+        ],
+        1,
+    )
+    return bool(torch.allclose(out, want, rtol=1e-5, atol=1e-4))
+
+
+def library():
+    """The kernel's function (built and loaded on first use, once per process), or None."""
+    with _LOCK:
+        if "lib" not in _STATE:
+            _STATE["lib"] = _load()
+        return _STATE["lib"]
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    with _LOCK:
+        held = _STATE.get("pool")
+        if held is None or held[0] != threads:
+            if held is not None:
+                held[1].shutdown(wait=False)
+            held = _STATE["pool"] = (threads, ThreadPoolExecutor(threads, thread_name_prefix="lmeval-reduce"))
+        return held[1]
+
+
+# Rows per thread below which splitting a chunk costs more than it saves.
+_MIN_ROWS_PER_THREAD = 2
+
+
+def reduce_rows(z: torch.Tensor, z_y: torch.Tensor, inv_t: torch.Tensor, moments: bool) -> torch.Tensor:
+    """(N, V) float32 logits (C-contiguous, on the CPU), their targets' logits (N,) and
+    inverse temperatures (K,) -> (N, 7 + K) float64 sums (`COLUMNS`, then one per
+    temperature). Call only where `library` is not None."""
+    fn = library()
+    n, vocab = z.shape
+    width = len(COLUMNS) + len(inv_t)
+    out = torch.empty((n, width), dtype=torch.float64)
+    if n == 0:
+        return out
+    threads = max(1, min(torch.get_num_threads(), n // _MIN_ROWS_PER_THREAD))
+    step = -(-n // threads)
+
+    def run(begin: int) -> None:
+        rows = min(step, n - begin)
+        fn(
+            z[begin].data_ptr(),
+            rows,
+            vocab,
+            z_y[begin].data_ptr(),
+            inv_t.data_ptr(),
+            len(inv_t),
+            int(moments),
+            out[begin].data_ptr(),
+        )
+
+    if threads == 1:
+        run(0)
+    else:
+        for future in [_pool(threads).submit(run, begin) for begin in range(0, n, step)]:
+            future.result()
+    return out
