@@ -202,7 +202,7 @@ SUMMARY_COLUMNS = [
     "acceptance_mean", "acceptance_mean_ci_low", "acceptance_mean_ci_high",
     "topk_overlap_mean", "topk_overlap_mean_ci_low", "topk_overlap_mean_ci_high",
     "kl_topk_mean", "kl_topk_mean_ci_low", "kl_topk_mean_ci_high", "n_resamples",
-    "weight_bytes", "n_parameters", "bits_per_weight",
+    "weight_bytes", "n_parameters", "bits_per_weight", "quant_method", "load_path",
 ]  # fmt: skip
 
 
@@ -335,14 +335,18 @@ class DivergenceAnalysis(Analysis):
 
 
 def _size(protocol: dict | None) -> dict:
-    """The model's weight bytes on disk, parameters and bits per weight, from its protocol
-    record (NaN where the checkpoint is not a local folder)."""
+    """The model's weight bytes, parameters and bits per weight, and how it was quantized and
+    loaded, from its protocol record (`lmeval.model.quantization.size_record`; NaN where the
+    size is unknown, empty strings for a float model)."""
     protocol = protocol or {}
     size, n = protocol.get("weight_bytes"), protocol.get("n_parameters")
+    quantization = protocol.get("quantization") or {}
     return {
         "weight_bytes": float("nan") if size is None else size,
         "n_parameters": float("nan") if n is None else n,
         "bits_per_weight": 8.0 * size / n if size and n else float("nan"),
+        "quant_method": quantization.get("quant_method", ""),
+        "load_path": quantization.get("load_path", ""),
     }
 
 

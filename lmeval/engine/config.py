@@ -442,6 +442,7 @@ def _check_values(config: Config, problems: list[str]) -> None:
     _check_words_scoring(config, problems)
     for i, m in enumerate(config.models):
         _check_device_map(m, f"models[{i}]", problems)
+        _check_quantization(m, f"models[{i}]", problems)
     names = [m.name for m in config.models]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -614,6 +615,27 @@ def _check_device_map(model: ModelSpec, where: str, problems: list[str]) -> None
             problems.append(
                 f"{where}.max_memory.{key}: must be a size such as 20GiB or a number of bytes (got {value!r})."
             )
+
+
+def _check_quantization(model: ModelSpec, where: str, problems: list[str]) -> None:
+    """gguf_file names a .gguf file; quantization_config is a transformers quantization config
+    (a mapping with its quant_method); a GGUF is already quantized, so not both."""
+    if model.gguf_file is not None and not (model.gguf_file.endswith(".gguf") and model.gguf_file.strip()):
+        problems.append(
+            f"{where}.gguf_file: must be the name of a .gguf file in the model's folder or repository "
+            f"(got {model.gguf_file!r}). E.g. gguf_file: model-Q4_K_M.gguf."
+        )
+    q = model.quantization_config
+    if q is not None and not (isinstance(q.get("quant_method"), str) and q["quant_method"]):
+        problems.append(
+            f"{where}.quantization_config: must name its quant_method, as config.json spells it (got {q!r}). "
+            "E.g. {quant_method: bitsandbytes, load_in_4bit: true}."
+        )
+    if q is not None and model.gguf_file is not None:
+        problems.append(
+            f"{where}.quantization_config: cannot be set together with gguf_file (got both): a GGUF file is "
+            "already quantized, and transformers dequantizes it as it loads. Drop one."
+        )
 
 
 def step_number(path: str) -> tuple:

@@ -23,6 +23,7 @@ from ..analyses.base import Part
 from ..errors import OutputError, option
 from ..model.fingerprint import chat_template_fingerprint
 from ..model.loading import load_model
+from ..model.quantization import resident_bytes, size_record
 from ..model.scorer import ScoreOptions, decide_compile, pair_batching, resolve_window
 from ..model.spec import ModelSpec
 from ..producers import producer_for
@@ -83,7 +84,7 @@ def lockstep_decision(config: Config) -> tuple[str, str]:
         return "pair", "compare.lockstep: pair"
     if producer_for(config) not in (score_group, score_stream):
         return "pair", "lockstep scores documents and streams only (not contexts or conversations)"
-    sizes = [weight_bytes(m) for m in config.models]
+    sizes = [resident_bytes(m) for m in config.models]
     if any(size is None for size in sizes):
         return "pair", "the size of a model's weights is unknown before loading (not a local folder)"
     free = free_memory(config.models[0].device)
@@ -91,20 +92,6 @@ def lockstep_decision(config: Config) -> tuple[str, str]:
     if free is None or need > LOCKSTEP_SHARE * free:
         return "pair", f"the weights ({need / 2**30:.1f} GiB) do not fit {LOCKSTEP_SHARE:.0%} of free memory together"
     return "lockstep", f"the weights ({need / 2**30:.2f} GiB) fit {LOCKSTEP_SHARE:.0%} of free memory together"
-
-
-def weight_bytes(spec: ModelSpec) -> int | None:
-    """Bytes of a local checkpoint's weight files (None: not a local folder)."""
-    folder = Path(spec.path)
-    if not folder.is_dir():
-        return None
-    files = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")]
-    return sum(p.stat().st_size for p in files) if files else None
-
-
-def n_parameters(lm) -> int:
-    """Parameters of a loaded model, each counted once (tied embeddings once)."""
-    return sum(p.numel() for p in {id(p): p for p in lm.model.parameters()}.values())
 
 
 def free_memory(device: str) -> int | None:
@@ -325,11 +312,10 @@ def protocol_record(lm, config: Config, baseline=None) -> dict:
         "vocab_size": lm.vocab_size,
         "commit_sha": lm.commit_sha,
         **lm.probes.protocol(),
+        "quantization": lm.quantization,  # how a quantized checkpoint was loaded (None: a float model)
     }
     if config.compare.divergence:  # the size of each model for divergence.csv and divergence_bpw.png
-        record.update(
-            weight_bytes=weight_bytes(lm.spec) if lm.spec is not None else None, n_parameters=n_parameters(lm)
-        )
+        record.update(size_record(lm.model, lm.spec, lm.quantization))
     if baseline is not None:
         record.update(
             baseline=baseline.name,

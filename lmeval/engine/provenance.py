@@ -20,7 +20,7 @@ PACKAGES = ("lmeval", "torch", "transformers", "tokenizers", "datasets", "numpy"
 # hashing tens of GB on every run would cost more than the scoring of a small corpus.
 _FULL_HASH_LIMIT = 2**30
 _EDGE_BYTES = 16 * 2**20
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt")
 
 
 def versions() -> dict[str, str | None]:

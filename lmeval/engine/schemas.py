@@ -663,15 +663,34 @@ COLUMNS: dict[str, Column] = {
     ),
     "weight_bytes": Column(
         "bytes",
-        "the model's weight files on disk (*.safetensors, *.bin, *.pt, *.gguf in its folder); NaN when it is not a "
-        "local folder",
+        "the model's weights in the form evaluated: a GGUF file's tensors (gguf_file; its metadata left out, as "
+        "llama.cpp counts), the quantized state in memory for a model quantized as it loaded (quantization_config), "
+        "else the weight files on disk (*.safetensors, else *.bin/*.pt); a hub model loaded natively quantized: "
+        "its state in memory; NaN otherwise. run.json says which (weight_bytes_from)",
         (_DS,),
     ),
-    "n_parameters": Column("parameters", "the loaded model's parameters, tied ones counted once", (_DS,)),
+    "n_parameters": Column(
+        "parameters",
+        "the architecture's parameters, tied ones counted once; a packed quantized load counts its logical "
+        "weights (the model built on the meta device), not its packed elements",
+        (_DS,),
+    ),
     "bits_per_weight": Column(
         "bits",
-        "8 × weight_bytes / n_parameters: the x axis of divergence_bpw.png (a dequantized load counts the "
-        "parameters it expands to)",
+        "8 × weight_bytes / n_parameters, over every weight (embeddings and norms too), as llama.cpp's BPW: "
+        "the x axis of divergence_bpw.png",
+        (_DS,),
+    ),
+    "quant_method": Column(
+        "—",
+        "the quantization's quant_method (gguf, torchao, bitsandbytes, gptq, awq, compressed-tensors, …); "
+        "empty for a float model. Its whole config is in run.json (protocol.models.<name>.quantization)",
+        (_DS,),
+    ),
+    "load_path": Column(
+        "—",
+        "dequantized (every weight a plain float tensor after loading) or native (the weights stay in the "
+        "quantization's storage and its kernels run); empty for a float model",
         (_DS,),
     ),
     "acceptance_mean": Column("probability", "Σ acceptance / n_tokens: the mean acceptance rate", (_DS,)),

@@ -21,6 +21,7 @@ from ..core.losses import Workspace
 from ..errors import ModelError
 from .head import OutputHead
 from .probes import Probes, max_positions, probe_model
+from .quantization import quantization_config_for, quantization_record
 from .spec import DTYPE_NAMES, ModelSpec, looks_like_hub_id
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ class LoadedModel:
     Build one with `load_model` (or `prepare_model` for a pair already in memory) and pass
     it to `score_texts` as often as you like: loading and the load-time probes happen once.
     ``commit_sha`` is the resolved hub commit of a hub model (None for a local folder);
-    ``probes`` what the causality and padding probes found, and the batching they chose.
+    ``probes`` what the causality and padding probes found, and the batching they chose;
+    ``quantization`` how a quantized checkpoint was loaded (`lmeval.model.quantization`), None
+    for a plain float model.
     """
 
     name: str
@@ -55,6 +58,7 @@ class LoadedModel:
     commit_sha: str | None = None
     workspace: Workspace = field(default_factory=Workspace)  # scratch reused across batches
     probes: Probes = field(default_factory=Probes)
+    quantization: dict | None = None
 
 
 def _resolve_device(device: str, name: str = "model") -> torch.device:
@@ -122,6 +126,8 @@ def load_model(
     device_map: str | None = None,
     max_memory: dict | None = None,
     allow_noncausal: bool = False,
+    gguf_file: str | None = None,
+    quantization_config: dict | None = None,
     **unknown,
 ) -> LoadedModel:
     """Load a causal LM and its fast tokenizer once, ready to score many times.
@@ -149,6 +155,8 @@ def load_model(
             device_map=device_map,
             max_memory=max_memory,
             allow_noncausal=allow_noncausal,
+            gguf_file=gguf_file,
+            quantization_config=quantization_config,
         ).items()
         if v != _SPEC_DEFAULTS[k]
     }
@@ -166,21 +174,37 @@ def load_model(
             "or a hub id such as 'gpt2' or 'EleutherAI/pythia-160m'."
         )
     if is_local:
+        if path.is_file() and path.suffix == ".gguf":
+            raise ModelError(
+                f"model.path: must be the folder that holds a GGUF file (got the file {path}). "
+                f"Set `path: {path.parent}` and `gguf_file: {path.name}`."
+            )
         if not path.is_dir():
             raise ModelError(f"model.path: {path} is not a folder. Point it at a `save_pretrained` folder.")
-        _check_local_weights(path, spec.allow_pickle)
+        if spec.gguf_file:
+            _check_gguf_file(path, spec.gguf_file, spec.display_name)
+        else:
+            _check_local_weights(path, spec.allow_pickle)
     if spec.trust_remote_code:
         log.warning("trust_remote_code is on for %s: its repository code will run on this machine.", spec.path)
     torch_device = _resolve_device(spec.device, spec.display_name)
     torch_dtype = _resolve_dtype(spec.dtype, torch_device)
     source = str(path) if is_local else spec.path
     common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    # a GGUF file brings its own tokenizer (transformers converts it) and no safetensors
+    gguf = dict(gguf_file=spec.gguf_file) if spec.gguf_file else {}
+    quantize = quantization_config_for(spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        tokenizer = AutoTokenizer.from_pretrained(source, **common, **gguf)
         check_tokenizer(tokenizer, source, spec.display_name)  # before the weights: a refusal costs no load
         placed = dict(device_map=spec.device_map, max_memory=spec.max_memory) if spec.device_map else {}
+        if not placed and (quantize is not None or (not spec.gguf_file and _saved_quantized(source, common))):
+            # quantized weights are placed as they load: `.to()` cannot move every kind of them
+            placed = dict(device_map={"": torch_device})
+        safe = None if spec.allow_pickle or spec.gguf_file else True
+        extra = dict(quantization_config=quantize) if quantize is not None else {}
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, use_safetensors=None if spec.allow_pickle else True, **common, **placed
+            source, dtype=torch_dtype, use_safetensors=safe, **common, **gguf, **placed, **extra
         )
     except pickle.UnpicklingError as exc:
         # torch.load(weights_only=True) stops at the first object that is not plain tensor data,
@@ -204,12 +228,33 @@ def load_model(
             f"{source}: lmeval needs a fast (Rust) tokenizer for character offsets; "
             "save one with `tokenizers`/`PreTrainedTokenizerFast`."
         )
-    if not spec.device_map:  # with a device_map, accelerate has placed (and hooked) every layer
+    if not placed:  # with a device_map, accelerate (or the quantizer) has placed every layer
         model.to(torch_device)  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to) reads as unbound
     model.eval()
     lm = prepare_model(model, tokenizer, name=spec.display_name, spec=spec)
     lm.commit_sha = None if is_local else getattr(model.config, "_commit_hash", None)
+    lm.quantization = quantization_record(model, spec)
     return lm
+
+
+def _saved_quantized(source: str, common: dict) -> bool:
+    """Whether the checkpoint was saved quantized (a quantization_config in its config.json)."""
+    from transformers import AutoConfig
+
+    try:
+        return getattr(AutoConfig.from_pretrained(source, **common), "quantization_config", None) is not None
+    except (OSError, ValueError):
+        return False  # from_pretrained itself says what is wrong
+
+
+def _check_gguf_file(folder: Path, name: str, model: str) -> None:
+    if not (folder / name).is_file():
+        present = sorted(p.name for p in folder.glob("*.gguf"))
+        have = f"it holds {', '.join(present)}" if present else "it holds no .gguf file"
+        raise ModelError(
+            f"model {model}: gguf_file must name a file in {folder} (got {name!r}; {have}). "
+            "Set gguf_file to one of them."
+        )
 
 
 def check_tokenizer(tokenizer, source, name: str | None = None) -> None:
@@ -362,9 +407,10 @@ def load_tokenizer(spec: ModelSpec):
 
     path = Path(spec.path).expanduser()
     source = str(path) if path.exists() else spec.path
+    gguf = dict(gguf_file=spec.gguf_file) if spec.gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **gguf
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.path: cannot load the tokenizer of {source!r}: {exc}".strip()) from exc

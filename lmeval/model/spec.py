@@ -56,10 +56,20 @@ class ModelSpec:
     ``max_memory`` caps each device under it, e.g. ``{0: 20GiB, cpu: 64GiB}``;
     ``allow_noncausal`` scores a model that the load-time causality probe finds not causal
     (its "NLL" then conditions on the token it predicts: not a language-model probability).
+
+    Quantized checkpoints (`lmeval.model.quantization`): ``gguf_file`` names the ``.gguf`` file
+    in ``path`` (a folder or a hub repository) to load through transformers, which dequantizes
+    it to ``dtype`` (its tokenizer is the file's own); ``quantization_config`` quantizes the
+    checkpoint as it loads, a transformers quantization config spelt as config.json spells it,
+    e.g. ``{quant_method: torchao, quant_type: {default: {_type: Int8WeightOnlyConfig,
+    _version: 2, _data: {}}}}`` or ``{quant_method: bitsandbytes, load_in_4bit: true}``. A
+    checkpoint saved quantized (GPTQ, AWQ, bitsandbytes, compressed-tensors, torchao) needs
+    neither: its config.json says how, and transformers loads it so.
     """
 
     path: str
-    name: str = ""  # empty: the last part of the path (`default_name`), filled in at construction
+    # empty: the last part of the path (`default_name`), or the GGUF file's stem, filled in at construction
+    name: str = ""
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "auto"
     revision: str | None = None
@@ -68,11 +78,13 @@ class ModelSpec:
     device_map: str | None = None
     max_memory: dict | None = None
     allow_noncausal: bool = False
+    gguf_file: str | None = None
+    quantization_config: dict | None = None
 
     def __post_init__(self) -> None:
         # A name is a str from here on: folder names and table keys never see None.
-        if not self.name:
-            object.__setattr__(self, "name", default_name(self.path))
+        if not self.name:  # a GGUF is named by its file: one folder often holds several quantizations
+            object.__setattr__(self, "name", Path(self.gguf_file).stem if self.gguf_file else default_name(self.path))
 
     @property
     def display_name(self) -> str:
