@@ -19,6 +19,7 @@ RUN_EPILOG = """examples:
   lmeval run lm_eval_wikitext --model gpt2        a shipped config (lm-eval's wikitext task)
   lmeval run --preset llama_cpp --model M --data wiki.test.raw     llama.cpp's perplexity arithmetic
   lmeval run --preset gptq_wikitext2 --model M --data test.jsonl   the GPTQ paper's (L = 2048)
+  lmeval run cfg.yaml --shard 0/4 -q              shard 0 of 4 (a Slurm array task); then `lmeval merge DIR`
 """
 DEMO_EPILOG = """examples:
   lmeval demo                                     writes ./runs/demo
@@ -47,6 +48,18 @@ def add_parsers(subparsers) -> None:
     _add_config_flags(run_p)
     run_p.add_argument("--print-config", action="store_true", help="print the equivalent YAML config and exit")
     _add_run_flags(run_p)
+    scale = run_p.add_argument_group("several processes without a process group (a Slurm array)")
+    scale.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="score the I-th of N shares of the unfinished parts (I from 0) into output.dir and exit without "
+        "merging; merge with `lmeval merge OUTPUT_DIR` (see docs/scaling.md)",
+    )
+    scale.add_argument(
+        "--merge-when-complete",
+        action="store_true",
+        help="with --shard: merge after scoring if every shard's parts are then on disk (the last shard merges)",
+    )
     run_p.set_defaults(func=run_command)
     demo_p = subparsers.add_parser(
         "demo",
@@ -151,6 +164,8 @@ def run_command(args) -> int:
             end="",
         )
         return 0
+    if getattr(args, "shard", None) is not None or getattr(args, "merge_when_complete", False):
+        return _shard_command(args, config)
     from ..engine.run import run
 
     tables = run(
@@ -162,12 +177,52 @@ def run_command(args) -> int:
     )
     if not tables:  # another rank of a torchrun / accelerate launch job; rank 0 prints
         return 0
+    print_tables(tables)
+    return 0
+
+
+def print_tables(tables: dict) -> None:
+    """The summary (and comparisons) of a finished run, then where its files are."""
     print(format_summary(tables["summary"]))
     if tables.get("compare") is not None and len(tables["compare"]):
         print("\n" + format_compare(tables["compare"]))
     if tables.get("divergence") is not None:
         print("\n" + format_divergence(tables["divergence"]))
     print(f"\nwrote {tables['run']['config']['output']['dir']}")
+
+
+def _shard_command(args, config) -> int:
+    """`lmeval run --shard I/N`: score one share, say what is left, merge if asked and complete."""
+    from ..engine.shards import parse_shard, run_shard
+
+    if args.shard is None:
+        raise ConfigError(
+            "--merge-when-complete: must come with --shard I/N (got no --shard). A run without --shard merges anyway.",
+            source="command line",
+        )
+    clash = [flag for flag, given in (("--overwrite", args.overwrite), ("--fresh", args.fresh)) if given]
+    if clash:
+        raise ConfigError(
+            f"--shard: must not be combined with {' or '.join(clash)} (got both): shards share output.dir, and one "
+            "shard discarding parts would discard the others'. Remove output.dir (or its parts/ folder) before "
+            "starting the shards, or give them another `output.dir`.",
+            source="command line",
+        )
+    index, count = parse_shard(args.shard)
+    report = run_shard(config, index, count, show_progress=not args.quiet, merge_when_complete=args.merge_when_complete)
+    print(
+        f"shard {index}/{count}: scored {report.scored} of the {report.share} part(s) of its share "
+        f"({report.share - report.scored} were finished) in {report.seconds:.1f} s"
+    )
+    if report.merged is not None:
+        print_tables(report.merged)
+        return 0
+    if report.note:
+        print(report.note)
+    if report.missing:
+        print(f"{report.missing} part(s) of other shards are still missing in {report.output_dir}")
+    else:
+        print(f"every part is scored: merge with `lmeval merge {report.output_dir}`")
     return 0
 
 

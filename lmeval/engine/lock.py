@@ -9,6 +9,14 @@ may still name the dead holder, but nobody holds the lock on it. A finished run 
 file; a run that locked a file which was removed meanwhile (by a holder that just finished)
 tries again on the new one, so two runs never hold two different files. Ranks of one
 torchrun / accelerate job share the lock of their rank 0 (only rank 0 takes it).
+
+The shards of one run (`lmeval run --shard I/N`, separate processes, perhaps on separate
+nodes) each hold the lock shared: they write disjoint parts and never merge or clean up
+while holding it, so they run side by side, while a plain run or `lmeval merge` (exclusive)
+is refused as long as any shard holds it, and a shard is refused while either runs. The last
+shard to let go removes the file (it finds it can take the lock exclusively). flock over NFS
+is emulated with byte-range locks on Linux; on a file system without locks the shards still
+write disjoint parts, and the merge still checks every part.
 """
 
 from __future__ import annotations
@@ -28,8 +36,11 @@ LOCK_NAME = ".lmeval.lock"
 class RunLock:
     """An exclusive advisory lock on a run folder; use as a context manager."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, shared: bool = False, role: str | None = None):
+        """``shared``: a shard's lock, held beside the other shards'; ``role`` names the
+        holder in the message another run gets (``shard 0/2``)."""
         self.path = Path(folder) / LOCK_NAME
+        self.shared, self.role = shared, role
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
@@ -37,7 +48,7 @@ class RunLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
@@ -49,7 +60,9 @@ class RunLock:
                 break
             os.close(fd)  # locked a file its holder removed on finishing: lock the current one
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-        os.ftruncate(fd, 0)
+        if self.role:
+            record["role"] = self.role
+        os.ftruncate(fd, 0)  # shards sharing the lock: the record names the latest one
         os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
         self._fd = fd
         return self
@@ -58,6 +71,11 @@ class RunLock:
         if self._fd is None:
             return
         try:
+            if self.shared:
+                try:  # the last shard holding it (no other holder) removes the file; the others leave it
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return  # the finally closes the descriptor, which drops this shard's hold
             self.path.unlink(missing_ok=True)  # before unlocking: see the module docstring
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
@@ -79,7 +97,8 @@ def _read_holder(fd: int) -> str:
         record = {}
     if not record:
         return "holder unknown"
-    return f"pid {record.get('pid')} on {record.get('host')}, started {record.get('started')}"
+    role = f"{record['role']}, " if record.get("role") else ""
+    return f"{role}pid {record.get('pid')} on {record.get('host')}, started {record.get('started')}"
 
 
 def _same_file(fd: int, path: Path) -> bool:
