@@ -16,8 +16,10 @@ import torch
 import lmeval
 from conftest import CORPUS
 from helpers import (
+    TEARDOWN_ABORT,
     assert_same_tables,
     child_env,
+    free_port,
     read_tables,
     run_ranks,
     torchrun_command,
@@ -233,3 +235,62 @@ def test_an_uneven_shard_merges_to_the_single_process_tables(tmp_path, saved_gpt
     assert done.returncode == 0, done.stderr[-3000:]
     assert_close_to(read_tables(tmp_path / "out"), reference)
     assert_same_tables(read_tables(tmp_path / "out"), reference)  # each part is scored the same way anywhere
+
+
+# --------------------------------------------------------------------------------------
+# Two nodes: two torchrun launches (--nnodes 2), one rank each, over a loopback rendezvous
+# --------------------------------------------------------------------------------------
+
+
+def node_command(config, node_rank: int, port: int) -> list[str]:
+    """One "node" of a two-node job: what each machine of a multi-node job runs, here on one."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--node_rank",
+        str(node_rank),
+        "--nproc_per_node",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        "lmeval",
+        "run",
+        str(config),
+        "-q",
+    ]
+
+
+def run_nodes(config, extra: tuple = ()) -> list[tuple[int, str, str]]:
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [*node_command(config, rank, port), *extra],
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [proc.communicate(timeout=180) for proc in procs]
+    return [(proc.returncode, out, err) for proc, (out, err) in zip(procs, outputs, strict=True)]
+
+
+@pytest.mark.slow  # two torchrun agents and two workers importing torch on two cores: about 30 s
+def test_two_nodes_give_the_single_process_tables(tmp_path, saved_gpt2):
+    config = make_workspace(tmp_path, saved_gpt2, TEXTS, part_chars=300, models=("a", "b"))
+    reference = single_process(config, tmp_path / "reference")
+    done = run_nodes(config)
+    if any(code != 0 and TEARDOWN_ABORT in err for code, _, err in done):  # gloo's, see the top of this file
+        done = run_nodes(config, ("--overwrite",))
+    for code, _, err in done:
+        assert code == 0, err[-3000:]
+    assert [out.count("wrote ") for _, out, _ in done] == [1, 0]  # the rank on node 0 merges and prints
+    assert not (tmp_path / "out" / "parts").exists()
+    assert_same_tables(read_tables(tmp_path / "out"), reference)
