@@ -60,6 +60,20 @@ def add_parsers(subparsers) -> None:
         action="store_true",
         help="with --shard: merge after scoring if every shard's parts are then on disk (the last shard merges)",
     )
+    scale.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (or the ranks of torchrun / accelerate launch); ray: the unfinished parts mapped "
+        "over Ray actors (the cluster at RAY_ADDRESS, else a local one), merged here",
+    )
+    scale.add_argument(
+        "--ray-actors",
+        type=int_at_least(1),
+        metavar="N",
+        help="with --executor ray: the number of actors, each loading each model once (default: the cluster's "
+        "GPUs, else 2)",
+    )
     run_p.set_defaults(func=run_command)
     demo_p = subparsers.add_parser(
         "demo",
@@ -164,8 +178,32 @@ def run_command(args) -> int:
             end="",
         )
         return 0
+    executor = getattr(args, "executor", "local")
+    if getattr(args, "ray_actors", None) is not None and executor != "ray":
+        raise ConfigError(
+            f"--ray-actors: must come with --executor ray (got --executor {executor}).", source="command line"
+        )
     if getattr(args, "shard", None) is not None or getattr(args, "merge_when_complete", False):
+        if executor != "local":
+            raise ConfigError(
+                f"--shard: must not be combined with --executor {executor} (got both). A shard is one process; "
+                "the Ray executor shares the parts among its actors itself.",
+                source="command line",
+            )
         return _shard_command(args, config)
+    if executor == "ray":
+        from ..engine.executors import run_ray
+
+        tables = run_ray(
+            config,
+            actors=args.ray_actors,
+            overwrite=args.overwrite,
+            fresh=args.fresh,
+            show_progress=not args.quiet,
+            return_tokens=False,
+        )
+        print_tables(tables)
+        return 0
     from ..engine.run import run
 
     tables = run(

@@ -199,23 +199,36 @@ def _score_passes(config, corpus, parts, plans, todo, analyses, idh, merger, ctx
         chosen = sorted(shares[p.model.name])
         if not chosen:
             continue
-        if p.variants:  # every variant with the baseline, its forward once
-            group = (p.model, *p.variants)
-            jobs = {
-                m.name: PassJob(config, corpus, analyses, idh, parts / model_dirname(m.name), merger, bar)
-                for m in group
-            }
-            wanted = {m.name: set(todo[m.name]) for m in group}
-            loaded = [models.get(m) for m in group]
-            score_lockstep_share(jobs, loaded[0], loaded[1:], [(i, plans[i]) for i in chosen], wanted)
-            continue
-        job = PassJob(config, corpus, analyses, idh, parts / model_dirname(p.model.name), merger, bar)
-        lm = models.get(p.model)
-        base = models.get(p.baseline) if p.baseline is not None else None
-        score_share(job, lm, base, [(i, plans[i]) for i in chosen])
-        if k + 1 < len(passes) and p.model.name not in models.kept:
-            del lm  # free this model before the next one loads (its reference cycles: gc, 0.5 s)
-            gc.collect()
+        score_pass(
+            p,
+            chosen,
+            plans,
+            todo,
+            models.get,
+            lambda folder: PassJob(config, corpus, analyses, idh, folder, merger, bar),
+            parts,
+        )
+        if k + 1 < len(passes) and not p.variants and p.model.name not in models.kept:
+            gc.collect()  # free this model before the next one loads (its reference cycles: 0.5 s)
+
+
+def score_pass(
+    p, chosen: list[int], plans: list[PartPlan], todo: dict[str, list[int]], get, job_for, parts: Path
+) -> None:
+    """One pass over the plan indices ``chosen``: the unit every executor schedules (a rank's
+    share, a shard's, a Ray actor's task). ``get(spec)`` gives a loaded model; ``job_for(folder)``
+    the `PassJob` writing a model's parts into ``folder``; ``todo`` says which parts each model
+    still needs (a lockstep pass scores a part any of its models needs, each writes its own)."""
+    if p.variants:  # every variant with the baseline, its forward once
+        group = (p.model, *p.variants)
+        jobs = {m.name: job_for(parts / model_dirname(m.name)) for m in group}
+        wanted = {m.name: set(todo[m.name]) for m in group}
+        loaded = [get(m) for m in group]
+        score_lockstep_share(jobs, loaded[0], loaded[1:], [(i, plans[i]) for i in chosen], wanted)
+        return
+    lm = get(p.model)
+    base = get(p.baseline) if p.baseline is not None else None
+    score_share(job_for(parts / model_dirname(p.model.name)), lm, base, [(i, plans[i]) for i in chosen])
 
 
 def _part_paths(config: Config, corpus: Corpus, parts: Path, plans) -> dict[str, list[Path]]:
