@@ -251,6 +251,12 @@ DEFINITIONS = {
     "percentiles": "over all scored tokens, numpy linear interpolation: exact up to 2,097,152 tokens per model, "
     "beyond that within 0.5% of the exact value (logarithmic buckets, DDSketch's mapping; min and max exact)",
 }
+# compare.baseline_cache: topk (lmeval.core.divergence.cached_divergence_statistics): which bound each is
+TOPK_BOUND = (
+    "kl and kl_reverse are LOWER bounds of KL(P||Q) and KL(Q||P), acceptance an UPPER bound of sum_v min(p_v, q_v): "
+    "both distributions coarsened to the baseline's K kept ids and the rest of the vocabulary as one cell "
+    "(log-sum inequality); topk_overlap, kl_topk, same_top1, delta_p, nll and nll_baseline are exact"
+)
 TOKEN_INPUTS = frozenset(
     {*PAIR_FIELDS, "doc_index", "position", "token_id", "token", "char_start", "char_end", "context_len"}
 )
@@ -270,10 +276,12 @@ class DivergenceAnalysis(Analysis):
 
     def identity(self) -> dict:
         # a model's parts carry its pair's columns, which k and K change
+        cached = {"baseline_cache": "topk"} if self.options.baseline_cache == "topk" else {}  # none: as before
         return {
             "divergence_baseline": self.baseline,
             "overlap_k": self.options.overlap_k,
             "kl_top_k": self.options.kl_top_k,
+            **cached,
         }
 
     def start(self, model: str):
@@ -321,6 +329,7 @@ class DivergenceAnalysis(Analysis):
                 "definitions": DEFINITIONS,
                 "overlap_k": self.options.overlap_k,
                 "kl_top_k": self.options.kl_top_k,
+                "baseline_cache": _cache_record(self.options),
                 "protocol": {m: r.extra["protocol"] for m, r in chosen.items()},
             }
         }
@@ -332,6 +341,19 @@ class DivergenceAnalysis(Analysis):
         if len(sized):  # variants whose weight files are local: their size against their divergence
             files["divergence_bpw.png"] = plot_divergence_bpw(sized, self.baseline)
         return Outputs(files=files, tables=tables, record=record)
+
+
+def _cache_record(options) -> dict:
+    """How the baseline met the models: beside each (exact), or kept as its top-K (bounds)."""
+    if options.baseline_cache != "topk":
+        return {"mode": "none", "exact": "every statistic from both models' full logits, chunk by chunk"}
+    return {
+        "mode": "topk",
+        "k": options.kl_top_k,
+        "kept": "per token, the baseline's k likeliest ids, their log-probabilities, the log of the rest's mass "
+        "and its nll, in its parts; each model then scored alone against them",
+        "bound": TOPK_BOUND,
+    }
 
 
 def _size(protocol: dict | None) -> dict:

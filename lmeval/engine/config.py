@@ -102,6 +102,10 @@ class CompareConfig:
     # auto: every variant scored in one pass with the baseline (its forward once) when all the
     # models' weights fit in memory together, else pair by pair; pair: always pair by pair
     lockstep: Literal["auto", "pair"] = "auto"
+    # topk: the baseline scored first, alone, keeping per token its kl_top_k likeliest ids and their
+    # log-probabilities (and the tail's log-mass) in its parts; each model then scored alone against
+    # that (kl, kl_reverse lower bounds, acceptance an upper bound); none: the baseline beside each model
+    baseline_cache: Literal["none", "topk"] = "none"
 
 
 @dataclass(frozen=True)
@@ -434,6 +438,7 @@ def _check_values(config: Config, problems: list[str]) -> None:
             problems.append(
                 f"compare.{key}: must be >= 1 (got {getattr(cmp, key)}). The default is {CMP_DEFAULTS[key]}."
             )
+    _check_baseline_cache(config, problems)
     if cmp.min_documents < 1:
         problems.append(
             f"compare.min_documents: must be >= 1 (got {cmp.min_documents}). The default is {MIN_DOCUMENTS}."
@@ -453,6 +458,29 @@ def _check_values(config: Config, problems: list[str]) -> None:
         problems.append(
             f"compare.divergence: needs at least two models, a baseline and one to compare (got {len(names)}). "
             "Add the base checkpoint to `models:` and name it in `compare.baseline`."
+        )
+
+
+def _check_baseline_cache(config: Config, problems: list[str]) -> None:
+    """compare.baseline_cache: topk keeps the baseline's top-K (K = kl_top_k) for the divergence
+    pass of documents or a stream; top-k overlap must fit in what is kept."""
+    cmp, d = config.compare, config.data
+    if cmp.baseline_cache != "topk":
+        return
+    if not cmp.divergence:
+        problems.append(
+            "compare.baseline_cache: topk keeps the baseline for the divergence pass, so it needs "
+            "compare.divergence: true (got false). Set it, or drop compare.baseline_cache."
+        )
+    if cmp.overlap_k > cmp.kl_top_k:
+        problems.append(
+            f"compare.overlap_k: must be <= compare.kl_top_k under compare.baseline_cache: topk (got {cmp.overlap_k} > "
+            f"{cmp.kl_top_k}): the baseline's top-k comes from the {cmp.kl_top_k} ids it keeps. Raise kl_top_k."
+        )
+    if d.context_field is not None or d.messages_field is not None:
+        problems.append(
+            "compare.baseline_cache: topk scores documents and streams only (got data.context_field or "
+            "data.messages_field). Use compare.baseline_cache: none."
         )
 
 

@@ -19,12 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from ..analyses.base import Part
+from ..analyses.divergence import TOPK_BOUND
 from ..errors import OutputError, option
 from ..model.fingerprint import chat_template_fingerprint
 from ..model.loading import load_model
 from ..model.quantization import resident_bytes, size_record
-from ..model.scorer import ScoreOptions, decide_compile, pair_batching, resolve_window
+from ..model.scorer import CACHE_COLUMNS, ScoreOptions, decide_compile, pair_batching, resolve_window
 from ..model.spec import ModelSpec
 from ..producers import producer_for
 from ..producers.divergence import check_same_tokenizer, resolve_pair_window
@@ -34,7 +37,7 @@ from ..producers.text import resolve_prefix
 from ..producers.words import with_word_masses
 from .config import Config
 from .data import Corpus
-from .parts import finished_keys, read_meta, roundtrip, write_part
+from .parts import finished_keys, model_dirname, read_columns, read_meta, roundtrip, write_part
 from .plan import PartPlan, part_doc_ids, plan_key
 from .prefetch import BackgroundWriter, prefetched
 from .progress import ScoringProgress
@@ -63,6 +66,8 @@ def plan_passes(config: Config) -> list[Pass]:
         return [Pass(m) for m in config.models]
     base = baseline_spec(config)
     others = tuple(m for m in config.models if m.name != base.name)
+    if config.compare.baseline_cache == "topk":  # the baseline first, keeping its top-K; then each model alone
+        return [Pass(base), *(Pass(m) for m in others)]
     if lockstep_decision(config)[0] == "lockstep":
         return [Pass(base, variants=others)]
     return [Pass(m, None if m.name == base.name else base) for m in config.models]
@@ -80,6 +85,8 @@ def lockstep_decision(config: Config) -> tuple[str, str]:
     c = config.compare
     if not c.divergence or len(config.models) < 3:
         return "pair", "one model against the baseline: a pair is already one pass"
+    if c.baseline_cache == "topk":
+        return "baseline_cache", "compare.baseline_cache: topk: the baseline alone first, then each model alone"
     if c.lockstep == "pair":
         return "pair", "compare.lockstep: pair"
     if producer_for(config) not in (score_group, score_stream):
@@ -115,10 +122,12 @@ def baseline_spec(config: Config) -> ModelSpec:
 
 
 class Models:
-    """Loads a pass's models when it starts; the baseline stays loaded for the run (loaded once)."""
+    """Loads a pass's models when it starts; the baseline stays loaded for the run (loaded once),
+    except under ``compare.baseline_cache: topk``, where its parts hold what the others need."""
 
     def __init__(self, config: Config):
-        self.keep = baseline_spec(config).name if config.compare.divergence else None
+        c = config.compare
+        self.keep = baseline_spec(config).name if c.divergence and c.baseline_cache != "topk" else None
         self.kept: dict = {}
 
     def get(self, spec: ModelSpec):
@@ -137,6 +146,9 @@ def check_tokenizers(config: Config, passes: list[Pass]) -> None:
     from ..model.loading import load_tokenizer
 
     pairs = [(p.model, p.baseline) for p in passes if p.baseline is not None]
+    if config.compare.baseline_cache == "topk":  # each model meets the baseline's kept top-K
+        kept = baseline_spec(config)
+        pairs = [(m, kept) for m in config.models if m.name != kept.name]
     if not pairs:
         return
     baseline = pairs[0][1]
@@ -166,8 +178,15 @@ class PassJob:
 
 def score_share(job: PassJob, lm, base, plans: list[tuple[int, PartPlan]]) -> None:
     """Score this rank's unfinished parts of one pass (``(index, plan)`` in corpus order): one
-    model, or a model with its ``base``line."""
-    score_parts({lm.name: job}, lm, plans, baseline=base)
+    model, or a model with its ``base``line. Under ``compare.baseline_cache: topk`` a model other
+    than the baseline reads the baseline's kept top-K from the baseline's parts."""
+    c = job.config.compare
+    cached = None
+    if c.divergence and c.baseline_cache == "topk" and base is None and lm.name != baseline_spec(job.config).name:
+        if job.folder is None:
+            raise OutputError("compare.baseline_cache: topk reads the baseline's parts, so it needs a run folder.")
+        cached = job.folder.parent / model_dirname(baseline_spec(job.config).name)
+    score_parts({lm.name: job}, lm, plans, baseline=base, cached_from=cached)
 
 
 def score_lockstep_share(
@@ -185,10 +204,12 @@ def score_parts(
     baseline=None,
     variants: tuple = (),
     wanted: dict[str, set] | None = None,
+    cached_from: Path | None = None,
 ) -> None:
     """The one part loop of every pass: each part's documents are produced into columns for
-    ``lm`` (with its ``baseline``, or in lockstep as the baseline of ``variants``), and each
-    model's part is written in the background and handed to its job's merger at once."""
+    ``lm`` (with its ``baseline``, or in lockstep as the baseline of ``variants``, or against
+    the baseline's top-K kept in the parts under ``cached_from``), and each model's part is
+    written in the background and handed to its job's merger at once."""
     if not plans:
         return
     job = jobs[lm.name]
@@ -198,6 +219,8 @@ def score_parts(
         options = dataclasses.replace(options, compile=False)  # the lockstep reductions run eager
     # also checks the window, before any scoring
     protocols = {m.name: protocol_record(m, config, baseline if m is lm else lm) for m in models}
+    if cached_from is not None:  # the kept baseline's identity, window and tokenizer (refused if they differ)
+        protocols[lm.name].update(cached_baseline(cached_from, protocols[lm.name], lm.name, config))
     for m in models:
         folder = jobs[m.name].folder
         if folder is not None:
@@ -206,6 +229,8 @@ def score_parts(
     produce = producer_for(config)
     cache: dict = {}  # the producer's, across the parts of this pass
     keep = _kept_columns(job.analyses)
+    if options.cache_k:  # the baseline under compare.baseline_cache: topk keeps its top-K for the later passes
+        keep = keep.union(CACHE_COLUMNS, BASELINE_KEPT)
     tokenize = _tokenizer_ahead(config, job.corpus, lm, produce)
     partners = {"variants": variants} if variants else {"baseline": baseline}
     with BackgroundWriter() as writer:
@@ -214,9 +239,16 @@ def score_parts(
             job.bar.group(plan.weight, tokenizing=not ready and (plan.piece == 0 or not cache))
             calls = dict(lm.workspace.calls)
             documents = job.corpus.take(plan.docs)
+            rows, part_options = None, options
+            if cached_from is not None:  # this part's rows of the baseline: its top-K, tail and nll
+                key = plan_key(job.corpus, plan, config.scoring.documents)
+                kept_baseline, rows = read_baseline_part(cached_from / f"{key}.parquet", lm.name)
+                part_options = dataclasses.replace(options, baseline_cache=kept_baseline)
             out, texts = produce(
-                lm, documents, config, options, job.bar.progress, piece=plan, cache=cache, **partners, **ready
+                lm, documents, config, part_options, job.bar.progress, piece=plan, cache=cache, **partners, **ready
             )
+            if rows is not None:
+                check_aligned(out, rows, lm.name)
             reductions = "eager, lockstep" if variants else lm.workspace.mode_since(calls)
             for m, columns in zip(models, out if variants else [out]):
                 if wanted is not None and index not in wanted[m.name]:
@@ -224,10 +256,82 @@ def score_parts(
                 own = jobs[m.name]
                 meta = _meta(own, plan, columns, texts, protocols[m.name], reductions, started)
                 kept = {k: v for k, v in columns.items() if k in keep}
+                if "cache_ids" in kept:  # ids below 2^31: half the bytes on disk
+                    kept["cache_ids"] = kept["cache_ids"].astype(np.int32)
                 if own.folder is not None:
                     key = plan_key(own.corpus, plan, config.scoring.documents)
                     writer.submit(write_part, own.folder / f"{key}.parquet", kept, meta)
+                kept = {k: v for k, v in kept.items() if k not in CACHE_COLUMNS}  # for the later passes only
                 own.merger.add(m.name, index, Part(m.name, [str(d) for d in meta["doc_ids"]], kept, meta))
+
+
+# What a baseline's part keeps under compare.baseline_cache: topk besides CACHE_COLUMNS: its nll
+# (the pair's nll_baseline) and where each row is, to check that a later pass's rows are the same.
+BASELINE_KEPT = frozenset({"nll", "doc_index", "position", "token_id"})
+
+
+def read_baseline_part(path: Path, model: str) -> tuple[dict, np.ndarray]:
+    """A baseline part's kept top-K with its nll as ``nll_baseline`` (`ScoreOptions.baseline_cache`),
+    and its rows' (doc_index, position, token_id)."""
+    if not path.exists():
+        raise OutputError(
+            f"output.dir: model {model} is scored against the baseline's kept top-K (compare.baseline_cache: topk), "
+            f"and the baseline's part {path.name} must be there (got none). Rerun with {option('fresh')}."
+        )
+    columns = read_columns(path, [*CACHE_COLUMNS, *BASELINE_KEPT])
+    if any(k not in columns for k in CACHE_COLUMNS):
+        raise OutputError(
+            f"output.dir: the baseline's part {path.name} must keep its top-K (got a part scored without "
+            f"compare.baseline_cache: topk). Rerun with {option('fresh')}."
+        )
+    kept = {k: columns[k] for k in CACHE_COLUMNS}
+    kept["cache_ids"] = kept["cache_ids"].astype(np.int64)
+    kept["nll_baseline"] = columns["nll"]
+    return kept, _rows(columns)
+
+
+def _rows(columns: dict) -> np.ndarray:
+    return np.stack([columns["doc_index"], columns["position"], columns["token_id"]], axis=1)
+
+
+def check_aligned(columns: dict, rows: np.ndarray, model: str) -> None:
+    """The model's rows of a part are the baseline's, token for token (same documents, windows, ids)."""
+    if _rows(columns).shape != rows.shape or not np.array_equal(_rows(columns), rows):
+        raise OutputError(
+            f"model {model}: its scored tokens must be the baseline's, token for token, to be read against the "
+            "baseline's kept top-K (got other documents, positions or token ids). Use one tokenizer and one window "
+            "for both (scoring.max_length), or compare.baseline_cache: none."
+        )
+
+
+def cached_baseline(folder: Path, protocol: dict, model: str, config: Config) -> dict:
+    """What a model's protocol says of the baseline it meets as kept top-K (from the baseline's
+    finished parts), after checking their tokenizer and window are the model's."""
+    done = sorted(finished_keys(folder))
+    if not done:
+        raise OutputError(
+            f"output.dir: model {model} needs the baseline's parts with its kept top-K in {folder.name}/ "
+            f"(got none: the baseline's pass must run first). Rerun with {option('fresh')}."
+        )
+    base = read_meta(folder / f"{done[0]}.parquet")["protocol"]
+    for key in ("tokenizer_sha256", "max_length", "stride"):
+        if base.get(key) != protocol.get(key):
+            raise OutputError(
+                f"model {model}: its {key} must be the baseline's to be read against the baseline's kept top-K "
+                f"(got {protocol.get(key)!r}, the baseline's {base.get(key)!r}). "
+                + (
+                    "Set scoring.max_length (and stride) to a window both models take."
+                    if key != "tokenizer_sha256"
+                    else "Compare models that share one tokenizer."
+                )
+            )
+    c = config.compare
+    return {
+        "baseline": baseline_spec(config).name,
+        "baseline_commit_sha": base.get("commit_sha"),
+        "baseline_probes": {k: base.get(k) for k in ("causal", "allow_noncausal", "batching")},
+        "baseline_cache": {"mode": "topk", "k": c.kl_top_k, "bound": TOPK_BOUND},
+    }
 
 
 def _options(job: PassJob, lm, n_chars: float) -> ScoreOptions:
@@ -244,6 +348,9 @@ def _options(job: PassJob, lm, n_chars: float) -> ScoreOptions:
     words = next((n.word_masses for n in needs if n.word_masses), None)
     if words is not None:  # B's mass per token and at each document's END (analysis.words)
         options = with_word_masses(options, lm, *words)
+    c = job.config.compare
+    if c.divergence and c.baseline_cache == "topk" and lm.name == baseline_spec(job.config).name:
+        options = dataclasses.replace(options, cache_k=c.kl_top_k)  # kept per token for the other models' passes
     # `compile: auto` is settled once for this rank's whole share, from its characters.
     return decide_compile(lm, options, int(n_chars / CHARS_PER_TOKEN))
 
@@ -316,6 +423,8 @@ def protocol_record(lm, config: Config, baseline=None) -> dict:
     }
     if config.compare.divergence:  # the size of each model for divergence.csv and divergence_bpw.png
         record.update(size_record(lm.model, lm.spec, lm.quantization))
+        if config.compare.baseline_cache == "topk" and baseline is None and lm.name == baseline_spec(config).name:
+            record["baseline_cache"] = {"mode": "topk", "k": config.compare.kl_top_k, "kept": "for the other models"}
     if baseline is not None:
         record.update(
             baseline=baseline.name,
