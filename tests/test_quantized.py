@@ -152,6 +152,13 @@ def test_torchao_int8_weight_only_loads_natively_on_cpu(checkpoints):
     assert parameter_count(lm.model, "native") == n
 
 
+def test_a_quantization_config_that_quantizes_nothing_is_refused(saved_gpt2):
+    """torchao replaces torch.nn.Linear layers; GPT-2's are Conv1D (and its head is left float by
+    default), so nothing would be quantized and the "quantized" model would be the float one."""
+    with pytest.raises(ModelError, match=r"must quantize some weight of the model .*GPT2LMHeadModel"):
+        load_model(saved_gpt2, quantization_config=INT8, device="cpu")
+
+
 def test_a_run_of_gguf_and_torchao_variants_records_how_each_was_loaded(checkpoints, tmp_path):
     folder, data, model = checkpoints
     int8 = json.dumps(INT8)

@@ -234,6 +234,14 @@ def load_model(
     lm = prepare_model(model, tokenizer, name=spec.display_name, spec=spec)
     lm.commit_sha = None if is_local else getattr(model.config, "_commit_hash", None)
     lm.quantization = quantization_record(model, spec)
+    if lm.quantization and lm.quantization["source"] == "load" and lm.quantization["load_path"] == "dequantized":
+        raise ModelError(
+            f"model {spec.display_name}: quantization_config must quantize some weight of the model (got every weight "
+            f"still a plain float tensor after loading with quant_method {lm.quantization['quant_method']}): its "
+            f"quantizer left this architecture ({type(model).__name__}) untouched, e.g. torchao and bitsandbytes replace "
+            "torch.nn.Linear layers and GPT-2's are Conv1D. Drop quantization_config, or quantize the checkpoint "
+            "with a tool that handles this architecture and load the result."
+        )
     return lm
 
 
