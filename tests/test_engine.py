@@ -5,6 +5,7 @@ evaluator scoring chat and context data with the producers `lmeval run` uses."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +64,9 @@ def test_three_models_with_divergence_cost_three_loads_and_five_passes(
     real_load, real_parts = passes_module.load_model, passes_module.score_parts
     monkeypatch.setattr(passes_module, "load_model", lambda spec: (loads.append(spec.name), real_load(spec))[1])
 
-    def counted(jobs, lm, plans, baseline=None, variants=(), wanted=None):
+    def counted(jobs, lm, plans, baseline=None, variants=(), **rest):
         forwards.append((lm.name, None if baseline is None else baseline.name, tuple(v.name for v in variants)))
-        return real_parts(jobs, lm, plans, baseline, variants, wanted)
+        return real_parts(jobs, lm, plans, baseline=baseline, variants=variants, **rest)
 
     monkeypatch.setattr(passes_module, "score_parts", counted)
     config = three_model_config(tmp_path, three_checkpoints)
@@ -277,3 +278,33 @@ def test_the_run_compares_tokens_a_part_at_a_time_as_the_in_memory_comparison_do
     )["compare_tokens"]
     assert len(in_memory) == 14
     pd.testing.assert_frame_equal(tables["compare_tokens"].reset_index(drop=True), in_memory.reset_index(drop=True))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+def test_background_threads_yield_to_the_model():
+    """The part writer and the tokenizer-ahead run niced, so they never take a core from the
+    model's intra-op threads; the scoring thread keeps its own priority."""
+    import os
+    import threading
+
+    from lmeval.engine.prefetch import BACKGROUND_NICENESS, BackgroundWriter, prefetched
+
+    def niceness():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    own, seen = niceness(), []
+    with BackgroundWriter() as writer:
+        writer.submit(lambda: seen.append(niceness()))
+    prepared = [ready for _, ready in prefetched([1, 2], lambda _: niceness())]
+    assert seen == [own + BACKGROUND_NICENESS] and prepared == [own + BACKGROUND_NICENESS] * 2
+    assert niceness() == own
+
+
+def test_freed_memory_is_given_back_at_most_once_a_second(monkeypatch):
+    from lmeval.engine import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: calls.append)
+    monkeypatch.setattr(memory, "_last_trim", [0.0])
+    assert memory.release_free_memory() and not memory.release_free_memory()  # the second within a second
+    assert memory.release_free_memory(force=True) and calls == [0, 0]

@@ -37,6 +37,7 @@ from ..producers.text import resolve_prefix
 from ..producers.words import with_word_masses
 from .config import Config
 from .data import Corpus
+from .memory import release_free_memory
 from .parts import finished_keys, model_dirname, read_columns, read_meta, roundtrip, write_part
 from .plan import PartPlan, part_doc_ids, plan_key
 from .prefetch import BackgroundWriter, prefetched
@@ -263,6 +264,7 @@ def score_parts(
                     writer.submit(write_part, own.folder / f"{key}.parquet", kept, meta)
                 kept = {k: v for k, v in kept.items() if k not in CACHE_COLUMNS}  # for the later passes only
                 own.merger.add(m.name, index, Part(m.name, [str(d) for d in meta["doc_ids"]], kept, meta))
+            release_free_memory()  # the batches' freed logits, before the next part allocates its own
 
 
 # What a baseline's part keeps under compare.baseline_cache: topk besides CACHE_COLUMNS: its nll
