@@ -200,6 +200,33 @@ def test_kernel_is_built_once_per_machine(tmp_path, monkeypatch):
     assert calls == [[compiler, "--version"]]  # the cache key only, no compile
 
 
+def _fork_child(queue, logits, targets):
+    queue.put(token_statistics(logits, targets, DEFAULT_GRID, workspace=Workspace()).nll.tolist())
+
+
+def test_kernel_works_in_a_forked_child():
+    """A forked process (a multiprocessing executor) inherits the worker pool's object but
+    not its threads; the kernel must start its own there instead of waiting forever."""
+    import multiprocessing
+
+    from lmeval.core import kernels
+
+    if kernels.library() is None:
+        pytest.skip("no reductions kernel on this machine")
+    torch.manual_seed(9)
+    logits, targets = torch.randn(16, 2000) * 3, torch.randint(0, 2000, (16,))
+    parent = token_statistics(logits, targets, DEFAULT_GRID, workspace=Workspace()).nll  # the pool exists now
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_fork_child, args=(queue, logits, targets))
+    child.start()
+    child.join(60)
+    if child.exitcode is None:
+        child.terminate()
+    assert child.exitcode == 0, "the forked child did not finish"
+    assert queue.get(timeout=10) == parent.tolist()
+
+
 def test_kernel_can_be_turned_off(monkeypatch):
     from lmeval.core import kernels
 

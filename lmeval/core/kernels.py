@@ -110,7 +110,7 @@ void lmeval_reduce_rows(const float *z, int64_t n, int64_t V, const float *zy, c
 _FLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC")
 _LIBS = ("-lmvec", "-lm")
 
-_STATE: dict = {}  # "lib": the loaded function or None, "pool": (threads, ThreadPoolExecutor)
+_STATE: dict = {}  # "lib": the loaded function or None, "pool": ((pid, threads), ThreadPoolExecutor)
 _LOCK = threading.Lock()
 
 
@@ -213,12 +213,15 @@ def library():
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
+    """The worker threads, one pool per process and thread count: a forked child (a
+    multiprocessing executor) inherits the pool object but not its threads, so it gets its own."""
+    key = (os.getpid(), threads)
     with _LOCK:
         held = _STATE.get("pool")
-        if held is None or held[0] != threads:
-            if held is not None:
+        if held is None or held[0] != key:
+            if held is not None and held[0][0] == key[0]:
                 held[1].shutdown(wait=False)
-            held = _STATE["pool"] = (threads, ThreadPoolExecutor(threads, thread_name_prefix="lmeval-reduce"))
+            held = _STATE["pool"] = (key, ThreadPoolExecutor(threads, thread_name_prefix="lmeval-reduce"))
         return held[1]
 
 
