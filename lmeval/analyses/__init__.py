@@ -20,6 +20,11 @@ def analyses_for(config) -> tuple:
     from .words import WordsAnalysis
 
     a = config.analysis
+    if config.output.documents_only:  # per-document sums only (the config refuses the analyses that need more)
+        only: list = [DocumentsAnalysis(False, a.reference)]
+        if config.data.group_by:
+            only.append(GroupsAnalysis(config.data, config.compare, None))
+        return tuple(only)
     chosen = [DocumentsAnalysis(config.output.per_token, a.reference), CalibrationAnalysis(config.calibration)]
     if a.positions:
         chosen.append(PositionsAnalysis(a))

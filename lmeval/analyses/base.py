@@ -40,6 +40,7 @@ class Needs:
     # (word_boundary, text_end): log q(B), q(E), q(not B) per token (``log_mass``) and at each
     # document's END (``log_mass_end``, on its last token), and ``starts_word`` (analysis.words)
     word_masses: tuple[str, str] | None = None
+    temperatures: tuple[float, ...] = ()  # the temperature grid's log-sum-exps per token (calibration)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ class CalibrationAnalysis(Analysis):
         self.options = options  # the config's `calibration` section
 
     def needs(self) -> Needs:
-        return Needs(token_columns=frozenset(CALIBRATION_INPUTS))
+        return Needs(token_columns=frozenset(CALIBRATION_INPUTS), temperatures=tuple(self.options.temperatures))
 
     def start(self, model: str):
         return {"sums": None, "confidences": [], "vocab_size": None}

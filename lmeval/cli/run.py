@@ -125,6 +125,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         help="a protocol preset: the windows, joining and prefix of another tool's perplexity "
         "(keys you set still win; see docs/protocol.md)",
     )
+    group.add_argument(
+        "--documents-only",
+        action="store_true",
+        help="documents.parquet and summary.csv only (output.documents_only): per-document nll sums, ppl and "
+        "bits per byte, no calibration, positions or token rows, the cheapest reductions (for data filtering)",
+    )
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -156,6 +162,7 @@ def load_command_config(args):
         stride=args.stride,
         out=args.out,
         preset=getattr(args, "preset", None),
+        documents_only=getattr(args, "documents_only", False),
     )
     if config is None and not (args.model and args.data):
         given = "--model only" if args.model else "--data only" if args.data else "neither"

@@ -79,6 +79,9 @@ class OutputConfig:
     dir: str = "runs/lmeval"
     per_token: bool = True
     part_chars: int = 262144  # characters of documents per result part (the unit of resume)
+    # documents.parquet and summary.csv only (perplexity filtering, data selection): no calibration,
+    # positions or token rows, and the cheapest reductions (no temperature grid)
+    documents_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -444,6 +447,7 @@ def _check_values(config: Config, problems: list[str]) -> None:
             f"compare.min_documents: must be >= 1 (got {cmp.min_documents}). The default is {MIN_DOCUMENTS}."
         )
     _check_analysis(config.analysis, [m.name for m in config.models], problems)
+    _check_documents_only(config, problems)
     _check_words_scoring(config, problems)
     for i, m in enumerate(config.models):
         _check_device_map(m, f"models[{i}]", problems)
@@ -458,6 +462,23 @@ def _check_values(config: Config, problems: list[str]) -> None:
         problems.append(
             f"compare.divergence: needs at least two models, a baseline and one to compare (got {len(names)}). "
             "Add the base checkpoint to `models:` and name it in `compare.baseline`."
+        )
+
+
+def _check_documents_only(config: Config, problems: list[str]) -> None:
+    """output.documents_only writes the documents table and summary only: the analyses that need
+    per-token columns beyond the nll are refused by name, not silently dropped."""
+    if not config.output.documents_only:
+        return
+    asked = {
+        "compare.divergence": config.compare.divergence,
+        "analysis.words": config.analysis.words,
+        "analysis.membership": config.analysis.membership,
+    }
+    for key in (k for k, on in asked.items() if on):
+        problems.append(
+            f"{key}: must be false with output.documents_only (got true). A documents-only run keeps per-document "
+            f"nll sums only; drop {key}, or drop output.documents_only (--documents-only) for a full run."
         )
 
 
@@ -781,6 +802,7 @@ def raw_config_from_options(
     stride=None,
     out=None,
     preset=None,
+    documents_only=False,
     cwd: Path | None = None,
 ) -> dict:
     """The raw config mapping the command-line options stand for; None options are left out.
@@ -794,12 +816,15 @@ def raw_config_from_options(
     def located(value: str) -> str:
         return str((cwd / Path(value).expanduser()).resolve()) if _looks_local(value, cwd) else value
 
+    output: dict = {"dir": str((cwd / Path(out).expanduser()).resolve())} if out else {}
+    if documents_only:
+        output["documents_only"] = True
     data_keys = {"path": located(data) if data else None, "name": data_name, "split": split, "text_field": text_field}
     sections = {
         "models": [{"path": located(m)} for m in models] or None,
         "data": {k: v for k, v in data_keys.items() if v is not None},
         "scoring": {k: v for k, v in {"max_length": max_length, "stride": stride}.items() if v is not None},
-        "output": {"dir": str((cwd / Path(out).expanduser()).resolve())} if out else {},
+        "output": output,
     }
     if preset is not None:
         sections["preset"] = preset

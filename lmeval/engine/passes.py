@@ -341,7 +341,8 @@ def _options(job: PassJob, lm, n_chars: float) -> ScoreOptions:
     s = job.config.scoring
     options = ScoreOptions(
         batch_tokens=check_batch_tokens(s.batch_tokens),
-        temperatures=job.config.calibration.temperatures,
+        # the grid only where an analysis reads it (not under output.documents_only)
+        temperatures=next((n.temperatures for n in needs if n.temperatures), ()),
         compile=s.compile,
         moments=any(n.moments for n in needs),
         overlap_k=job.config.compare.overlap_k,

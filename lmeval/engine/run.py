@@ -156,6 +156,8 @@ def _identity(config: Config, corpus: Corpus, analyses: tuple) -> dict:
             "temperatures": raw["calibration"]["temperatures"],
             "part_chars": raw["output"]["part_chars"],
             "per_token": raw["output"]["per_token"],
+            # parts of a documents-only run keep no token columns (absent otherwise: older runs keep their identity)
+            **({"documents_only": True} if raw["output"]["documents_only"] else {}),
             **added,
         },
         "data": corpus.fingerprint,
@@ -303,12 +305,12 @@ def _finish(
             if (mode == "lockstep") != ran:
                 mode, why = ("lockstep" if ran else "pair"), "decided from the free memory when the parts were scored"
             record["divergence"]["lockstep"] = {"setting": config.compare.lockstep, "mode": mode, "why": why}
-        if len(config.models) >= 2:
+        if len(config.models) >= 2 and not config.output.documents_only:  # documents-only: those two tables
             tables.update(write_comparison(out, config, tables, record, merger.row_ranges.get("tokens.parquet")))
         # The merge keeps pace with scoring: what is left after the last part does not grow with the tokens.
         record["seconds_after_last_part"] = time.time() - timing["scored"]
         write_json(record, out / "run.json")
-    if return_tokens and config.output.per_token:
+    if return_tokens and config.output.per_token and not config.output.documents_only:
         tables["tokens"] = read_table(out / "tokens.parquet")
     shutil.rmtree(parts)  # run.json marks the run complete; the tables now hold every row
     replaced.discard()
