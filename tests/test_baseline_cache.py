@@ -128,6 +128,9 @@ def test_a_run_with_the_baseline_kept_as_its_topk_bounds_the_exact_run_on_every_
     # the summaries follow: the mean KL of the kept top-K is below the exact one, the rest equal
     s, t = cached["divergence"].set_index("model"), exact["divergence"].set_index("model")
     assert (s.kl_mean < t.kl_mean).all() and (s.acceptance_mean > t.acceptance_mean).all()
+    # how loose the bounds may be: the baseline's mass outside its 8 kept ids, the same for both models
+    tail = s.baseline_tail_mass_mean
+    assert tail.iloc[0] == tail.iloc[1] and 0 < tail.iloc[0] < 1 and t.baseline_tail_mass_mean.isna().all()
     np.testing.assert_allclose(s.ln_ppl_ratio, t.ln_ppl_ratio, rtol=1e-6)
     run = cached["run"]
     record = run["divergence"]["baseline_cache"]

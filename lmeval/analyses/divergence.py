@@ -194,7 +194,7 @@ SUMMARY_COLUMNS = [
     "acceptance_mean", "acceptance_mean_ci_low", "acceptance_mean_ci_high",
     "topk_overlap_mean", "topk_overlap_mean_ci_low", "topk_overlap_mean_ci_high",
     "kl_topk_mean", "kl_topk_mean_ci_low", "kl_topk_mean_ci_high", "n_resamples",
-    "weight_bytes", "n_parameters", "bits_per_weight", "quant_method", "load_path",
+    "weight_bytes", "n_parameters", "bits_per_weight", "quant_method", "load_path", "baseline_tail_mass_mean",
 ]  # fmt: skip
 
 
@@ -250,7 +250,17 @@ TOPK_BOUND = (
     "(log-sum inequality); topk_overlap, kl_topk, same_top1, delta_p, nll and nll_baseline are exact"
 )
 TOKEN_INPUTS = frozenset(
-    {*PAIR_FIELDS, "doc_index", "position", "token_id", "token", "char_start", "char_end", "context_len"}
+    {
+        *PAIR_FIELDS,
+        "baseline_tail_mass",
+        "doc_index",
+        "position",
+        "token_id",
+        "token",
+        "char_start",
+        "char_end",
+        "context_len",
+    }
 )
 
 
@@ -299,6 +309,8 @@ class DivergenceAnalysis(Analysis):
         summary = summarize(np.concatenate(state.sums), state.kl, state.delta_p, c.bootstrap, c.seed)
         top = with_text(state.top if state.top is not None else pd.DataFrame(columns=DIVERGENCE_COLUMNS), run.text_of)
         row = {"model": model, "baseline": self.baseline, **summary, **_size(state.protocol)}
+        # under compare.baseline_cache: topk, the baseline's mass outside its kept K: how loose the bounds can be
+        row["baseline_tail_mass_mean"] = state.tail_sum / state.tail_n if state.tail_n else float("nan")
         return ModelResult(
             tables={"divergence": row, "divergence_tokens": top},
             extra={"plot": (state.kl, state.kl_by_position, state.n_by_position), "protocol": state.protocol},
@@ -375,12 +387,16 @@ class _Collected:
         self.kl, self.delta_p = QuantileSketch(), QuantileSketch()
         self.kl_by_position, self.n_by_position = np.zeros(0), np.zeros(0)
         self.protocol = None
+        self.tail_sum, self.tail_n = 0.0, 0  # baseline_tail_mass, under compare.baseline_cache: topk
 
     def add(self, part: Part, baseline: str) -> None:
         columns, self.protocol = part.columns, part.meta["protocol"]
         self.sums.append(document_sums(columns["doc_index"], columns, len(part.doc_ids)))
         self.kl.add(columns["kl"])
         self.delta_p.add(columns["delta_p"])
+        if "baseline_tail_mass" in columns:
+            self.tail_sum += float(columns["baseline_tail_mass"].astype(np.float64).sum())
+            self.tail_n += len(columns["baseline_tail_mass"])
         self._keep_top(top_candidates(columns, part.doc_ids, self.top_k, part.model, baseline))
         position = columns["position"]
         n = int(position.max()) + 1 if len(position) else 0
@@ -394,6 +410,7 @@ class _Collected:
         self.sums += later.sums
         self.kl.merge(later.kl)
         self.delta_p.merge(later.delta_p)
+        self.tail_sum, self.tail_n = self.tail_sum + later.tail_sum, self.tail_n + later.tail_n
         self._keep_top(later.top)
         self._add_positions(later.kl_by_position, later.n_by_position)
         self.protocol = later.protocol or self.protocol

@@ -240,16 +240,19 @@ def score_parts(
             job.bar.group(plan.weight, tokenizing=not ready and (plan.piece == 0 or not cache))
             calls = dict(lm.workspace.calls)
             documents = job.corpus.take(plan.docs)
-            rows, part_options = None, options
+            rows, tail, part_options = None, None, options
             if cached_from is not None:  # this part's rows of the baseline: its top-K, tail and nll
                 key = plan_key(job.corpus, plan, config.scoring.documents)
                 kept_baseline, rows = read_baseline_part(cached_from / f"{key}.parquet", lm.name)
                 part_options = dataclasses.replace(options, baseline_cache=kept_baseline)
+                tail = np.exp(kept_baseline["cache_log_tail"].astype(np.float64))
             out, texts = produce(
                 lm, documents, config, part_options, job.bar.progress, piece=plan, cache=cache, **partners, **ready
             )
             if rows is not None:
                 check_aligned(out, rows, lm.name)
+                # the baseline's mass outside its kept K, per token: how far below the exact KL the bound may be
+                out["baseline_tail_mass"] = tail
             reductions = "eager, lockstep" if variants else lm.workspace.mode_since(calls)
             for m, columns in zip(models, out if variants else [out]):
                 if wanted is not None and index not in wanted[m.name]:

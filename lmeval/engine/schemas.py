@@ -687,6 +687,12 @@ COLUMNS: dict[str, Column] = {
         "empty for a float model. Its whole config is in run.json (protocol.models.<name>.quantization)",
         (_DS,),
     ),
+    "baseline_tail_mass_mean": Column(
+        "probability",
+        "under compare.baseline_cache: topk, the baseline's mean probability mass outside the kl_top_k ids it "
+        "kept (Σ p_T / n_tokens): the bounds are tight when it is small; NaN with the baseline beside the model",
+        (_DS,),
+    ),
     "load_path": Column(
         "—",
         "dequantized (every weight a plain float tensor after loading) or native (the weights stay in the "
