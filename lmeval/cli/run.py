@@ -186,6 +186,12 @@ def run_command(args) -> int:
         )
         return 0
     executor = getattr(args, "executor", "local")
+    if config.data.streaming and (executor != "local" or getattr(args, "shard", None) is not None):
+        raise ConfigError(
+            "data.streaming: a streamed corpus is read and planned by one process (got --shard or --executor ray). "
+            "Drop data.streaming to share the parts: the corpus is then loaded whole and planned up front.",
+            source="command line",
+        )
     if getattr(args, "ray_actors", None) is not None and executor != "ray":
         raise ConfigError(
             f"--ray-actors: must come with --executor ray (got --executor {executor}).", source="command line"

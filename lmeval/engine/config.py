@@ -38,6 +38,9 @@ class DataConfig:
     text_field: str = "text"
     id_field: str | None = None
     max_documents: int | None = None
+    # read with `datasets` streaming, parts planned as the stream is read (lmeval.engine.stream)
+    streaming: bool = False
+    sample: dict | None = None  # {n, seed}: n documents by bottom-n hashing of (seed, doc_id); streams only
     sample_by: Literal["document", "paragraph", "line"] = "document"  # for .txt files
     detokenizer: Literal["wikitext"] | None = None  # a named rewrite of each text before tokenizing
     count_on: Literal["scored", "source"] = "scored"  # the text whose bytes and words normalise
@@ -429,6 +432,7 @@ def _check_values(config: Config, problems: list[str]) -> None:
     if config.data.max_documents is not None and config.data.max_documents < 1:
         problems.append(f"data.max_documents: must be >= 1 or null (got {config.data.max_documents}).")
     _check_groups(d, s, problems)
+    _check_streaming(config, problems)
     c = config.calibration
     problems.extend(validate_calibration_options(c.bins, list(c.label_smoothing), list(c.temperatures)))
     cmp = config.compare
@@ -462,6 +466,42 @@ def _check_values(config: Config, problems: list[str]) -> None:
         problems.append(
             f"compare.divergence: needs at least two models, a baseline and one to compare (got {len(names)}). "
             "Add the base checkpoint to `models:` and name it in `compare.baseline`."
+        )
+
+
+def _check_streaming(config: Config, problems: list[str]) -> None:
+    """data.streaming and data.sample: what a stream read once per pass can serve."""
+    d = config.data
+    if d.sample is not None:
+        n, seed = d.sample.get("n"), d.sample.get("seed", 0)
+        extra = sorted(set(d.sample) - {"n", "seed"})
+        if extra or not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            problems.append(
+                f"data.sample: must be {{n: N, seed: S}} with an integer n >= 1 (got {d.sample!r}). "
+                "E.g. data.sample: {n: 10000, seed: 0}."
+            )
+        elif not isinstance(seed, int) or isinstance(seed, bool):
+            problems.append(
+                f"data.sample.seed: must be an integer (got {seed!r}). E.g. data.sample: {{n: {n}, seed: 0}}."
+            )
+        if not d.streaming:
+            problems.append(
+                "data.sample: needs data.streaming: true (got false); the sample is drawn as the corpus streams. "
+                "Set data.streaming: true (a local corpus streams too)."
+            )
+    if not d.streaming:
+        return
+    refused = {
+        "data.messages_field": d.messages_field is not None,
+        "data.group_by": bool(d.group_by),
+        "compare.divergence": config.compare.divergence,
+        "analysis.words": config.analysis.words,
+        "scoring.documents: concatenated": config.scoring.documents == "concatenated",
+    }
+    for key in (k for k, on in refused.items() if on):
+        problems.append(
+            f"data.streaming: cannot be combined with {key} (got both). A streamed corpus is read once per pass "
+            f"and scored a block of parts at a time; drop {key.split(':')[0]}, or drop data.streaming to load the corpus whole."
         )
 
 

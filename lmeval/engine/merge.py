@@ -45,6 +45,14 @@ class Merger:
         # file -> model -> each part's [start, stop) rows in that file, for readers that pair parts
         self.row_ranges: dict[str, dict[str, list[tuple[int, int]]]] = {name: {} for name in self.writers}
 
+    def extend(self, model: str, paths: Sequence[Path]) -> None:
+        """More parts of ``model``, planned as a stream is read (`engine.stream`): they come after
+        every part already in the order, so a stream's passes extend it model by model."""
+        files = self.paths[model]
+        assert isinstance(files, list)  # a stream's merger starts from empty lists
+        self.order.extend((model, i) for i in range(len(files), len(files) + len(paths)))
+        files.extend(paths)
+
     def add(self, model: str, index: int, part: Part) -> None:
         """A part just scored: folded now if it is next, else left on disk for its turn."""
         if self.cursor < len(self.order) and self.order[self.cursor] == (model, index):

@@ -58,6 +58,10 @@ def run(
     """
     if not isinstance(config, Config):
         config = load_config(config, overrides)
+    if config.data.streaming:  # planned as the stream is read (lmeval.engine.stream)
+        from .stream import run_streamed
+
+        return run_streamed(config, overwrite, fresh, show_progress, return_tokens)
     lock = RunLock(Path(config.output.dir))
     with distributed.launched() as ctx:
         try:
