@@ -295,6 +295,11 @@ def score_batch(
         out["log_mass"] = torch.cat(masses).cpu().numpy()
     if pairs:
         out.update(_gather(pairs, _PAIR_EXTRA))
+    if base_source is not None:
+        # Both nlls from one arithmetic (`divergence_statistics`), so that a model against
+        # itself gets nll == nll_baseline exactly; the CPU kernel's own nll (float64 sums)
+        # can differ from it in the last float32 bit.
+        out["nll"] = _gather(pairs, ("nll",))["nll"]
     for key in CACHE_COLUMNS if caches else ():
         out[key] = torch.cat([c[key] for c in caches]).cpu().numpy()
     return out
@@ -319,7 +324,8 @@ def score_windows(
     the same batches, packed under the stricter of their batchings (`pair_batching`), and
     the columns also hold ``nll_baseline, kl, kl_reverse, delta_p, same_top1, acceptance,
     topk_overlap, kl_topk``
-    (`core.divergence`); the model's own columns are the ones it gets scored alone.
+    (`core.divergence`); the model's own columns are the ones it gets scored alone (its
+    ``nll`` to the last float32 bit: it is taken with ``nll_baseline``'s arithmetic).
     Every model is scored in eval mode and left in the mode it had.
     """
     if baseline is not None:
