@@ -308,3 +308,17 @@ def test_freed_memory_is_given_back_at_most_once_a_second(monkeypatch):
     monkeypatch.setattr(memory, "_last_trim", [0.0])
     assert memory.release_free_memory() and not memory.release_free_memory()  # the second within a second
     assert memory.release_free_memory(force=True) and calls == [0, 0]
+
+
+def test_a_slow_writer_holds_at_most_two_parts_back():
+    """Scoring waits for the part writer once two writes are pending: parts never pile up in memory."""
+    import time
+
+    from lmeval.engine.prefetch import BackgroundWriter
+
+    pending, done = [], []
+    with BackgroundWriter() as writer:
+        for i in range(6):
+            writer.submit(lambda i=i: (time.sleep(0.05), done.append(i)))  # slower than these submits
+            pending.append(len(writer._futures))
+    assert max(pending) == 2 == writer.max_pending and done == list(range(6))  # all written, in order

@@ -55,14 +55,21 @@ def prefetched(items: list[T], prepare: Callable[[T], R]) -> Iterator[tuple[T, R
 
 class BackgroundWriter:
     """Runs writes one at a time, in order, off the scoring thread. Use as a context manager:
-    leaving it waits for every write and re-raises the first error."""
+    leaving it waits for every write and re-raises the first error.
 
-    def __init__(self):
+    At most ``max_pending`` writes wait: the next `submit` waits for the oldest, so a writer
+    slower than scoring (a slow disk, a busy machine starving the niced thread) holds a few
+    parts in memory, never a queue that grows with the corpus."""
+
+    def __init__(self, max_pending: int = 2):
         self._pool = background_pool("lmeval-writer")
         self._futures: list[Future] = []
+        self.max_pending = max_pending
 
     def submit(self, fn: Callable, *args) -> None:
         self._raise_finished()
+        while len(self._futures) >= self.max_pending:
+            self._futures.pop(0).result()
         self._futures.append(self._pool.submit(fn, *args))
 
     def _raise_finished(self) -> None:
