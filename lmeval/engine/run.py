@@ -61,7 +61,7 @@ def run(
     if config.data.streaming:  # planned as the stream is read (lmeval.engine.stream)
         from .stream import run_streamed
 
-        return run_streamed(config, overwrite, fresh, show_progress, return_tokens)
+        return run_streamed(config, overwrite, fresh, show_progress, return_tokens, (_identity, _finish))
     lock = RunLock(Path(config.output.dir))
     with distributed.launched() as ctx:
         try:

@@ -266,11 +266,14 @@ def _finished(path: Path, idh: str) -> bool:
     return True
 
 
-def run_streamed(config: Config, overwrite: bool, fresh: bool, show_progress: bool, return_tokens: bool) -> dict:
+def run_streamed(
+    config: Config, overwrite: bool, fresh: bool, show_progress: bool, return_tokens: bool, run_steps: tuple
+) -> dict:
     """`lmeval.run` for ``data.streaming: true`` (one process): each pass reads the stream, plans
-    its parts as it reads, scores the unfinished ones and merges every part in stream order."""
-    from .run import _finish, _identity
-
+    its parts as it reads, scores the unfinished ones and merges every part in stream order.
+    ``run_steps`` is `run`'s (``_identity``, ``_finish``), handed down so this module never imports
+    `run` (which imports it)."""
+    _identity, _finish = run_steps
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise DataError(
             "data.streaming: a streamed corpus is read by one process (got WORLD_SIZE > 1). Run it without "
