@@ -200,6 +200,21 @@ def test_kernel_is_built_once_per_machine(tmp_path, monkeypatch):
     assert calls == [[compiler, "--version"]]  # the cache key only, no compile
 
 
+def test_loading_the_kernel_keeps_subnormal_numbers(tmp_path, monkeypatch):
+    """A library linked with -ffast-math turns on flush-to-zero for the process when it is
+    loaded (GCC's crtfastmath.o); the kernel is linked without it, so every other float op
+    in the process keeps its subnormal numbers."""
+    from lmeval.core import kernels
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: the kernel cannot be built here")
+    monkeypatch.setenv("LMEVAL_CACHE_DIR", str(tmp_path))  # a fresh build, loaded fresh
+    subnormal = torch.tensor([1e-310], dtype=torch.float64)
+    assert kernels._load() is not None
+    assert (subnormal * 1.0).item() == 1e-310
+    assert (torch.tensor([1e-40]) * 1.0).item() > 0  # float32 too
+
+
 def _fork_child(queue, logits, targets):
     queue.put(token_statistics(logits, targets, DEFAULT_GRID, workspace=Workspace()).nll.tolist())
 

@@ -107,7 +107,10 @@ void lmeval_reduce_rows(const float *z, int64_t n, int64_t V, const float *zy, c
 """
 # -ffast-math for the vectorised reductions and libmvec's expf; -fno-finite-math-only keeps
 # inf and NaN meaning what they mean (a NaN logit must reach the scorer's finite check).
-_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC")
+# Compiled and linked in two steps: linking with -ffast-math would add crtfastmath.o, whose
+# constructor turns on flush-to-zero for the whole process (every torch op in it) on load.
+_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC")
+_LINK = ("-shared",)
 _LIBS = ("-lmvec", "-lm")
 
 _STATE: dict = {}  # "lib": the loaded function or None, "pool": ((pid, threads), ThreadPoolExecutor)
@@ -134,7 +137,7 @@ def _cpu_flags() -> str:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = "\n".join((_SOURCE, " ".join(_FLAGS + _LIBS), version, platform.machine(), _cpu_flags()))
+    key = "\n".join((_SOURCE, " ".join(_FLAGS + _LINK + _LIBS), version, platform.machine(), _cpu_flags()))
     target = cache_dir() / f"reductions-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -142,12 +145,14 @@ def _build(compiler: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         source = Path(tmp) / "reductions.c"
         source.write_text(_SOURCE, encoding="utf-8")
-        built = Path(tmp) / target.name
-        done = subprocess.run(
-            [compiler, *_FLAGS, str(source), "-o", str(built), *_LIBS], capture_output=True, text=True, timeout=120
-        )
-        if done.returncode != 0:
-            raise OSError(done.stderr.strip()[-500:])
+        built, obj = Path(tmp) / target.name, Path(tmp) / "reductions.o"
+        for step in (
+            [compiler, *_FLAGS, "-c", str(source), "-o", str(obj)],
+            [compiler, *_LINK, str(obj), "-o", str(built), *_LIBS],
+        ):
+            done = subprocess.run(step, capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                raise OSError(done.stderr.strip()[-500:])
         os.replace(built, target)  # atomic: a concurrent process sees no half-written file
     return target
 
@@ -255,9 +260,9 @@ def reduce_rows(z: torch.Tensor, z_y: torch.Tensor, inv_t: torch.Tensor, moments
             out[begin].data_ptr(),
         )
 
-    if threads == 1:
-        run(0)
-    else:
-        for future in [_pool(threads).submit(run, begin) for begin in range(0, n, step)]:
-            future.result()
+    # the calling thread takes the first slice: it does not sleep while work is pending
+    futures = [_pool(threads - 1).submit(run, begin) for begin in range(step, n, step)] if threads > 1 else []
+    run(0)
+    for future in futures:
+        future.result()
     return out
