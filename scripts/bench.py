@@ -6,6 +6,8 @@ subprocess so that peak RSS is its own:
   lmeval   lmeval.score_texts end to end (tokenize, window, score, per-token table)
   lm-eval  lm-evaluation-harness HFLM.loglikelihood_rolling (if `lm-eval` is installed:
            pip install -e ".[bench]")
+  (--methods also: lmeval-grid, with calibration's default temperatures as `lmeval run` computes
+  them; lmeval-aten and lmeval-aten-grid, the uncompiled reductions in ATen, without the CPU kernel)
 Models: the bundled demo checkpoint; a random GPT-2-style model with a 50k vocabulary; a
 random Llama-style model with a 128k vocabulary at max_length 1024 (the memory case). All
 read the demo's held-out books through the demo tokenizer (only the logits' width differs).
@@ -17,6 +19,7 @@ read the demo's held-out books through the demo tokenizer (only the logits' widt
     python scripts/bench.py --case strided           # S = L/4 vs the transformers fixed-length recipe
     python scripts/bench.py --case e2e               # `lmeval run` vs scoring alone
     python scripts/bench.py --case reductions        # the per-token reductions per path, with and without the grid
+    python scripts/bench.py --case packing           # the body on padded batches vs packed rows (short sentences)
     python scripts/bench.py --repeat 3 ...           # every method 3 times, interleaved; best and spread
 
 The three cases beyond the default one (see `bench_cases.py`):
@@ -62,8 +65,19 @@ MODELS = {
 # the compile of lmeval-compiled). lmeval runs as a user would, with compile: auto, so a
 # compile that the full corpus triggers is inside its timing; lmeval-eager and
 # lmeval-compiled force the mode.
-METHODS = ("bare", "lmeval", "lmeval-eager", "lmeval-compiled", "lm-eval")
-CASES = ("models", "short", "strided", "e2e", "reductions")
+METHODS = (
+    "bare",
+    "lmeval",
+    "lmeval-eager",
+    "lmeval-compiled",
+    "lmeval-grid",
+    "lmeval-aten",
+    "lmeval-aten-grid",
+    "lm-eval",
+)
+DEFAULT_METHODS = ("bare", "lmeval", "lmeval-eager", "lmeval-compiled", "lm-eval")
+MINE = tuple(m for m in METHODS if m.startswith("lmeval"))
+CASES = ("models", "short", "strided", "e2e", "reductions", "packing")
 
 
 def rss_mb() -> float:
@@ -135,11 +149,25 @@ def run_bare(model, tokenizer, texts, max_length, batch_tokens) -> list[float] |
     return None
 
 
-def run_lmeval(model, tokenizer, texts, max_length, batch_tokens, compile="auto") -> list[float]:
+def run_lmeval(
+    model, tokenizer, texts, max_length, batch_tokens, compile="auto", grid=False, kernel=True
+) -> list[float]:
+    """``grid``: with calibration's default temperatures, as `lmeval run` computes them;
+    ``kernel=False``: the uncompiled reductions in ATen, as before the CPU kernel."""
     import lmeval
+    from lmeval.core import kernels
+    from lmeval.engine.config import CalibrationConfig
 
+    if not kernel:
+        kernels._STATE["lib"] = None
+    temperatures = tuple(CalibrationConfig().temperatures) if grid else ()
     table = lmeval.score_texts(
-        texts, (model, tokenizer), max_length=max_length, batch_tokens=batch_tokens, compile=compile
+        texts,
+        (model, tokenizer),
+        max_length=max_length,
+        batch_tokens=batch_tokens,
+        compile=compile,
+        temperatures=temperatures,
     )
     sums = table.groupby("doc_id").nll.apply(lambda s: s.astype("float64").sum())
     return [float(sums.get(i, 0.0)) for i in range(len(texts))]
@@ -166,6 +194,9 @@ RUNNERS = {
     "lmeval": run_lmeval,
     "lmeval-eager": lambda *args: run_lmeval(*args, compile=False),
     "lmeval-compiled": lambda *args: run_lmeval(*args, compile=True),
+    "lmeval-grid": lambda *args: run_lmeval(*args, grid=True),
+    "lmeval-aten": lambda *args: run_lmeval(*args, compile=False, kernel=False),
+    "lmeval-aten-grid": lambda *args: run_lmeval(*args, compile=False, grid=True, kernel=False),
     "lm-eval": run_lm_eval,
 }
 
@@ -261,7 +292,7 @@ def report(model: str, results: dict, args) -> None:
             f"{name:<16} {r['tokens']:>8} {r['seconds']:>9.2f} {r['tokens'] / r['seconds']:>9.0f} "
             f"{r['peak_rise_mb']:>17.1f} {cuda:>13} {r['warmup']:>18.1f} {spread(r):>7}"
         )
-    for mine in ("lmeval", "lmeval-eager", "lmeval-compiled"):
+    for mine in MINE:
         for other in ("bare", "lm-eval"):
             if mine in results and other in results:
                 ours, theirs = results[mine], results[other]
@@ -318,7 +349,7 @@ def scaling(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
     parser.add_argument("--tokens", type=int, default=20000, help="approximate tokens per model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-tokens", type=int, default=None)

@@ -215,6 +215,8 @@ def compare(args) -> None:
 
     if args.case == "reductions":
         return reductions(args)
+    if args.case == "packing":
+        return packing(args)
     methods = list(CASE_METHODS[args.case])
     if "minicons" in methods:
         try:
@@ -313,6 +315,113 @@ def reductions(args) -> None:
         for path in paths[1:]:
             ratio = today[0] / best[(path, "default grid")][0], today[1] / best[(path, "default grid")][1]
             print(f"{vocab:>7} {path} with the grid vs eager without: {ratio[0]:.2f}x wall, {ratio[1]:.2f}x CPU")
+
+
+# ---- packing short texts: the body on padded batches against packed rows ------------------------
+
+
+def _packed_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """Window indices packed into rows of ``width`` tokens, longest first, each into the
+    first of the last 8 open rows with room (first-fit decreasing, bounded search)."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for k in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        for r in range(len(rows) - 1, max(-1, len(rows) - 9), -1):
+            if free[r] >= lengths[k]:
+                rows[r].append(k)
+                free[r] -= lengths[k]
+                break
+        else:
+            rows.append([k])
+            free.append(width - lengths[k])
+    return rows
+
+
+def _packed_batch(windows, group: list[list[int]], width: int):
+    """(B, width) ids and position ids: each window's positions start at 0 (the reset that
+    transformers reads as a new sequence when no attention mask is given), and the tail of
+    a row is a filler sequence of id 0 that nothing else attends to."""
+    ids = torch.zeros((len(group), width), dtype=torch.long)
+    positions = torch.zeros_like(ids)
+    where = []  # (row, first column) of each window
+    for r, row in enumerate(group):
+        c = 0
+        for k in row:
+            x = windows[k].input_ids
+            ids[r, c : c + len(x)] = torch.tensor(x)
+            positions[r, c : c + len(x)] = torch.arange(len(x))
+            where.append((k, r, c))
+            c += len(x)
+        positions[r, c:] = torch.arange(width - c)
+    return ids, positions, where
+
+
+def packing(args) -> None:
+    """The model body over the short case's sentences (bos: none), right-padded in lmeval's
+    batches (`pack_batches`, sorted by length, with a mask) against packed rows of 64, 128
+    and 256 tokens (position ids restart at each window, no mask: transformers' packed
+    sequence masks), the same token budget per batch, interleaved ``--repeat`` times in this
+    process; wall and CPU seconds, and the largest difference of a scored token's log q_y
+    between the two layouts on 64 of the longest windows."""
+    import os
+
+    import bench
+    from lmeval.core.windows import make_windows
+    from lmeval.model.scorer import _pad, pack_batches
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = bench.build_model("demo", torch.float32, "cpu")
+    ids = tokenizer(sentences(tokenizer, args.sentences), add_special_tokens=False)["input_ids"]
+    windows = [w for i, t in enumerate(ids) for w in make_windows(i, t, [], 256, 256)]
+    lengths = [len(w.input_ids) for w in windows]
+    budget, body = 16384, model.base_model
+    print(
+        f"\n== packing: {len(windows)} sentences, {sum(lengths)} tokens, model demo ({model.config._attn_implementation})"
+    )
+    print(f"threads = {args.threads}, repeat = {args.repeat}, load {os.getloadavg()[0]:.2f}")
+
+    def padded():
+        for batch in pack_batches(windows, budget):
+            x, mask = _pad([windows[k] for k in batch], torch.device("cpu"))
+            body(input_ids=x, attention_mask=mask, use_cache=False)
+
+    def packed(width):
+        rows = _packed_rows(lengths, width)
+        per = max(1, budget // width)
+        for s in range(0, len(rows), per):
+            x, positions, _ = _packed_batch(windows, rows[s : s + per], width)
+            body(input_ids=x, position_ids=positions, attention_mask=None, use_cache=False)
+
+    layouts = {"padded": padded, **{f"packed {w}": (lambda w=w: packed(w)) for w in (64, 128, 256)}}
+    best: dict[str, tuple[float, float]] = {}
+    with torch.inference_mode():
+        for _ in range(args.repeat):
+            for name, run in layouts.items():
+                wall, cpu = time.perf_counter(), time.process_time()
+                run()
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                best[name] = min(best.get(name, (wall, cpu)), (wall, cpu))
+        first = pack_batches(windows, budget)[0][:64]  # 64 of the longest windows: the check, not a timing
+        x, mask = _pad([windows[k] for k in first], torch.device("cpu"))
+        alone = torch.log_softmax(
+            model.lm_head(body(input_ids=x, attention_mask=mask, use_cache=False).last_hidden_state), -1
+        )
+        rows = _packed_rows([lengths[k] for k in first], 128)
+        x2, positions, where = _packed_batch([windows[k] for k in first], rows, 128)
+        together = torch.log_softmax(
+            model.lm_head(
+                body(input_ids=x2, position_ids=positions, attention_mask=None, use_cache=False).last_hidden_state
+            ),
+            -1,
+        )
+        worst = 0.0
+        for k, r, c in where:
+            n = lengths[first[k]]
+            worst = max(worst, float((alone[k, :n] - together[r, c : c + n]).abs().max()))
+    print(f"{'layout':<12} {'wall s':>8} {'CPU s':>8} {'CPU vs padded':>14}")
+    for name, (wall, cpu) in best.items():
+        print(f"{name:<12} {wall:>8.2f} {cpu:>8.2f} {best['padded'][1] / cpu:>13.2f}x")
+    print(f"packed (128) vs padded: max |log q difference| {worst:.2e} nats over 64 of the longest windows")
 
 
 def agreement(ra: dict, rb: dict) -> None:
