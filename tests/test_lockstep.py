@@ -129,8 +129,12 @@ def test_a_run_scores_the_variants_in_lockstep_with_the_same_numbers(saved_varia
     assert counts["pair"] == [probes + batches] * 3 + [probes + 4 * batches]
     a, b = lockstep["divergence"].set_index("model"), pair["divergence"].set_index("model")
     assert list(a.index) == ["int8", "int4", "sft"]
-    for column in ("kl_mean", "acceptance_mean", "topk_overlap_mean", "kl_topk_mean", "ln_ppl_ratio", "kl_mean_ci_low"):
+    for column in ("kl_mean", "acceptance_mean", "topk_overlap_mean", "kl_topk_mean", "kl_mean_ci_low"):
         np.testing.assert_allclose(a[column], b.loc[a.index, column], rtol=1e-5, atol=1e-9, err_msg=column)
+    # ln_ppl_ratio is a difference of two pooled nlls (here ~7e-3 of ~5 nats): the two passes'
+    # float32 nll arithmetic (the CPU reductions kernel alone, or beside the baseline) may differ
+    # in the last bit per token, so it is compared on the nll scale, in nats
+    np.testing.assert_allclose(a.ln_ppl_ratio, b.loc[a.index, "ln_ppl_ratio"], rtol=0, atol=1e-6)
     # each variant's size: float32 weight files are ~32 bits a weight (plus the files' headers)
     assert ((a.bits_per_weight > 32) & (a.bits_per_weight < 36)).all()
     assert (a.weight_bytes * 8 / a.n_parameters == a.bits_per_weight).all()
