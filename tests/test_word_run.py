@@ -100,7 +100,7 @@ def test_words_split_across_parts_come_out_whole(tmp_path, saved_gpt2, monkeypat
     assert not words.duplicated(KEYS).any()
     # The pieces did cut words: a piece (after a document's first) starts inside a word.
     cut = 0
-    for (doc_id,), (piece, n_pieces), first_char, n_rows in pieces:
+    for (doc_id,), (piece, _), first_char, n_rows in pieces:
         text = TEXTS[int(doc_id[1:])]
         if piece > 0 and n_rows and first_char > 0 and not text[first_char - 1].isspace():
             cut += 1
@@ -164,7 +164,7 @@ def test_config_errors_name_the_key(tmp_path, saved_gpt2, analysis, extra, named
 def test_word_options_without_the_table_are_refused(tmp_path, saved_gpt2):
     config = write_run(tmp_path, saved_gpt2, "word_boundary: marker")
     config.write_text(config.read_text(encoding="utf-8").replace("words: true, ", ""), "utf-8")
-    with pytest.raises(ConfigError, match="analysis.word_boundary: applies to the word table only"):
+    with pytest.raises(ConfigError, match=r"analysis\.word_boundary: applies to the word table only"):
         load_config(str(config))
 
 
