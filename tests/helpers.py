@@ -396,3 +396,18 @@ def run_ranks(config, nproc: int = 2, timeout: float = 120) -> subprocess.Comple
             command + ["--overwrite"], env=child_env(), capture_output=True, text=True, timeout=timeout
         )
     return done
+
+
+def two_model_config(folder, model, texts, part_chars: int = 300):
+    """A run config for two copies of ``model`` (``a`` and ``b``) over ``texts`` written as
+    ``docs.jsonl``: small windows and parts, so that a few texts make many parts."""
+    write_jsonl(folder / "docs.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(texts)])
+    return write_config(
+        folder,
+        f"""
+models: [{{name: a, path: {model}}}, {{name: b, path: {model}}}]
+data: {{path: docs.jsonl, id_field: id}}
+scoring: {{max_length: 16, batch_tokens: 64}}
+output: {{dir: out, part_chars: {part_chars}}}
+""",
+    )

@@ -9,7 +9,7 @@ import pytest
 
 import lmeval
 from conftest import CORPUS
-from helpers import write_config, write_jsonl
+from helpers import two_model_config
 from lmeval.cli import main
 from lmeval.engine import passes as passes_module
 from lmeval.engine.config import load_config
@@ -18,21 +18,8 @@ from lmeval.errors import ConfigError
 TEXTS = [f"{i}: {CORPUS[i % len(CORPUS)]} {CORPUS[(i * 3 + 1) % len(CORPUS)]}" for i in range(12)]
 
 
-def workspace(folder, model):
-    write_jsonl(folder / "docs.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(TEXTS)])
-    return write_config(
-        folder,
-        f"""
-models: [{{name: a, path: {model}}}, {{name: b, path: {model}}}]
-data: {{path: docs.jsonl, id_field: id}}
-scoring: {{max_length: 16, batch_tokens: 64}}
-output: {{dir: out, part_chars: 300}}
-""",
-    )
-
-
 def test_documents_only_gives_the_full_runs_document_sums_and_fewer_files(tmp_path, saved_gpt2, monkeypatch, capsys):
-    config = workspace(tmp_path, saved_gpt2)
+    config = two_model_config(tmp_path, saved_gpt2, TEXTS)
     full = lmeval.run(str(config), [f"output.dir={tmp_path / 'full'}"], show_progress=False, return_tokens=False)
     grids = []
     real = passes_module.score_parts
@@ -63,7 +50,7 @@ def test_documents_only_gives_the_full_runs_document_sums_and_fewer_files(tmp_pa
 
 
 def test_documents_only_refuses_the_analyses_that_need_token_columns(tmp_path, saved_gpt2):
-    config = workspace(tmp_path, saved_gpt2)
+    config = two_model_config(tmp_path, saved_gpt2, TEXTS)
     overrides = ["output.documents_only=true", "compare.divergence=true", "analysis.words=true"]
     with pytest.raises(ConfigError) as caught:
         load_config(config, overrides)
@@ -78,7 +65,7 @@ def test_a_documents_only_run_does_not_resume_a_full_runs_parts(tmp_path, saved_
     from lmeval.engine.data import load_documents
     from lmeval.engine.run import _identity
 
-    config = workspace(tmp_path, saved_gpt2)
+    config = two_model_config(tmp_path, saved_gpt2, TEXTS)
     full, only = load_config(config), load_config(config, ["output.documents_only=true"])
     corpus = load_documents(full.data)
     assert _identity(full, corpus, analyses_for(full)) != _identity(only, corpus, analyses_for(only))

@@ -10,7 +10,7 @@ import torch
 
 import lmeval
 from conftest import CORPUS
-from helpers import assert_same_tables, read_tables, write_config, write_jsonl
+from helpers import assert_same_tables, read_tables, two_model_config
 from lmeval.cli import main
 from lmeval.engine.config import load_config
 from lmeval.errors import ConfigError
@@ -18,22 +18,9 @@ from lmeval.errors import ConfigError
 TEXTS = [f"{i}: {CORPUS[i % len(CORPUS)]} {CORPUS[(i * 5 + 1) % len(CORPUS)]}" for i in range(24)]
 
 
-def workspace(folder, model):
-    write_jsonl(folder / "docs.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(TEXTS)])
-    return write_config(
-        folder,
-        f"""
-models: [{{name: a, path: {model}}}, {{name: b, path: {model}}}]
-data: {{path: docs.jsonl, id_field: id}}
-scoring: {{max_length: 16, batch_tokens: 64}}
-output: {{dir: out, part_chars: 300}}
-""",
-    )
-
-
 def test_a_missing_ray_is_explained(tmp_path, saved_gpt2, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
-    assert main(["run", str(workspace(tmp_path, saved_gpt2)), "-q", "--executor", "ray"]) == 2
+    assert main(["run", str(two_model_config(tmp_path, saved_gpt2, TEXTS)), "-q", "--executor", "ray"]) == 2
     assert "pip install 'lmeval[ray]'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -46,7 +33,7 @@ def test_a_missing_ray_is_explained(tmp_path, saved_gpt2, monkeypatch, capsys):
     ],
 )
 def test_executor_flags_are_checked(tmp_path, saved_gpt2, capsys, flags, message):
-    assert main(["run", str(workspace(tmp_path, saved_gpt2)), "-q", *flags]) == 2
+    assert main(["run", str(two_model_config(tmp_path, saved_gpt2, TEXTS)), "-q", *flags]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -56,7 +43,7 @@ def test_two_ray_actors_give_the_one_process_tables(tmp_path, saved_gpt2):
     ray = pytest.importorskip("ray")
     from lmeval.engine.executors import run_ray
 
-    config = workspace(tmp_path, saved_gpt2)
+    config = two_model_config(tmp_path, saved_gpt2, TEXTS)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # Ray's CPU actors run one thread each (OMP_NUM_THREADS=1)
     try:

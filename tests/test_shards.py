@@ -10,7 +10,7 @@ import torch
 
 import lmeval
 from conftest import CORPUS
-from helpers import assert_same_tables, child_env, read_tables, write_config, write_jsonl
+from helpers import assert_same_tables, child_env, read_tables, two_model_config
 from lmeval.cli import main
 from lmeval.engine.config import load_config
 from lmeval.engine.lock import RunLock
@@ -29,19 +29,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def workspace(folder, model, part_chars=300):
-    write_jsonl(folder / "docs.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(TEXTS)])
-    return write_config(
-        folder,
-        f"""
-models: [{{name: a, path: {model}}}, {{name: b, path: {model}}}]
-data: {{path: docs.jsonl, id_field: id}}
-scoring: {{max_length: 16, batch_tokens: 64}}
-output: {{dir: out, part_chars: {part_chars}}}
-""",
-    )
-
-
 def reference(config, out):
     lmeval.run(str(config), [f"output.dir={out}"], show_progress=False)
     return read_tables(out)
@@ -53,7 +40,7 @@ def part_files(out):
 
 @pytest.mark.slow  # two interpreters importing torch at once on two cores: about 25 s
 def test_two_shard_processes_then_merge_give_the_one_process_tables(tmp_path, saved_gpt2, one_thread, capsys):
-    config = workspace(tmp_path, saved_gpt2)
+    config = two_model_config(tmp_path, saved_gpt2, TEXTS)
     ref = reference(config, tmp_path / "reference")
     command = [sys.executable, "-m", "lmeval", "run", str(config), "-q", "--shard"]
     procs = [
@@ -79,8 +66,8 @@ def test_two_shard_processes_then_merge_give_the_one_process_tables(tmp_path, sa
 def test_a_rerun_shard_rescores_only_its_missing_parts_and_merge_names_what_is_missing(
     tmp_path, saved_gpt2, one_thread, capsys
 ):
-    config = load_config(workspace(tmp_path, saved_gpt2, part_chars=200))
-    ref = reference(workspace(tmp_path, saved_gpt2, part_chars=200), tmp_path / "reference")
+    config = load_config(two_model_config(tmp_path, saved_gpt2, TEXTS, part_chars=200))
+    ref = reference(two_model_config(tmp_path, saved_gpt2, TEXTS, part_chars=200), tmp_path / "reference")
     out = tmp_path / "out"
     first = run_shard(config, 0, 2, show_progress=False)
     assert first.scored == first.share > 0 and first.missing > 0 and first.merged is None
@@ -111,7 +98,7 @@ def test_a_rerun_shard_rescores_only_its_missing_parts_and_merge_names_what_is_m
 
 
 def test_rerunning_a_finished_shard_scores_nothing_and_the_last_shard_merges(tmp_path, saved_gpt2, one_thread):
-    config = load_config(workspace(tmp_path, saved_gpt2, part_chars=600))
+    config = load_config(two_model_config(tmp_path, saved_gpt2, TEXTS, part_chars=600))
     first = run_shard(config, 0, 2, show_progress=False, merge_when_complete=True)
     assert first.merged is None and "not merged" in first.note and first.missing > 0
     inodes = part_files(tmp_path / "out")
@@ -142,14 +129,14 @@ def test_parse_shard_reads_i_of_n():
     ],
 )
 def test_shard_flags_are_checked_on_the_command_line(tmp_path, saved_gpt2, capsys, flags, message):
-    config = workspace(tmp_path, saved_gpt2)
+    config = two_model_config(tmp_path, saved_gpt2, TEXTS)
     assert main(["run", str(config), "-q", *flags]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_a_shard_of_another_count_is_refused(tmp_path, saved_gpt2, one_thread):
-    config = load_config(workspace(tmp_path, saved_gpt2, part_chars=600))
+    config = load_config(two_model_config(tmp_path, saved_gpt2, TEXTS, part_chars=600))
     run_shard(config, 0, 2, show_progress=False)
     with pytest.raises(ShardError, match=r"--shard: N must be the shard count .* \(got 3, started with 2\)"):
         run_shard(config, 0, 3, show_progress=False)
@@ -158,10 +145,12 @@ def test_a_shard_of_another_count_is_refused(tmp_path, saved_gpt2, one_thread):
 def test_merge_of_a_folder_without_shards_is_explained(tmp_path, saved_gpt2, capsys, one_thread):
     assert main(["merge", str(tmp_path / "nothing")]) == 2
     assert "OUTPUT_DIR must be the output.dir of `lmeval run CONFIG --shard I/N`" in capsys.readouterr().err
-    lmeval.run(str(workspace(tmp_path, saved_gpt2, part_chars=600)), show_progress=False)
+    lmeval.run(str(two_model_config(tmp_path, saved_gpt2, TEXTS, part_chars=600)), show_progress=False)
     assert main(["merge", str(tmp_path / "out")]) == 2  # a plain run's folder, finished
     assert "it holds a finished run (run.json)" in capsys.readouterr().err
-    config = load_config(workspace(tmp_path, saved_gpt2, part_chars=600), [f"output.dir={tmp_path / 'sharded'}"])
+    config = load_config(
+        two_model_config(tmp_path, saved_gpt2, TEXTS, part_chars=600), [f"output.dir={tmp_path / 'sharded'}"]
+    )
     run_shard(config, 1, 2, show_progress=False)
     with pytest.raises(MissingPartsError, match=r"shard 0/2: \d part\(s\), starting at documents d0"):
         merge(tmp_path / "sharded")
