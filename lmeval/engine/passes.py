@@ -253,7 +253,8 @@ def score_parts(
                 check_aligned(out, rows, lm.name)
                 # the baseline's mass outside its kept K, per token: how far below the exact KL the bound may be
                 out["baseline_tail_mass"] = tail
-            reductions = "eager, lockstep" if variants else lm.workspace.mode_since(calls)
+            # how the reductions ran (kernel, eager, compiled), and whether in lockstep
+            reductions = lm.workspace.mode_since(calls) + (", lockstep" if variants else "")
             for m, columns in zip(models, out if variants else [out]):
                 if wanted is not None and index not in wanted[m.name]:
                     continue  # this model's part is already done
