@@ -245,20 +245,25 @@ def _parquet_rows(path: str) -> int | None:
         return None
 
 
-def _load_dataset(config):
+def _load_dataset(config, streaming: bool = False):
     """Open the corpus with Hugging Face `datasets` (local files, a glob, a ``save_to_disk``
-    folder, or a hub id)."""
+    folder, or a hub id); with ``streaming``, an iterable dataset read as it goes."""
     import datasets
 
     datasets.disable_progress_bars()
     # A parse failure is re-raised below as one DataError; datasets' own log of it is noise.
     datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
     if is_saved_dataset(config.path):
+        if streaming:
+            raise DataError(
+                f"data.streaming: {config.path} is a save_to_disk folder, already local and memory-mapped "
+                "(got data.streaming: true). Drop data.streaming."
+            )
         return _load_saved(config)
     files = _local_files(config.path)
     try:
         if files is None:
-            return datasets.load_dataset(config.path, config.name, split=config.split)
+            return datasets.load_dataset(config.path, config.name, split=config.split, streaming=streaming)
         if not files:
             raise DataError(f"data.path: {config.path} matched no files. Check the pattern.")
         suffixes = {file_format(f) for f in files}
@@ -269,7 +274,7 @@ def _load_dataset(config):
         builder = BUILDERS[suffixes.pop()]
         files = _with_documents(files, config.path)
         extra = {"sample_by": config.sample_by} if builder == "text" else {}
-        return datasets.load_dataset(builder, data_files=files, split="train", **extra)
+        return datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **extra)
     except DataError:
         raise
     except Exception as exc:  # datasets wraps parser errors in several types

@@ -37,16 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from ..analyses import analyses_for, plots
-from ..errors import DataError, LmevalError
+from ..errors import DataError
 from .config import Config
 from .data import (
-    BUILDERS,
     Corpus,
     Document,
+    _load_dataset,
     _local_files,
-    _unreadable,
-    _with_documents,
-    file_format,
     is_saved_dataset,
     strip_bom,
 )
@@ -87,34 +84,7 @@ class StreamFacts:
 
 def open_stream(data) -> Iterator[dict]:
     """The rows of ``data.path`` (local files or a hub id) as `datasets` streams them, in order."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
-    if is_saved_dataset(data.path):
-        raise DataError(
-            f"data.streaming: {data.path} is a save_to_disk folder, already local and memory-mapped "
-            "(got data.streaming: true). Drop data.streaming."
-        )
-    files = _local_files(data.path)
-    try:
-        if files is None:
-            return iter(datasets.load_dataset(data.path, data.name, split=data.split, streaming=True))
-        if not files:
-            raise DataError(f"data.path: {data.path} matched no files. Check the pattern.")
-        suffixes = {file_format(f) for f in files}
-        if len(suffixes) != 1 or next(iter(suffixes)) not in BUILDERS:
-            raise DataError(
-                f"data.path: files must share one of the extensions {', '.join(BUILDERS)} (got {sorted(suffixes)})."
-            )
-        builder = BUILDERS[suffixes.pop()]
-        extra = {"sample_by": data.sample_by} if builder == "text" else {}
-        files = _with_documents(files, data.path)
-        return iter(datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra))
-    except LmevalError:
-        raise
-    except Exception as exc:  # datasets wraps parser errors in several types
-        raise DataError(_unreadable(data, files, exc)) from exc
+    return iter(_load_dataset(data, streaming=True))
 
 
 def source_identity(data) -> str:
