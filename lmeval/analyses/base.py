@@ -29,6 +29,9 @@ import numpy as np
 
 from ..core.groups import GroupLabels
 
+# Where each token row stands and what it is: the columns every per-token table starts from.
+TOKEN_PLACE = frozenset({"doc_index", "position", "token_id", "token", "char_start", "char_end", "context_len"})
+
 
 @dataclass(frozen=True)
 class Needs:

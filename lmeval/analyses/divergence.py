@@ -20,7 +20,7 @@ import pandas as pd
 from ..core.bootstrap import bootstrap_interval, resampled_sums
 from ..core.divergence import PAIR_FIELDS
 from ..core.sketch import QuantileSketch
-from .base import Analysis, ModelResult, Needs, Outputs, Part, RunFacts
+from .base import TOKEN_PLACE, Analysis, ModelResult, Needs, Outputs, Part, RunFacts
 from .plots import plot_divergence, plot_divergence_bpw
 
 DIVERGENCE_COLUMNS = [
@@ -249,19 +249,7 @@ TOPK_BOUND = (
     "both distributions coarsened to the baseline's K kept ids and the rest of the vocabulary as one cell "
     "(log-sum inequality); topk_overlap, kl_topk, same_top1, delta_p, nll and nll_baseline are exact"
 )
-TOKEN_INPUTS = frozenset(
-    {
-        *PAIR_FIELDS,
-        "baseline_tail_mass",
-        "doc_index",
-        "position",
-        "token_id",
-        "token",
-        "char_start",
-        "char_end",
-        "context_len",
-    }
-)
+TOKEN_INPUTS = TOKEN_PLACE | {*PAIR_FIELDS, "baseline_tail_mass"}
 
 
 class DivergenceAnalysis(Analysis):

@@ -19,7 +19,7 @@ import pandas as pd
 from ..core import memorization as mem
 from ..core.units import bits_per, perplexity, scored_count
 from ..producers.tables import normalisers, tokens_frame
-from .base import Analysis, ModelResult, Needs, Outputs, Part, RunFacts
+from .base import TOKEN_PLACE, Analysis, ModelResult, Needs, Outputs, Part, RunFacts
 
 DOCUMENT_COLUMNS = [
     "model",
@@ -36,24 +36,15 @@ DOCUMENT_COLUMNS = [
 
 SUM_FIELDS = ("doc_ids", "n_tokens", "n_bytes", "n_words", "nll_sum")
 # The columns a tokens.parquet row is built from (`tokens_frame`).
-TOKEN_TABLE_INPUTS = frozenset(
-    {
-        "doc_index",
-        "position",
-        "token_id",
-        "token",
-        "char_start",
-        "char_end",
-        "context_len",
-        "nll",
-        "entropy",
-        "max_prob",
-        "is_top1",
-        "rank",
-        "sum_q2",
-        "mean_neg_logq",
-    }
-)
+TOKEN_TABLE_INPUTS = TOKEN_PLACE | {
+    "nll",
+    "entropy",
+    "max_prob",
+    "is_top1",
+    "rank",
+    "sum_q2",
+    "mean_neg_logq",
+}
 
 
 class DocumentsAnalysis(Analysis):
