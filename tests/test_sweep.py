@@ -1,6 +1,7 @@
 """Every causal-LM architecture of the installed transformers, built tiny: lmeval's per-token
 NLL equals a float64 log-softmax of the model's own logits on each window alone (within
-1e-5 nats, at S = L and S < L and several batch sizes), or the model is refused by name.
+1e-5 nats, at S = L and S < L and several batch sizes; or, for a model whose own float32
+forward rounds by more than that, within its float32 floor), or the model is refused by name.
 
 A representative dozen and two sparse-attention indexers run by default; the whole mapping
 and the other indexers are ``-m slow``, and ``scripts/sweep_architectures.py`` prints the
@@ -59,3 +60,13 @@ def test_indexers_are_exact_where_padding_changes_their_keys(model_type, bpe_tok
 def test_every_architecture(model_type, bpe_tokenizer):
     row = check_architecture(model_type, bpe_tokenizer)
     assert row["result"] in ("pass", "refused", "skipped"), row
+
+
+def test_float32_rounding_of_the_model_itself_is_not_a_defect(bpe_tokenizer):
+    """dory's own float32 forward is up to ~1.6e-4 nats from its float64 forward, so lmeval
+    (float32) cannot be within 1e-5 of the float32 oracle at every batch size; it passes
+    because its error stays below that floor, which a batching defect (>= 1e-2) never does."""
+    row = check_architecture("dory", bpe_tokenizer)
+    assert row["result"] == "pass", row
+    if row["max_error"] > 1e-5:
+        assert row["max_error"] <= row["float32_floor"], row

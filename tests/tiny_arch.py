@@ -10,6 +10,7 @@ that cannot be scored as text-only causal LMs (multimodal, audio) or built tiny 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 
@@ -334,6 +335,23 @@ def batch_tokens_for(max_length: int, quick: bool) -> list[int]:
 TOLERANCE = 1e-5  # nats
 
 
+def float32_floor(model, docs: list[list[int]], max_length: int, stride: int, expected: list[np.ndarray]) -> float:
+    """How far the model's own float32 forward is from its float64 forward on the oracle's
+    windows (nats, the largest over every token): the rounding float32 itself cannot resolve.
+
+    Some architectures (deep stacks with large activations) round by more than TOLERANCE in
+    float32 whatever the batching; an error below this floor is the arithmetic's, not a
+    protocol defect (a batching defect is 1e-2 nats and more). 0 for a model that cannot run
+    in float64 (some kernels take float32 only): no floor is granted then.
+    """
+    model64 = copy.deepcopy(model).double()
+    try:
+        oracle_nll(model64, docs[0][:2], max_length, stride)
+    except RuntimeError:
+        return 0.0
+    return max(float(np.abs(oracle_nll(model64, s, max_length, stride) - e).max()) for s, e in zip(docs, expected))
+
+
 def oracle_nll(model, s: list[int], max_length: int, stride: int) -> np.ndarray:
     """-log q(t[j] | its window) for every target t[j] = s[j+1], written from DESIGN.md's
     window rule: spans t[p:e] with e = min(p + S, n), each scored in the window
@@ -374,7 +392,9 @@ def check_architecture(model_type: str, tokenizer, quick: bool = False, batching
 
     ``quick`` uses two texts and two batch sizes (the default test run); ``batching``
     replaces the probes' choice (to show what a looser one would score). ``result`` is
-    ``pass`` (within TOLERANCE at every window and batch size), ``FAIL``, ``refused`` (a
+    ``pass`` (within TOLERANCE at every window and batch size, or, where the model's own
+    float32 forward is further than that from its float64 forward, within that distance:
+    ``float32_floor``), ``FAIL``, ``refused`` (a
     named ModelError at load: not causal), ``skipped`` (not a text-only causal LM, or
     cannot be built tiny) or ``error`` (anything else raised). ``errors`` holds the largest
     error per (L, S, batch_tokens).
@@ -404,21 +424,30 @@ def check_architecture(model_type: str, tokenizer, quick: bool = False, batching
         if batching is not None:
             lm = dataclasses.replace(lm, probes=Probes(batching=batching))
         row.update(head="fast" if lm.head.fast else "fallback", batching=lm.probes.batching)
-        windows = windows_for(model)
+        windows, failed = windows_for(model), False
         texts = sweep_texts(quick, long=windows == LONG_WINDOWS)
         bos = tokenizer.eos_token_id
         docs = [[bos] + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         for max_length, stride in windows:
             expected = [oracle_nll(model, s, max_length, stride) for s in docs]
+            floor = None
             for batch_tokens in batch_tokens_for(max_length, quick):
                 table = lmeval.score_texts(texts, lm, max_length=max_length, stride=stride, batch_tokens=batch_tokens)
                 error = 0.0
                 for i, want in enumerate(expected):
                     got = table.nll[table.doc_id == i].to_numpy(dtype=np.float64)
                     error = max(error, float(np.abs(got - want).max()) if len(got) == len(want) else float("inf"))
+                if error > TOLERANCE and floor is None:
+                    floor = float32_floor(model, docs, max_length, stride, expected)
+                    row["float32_floor"] = max(row.get("float32_floor", 0.0), floor)
                 row["errors"][(max_length, stride, batch_tokens)] = error
+                failed = failed or (error > TOLERANCE and error > floor)
         error = max(row["errors"].values())
-        row.update(result="pass" if error <= TOLERANCE else "FAIL", max_error=error)
+        row.update(result="FAIL" if failed else "pass", max_error=error)
+        if error > TOLERANCE and row["result"] == "pass":
+            row["note"] = (
+                f"beyond {TOLERANCE:g} but within the model's own float32 rounding ({row['float32_floor']:.2e})"
+            )
     except Skip as exc:
         row.update(result="skipped", note=str(exc))
     except ModelError as exc:
