@@ -294,7 +294,22 @@ def test_blockwise_draw_is_the_documented_single_draw(monkeypatch):
     columns = np.random.default_rng(1).normal(size=(37, 3))
     monkeypatch.setattr(bootstrap, "_CHUNK_ELEMENTS", 50)  # a few resamples per block
     index = np.random.default_rng(9).integers(0, 37, size=(101, 37))
-    np.testing.assert_allclose(bootstrap.resampled_sums(columns, 101, 9), columns[index].sum(axis=1), rtol=1e-14)
+    np.testing.assert_allclose(bootstrap.resampled_sums(columns, 101, 9), columns[index].sum(axis=1), rtol=1e-14, atol=1e-13)
+
+
+def test_a_non_finite_entry_reaches_only_the_resamples_that_draw_it(monkeypatch):
+    """Sums are computed as draw counts times the columns, where 0 * inf would be NaN: an
+    infinite or NaN entry must spoil exactly the resamples holding its document, as the
+    gather of the documented draw does."""
+    columns = np.random.default_rng(2).normal(size=(23, 3))
+    columns[4, 1], columns[9, 1], columns[7, 2] = np.inf, -np.inf, np.nan
+    monkeypatch.setattr(bootstrap, "_CHUNK_ELEMENTS", 60)
+    expected = columns[np.random.default_rng(5).integers(0, 23, size=(80, 23))].sum(axis=1)
+    got = bootstrap.resampled_sums(columns, 80, 5)
+    assert np.isnan(expected).any() and np.isinf(expected).any()  # the draw hits each kind
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    np.testing.assert_array_equal(np.isposinf(got), np.isposinf(expected))
+    np.testing.assert_allclose(got[np.isfinite(expected)], expected[np.isfinite(expected)], rtol=1e-14, atol=1e-13)
 
 
 def test_no_resamples_gives_no_interval():

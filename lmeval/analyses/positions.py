@@ -107,12 +107,12 @@ class ModelAnalysis:
         document in both (pieces of one document) is one document."""
         remap = self._indices(later.doc_ids)  # later's corpus index -> this state's
         for axis in AXES:
-            self.sums[axis] += [dataclasses.replace(s, doc=remap[s.doc]) for s in later.sums[axis]]
+            self.sums[axis] += [dataclasses.replace(s, doc=remap[s.doc].astype(np.int32)) for s in later.sums[axis]]
         self.longest_context = max(self.longest_context, later.longest_context)
         for i, values in enumerate(later.icl):
-            grown = accumulate(self.icl[i], np.zeros(self.n_docs))
-            np.add.at(grown, remap[: len(values)], values)
-            self.icl[i] = grown
+            if len(self.icl[i]) < self.n_docs:  # grown by doubling: not a new corpus-long array every part
+                self.icl[i] = accumulate(self.icl[i], np.zeros(max(self.n_docs, 2 * len(self.icl[i]))))
+            np.add.at(self.icl[i], remap[: len(values)], values)
         for key, parts in later.scores.items():
             self.scores[key] += parts  # membership refuses pieces: each document appears once
         return self
@@ -192,7 +192,7 @@ class ModelAnalysis:
         if not self.options.positions:
             return {}
         order = self._canonical()
-        icl = [accumulate(values, np.zeros(self.n_docs)) for values in self.icl]
+        icl = [accumulate(values[: self.n_docs], np.zeros(self.n_docs)) for values in self.icl]
         early, late = ((icl[i][order], icl[i + 1][order]) for i in (0, 2))
         result = icl_score(early, late, self.options.bootstrap, self.options.seed)
         (e_lo, e_hi), (l_lo, l_hi) = self.windows

@@ -21,7 +21,7 @@ from .bootstrap import resampled_sums
 # Log edges are laid out up to 2^48 tokens once, so every part bins against the same edges.
 _LOG_OCTAVES = 48
 # Dense (documents x bins) float64 columns handed to the bootstrap at a time.
-_BLOCK_BYTES = 64 * 2**20
+_BLOCK_BYTES = 16 * 2**20
 
 
 @functools.cache
@@ -63,9 +63,13 @@ class Bins:
 
 @dataclass(frozen=True)
 class BinnedSums:
-    """Sparse per-(document, bin) sums: one entry per pair that holds tokens. ``doc`` and
-    ``bin`` int64; ``n_tokens`` int64; ``nll_sum`` [nats] and ``value_sum`` (of the binned
-    value itself, for the bin's mean position) float64."""
+    """Sparse per-(document, bin) sums: one entry per pair that holds tokens. ``doc``, ``bin``
+    and ``n_tokens`` int32, ``value_sum`` (of the binned value itself, for the bin's mean
+    position: a sum of integers, exact) int64, ``nll_sum`` [nats] float64: 28 bytes an entry.
+
+    A run keeps every entry until its end (the document bootstrap needs each document's sums),
+    about 80 entries a document at 4 bins an octave, so the entries are its one state that
+    grows with the corpus: they are kept narrow and merged into one array as parts arrive."""
 
     doc: np.ndarray
     bin: np.ndarray
@@ -76,19 +80,14 @@ class BinnedSums:
     @staticmethod
     def concat(parts: list[BinnedSums]) -> BinnedSums:
         """The parts' entries as one, a (document, bin) pair met twice summed into one entry."""
+        empty = [np.zeros(0, dtype=np.int64)]  # no parts: no entries (each field keeps its dtype otherwise)
         doc, bin_, n, s, v = (
-            np.concatenate([np.zeros(0)] + [getattr(p, f) for p in parts]) for f in BinnedSums.__dataclass_fields__
+            np.concatenate([getattr(p, f) for p in parts] or empty) for f in BinnedSums.__dataclass_fields__
         )
-        doc, bin_, n = doc.astype(np.int64), bin_.astype(np.int64), n.astype(np.int64)
+        doc, bin_ = doc.astype(np.int64), bin_.astype(np.int64)
         width = int(bin_.max()) + 1 if len(bin_) else 1
         keys, inverse = np.unique(doc * width + bin_, return_inverse=True)
-        return BinnedSums(
-            doc=keys // width,
-            bin=keys % width,
-            n_tokens=np.bincount(inverse, weights=n, minlength=len(keys)).astype(np.int64),
-            nll_sum=np.bincount(inverse, weights=s, minlength=len(keys)),
-            value_sum=np.bincount(inverse, weights=v, minlength=len(keys)),
-        )
+        return _narrow(keys, width, inverse, n, s, v)
 
 
 def binned_sums(
@@ -100,13 +99,21 @@ def binned_sums(
     values = np.asarray(values, dtype=np.int64)
     b = bins.index(values)
     width = int(b.max()) + 1 if len(b) else 1
-    keys, inverse = np.unique(doc_index * width + b, return_inverse=True)
+    keys, inverse = np.unique((doc_index + doc_offset) * width + b, return_inverse=True)
+    return _narrow(keys, width, inverse, np.ones(len(b)), np.asarray(nll, dtype=np.float64), values)
+
+
+def _narrow(keys: np.ndarray, width: int, inverse: np.ndarray, n, nll, value) -> BinnedSums:
+    """Entries ``keys = doc * width + bin`` with the sums of the rows ``inverse`` maps to them,
+    in BinnedSums' dtypes (counts and integer sums are exact in float64 below 2^53)."""
+    if len(keys) and (keys[-1] // width >= 2**31 or width > 2**31):
+        raise ValueError(f"positions: {keys[-1] // width + 1} documents or {width} bins exceed int32")
     return BinnedSums(
-        doc=keys // width + doc_offset,
-        bin=keys % width,
-        n_tokens=np.bincount(inverse, minlength=len(keys)).astype(np.int64),
-        nll_sum=np.bincount(inverse, weights=np.asarray(nll, dtype=np.float64), minlength=len(keys)),
-        value_sum=np.bincount(inverse, weights=values.astype(np.float64), minlength=len(keys)),
+        doc=(keys // width).astype(np.int32),
+        bin=(keys % width).astype(np.int32),
+        n_tokens=np.bincount(inverse, weights=n, minlength=len(keys)).astype(np.int32),
+        nll_sum=np.bincount(inverse, weights=nll, minlength=len(keys)),
+        value_sum=np.rint(np.bincount(inverse, weights=value, minlength=len(keys))).astype(np.int64),
     )
 
 
