@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import OutputError, option
-from .files import atomic_write, write_json
+from .files import atomic_write, write_json, write_parquet
 
 META_KEY = b"lmeval"
 
@@ -74,7 +74,7 @@ def write_part(path: Path, columns: dict[str, np.ndarray], meta: dict) -> None:
             arrays[name] = values
     meta = {**meta, "checksum": part_checksum(arrays, meta)}
     table = pa.table(arrays).replace_schema_metadata({META_KEY: json.dumps(meta, default=_plain).encode("utf-8")})
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    atomic_write(path, lambda tmp: write_parquet(table, tmp))
 
 
 def part_checksum(arrays: dict[str, np.ndarray], meta: dict) -> str:

@@ -210,7 +210,7 @@ def score_parts(
     """The one part loop of every pass: each part's documents are produced into columns for
     ``lm`` (with its ``baseline``, or in lockstep as the baseline of ``variants``, or against
     the baseline's top-K kept in the parts under ``cached_from``), and each model's part is
-    written in the background and handed to its job's merger at once."""
+    written and handed to its job's merger in the background, in order."""
     if not plans:
         return
     job = jobs[lm.name]
@@ -267,7 +267,10 @@ def score_parts(
                     key = plan_key(own.corpus, plan, config.scoring.documents)
                     writer.submit(write_part, own.folder / f"{key}.parquet", kept, meta)
                 kept = {k: v for k, v in kept.items() if k not in CACHE_COLUMNS}  # for the later passes only
-                own.merger.add(m.name, index, Part(m.name, [str(d) for d in meta["doc_ids"]], kept, meta))
+                # folded after its write, by the same niced thread: merging is off the scoring thread too
+                writer.submit(
+                    own.merger.add, m.name, index, Part(m.name, [str(d) for d in meta["doc_ids"]], kept, meta)
+                )
             release_free_memory()  # the batches' freed logits, before the next part allocates its own
 
 

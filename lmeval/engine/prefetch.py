@@ -1,10 +1,12 @@
 """Overlap a run's host work with scoring: tokenize the next part and write the last one while
 the current one is scored.
 
-Both run in one background thread each. The tokenizer (Rust) and the parquet writer (Arrow,
-C++) release the GIL, so they proceed while the model runs. Parts are still written in
-order and atomically; `close` waits for every write, so when `score_parts` returns every
-part is on disk, and an error in a background step is raised there, never lost.
+Both run in one background thread each; the writer's thread also folds each part it wrote
+into the run's merge, in order, so the analyses' per-part work is off the scoring thread too.
+The tokenizer (Rust) and the parquet writer (Arrow, C++) release the GIL, so they proceed
+while the model runs. Parts are still written in order and atomically; `close` waits for
+every write, so when `score_parts` returns every part is on disk and merged, and an error in
+a background step is raised there, never lost.
 
 The two threads run at a lower scheduling priority (`BACKGROUND_NICENESS`, Linux only): on
 a CPU the model's intra-op threads wait for each other at every parallel region, so a
