@@ -121,7 +121,7 @@ def run_hf_recipe(model, tokenizer, texts, args) -> dict:
 # ---- end to end: `lmeval run` vs scoring alone -----------------------------------------------------
 
 
-def _write_run(folder: Path, model_dir: Path, texts: list[str]) -> Path:
+def _write_run(folder: Path, model_dir: Path, texts: list[str], part_chars: int | None = None) -> Path:
     with open(folder / "docs.jsonl", "w", encoding="utf-8") as f:
         for i, text in enumerate(texts):
             f.write(json.dumps({"id": f"doc-{i}", "text": text}) + "\n")
@@ -129,7 +129,7 @@ def _write_run(folder: Path, model_dir: Path, texts: list[str]) -> Path:
     config.write_text(
         f"models: [{{name: m, path: {model_dir}, dtype: float32}}]\n"
         "data: {path: docs.jsonl, id_field: id}\nscoring: {max_length: 256, batch_tokens: 8192}\n"
-        "output: {dir: out, part_chars: 65536}\n",
+        "output: {dir: out" + (f", part_chars: {part_chars}" if part_chars else "") + "}\n",
         encoding="utf-8",
     )
     return config
@@ -147,7 +147,7 @@ def run_lmeval_run(model, tokenizer, texts, args) -> dict:
     from lmeval.model.loading import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = _write_run(Path(tmp), _saved(model, tokenizer, Path(tmp)), texts)
+        config = _write_run(Path(tmp), _saved(model, tokenizer, Path(tmp)), texts, args.part_chars)
         started = time.perf_counter()
         load_model(Path(tmp) / "model")  # the load that `run` repeats, timed to subtract it
         load = time.perf_counter() - started
@@ -234,6 +234,7 @@ def compare(args) -> None:
         str(args.threads),
         "--sentences",
         str(args.sentences),
+        *(["--part-chars", str(args.part_chars)] if args.part_chars else []),
     ]
     results = bench.run_children({m: [*base, "--method", m] for m in methods}, args.repeat)
     print(f"\n== {args.case}: model {model}, threads = {args.threads}, repeat = {args.repeat}")

@@ -50,6 +50,9 @@ def token_strings(tokenizer, token_ids: np.ndarray) -> np.ndarray:
 def tokens_frame(model_name: str, doc_ids: list, columns: dict[str, np.ndarray]) -> pd.DataFrame:
     """One row per scored token, in document then position order. ``columns`` holds the
     scorer's arrays plus ``token``, ``char_start``, ``char_end``; ``doc_index`` indexes ``doc_ids``."""
+    order = np.lexsort((columns["position"], columns["doc_index"]))
+    if not np.array_equal(order, np.arange(len(order))):  # scoring usually emits this order already
+        columns = {k: v[order] if np.ndim(v) and len(v) == len(order) else v for k, v in columns.items()}
     doc_index = columns["doc_index"]
     frame = pd.DataFrame(
         {
@@ -75,8 +78,7 @@ def tokens_frame(model_name: str, doc_ids: list, columns: dict[str, np.ndarray])
     if "topk_ids" in columns and columns["topk_ids"].shape[1]:
         frame["topk_token_ids"] = list(columns["topk_ids"])
         frame["topk_probs"] = list(columns["topk_probs"])
-    order = np.lexsort((columns["position"], doc_index))
-    return frame.iloc[order].reset_index(drop=True)
+    return frame
 
 
 def document_sums(doc_index: np.ndarray, nll: np.ndarray, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
