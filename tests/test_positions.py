@@ -10,7 +10,7 @@ import pytest
 
 import lmeval
 from conftest import CORPUS
-from lmeval.core.positions import BinnedSums, Bins, binned_sums, icl_window, log_edges, pooled_bins
+from lmeval.core.positions import BinnedSums, Bins, SpilledSums, binned_sums, icl_window, log_edges, pooled_bins
 from lmeval.engine.config import load_config
 from lmeval.errors import ConfigError
 
@@ -76,6 +76,27 @@ def test_binned_sums_match_groupby_and_merge_repeats():
     by_bin = frame.groupby("bin").agg(n=("nll", "size"), m=("nll", "mean"), d=("doc", "nunique"))
     np.testing.assert_allclose(pooled["nll_mean"], by_bin.m, rtol=1e-12)
     np.testing.assert_array_equal(pooled["n_documents"], by_bin.d)
+
+
+def test_spilled_entries_read_back_exactly_and_keep_appending():
+    """A run's entries wait in a temporary file (not in memory); reading them back gives every
+    field bit for bit, in append order, and appends after a read still land at the end."""
+    rng = np.random.default_rng(2)
+    bins = Bins("log", 4)
+    chunks = [
+        binned_sums(rng.integers(0, 5, 400), rng.integers(0, 900, 400), rng.random(400), bins, 5 * i) for i in range(3)
+    ]
+    spilled = SpilledSums()
+    spilled.append(chunks[0])
+    spilled.load()
+    for chunk in chunks[1:]:
+        spilled.append(chunk)
+    back = spilled.load()
+    spilled.close()
+    for name in BinnedSums.__dataclass_fields__:
+        expected = np.concatenate([getattr(c, name) for c in chunks])
+        assert getattr(back, name).dtype == expected.dtype, name
+        np.testing.assert_array_equal(getattr(back, name), expected, err_msg=name)
 
 
 # --------------------------------------------------------------------------------------

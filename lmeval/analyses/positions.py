@@ -26,6 +26,7 @@ from ..core import memorization as mem
 from ..core.positions import (
     BinnedSums,
     Bins,
+    SpilledSums,
     bin_intervals,
     binned_sums,
     icl_score,
@@ -79,7 +80,8 @@ class ModelAnalysis:
         self.index: dict[str, int] = {}  # doc_id -> corpus-wide index (the pieces of a document share one)
         self.doc_ids: list[str] = []
         self.longest_context = 0  # for the note when icl_score cannot be computed
-        self.sums: dict[str, list[BinnedSums]] = {axis: [] for axis in AXES}
+        self.sums: dict[str, list[BinnedSums]] = {axis: [] for axis in AXES}  # a part's (see `add`)
+        self.spilled: dict[str, SpilledSums] = {}  # the run's, merged in (see `merge`)
         self.icl: list[np.ndarray] = [np.zeros(0)] * 4  # per document: early n, early sum, late n, late sum
         self.scores: dict[str, list[np.ndarray]] = {c: [] for c in membership_columns(options)}
 
@@ -107,7 +109,9 @@ class ModelAnalysis:
         document in both (pieces of one document) is one document."""
         remap = self._indices(later.doc_ids)  # later's corpus index -> this state's
         for axis in AXES:
-            self.sums[axis] += [dataclasses.replace(s, doc=remap[s.doc].astype(np.int32)) for s in later.sums[axis]]
+            spilled = self.spilled.setdefault(axis, SpilledSums())  # the running state keeps them on disk
+            for s in later._axis_sums(axis):  # a part's, or another running state's (two ranks' stretches)
+                spilled.append(dataclasses.replace(s, doc=remap[s.doc].astype(np.int32)))
         self.longest_context = max(self.longest_context, later.longest_context)
         for i, values in enumerate(later.icl):
             if len(self.icl[i]) < self.n_docs:  # grown by doubling: not a new corpus-long array every part
@@ -154,7 +158,7 @@ class ModelAnalysis:
     def positions(self) -> pd.DataFrame:
         """positions.csv rows of this model: columns `POSITION_COLUMNS`, ``lo``/``hi`` the bin's
         ``[lo, hi)`` on its axis, ``value_mean`` the mean position (or context length) in it."""
-        groups = [BinnedSums.concat(self.sums[axis]) for axis in AXES]
+        groups = [BinnedSums.concat(self._axis_sums(axis)) for axis in AXES]
         rank = np.argsort(self._canonical())  # corpus index -> its place in doc_id order
         resampled = [dataclasses.replace(g, doc=rank[g.doc]) for g in groups]
         intervals = bin_intervals(resampled, self.n_docs, self.options.bootstrap, self.options.seed)
@@ -180,6 +184,17 @@ class ModelAnalysis:
                 )
             )
         return pd.concat(frames, ignore_index=True)[POSITION_COLUMNS]
+
+    def _axis_sums(self, axis: str) -> list[BinnedSums]:
+        """Every entry of ``axis``: those kept in memory, then those spilled (read back once and
+        the file closed: `positions` and a merge into another state are the last uses)."""
+        spilled = self.spilled.pop(axis, None)
+        if spilled is None:
+            return self.sums[axis]
+        try:
+            return [*self.sums[axis], spilled.load()]
+        finally:
+            spilled.close()
 
     def _canonical(self) -> np.ndarray:
         """Corpus indices in doc_id order: the bootstrap resamples documents in this order,
