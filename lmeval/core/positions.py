@@ -102,7 +102,8 @@ class SpilledSums:
     )
 
     def __init__(self) -> None:
-        self.file = tempfile.TemporaryFile(prefix="lmeval-positions-")  # gone on close or exit
+        # open for the run, closed by `close`; unnamed, so it is gone on exit whatever happens
+        self.file = tempfile.TemporaryFile(prefix="lmeval-positions-")  # noqa: SIM115
 
     def append(self, sums: BinnedSums) -> None:
         records = np.empty(len(sums.doc), dtype=self.DTYPE)
