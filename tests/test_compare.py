@@ -294,7 +294,9 @@ def test_blockwise_draw_is_the_documented_single_draw(monkeypatch):
     columns = np.random.default_rng(1).normal(size=(37, 3))
     monkeypatch.setattr(bootstrap, "_CHUNK_ELEMENTS", 50)  # a few resamples per block
     index = np.random.default_rng(9).integers(0, 37, size=(101, 37))
-    np.testing.assert_allclose(bootstrap.resampled_sums(columns, 101, 9), columns[index].sum(axis=1), rtol=1e-14, atol=1e-13)
+    np.testing.assert_allclose(
+        bootstrap.resampled_sums(columns, 101, 9), columns[index].sum(axis=1), rtol=1e-14, atol=1e-13
+    )
 
 
 def test_a_non_finite_entry_reaches_only_the_resamples_that_draw_it(monkeypatch):

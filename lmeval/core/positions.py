@@ -97,9 +97,14 @@ class SpilledSums:
     the resident set does not grow with the corpus. `load` reads them back as one BinnedSums
     (pieces of a document still separate: `BinnedSums.concat` merges them)."""
 
-    DTYPE = np.dtype(
-        [("doc", np.int32), ("bin", np.int32), ("n_tokens", np.int32), ("nll_sum", np.float64), ("value_sum", np.int64)]
+    FIELDS = (
+        ("doc", np.int32),
+        ("bin", np.int32),
+        ("n_tokens", np.int32),
+        ("nll_sum", np.float64),
+        ("value_sum", np.int64),
     )
+    DTYPE = np.dtype(list(FIELDS))
 
     def __init__(self) -> None:
         # open for the run, closed by `close`; unnamed, so it is gone on exit whatever happens
@@ -107,7 +112,7 @@ class SpilledSums:
 
     def append(self, sums: BinnedSums) -> None:
         records = np.empty(len(sums.doc), dtype=self.DTYPE)
-        for name in self.DTYPE.names:
+        for name, _ in self.FIELDS:
             records[name] = getattr(sums, name)
         self.file.write(records.tobytes())
 
@@ -115,7 +120,7 @@ class SpilledSums:
         self.file.seek(0)
         records = np.frombuffer(self.file.read(), dtype=self.DTYPE)
         self.file.seek(0, 2)  # appends go on at the end
-        return BinnedSums(*(np.ascontiguousarray(records[name]) for name in self.DTYPE.names))
+        return BinnedSums(*(np.ascontiguousarray(records[name]) for name, _ in self.FIELDS))
 
     def close(self) -> None:
         self.file.close()
