@@ -109,9 +109,10 @@ class ModelAnalysis:
         document in both (pieces of one document) is one document."""
         remap = self._indices(later.doc_ids)  # later's corpus index -> this state's
         for axis in AXES:
-            spilled = self.spilled.setdefault(axis, SpilledSums())  # the running state keeps them on disk
             for s in later._axis_sums(axis):  # a part's, or another running state's (two ranks' stretches)
-                spilled.append(dataclasses.replace(s, doc=remap[s.doc].astype(np.int32)))
+                if axis not in self.spilled:  # the running state keeps them on disk (none without positions)
+                    self.spilled[axis] = SpilledSums()
+                self.spilled[axis].append(dataclasses.replace(s, doc=remap[s.doc].astype(np.int32)))
         self.longest_context = max(self.longest_context, later.longest_context)
         for i, values in enumerate(later.icl):
             if len(self.icl[i]) < self.n_docs:  # grown by doubling: not a new corpus-long array every part
