@@ -31,8 +31,9 @@ def resampled_sums(columns, n_resamples: int, seed: int) -> np.ndarray:
     columns = np.asarray(columns, dtype=np.float64)  # (D, k)
     n_docs, k = columns.shape
     # 0 * inf is NaN: non-finite entries (an infinite nll) join only the resamples that draw them.
-    bad = np.argwhere(~np.isfinite(columns))
-    finite = np.where(np.isfinite(columns), columns, 0.0) if len(bad) else columns
+    is_finite = np.isfinite(columns)
+    bad = np.argwhere(~is_finite)
+    finite = np.where(is_finite, columns, 0.0) if len(bad) else columns
     out = np.empty((n_resamples, k))
     rng = np.random.default_rng(seed)
     rows = max(1, _CHUNK_ELEMENTS // max(n_docs, 1))

@@ -62,6 +62,12 @@ class Bins:
         return edges[index], edges[index + 1]
 
 
+# The dtype of each BinnedSums field: `_narrow` makes them, SpilledSums stores them as records.
+ENTRY = np.dtype(
+    [("doc", np.int32), ("bin", np.int32), ("n_tokens", np.int32), ("nll_sum", np.float64), ("value_sum", np.int64)]
+)
+
+
 @dataclass(frozen=True)
 class BinnedSums:
     """Sparse per-(document, bin) sums: one entry per pair that holds tokens. ``doc``, ``bin``
@@ -70,7 +76,7 @@ class BinnedSums:
 
     A run keeps every entry until its end (the document bootstrap needs each document's sums),
     about 80 entries a document at 4 bins an octave, so the entries are its one state that
-    grows with the corpus: they are kept narrow and merged into one array as parts arrive."""
+    grows with the corpus: they are kept narrow (`ENTRY`) and, in a run, on disk (SpilledSums)."""
 
     doc: np.ndarray
     bin: np.ndarray
@@ -97,30 +103,21 @@ class SpilledSums:
     the resident set does not grow with the corpus. `load` reads them back as one BinnedSums
     (pieces of a document still separate: `BinnedSums.concat` merges them)."""
 
-    FIELDS = (
-        ("doc", np.int32),
-        ("bin", np.int32),
-        ("n_tokens", np.int32),
-        ("nll_sum", np.float64),
-        ("value_sum", np.int64),
-    )
-    DTYPE = np.dtype(list(FIELDS))
-
     def __init__(self) -> None:
         # open for the run, closed by `close`; unnamed, so it is gone on exit whatever happens
         self.file = tempfile.TemporaryFile(prefix="lmeval-positions-")  # noqa: SIM115
 
     def append(self, sums: BinnedSums) -> None:
-        records = np.empty(len(sums.doc), dtype=self.DTYPE)
-        for name, _ in self.FIELDS:
+        records = np.empty(len(sums.doc), dtype=ENTRY)
+        for name in BinnedSums.__dataclass_fields__:
             records[name] = getattr(sums, name)
         self.file.write(records.tobytes())
 
     def load(self) -> BinnedSums:
         self.file.seek(0)
-        records = np.frombuffer(self.file.read(), dtype=self.DTYPE)
+        records = np.frombuffer(self.file.read(), dtype=ENTRY)
         self.file.seek(0, 2)  # appends go on at the end
-        return BinnedSums(*(np.ascontiguousarray(records[name]) for name, _ in self.FIELDS))
+        return BinnedSums(*(np.ascontiguousarray(records[name]) for name in BinnedSums.__dataclass_fields__))
 
     def close(self) -> None:
         self.file.close()
@@ -145,11 +142,11 @@ def _narrow(keys: np.ndarray, width: int, inverse: np.ndarray, n, nll, value) ->
     if len(keys) and (keys[-1] // width >= 2**31 or width > 2**31):
         raise ValueError(f"positions: {keys[-1] // width + 1} documents or {width} bins exceed int32")
     return BinnedSums(
-        doc=(keys // width).astype(np.int32),
-        bin=(keys % width).astype(np.int32),
-        n_tokens=np.bincount(inverse, weights=n, minlength=len(keys)).astype(np.int32),
-        nll_sum=np.bincount(inverse, weights=nll, minlength=len(keys)),
-        value_sum=np.rint(np.bincount(inverse, weights=value, minlength=len(keys))).astype(np.int64),
+        doc=(keys // width).astype(ENTRY["doc"]),
+        bin=(keys % width).astype(ENTRY["bin"]),
+        n_tokens=np.bincount(inverse, weights=n, minlength=len(keys)).astype(ENTRY["n_tokens"]),
+        nll_sum=np.bincount(inverse, weights=nll, minlength=len(keys)).astype(ENTRY["nll_sum"], copy=False),
+        value_sum=np.rint(np.bincount(inverse, weights=value, minlength=len(keys))).astype(ENTRY["value_sum"]),
     )
 
 

@@ -30,7 +30,17 @@ from .merge import Merger
 from .passes import Models, PassJob, check_tokenizers, plan_passes
 from .plan import plan_parts
 from .progress import ScoringProgress
-from .run import _finish, _identity, _NoMerge, _open_run, _part_paths, _require_whole, _unfinished, score_pass
+from .run import (
+    _finish,
+    _identity,
+    _NoMerge,
+    _open_run,
+    _part_paths,
+    _require_whole,
+    _unfinished,
+    pass_left,
+    score_pass,
+)
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +171,7 @@ def _map_parts(ray, config, corpus, plans, todo, idh, merger: Merger, actors, sh
         remote = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1)(PartScorer)
         pool = ActorPool([remote.remote(config, idh, corpus.fingerprint) for _ in range(n)])
         passes = plan_passes(config)
-        lefts = [sorted(set().union(*(todo[m.name] for m in (p.model, *p.variants)))) for p in passes]
+        lefts = [pass_left(p, todo) for p in passes]
         # parts, not tokens: the actors' token counts stay on the actors
         bar = tqdm(desc="scoring (ray)", unit="part", total=sum(map(len, lefts)), disable=not show_progress)
         try:

@@ -193,8 +193,7 @@ def _score_passes(config, corpus, parts, plans, todo, analyses, idh, merger, ctx
     passes = plan_passes(config)
     shares = {}
     for p in passes:
-        # a lockstep pass scores a part any of its models still needs (each writes only its own)
-        left = sorted(set().union(*(todo[m.name] for m in (p.model, *p.variants))))
+        left = pass_left(p, todo)
         share = distributed.assign([plans[i] for i in left], [plans[i].weight for i in left], ctx.world_size)[ctx.rank]
         shares[p.model.name] = [left[j] for j in share]
         bar.plan(sum(plans[i].weight for i in shares[p.model.name]))
@@ -216,6 +215,12 @@ def _score_passes(config, corpus, parts, plans, todo, analyses, idh, merger, ctx
         )
         if k + 1 < len(passes) and not p.variants and p.model.name not in models.kept:
             gc.collect()  # free this model before the next one loads (its reference cycles: 0.5 s)
+
+
+def pass_left(p, todo: dict[str, list[int]]) -> list[int]:
+    """The plan indices pass ``p`` still scores: a lockstep pass scores a part any of its
+    models still needs (each writes only its own)."""
+    return sorted(set().union(*(todo[m.name] for m in (p.model, *p.variants))))
 
 
 def score_pass(
