@@ -224,6 +224,21 @@ def test_char_offsets_slice_back_to_tokens(gpt2_pair):
     assert "".join(text[a:b] for a, b in distinct).replace(" ", "") == text.replace(" ", "")
 
 
+def test_tokenizing_in_batches_of_characters_gives_each_documents_own_tokens(gpt2_pair, monkeypatch):
+    from lmeval.engine.data import Document
+    from lmeval.producers import text as text_module
+
+    _, tokenizer = gpt2_pair
+    texts = [CORPUS[i % len(CORPUS)] * (1 + i % 3) for i in range(12)] + ["", "Naïve café 😀"]
+    docs = [Document(f"d{i}", t) for i, t in enumerate(texts)]
+    monkeypatch.setattr(text_module, "TOKENIZE_CHARS", 50)  # about a document a call, some alone above it
+    batched = text_module.tokenize_documents(docs, tokenizer)
+    for doc, got in zip(docs, batched, strict=True):
+        alone = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)  # the oracle: one text
+        assert got.doc_id == doc.doc_id and got.token_ids.tolist() == alone["input_ids"]
+        assert [tuple(o) for o in got.offsets.tolist()] == [tuple(o) for o in alone["offset_mapping"]]
+
+
 def test_empty_document_is_counted_not_crashed(gpt2_pair):
     table = lmeval.score_texts(["", CORPUS[0]], gpt2_pair)
     assert set(table.doc_id) == {1}

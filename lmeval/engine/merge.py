@@ -25,6 +25,7 @@ from .compare_runs import write_compare
 from .config import Config
 from .data import Corpus
 from .files import TokenWriter, rewrite_table, write_figure, write_table
+from .memory import release_free_memory
 from .parts import PartError, read_part
 from .provenance import fingerprint_model, versions
 
@@ -100,6 +101,7 @@ class Merger:
     def finish(self, run: RunFacts) -> tuple[dict, dict, dict]:
         """(files, tables, record additions) of every analysis, the token tables closed."""
         self.fold_ready(final=True)
+        release_free_memory(force=True)  # scoring's freed memory, before the tables allocate theirs
         for writer in self.writers.values():
             writer.close()
         results = {a.name: {m: a.finish(m, self.states[m][a.name], run) for m in self.states} for a in self.analyses}
