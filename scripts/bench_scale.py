@@ -17,6 +17,17 @@ What it measures, side by side in one invocation:
    CPU, ``auto`` turns the fused reductions on only above ~5M tokens for this vocabulary, and
    compiling's own memory would then be mistaken for the corpus's.
 
+   ``--executor`` measures the same corpora through each way of running (issue 33): ``process``
+   (the default, one process with torch's threads), ``shards`` (``--workers`` ``lmeval run
+   --shard I/N`` processes at once, then ``lmeval merge``), ``torchrun`` (``--workers`` ranks)
+   and ``ray`` (``--ray-actors`` ``--workers``). Their workers get one thread each
+   (``OMP_NUM_THREADS=1``), and ``process-1t`` (one process, one thread) is measured beside them
+   as the per-core rate: the printed throughput target is an executor's tokens per wall second
+   (start to exit, the merge included) >= 0.9x ``workers`` times process-1t's. Peak RSS there is
+   the largest single process of the command's tree (driver, ranks, actors, merge): each live
+   process's VmHWM polled every 0.25 s, and ``wait4``'s ``ru_maxrss`` at exit. The RSS target
+   holds per executor. ``after last`` is run.json's ``seconds_after_last_part``.
+
 2. Planning time for many short documents: 1M documents of ~50 characters (``--plan-docs``).
    Planning is internal, so this is the one place that imports below the public API: the
    planner and its ``load_documents`` from ``lmeval.engine``. Loading the corpus and
@@ -37,6 +48,8 @@ What it measures, side by side in one invocation:
     python scripts/bench_scale.py --quick            # 0.05M, 0.2M tokens; 100k plan docs (smoke check)
     python scripts/bench_scale.py --tokens 300000 5000000 --per-token false --plan-docs 0
     python scripts/bench_scale.py --json scale.json --keep   # rows as JSON; keep the temp dir
+    python scripts/bench_scale.py --tokens 300000 50000000 --per-token false --plan-docs 0 \
+        --executor process shards torchrun ray          # each executor (and process-1t)
 
 Progress goes to the log (stderr); the table goes to stdout. A run holds a whole part
 (``output.part_chars``, 262,144 characters: ~105k tokens of this text) however small the corpus,
@@ -185,47 +198,138 @@ def write_config(folder: Path, model_dir: Path, data: Path, compile_: str) -> Pa
     return config
 
 
-def run_child(config: Path, per_token: bool, out_dir: Path, env: dict) -> tuple[float, float]:
-    """One ``python -m lmeval run``; returns (peak RSS MB of the child, wall seconds)."""
-    command = [
-        sys.executable,
-        "-m",
-        "lmeval",
-        "run",
-        str(config),
-        f"output.per_token={str(per_token).lower()}",
-        f"output.dir={out_dir}",
-        "--overwrite",
-        "-q",
-    ]
+EXECUTORS = ("process", "shards", "torchrun", "ray")
+PER_CORE = "process-1t"  # one process on one core: the per-core baseline of the executors' throughput
+THROUGHPUT_TARGET = 0.9
+TEARDOWN_ABORT = "terminate called without an active exception"  # gloo's exit, after the run finished
+
+
+def executor_commands(executor: str, config: Path, per_token: bool, out_dir: Path, workers: int) -> list[list[str]]:
+    """The command lines of one measurement, run one after another; a list inside the list
+    runs its commands at once (the shards)."""
+    run = [sys.executable, "-m", "lmeval", "run", str(config)]
+    options = [f"output.per_token={str(per_token).lower()}", f"output.dir={out_dir}", "-q"]
+    if executor in ("process", PER_CORE):
+        return [[*run, *options, "--overwrite"]]
+    if executor == "shards":  # every share at once (a Slurm array), then the merge
+        return [
+            [[*run, *options, "--shard", f"{i}/{workers}"] for i in range(workers)],
+            [*LMEVAL, "merge", str(out_dir)],
+        ]
+    if executor == "torchrun":
+        port = str(free_port())
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(workers)]
+        return [
+            [
+                *launch,
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                "-m",
+                "lmeval",
+                "run",
+                str(config),
+                *options,
+                "--overwrite",
+            ]
+        ]
+    if executor == "ray":
+        return [[*run, *options, "--overwrite", "--executor", "ray", "--ray-actors", str(workers)]]
+    raise ValueError(executor)
+
+
+LMEVAL = [sys.executable, "-m", "lmeval"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TreeWatch:
+    """The peak RSS of the largest process among a command and its descendants (ranks, Ray's
+    actors): each live process's own high-water mark (VmHWM) polled every ``interval`` s, and
+    ``os.wait4``'s ``ru_maxrss`` of the command (it covers the descendants it reaped) at its
+    exit. A process's VmHWM only rises, so polling misses at most its last ``interval``."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.peak_kib, self.seen = interval, 0, set()
+
+    def poll(self, pid: int) -> None:
+        import psutil
+
+        try:
+            tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for proc in tree:
+            try:
+                with open(f"/proc/{proc.pid}/status", encoding="ascii") as status:
+                    hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+            except (OSError, StopIteration, ValueError):
+                continue
+            self.peak_kib = max(self.peak_kib, hwm)
+            self.seen.add(proc.pid)
+
+    def run(self, commands: list[list[str]], env: dict, log_path: Path) -> None:
+        """Start every command at once; wait for all, polling their trees."""
+        with open(log_path, "a") as output:
+            procs = [subprocess.Popen(c, stdout=output, stderr=subprocess.STDOUT, env=env) for c in commands]
+            pending = {p.pid: p for p in procs}
+            while pending:
+                for pid in list(pending):
+                    self.poll(pid)
+                    done, status, usage = os.wait4(pid, os.WNOHANG)
+                    if done:
+                        pending.pop(pid).returncode = os.waitstatus_to_exitcode(status)
+                        self.peak_kib = max(self.peak_kib, usage.ru_maxrss)  # KiB on Linux
+                time.sleep(self.interval)
+        for proc, command in zip(procs, commands):
+            if proc.returncode:
+                tail = log_path.read_text(errors="replace")[-3000:]
+                if TEARDOWN_ABORT in tail and "torch.distributed.run" in command:
+                    continue  # the ranks finished and wrote run.json; gloo aborted on the way out
+                raise RuntimeError(f"exited {proc.returncode}: {' '.join(command)}\n{tail}")
+
+
+def run_child(executor: str, config: Path, per_token: bool, out_dir: Path, env: dict, workers: int) -> dict:
+    """One measurement: (peak RSS MB of the largest process, wall seconds, processes seen)."""
     log_path = out_dir.with_suffix(".log")
-    with open(log_path, "w") as output:
-        started = time.perf_counter()
-        proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-    if proc.returncode:
-        tail = log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"lmeval run exited {proc.returncode}: {' '.join(command)}\n{tail}")
-    return usage.ru_maxrss / 1024, wall  # ru_maxrss is in KiB on Linux
+    log_path.write_text("")
+    if executor != "process":  # one thread per worker: the workers share the cores
+        env = {**env, "OMP_NUM_THREADS": "1"}
+    if executor == "shards":
+        shutil.rmtree(out_dir, ignore_errors=True)  # shards resume; a measurement starts afresh
+    watch = TreeWatch()
+    started = time.perf_counter()
+    for step in executor_commands(executor, config, per_token, out_dir, workers):
+        watch.run(step if isinstance(step[0], list) else [step], env, log_path)
+    return {"peak_rss_mb": watch.peak_kib / 1024, "wall_s": time.perf_counter() - started, "processes": len(watch.seen)}
 
 
-def measure(folder: Path, config: Path, per_token: bool, env: dict) -> dict:
+def measure(
+    folder: Path, config: Path, per_token: bool, env: dict, executor: str = "process", workers: int = 2
+) -> dict:
     import pandas as pd
 
-    out_dir = folder / f"out-per_token-{str(per_token).lower()}"
-    rss, wall = run_child(config, per_token, out_dir, env)
+    out_dir = folder / f"out-{executor}-per_token-{str(per_token).lower()}"
+    child = run_child(executor, config, per_token, out_dir, env, workers)
     summary = pd.read_csv(out_dir / "summary.csv").iloc[0]
+    record = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
     n_tokens = int(summary.n_tokens)
-    scoring = float(summary.get("tokens_per_second", float("nan")))
     return {
+        "executor": executor,
+        "workers": 1 if executor in ("process", PER_CORE) else workers,
         "tokens": n_tokens,
         "per_token": per_token,
-        "peak_rss_mb": rss,
-        "wall_s": wall,
-        "tokens_per_s": n_tokens / wall,
-        "scoring_tokens_per_s": scoring,
+        **child,
+        "tokens_per_s": n_tokens / child["wall_s"],
+        "scoring_tokens_per_s": float(summary.get("tokens_per_second", float("nan"))),
+        "after_last_part_s": float(record.get("seconds_after_last_part", float("nan"))),
     }
 
 
@@ -244,26 +348,44 @@ def rss_rows(root: Path, model_dir: Path, cpt: float, args, env: dict) -> list[d
             time.perf_counter() - started,
         )
         config = write_config(folder, model_dir, folder / "docs.jsonl", args.compile)
-        for per_token in args.per_token_values:
-            row = {"target_tokens": target, "documents": n_docs, **measure(folder, config, per_token, env)}
-            log.info(
-                "%d tokens, per_token=%s: peak RSS %.0f MB, %.1f s",
-                row["tokens"],
-                per_token,
-                row["peak_rss_mb"],
-                row["wall_s"],
-            )
-            rows.append(row)
+        for executor in args.executor:
+            for per_token in args.per_token_values:
+                row = {
+                    "target_tokens": target,
+                    "documents": n_docs,
+                    **measure(folder, config, per_token, env, executor, args.workers),
+                }
+                log.info(
+                    "%s, %d tokens, per_token=%s: peak RSS %.0f MB, %.1f s",
+                    executor,
+                    row["tokens"],
+                    per_token,
+                    row["peak_rss_mb"],
+                    row["wall_s"],
+                )
+                rows.append(row)
         if not args.keep:  # the corpus and the tables of a 50M-token run are large
             shutil.rmtree(folder)
     return with_ratios(rows)
 
 
 def with_ratios(rows: list[dict]) -> list[dict]:
-    """Each row's RSS over the smallest size's RSS with the same per_token."""
+    """Each row's RSS over the smallest size's RSS with the same executor and per_token, and a
+    multi-worker executor's throughput over ``workers`` one-thread processes (PER_CORE's rate)."""
     for row in rows:
-        same = [r for r in rows if r["per_token"] == row["per_token"]]
+        same = [r for r in rows if (r["executor"], r["per_token"]) == (row["executor"], row["per_token"])]
         row["rss_ratio"] = row["peak_rss_mb"] / min(same, key=lambda r: r["target_tokens"])["peak_rss_mb"]
+        per_core = [
+            r
+            for r in rows
+            if r["executor"] == PER_CORE
+            and (r["target_tokens"], r["per_token"]) == (row["target_tokens"], row["per_token"])
+        ]
+        row["per_core_ratio"] = (
+            row["tokens_per_s"] / (row["workers"] * per_core[0]["tokens_per_s"])
+            if per_core and row["executor"] not in ("process", PER_CORE)
+            else float("nan")
+        )
     return rows
 
 
@@ -339,23 +461,35 @@ def plan_row(root: Path, model_dir: Path, n_docs: int) -> dict:
 def format_rss(rows: list[dict]) -> list[str]:
     lines = [
         (
-            f"{'tokens':>10} {'per_token':>9} {'docs':>7} {'peak RSS MB':>11} {'wall s':>8} {'tok/s (wall)':>12} "
-            f"{'scoring tok/s':>13} {'RSS ratio':>9}"
+            f"{'executor':>10} {'tokens':>10} {'per_token':>9} {'docs':>7} {'procs':>5} {'peak RSS MB':>11} "
+            f"{'wall s':>8} {'tok/s (wall)':>12} {'scoring tok/s':>13} {'after last':>10} {'RSS ratio':>9} "
+            f"{'x per core':>10}"
         )
     ]
     for r in rows:
         lines.append(
-            f"{r['tokens']:>10} {str(r['per_token']).lower():>9} {r['documents']:>7} "
-            f"{r['peak_rss_mb']:>11.0f} {r['wall_s']:>8.1f} {r['tokens_per_s']:>12.0f} "
-            f"{r['scoring_tokens_per_s']:>13.0f} {r['rss_ratio']:>9.2f}"
+            f"{r['executor']:>10} {r['tokens']:>10} {str(r['per_token']).lower():>9} {r['documents']:>7} "
+            f"{r['processes']:>5} {r['peak_rss_mb']:>11.0f} {r['wall_s']:>8.1f} {r['tokens_per_s']:>12.0f} "
+            f"{r['scoring_tokens_per_s']:>13.0f} {r['after_last_part_s']:>10.2f} {r['rss_ratio']:>9.2f} "
+            f"{r['per_core_ratio']:>10.2f}"
         )
-    for per_token in dict.fromkeys(r["per_token"] for r in rows):
-        same = sorted((r for r in rows if r["per_token"] == per_token), key=lambda r: r["target_tokens"])
+    for executor, per_token in dict.fromkeys((r["executor"], r["per_token"]) for r in rows):
+        same = sorted(
+            (r for r in rows if (r["executor"], r["per_token"]) == (executor, per_token)),
+            key=lambda r: r["target_tokens"],
+        )
         ratio = same[-1]["peak_rss_mb"] / same[0]["peak_rss_mb"]
         lines.append(
-            f"target (per_token={str(per_token).lower()}): RSS at {same[-1]['tokens']} tokens <= {RSS_TARGET}x "
-            f"RSS at {same[0]['tokens']}: {ratio:.2f}x {'PASS' if ratio <= RSS_TARGET else 'FAIL'}"
+            f"target ({executor}, per_token={str(per_token).lower()}): RSS at {same[-1]['tokens']} tokens <= "
+            f"{RSS_TARGET}x RSS at {same[0]['tokens']}: {ratio:.2f}x {'PASS' if ratio <= RSS_TARGET else 'FAIL'}"
         )
+        if same[-1]["per_core_ratio"] == same[-1]["per_core_ratio"]:  # not NaN: a multi-worker executor
+            r = same[-1]
+            lines.append(
+                f"target ({executor}, per_token={str(per_token).lower()}): throughput at {r['tokens']} tokens >= "
+                f"{THROUGHPUT_TARGET}x {r['workers']} one-thread processes: {r['per_core_ratio']:.2f}x "
+                f"{'PASS' if r['per_core_ratio'] >= THROUGHPUT_TARGET else 'FAIL'}"
+            )
     return lines
 
 
@@ -379,10 +513,22 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="0.05M and 0.2M tokens, 100k plan documents")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (its path is logged)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument(
+        "--executor",
+        nargs="+",
+        choices=(PER_CORE, *EXECUTORS),
+        default=["process"],
+        help="how `lmeval run` runs: one process (torch's threads), --shard I/N processes then `lmeval merge`, "
+        "torchrun ranks, or Ray actors (one thread per worker); with any of the last three, process-1t (one "
+        "process, one thread) is measured too, as the per-core baseline of their throughput",
+    )
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="shards, ranks or actors")
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.plan_docs = QUICK_TOKENS, 100_000
     args.tokens = sorted(args.tokens)
+    if set(args.executor) - {"process", PER_CORE}:  # the per-core baseline first
+        args.executor = [PER_CORE, *(e for e in args.executor if e != PER_CORE)]
     args.per_token_values = {"both": [False, True], "true": [True], "false": [False]}[args.per_token]
     return args
 

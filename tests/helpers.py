@@ -22,6 +22,7 @@ import transformers
 
 import lmeval
 from conftest import CORPUS, build_model
+from lmeval.engine.files import token_table
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -37,7 +38,7 @@ def write_config(folder: Path, body: str) -> Path:
 
 def read_tables(out):
     tables = {
-        "tokens": pd.read_parquet(out / "tokens.parquet"),
+        "tokens": pd.read_parquet(token_table(out, "tokens.parquet")),  # the file, or its dataset folder
         "documents": pd.read_parquet(out / "documents.parquet"),
         "summary": pd.read_csv(out / "summary.csv").drop(columns=["tokens_per_second"]),
     }

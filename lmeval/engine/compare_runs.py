@@ -13,7 +13,7 @@ from ..analyses.compare import _baseline, _model_names, compare_tables, protocol
 from ..analyses.plots import plot_checkpoints
 from ..errors import DataError
 from .config import CompareConfig
-from .files import write_figure, write_table
+from .files import token_table, write_figure, write_table
 
 # --------------------------------------------------------------------------------------
 # Comparing earlier runs without rescoring
@@ -22,7 +22,7 @@ from .files import write_figure, write_table
 
 def read_run(run_dir) -> dict:
     """A finished run folder's record (run.json) and tables; ``tokens`` is None when the run
-    wrote no tokens.parquet (output.per_token: false)."""
+    wrote no token table (output.per_token: false); a tokens/ folder is read as one table."""
     folder = Path(run_dir)
     needed = [folder / "run.json", folder / "documents.parquet", folder / "summary.csv"]
     missing = [p.name for p in needed if not p.is_file()]
@@ -35,13 +35,13 @@ def read_run(run_dir) -> dict:
         record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"compare: {folder / 'run.json'} must be valid JSON (got {exc}). Rerun `lmeval run`.") from None
-    tokens_path = folder / "tokens.parquet"
+    tokens_path = token_table(folder, "tokens.parquet")
     return {
         "dir": str(folder),
         "record": record,
         "documents": pd.read_parquet(folder / "documents.parquet"),
         "summary": pd.read_csv(folder / "summary.csv"),
-        "tokens": pd.read_parquet(tokens_path) if tokens_path.is_file() else None,
+        "tokens": pd.read_parquet(tokens_path) if tokens_path is not None else None,
     }
 
 

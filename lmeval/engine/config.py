@@ -82,6 +82,9 @@ class OutputConfig:
     dir: str = "runs/lmeval"
     per_token: bool = True
     part_chars: int = 262144  # characters of documents per result part (the unit of resume)
+    # token tables as one file (tokens.parquet), or as a folder of one file per part (tokens/), which
+    # every parquet reader takes as one table; auto: the folder above ~10^8 tokens and for streams
+    tokens_layout: Literal["auto", "file", "dataset"] = "auto"
     # documents.parquet and summary.csv only (perplexity filtering, data selection): no calibration,
     # positions or token rows, and the cheapest reductions (no temperature grid)
     documents_only: bool = False

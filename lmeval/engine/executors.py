@@ -26,7 +26,7 @@ from ..errors import ConfigError, DataError, LmevalError
 from . import distributed
 from .config import Config
 from .lock import RunLock
-from .merge import Merger
+from .merge import Merger, layout_of
 from .passes import Models, PassJob, check_tokenizers, plan_passes
 from .plan import plan_parts
 from .progress import ScoringProgress
@@ -132,7 +132,7 @@ def run_ray(
             _require_whole(analyses, plans, corpus)
             idh = _identity_hash(config, corpus, analyses)
             todo = _unfinished(corpus, config, parts, plans, idh)
-            merger = Merger(out, analyses, _part_paths(config, corpus, parts, plans))
+            merger = Merger(out, analyses, _part_paths(config, corpus, parts, plans), layout_of(config, corpus))
             if any(todo.values()):
                 check_tokenizers(config, plan_passes(config))
                 _map_parts(ray, config, corpus, plans, todo, idh, merger, actors, show_progress)

@@ -42,6 +42,10 @@ OUTPUT_FILES = (
     "positions.csv",
     "positions.png",
     "words.parquet",
+    # the token tables under output.tokens_layout: dataset (a folder of one file per part)
+    "tokens",
+    "divergence",
+    "words",
 )
 
 
@@ -72,9 +76,9 @@ def prepare_output_dir(path: str, overwrite: bool) -> Path:
 def clean_leftovers(out: Path) -> None:
     """Remove what a killed run left behind: temporary files of interrupted atomic writes, and
     parts an --overwrite had set aside. Called under the run lock, so no other run owns them."""
-    leftovers = [*out.glob(".*.tmp-*"), *out.glob("parts/**/.*.tmp-*"), *out.glob(".lmeval-write-test*")]
-    for path in leftovers:
-        path.unlink(missing_ok=True)
+    leftovers = [*out.glob(".*.tmp-*"), *out.glob(".*.old-*"), *out.glob("parts/**/.*.tmp-*")]
+    for path in [*leftovers, *out.glob(".lmeval-write-test*")]:
+        _remove(path)
     for folder in out.glob(".parts-replaced-*"):
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -91,7 +95,15 @@ def replace_outputs(out: Path):
     yield
     for name, stamp in before.items():
         if name != "run.json" and _stamp(out / name) == stamp:
-            (out / name).unlink(missing_ok=True)
+            _remove(out / name)
+
+
+def _remove(path: Path) -> None:
+    """A file, or a folder (a token dataset, or its temporary build) with what it holds."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _stamp(path: Path):
@@ -176,29 +188,37 @@ class TokenWriter:
     """Streams token tables into one parquet file, a row group per call, so the per-token
     rows of a large corpus never sit in memory together. Renamed into place on close."""
 
-    def __init__(self, path: Path, schema: pa.Schema | None = None):
+    def __init__(self, path: Path, schema: pa.Schema | None = None, table: str | None = None):
         self.path = path
+        self.table = table or path.name  # the table whose schema the rows take (a part's file: its table's)
         self.schema = schema  # None: the file's schema, with the optional columns of the first rows
         self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self.writer: pq.ParquetWriter | None = None
         self.n_rows = 0  # rows written so far: the next write's first row
 
-    def write(self, frame: pd.DataFrame) -> None:
-        if self.schema is None:  # the first rows' attrs become the file's (pandas reads them back)
-            schema = schema_for(self.path, list(frame.columns))
-            assert schema is not None, f"{self.path.name} has no schema in lmeval.engine.schemas"
-            attrs = {PANDAS_ATTRS: json.dumps(frame.attrs, default=_json_default)} if frame.attrs else None
-            self.schema = schema.with_metadata(attrs) if attrs else schema
-        table = to_arrow(frame, self.schema)
+    def write(self, frame: pd.DataFrame) -> tuple[Path, int, int]:
+        """Append ``frame``; returns where its rows will be once closed: (file, first row, stop)."""
+        table = self._arrow(frame)
         try:
             if self.writer is None:
                 self.writer = pq.ParquetWriter(self.tmp, self.schema, use_dictionary=dictionary_columns(self.schema))
             self.writer.write_table(table)
-            self.n_rows += len(frame)
         except OSError as exc:
             raise OutputError(
                 f"{self.path}: could not be written ({exc.strerror or exc}). {write_fix(self.path, exc)}"
             ) from exc
+        self.n_rows += len(frame)
+        return self.path, self.n_rows - len(frame), self.n_rows
+
+    def _arrow(self, frame: pd.DataFrame) -> pa.Table:
+        """``frame`` under the table's schema, settled by the first rows (their attrs become the
+        file's, which pandas reads back)."""
+        if self.schema is None:
+            schema = schema_for(Path(self.table), list(frame.columns))
+            assert schema is not None, f"{self.table} has no schema in lmeval.engine.schemas"
+            attrs = {PANDAS_ATTRS: json.dumps(frame.attrs, default=_json_default)} if frame.attrs else None
+            self.schema = schema.with_metadata(attrs) if attrs else schema
+        return to_arrow(frame, self.schema)
 
     def abort(self) -> None:
         """Give up: close and remove the temporary file."""
@@ -220,18 +240,97 @@ class TokenWriter:
             raise OutputError(f"{self.path}: could not be written ({exc.strerror}).") from exc
 
 
+class TokenDataset(TokenWriter):
+    """Streams a token table into a folder of parquet files, one per call (a part's rows): a
+    dataset that pandas, pyarrow, polars, DuckDB and Spark read as one table, in the file
+    names' order, which is the rows' order. The folder is built under a hidden temporary name
+    (readers skip names starting with a dot) and renamed into place on close."""
+
+    def __init__(self, path: Path, schema: pa.Schema | None = None):
+        super().__init__(path, schema, table=f"{path.name}.parquet")
+        self.n_files = 0
+
+    def write(self, frame: pd.DataFrame) -> tuple[Path, int, int]:
+        table = self._arrow(frame)
+        name = f"part-{self.n_files:06d}.parquet"
+        try:
+            self.tmp.mkdir(exist_ok=True)
+            write_parquet(table, self.tmp / name)
+        except OSError as exc:
+            raise OutputError(
+                f"{self.path}: could not be written ({exc.strerror or exc}). {write_fix(self.path, exc)}"
+            ) from exc
+        self.n_files += 1
+        self.n_rows += len(frame)
+        return self.path / name, 0, len(frame)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def close(self) -> None:
+        if not self.n_files:
+            return
+        old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+        try:
+            if self.path.exists():  # a previous run's folder (--overwrite): set aside, then dropped
+                os.replace(self.path, old)
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: could not be written ({exc.strerror}).") from exc
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# Above this many characters (about 10^8 tokens at ~4 characters a token, a single file of a
+# few GB), `output.tokens_layout: auto` writes each token table as a folder of one file per part.
+TOKENS_DATASET_ABOVE_CHARS = 400_000_000
+
+
+def token_layout(setting: str, n_chars: int | None) -> tuple[str, str]:
+    """("file" | "dataset", why) for ``output.tokens_layout`` on a corpus of ``n_chars``
+    characters (None: a stream, whose size is unknown until it is read)."""
+    if setting != "auto":
+        return setting, f"output.tokens_layout: {setting}"
+    if n_chars is None:
+        return "dataset", "auto: a streamed corpus, whose size is unknown before it is read"
+    relation = "above" if n_chars > TOKENS_DATASET_ABOVE_CHARS else "at most"
+    return (
+        "dataset" if n_chars > TOKENS_DATASET_ABOVE_CHARS else "file",
+        f"auto: the corpus holds {n_chars:,} characters, {relation} {TOKENS_DATASET_ABOVE_CHARS:,}",
+    )
+
+
+def token_writer(out: Path, name: str, layout: str) -> TokenWriter:
+    """The writer of token table ``name`` (e.g. tokens.parquet): one file, or a folder named
+    without the suffix (tokens/) under the dataset layout."""
+    return TokenDataset(out / Path(name).stem) if layout == "dataset" else TokenWriter(out / name)
+
+
+def token_table(out: Path, name: str) -> Path | None:
+    """Where a run folder holds token table ``name``: the file, its dataset folder, or None."""
+    for path in (out / name, out / Path(name).stem):
+        if path.exists():
+            return path
+    return None
+
+
 PANDAS_ATTRS = b"PANDAS_ATTRS"  # where pandas keeps a DataFrame's attrs in parquet
 
 
 def rewrite_table(path: Path, transform) -> None:
     """Map ``transform`` over a streamed table's row groups (each a DataFrame with the file's
     attrs) into a new file renamed over it: an analysis's second pass, a row group in memory
-    at a time."""
-    if not path.exists():
-        return
+    at a time. A dataset folder (`TokenDataset`) is rewritten file by file."""
+    if path.is_dir():
+        for file in sorted(path.glob("*.parquet")):
+            _rewrite_file(file, transform, f"{path.name}.parquet")
+    elif path.exists():
+        _rewrite_file(path, transform, path.name)
+
+
+def _rewrite_file(path: Path, transform, table_name: str) -> None:
     source = pq.ParquetFile(path)
     stored = (source.schema_arrow.metadata or {}).get(PANDAS_ATTRS)
-    writer = TokenWriter(path)
+    writer = TokenWriter(path, table=table_name)
     try:
         for i in range(source.num_row_groups):
             frame = source.read_row_group(i).to_pandas()

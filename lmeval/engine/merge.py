@@ -24,27 +24,40 @@ from ..errors import OutputError
 from .compare_runs import write_compare
 from .config import Config
 from .data import Corpus
-from .files import TokenWriter, rewrite_table, write_figure, write_table
+from .files import rewrite_table, token_layout, token_writer, write_figure, write_table
 from .memory import release_free_memory
 from .parts import PartError, read_part
 from .provenance import fingerprint_model, versions
 
 
+def layout_of(config: Config, corpus: Corpus | None) -> tuple[str, str]:
+    """How a run writes its token tables (`files.token_layout`); ``corpus`` None: a stream."""
+    return token_layout(config.output.tokens_layout, None if corpus is None else int(corpus.lengths.sum()))
+
+
 class Merger:
     """Folds every model's parts, in config order then corpus order, into the analyses."""
 
-    def __init__(self, out: Path | None, analyses: tuple, paths: Mapping[str, Sequence[Path | None]]):
+    def __init__(
+        self,
+        out: Path | None,
+        analyses: tuple,
+        paths: Mapping[str, Sequence[Path | None]],
+        layout: tuple[str, str] = ("file", "output.tokens_layout: file"),
+    ):
         """``paths[model]``: each part's file in corpus order (None: a part that only ever
-        exists in memory, as in the in-loop evaluator)."""
+        exists in memory, as in the in-loop evaluator). ``layout``: how the token tables are
+        written, one file or a folder of one file per part, and why (`files.token_layout`)."""
         self.analyses, self.paths = analyses, paths
         self.order = [(model, i) for model, files in paths.items() for i in range(len(files))]
         self.cursor = 0
         self.states = {model: {a.name: a.start(model) for a in analyses} for model in paths}
         self.protocols: dict[str, dict] = {}
         files = {a.token_file for a in analyses if a.token_file} if out is not None else set()
-        self.writers = {name: TokenWriter(out / name) for name in sorted(files)}
-        # file -> model -> each part's [start, stop) rows in that file, for readers that pair parts
-        self.row_ranges: dict[str, dict[str, list[tuple[int, int]]]] = {name: {} for name in self.writers}
+        self.layout = layout
+        self.writers = {name: token_writer(out, name, layout[0]) for name in sorted(files)} if out else {}
+        # table -> model -> each part's (file, first row, stop) in that table, for readers that pair parts
+        self.row_ranges: dict[str, dict[str, list[tuple[Path, int, int]]]] = {name: {} for name in self.writers}
 
     def extend(self, model: str, paths: Sequence[Path]) -> None:
         """More parts of ``model``, planned as a stream is read (`engine.stream`): they come after
@@ -93,10 +106,7 @@ class Merger:
                 self._write_rows(analysis.token_file, part.model, rows)
 
     def _write_rows(self, name: str, model: str, rows: pd.DataFrame) -> None:
-        writer = self.writers[name]
-        start = writer.n_rows
-        writer.write(rows)
-        self.row_ranges[name].setdefault(model, []).append((start, writer.n_rows))
+        self.row_ranges[name].setdefault(model, []).append(self.writers[name].write(rows))
 
     def finish(self, run: RunFacts) -> tuple[dict, dict, dict]:
         """(files, tables, record additions) of every analysis, the token tables closed."""
@@ -116,6 +126,12 @@ class Merger:
             files.update(outputs.files)
             tables.update(outputs.tables)
             record.update(outputs.record)
+        if self.writers:
+            record["tokens_layout"] = {
+                "layout": self.layout[0],
+                "why": self.layout[1],
+                "tables": {name: writer.path.name for name, writer in self.writers.items()},
+            }
         return files, tables, record
 
     def abort(self) -> None:
@@ -181,11 +197,11 @@ PROTOCOL_NOTES = {
 
 def write_comparison(out: Path, config: Config, tables: dict, record: dict, row_ranges: dict | None = None) -> dict:
     """compare.csv (and the per-token diff) of every model against the baseline. The token
-    diff reads tokens.parquet one part of each model at a time (``row_ranges``: the merge's
-    rows of each part), never the whole table."""
+    diff reads the token table one part of each model at a time (``row_ranges``: where the
+    merge wrote each part's rows), never the whole table."""
     chunks = None
-    if "tokens" not in tables and (out / "tokens.parquet").exists() and row_ranges:
-        chunks = part_pairs(out / "tokens.parquet", row_ranges)
+    if "tokens" not in tables and row_ranges:
+        chunks = part_pairs(row_ranges)
     frames = compare_tables(tables, record, config.compare, token_chunks=chunks)
     write_compare(out, frames, tables["summary"])
     return frames
@@ -194,14 +210,21 @@ def write_comparison(out: Path, config: Config, tables: dict, record: dict, row_
 TOKEN_DIFF_INPUTS = ["model", "doc_id", "position", "token_id", "token", "nll", "char_start", "char_end"]
 
 
-def part_pairs(path: Path, row_ranges: dict[str, list[tuple[int, int]]]):
-    """``token_chunks`` of `compare_tables` over a token file: part i of the model with part i
+def part_pairs(row_ranges: dict[str, list[tuple[Path, int, int]]]):
+    """``token_chunks`` of `compare_tables` over a token table: part i of the model with part i
     of the baseline (every model's parts hold the same documents: the plan comes from the
-    corpus alone). A part's rows are whole row groups, since each part was one write."""
-    parquet = pq.ParquetFile(path)
-    starts = np.cumsum([0] + [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)])
+    corpus alone). A part's rows are whole row groups of their file, since each part was one
+    write (one row group of the table's file, or a file of its dataset folder)."""
+    opened: dict[Path, tuple[pq.ParquetFile, np.ndarray]] = {}
 
-    def rows(start: int, stop: int) -> pd.DataFrame:
+    def rows(path: Path, start: int, stop: int) -> pd.DataFrame:
+        if path not in opened:  # one file holds every part, or each part its own: keep the pair's two open
+            if len(opened) == 2:
+                opened.pop(next(iter(opened)))
+            parquet = pq.ParquetFile(path)
+            groups = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
+            opened[path] = parquet, np.cumsum([0, *groups])
+        parquet, starts = opened[path]
         first, end = np.searchsorted(starts, [start, stop])  # the row groups starting in [start, stop)
         return parquet.read_row_groups(range(first, end), columns=TOKEN_DIFF_INPUTS).to_pandas()
 

@@ -23,7 +23,7 @@ from .config import Config, load_config
 from .data import SEPARATOR_ID, Corpus, join_documents, load_documents
 from .files import clean_leftovers, prepare_output_dir, replace_outputs, write_json
 from .lock import RunLock
-from .merge import Merger, run_record, write_comparison, write_outputs
+from .merge import Merger, layout_of, run_record, write_comparison, write_outputs
 from .parts import identity_hash, model_dirname, open_parts
 from .passes import Models, PassJob, check_tokenizers, lockstep_decision, plan_passes, score_lockstep_share, score_share
 from .plan import PartPlan, plan_key, plan_parts, require_whole
@@ -82,7 +82,11 @@ def _run_locked(config: Config, overwrite, fresh, show_progress, return_tokens, 
         _require_whole(analyses, plans, corpus)
         idh = identity_hash(_identity(config, corpus, analyses))
         todo = ctx.broadcast(_unfinished(corpus, config, parts, plans, idh) if ctx.is_main else None)
-        merger = Merger(out, analyses, _part_paths(config, corpus, parts, plans)) if ctx.is_main else _NoMerge()
+        merger = (
+            Merger(out, analyses, _part_paths(config, corpus, parts, plans), layout_of(config, corpus))
+            if ctx.is_main
+            else _NoMerge()
+        )
         bar = ScoringProgress(show_progress and ctx.is_main)
         warm = plots.warm_up() if ctx.is_main else None  # the figures' one-time cost, paid while scoring
         try:
@@ -320,7 +324,7 @@ def _finish(
         record["seconds_after_last_part"] = time.time() - timing["scored"]
         write_json(record, out / "run.json")
     if return_tokens and config.output.per_token and not config.output.documents_only:
-        tables["tokens"] = read_table(out / "tokens.parquet")
+        tables["tokens"] = read_table(merger.writers["tokens.parquet"].path)  # the file, or its folder
     shutil.rmtree(parts)  # run.json marks the run complete; the tables now hold every row
     replaced.discard()
     tables["run"] = record

@@ -821,9 +821,10 @@ def schema_for(path: Path, columns: list[str] | None = None) -> pa.Schema | None
 
 
 def read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """A table lmeval wrote, read back under its schema (``doc_id`` stays a string)."""
+    """A table lmeval wrote, read back under its schema (``doc_id`` stays a string); a token
+    table's dataset folder (tokens/) is read as the one table its files make."""
     table = pq.read_table(path, columns=columns)
-    schema = schema_for(path, table.column_names)
+    schema = schema_for(path.with_name(f"{path.name}.parquet") if path.is_dir() else path, table.column_names)
     if schema is not None:
         table = table.cast(pa.schema([schema.field(n) for n in table.column_names]))
     return table.to_pandas()

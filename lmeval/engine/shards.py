@@ -32,7 +32,7 @@ from .config import Config, config_to_yaml, load_config
 from .data import Corpus, load_documents
 from .files import clean_leftovers, prepare_output_dir
 from .lock import RunLock
-from .merge import Merger
+from .merge import Merger, layout_of
 from .parts import identity_hash, model_dirname, open_parts, roundtrip
 from .plan import PartPlan, plan_key, plan_parts
 from .progress import ScoringProgress
@@ -226,7 +226,7 @@ def merge(output_dir, *, config: Config | None = None, corpus: Corpus | None = N
             absent[model.name] = [i for i, key in enumerate(keys) if key not in done]
         if any(absent.values()):
             raise MissingPartsError(_missing_message(out, config, corpus, plans, absent, _sharding(parts)))
-        merger = Merger(out, analyses, _part_paths(config, corpus, parts, plans))
+        merger = Merger(out, analyses, _part_paths(config, corpus, parts, plans), layout_of(config, corpus))
         try:
             tables = _finish(
                 out,

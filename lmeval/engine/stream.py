@@ -50,7 +50,7 @@ from .data import (
 from .detokenize import detokenize_documents
 from .files import clean_leftovers, prepare_output_dir
 from .lock import RunLock
-from .merge import Merger
+from .merge import Merger, layout_of
 from .parts import PartError, identity_hash, model_dirname, open_parts, verify_part
 from .passes import Models, PassJob, plan_passes, score_share
 from .plan import PartPlan, plan_key
@@ -265,7 +265,7 @@ def run_streamed(
             replaced.set_aside(identity, always=fresh)
         parts = open_parts(out, identity, fresh=fresh)
         idh = identity_hash(identity)
-        merger = Merger(out, analyses, {m.name: [] for m in config.models})
+        merger = Merger(out, analyses, {m.name: [] for m in config.models}, layout_of(config, None))
         bar = ScoringProgress(show_progress)
         warm = plots.warm_up()
         try:
