@@ -160,6 +160,7 @@ def run_lmeval_run(model, tokenizer, texts, args) -> dict:
             "seconds_override": seconds,
             "load_seconds": load,
             "after_last_part_seconds": tables["run"]["seconds_after_last_part"],
+            "before_first_part_seconds": tables["run"].get("seconds_before_first_part", float("nan")),
         }
 
 
@@ -260,7 +261,8 @@ def compare(args) -> None:
         if "after_last_part_seconds" in r:  # the merge keeps pace: this should not grow with the corpus
             print(
                 f"{name}: {r['after_last_part_seconds']:.2f} s after the last part (merge close, tables, figures, "
-                f"comparison, run.json) of {r['seconds']:.2f} s"
+                f"comparison, run.json) of {r['seconds']:.2f} s; {r['before_first_part_seconds']:.2f} s before the "
+                f"first part, its model load ({r['load_seconds']:.2f} s, subtracted) included"
             )
         if "reductions" in r:
             print(f"{name}: reductions ran {r['reductions']}")

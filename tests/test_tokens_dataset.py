@@ -70,7 +70,9 @@ def test_polars_and_duckdb_read_the_folder_as_one_table(both_layouts):
     assert polars["token"].to_list() == one["token"].tolist()
     np.testing.assert_array_equal(polars["nll"].to_numpy(), one["nll"].to_numpy())
     pattern = str(dataset / "tokens" / "*.parquet")
-    rows = duckdb.sql(f"select model, count(*), sum(nll::double) from read_parquet('{pattern}') group by model order by model")
+    rows = duckdb.sql(
+        f"select model, count(*), sum(nll::double) from read_parquet('{pattern}') group by model order by model"
+    )
     expected = one.assign(nll=one.nll.astype(np.float64)).groupby("model").nll.agg(["count", "sum"])
     for model, count, total in rows.fetchall():
         assert count == expected.loc[model, "count"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 
 class ScoringProgress:
     """A tqdm bar over scored tokens. Its total is estimated from the characters still to
@@ -15,6 +17,7 @@ class ScoringProgress:
         self.chars_left: float = 0  # planned, not yet started
         self.chars_seen: float = 0  # of the groups started so far
         self.done_before = 0  # tokens of the groups finished before the current one
+        self.first_part_at: float | None = None  # time.time() when the first part started
 
     def plan(self, n_chars: float) -> None:
         self.chars_left += n_chars
@@ -22,6 +25,8 @@ class ScoringProgress:
     def group(self, n_chars: float, tokenizing: bool = False) -> None:
         """A part starts; ``tokenizing`` says its documents are being tokenized first (shown
         on the bar, since a document of many MB takes seconds before its first batch)."""
+        if self.first_part_at is None:
+            self.first_part_at = time.time()
         self.done_before = int(self.bar.n)
         self.chars_left -= n_chars
         self.chars_seen += n_chars

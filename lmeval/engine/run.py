@@ -101,7 +101,7 @@ def _run_locked(config: Config, overwrite, fresh, show_progress, return_tokens, 
                 merger.abort()
             replaced.restore_if_nothing_scored()  # a run that failed before scoring changes nothing
         raise
-    timing = {"started": started, "scored": time.time()}
+    timing = {"started": started, "first_part": bar.first_part_at, "scored": time.time()}
 
     def finish() -> dict:
         assert isinstance(merger, Merger)  # rank 0 merges, and only rank 0 finishes
@@ -322,6 +322,8 @@ def _finish(
             tables.update(write_comparison(out, config, tables, record, merger.row_ranges.get("tokens.parquet")))
         # The merge keeps pace with scoring: what is left after the last part does not grow with the tokens.
         record["seconds_after_last_part"] = time.time() - timing["scored"]
+        if timing.get("first_part") is not None:  # loading, planning, probes (absent: nothing was scored here)
+            record["seconds_before_first_part"] = timing["first_part"] - timing["started"]
         write_json(record, out / "run.json")
     if return_tokens and config.output.per_token and not config.output.documents_only:
         tables["tokens"] = read_table(merger.writers["tokens.parquet"].path)  # the file, or its folder
