@@ -21,8 +21,8 @@ What it measures, side by side in one invocation:
    (the default, one process with torch's threads), ``shards`` (``--workers`` ``lmeval run
    --shard I/N`` processes at once, then ``lmeval merge``), ``torchrun`` (``--workers`` ranks)
    and ``ray`` (``--ray-actors`` ``--workers``). Their workers get one thread each
-   (``OMP_NUM_THREADS=1``), and ``process-1t`` (one process, one thread) is measured beside them
-   as the per-core rate: the printed throughput target is an executor's tokens per wall second
+   (``OMP_NUM_THREADS=1``), and ``process-1t`` (one process, one thread, pinned to one core with
+   its background threads) is measured beside them as the per-core rate: the printed throughput target is an executor's tokens per wall second
    (start to exit, the merge included) >= 0.9x ``workers`` times process-1t's. Peak RSS there is
    the largest single process of the command's tree (driver, ranks, actors, merge): each live
    process's VmHWM polled every 0.25 s, and ``wait4``'s ``ru_maxrss`` at exit. The RSS target
@@ -199,7 +199,10 @@ def write_config(folder: Path, model_dir: Path, data: Path, compile_: str) -> Pa
 
 
 EXECUTORS = ("process", "shards", "torchrun", "ray")
-PER_CORE = "process-1t"  # one process on one core: the per-core baseline of the executors' throughput
+# One process pinned to one core (sched_setaffinity: its tokenizer, writer and reduction threads
+# too): the per-core rate the executors' throughput is measured against. Unpinned, a one-thread
+# process also runs its background threads on the other cores, and would overstate a core's rate.
+PER_CORE = "process-1t"
 THROUGHPUT_TARGET = 0.9
 TEARDOWN_ABORT = "terminate called without an active exception"  # gloo's exit, after the run finished
 
@@ -258,6 +261,11 @@ class TreeWatch:
 
     def __init__(self, interval: float = 0.25):
         self.interval, self.peak_kib, self.seen = interval, 0, set()
+        self.largest = ""  # which process the peak is (a rank, a Ray actor, the driver, a merge)
+
+    def _record(self, kib: int, label: str) -> None:
+        if kib > self.peak_kib:
+            self.peak_kib, self.largest = kib, label
 
     def poll(self, pid: int) -> None:
         import psutil
@@ -272,21 +280,25 @@ class TreeWatch:
                     hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
             except (OSError, StopIteration, ValueError):
                 continue
-            self.peak_kib = max(self.peak_kib, hwm)
+            self._record(hwm, _label(proc))
             self.seen.add(proc.pid)
 
-    def run(self, commands: list[list[str]], env: dict, log_path: Path) -> None:
-        """Start every command at once; wait for all, polling their trees."""
+    def run(self, commands: list[list[str]], env: dict, log_path: Path, cpus: set[int] | None = None) -> None:
+        """Start every command at once (on ``cpus`` only, when given); wait for all, polling their trees."""
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         with open(log_path, "a") as output:
-            procs = [subprocess.Popen(c, stdout=output, stderr=subprocess.STDOUT, env=env) for c in commands]
+            procs = [
+                subprocess.Popen(c, stdout=output, stderr=subprocess.STDOUT, env=env, preexec_fn=pin) for c in commands
+            ]
             pending = {p.pid: p for p in procs}
             while pending:
                 for pid in list(pending):
                     self.poll(pid)
                     done, status, usage = os.wait4(pid, os.WNOHANG)
                     if done:
-                        pending.pop(pid).returncode = os.waitstatus_to_exitcode(status)
-                        self.peak_kib = max(self.peak_kib, usage.ru_maxrss)  # KiB on Linux
+                        proc = pending.pop(pid)
+                        proc.returncode = os.waitstatus_to_exitcode(status)
+                        self._record(usage.ru_maxrss, "at exit: " + _words(proc.args))  # KiB on Linux
                 time.sleep(self.interval)
         for proc, command in zip(procs, commands):
             if proc.returncode:
@@ -294,6 +306,20 @@ class TreeWatch:
                 if TEARDOWN_ABORT in tail and "torch.distributed.run" in command:
                     continue  # the ranks finished and wrote run.json; gloo aborted on the way out
                 raise RuntimeError(f"exited {proc.returncode}: {' '.join(command)}\n{tail}")
+
+
+def _label(proc) -> str:
+    """A short name of a watched process: Ray's worker title, else its command's last words."""
+    try:
+        words = proc.cmdline()
+    except Exception:  # it exited meanwhile
+        return "?"
+    title = " ".join(words)
+    return title if title.startswith("ray::") else _words(words)
+
+
+def _words(command: list[str]) -> str:
+    return " ".join(w.rsplit("/", 1)[-1] for w in command[-4:])
 
 
 def run_child(executor: str, config: Path, per_token: bool, out_dir: Path, env: dict, workers: int) -> dict:
@@ -306,9 +332,15 @@ def run_child(executor: str, config: Path, per_token: bool, out_dir: Path, env: 
         shutil.rmtree(out_dir, ignore_errors=True)  # shards resume; a measurement starts afresh
     watch = TreeWatch()
     started = time.perf_counter()
+    cpus = {min(os.sched_getaffinity(0))} if executor == PER_CORE else None
     for step in executor_commands(executor, config, per_token, out_dir, workers):
-        watch.run(step if isinstance(step[0], list) else [step], env, log_path)
-    return {"peak_rss_mb": watch.peak_kib / 1024, "wall_s": time.perf_counter() - started, "processes": len(watch.seen)}
+        watch.run(step if isinstance(step[0], list) else [step], env, log_path, cpus)
+    return {
+        "peak_rss_mb": watch.peak_kib / 1024,
+        "wall_s": time.perf_counter() - started,
+        "processes": len(watch.seen),
+        "largest": watch.largest,
+    }
 
 
 def measure(
@@ -356,11 +388,12 @@ def rss_rows(root: Path, model_dir: Path, cpt: float, args, env: dict) -> list[d
                     **measure(folder, config, per_token, env, executor, args.workers),
                 }
                 log.info(
-                    "%s, %d tokens, per_token=%s: peak RSS %.0f MB, %.1f s",
+                    "%s, %d tokens, per_token=%s: peak RSS %.0f MB (%s), %.1f s",
                     executor,
                     row["tokens"],
                     per_token,
                     row["peak_rss_mb"],
+                    row["largest"],
                     row["wall_s"],
                 )
                 rows.append(row)
