@@ -67,7 +67,7 @@ def test_end_to_end_tables_agree(workspace, saved_gpt2):
     assert "pooled" in record["protocol"]["aggregation"]
     # where the wall time went: setup (the corpus, the model and its probes), then scoring, then the finish
     before, after = record["seconds_before_first_part"], record["seconds_after_last_part"]
-    assert 0 < before and 0 < after and before + after < record["seconds"]
+    assert before > 0 and after > 0 and before + after < record["seconds"]
     assert record["tokens_layout"] == {
         "layout": "file",
         "why": f"auto: the corpus holds {sum(map(len, CORPUS))} characters, at most 400,000,000",  # the blank skipped

@@ -11,7 +11,6 @@ libraries (macOS, musl) return memory differently; there this does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import sys
 import time
@@ -27,8 +26,10 @@ def _malloc_trim():
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim  # glibc only; AttributeError elsewhere
+        # The C library the process already runs (dlopen of the program itself): no search.
+        # ctypes.util.find_library would run `ldconfig -p` in a child process, mid-run, at the
+        # first part's end.
+        return ctypes.CDLL(None).malloc_trim  # glibc only; AttributeError elsewhere
     except (OSError, AttributeError):
         return None
 
