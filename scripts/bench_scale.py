@@ -204,45 +204,31 @@ EXECUTORS = ("process", "shards", "torchrun", "ray")
 # process also runs its background threads on the other cores, and would overstate a core's rate.
 PER_CORE = "process-1t"
 THROUGHPUT_TARGET = 0.9
+LMEVAL = [sys.executable, "-m", "lmeval"]
 TEARDOWN_ABORT = "terminate called without an active exception"  # gloo's exit, after the run finished
 
 
-def executor_commands(executor: str, config: Path, per_token: bool, out_dir: Path, workers: int) -> list[list[str]]:
-    """The command lines of one measurement, run one after another; a list inside the list
-    runs its commands at once (the shards)."""
-    run = [sys.executable, "-m", "lmeval", "run", str(config)]
+def executor_commands(
+    executor: str, config: Path, per_token: bool, out_dir: Path, workers: int
+) -> list[list[list[str]]]:
+    """The steps of one measurement, one after another; each step's commands run at once
+    (the shards' step has several)."""
+    run = [*LMEVAL, "run", str(config)]
     options = [f"output.per_token={str(per_token).lower()}", f"output.dir={out_dir}", "-q"]
     if executor in ("process", PER_CORE):
-        return [[*run, *options, "--overwrite"]]
+        return [[[*run, *options, "--overwrite"]]]
     if executor == "shards":  # every share at once (a Slurm array), then the merge
         return [
             [[*run, *options, "--shard", f"{i}/{workers}"] for i in range(workers)],
-            [*LMEVAL, "merge", str(out_dir)],
+            [[*LMEVAL, "merge", str(out_dir)]],
         ]
     if executor == "torchrun":
-        port = str(free_port())
         launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(workers)]
-        return [
-            [
-                *launch,
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                port,
-                "-m",
-                "lmeval",
-                "run",
-                str(config),
-                *options,
-                "--overwrite",
-            ]
-        ]
+        rendezvous = ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+        return [[[*launch, *rendezvous, "-m", "lmeval", "run", str(config), *options, "--overwrite"]]]
     if executor == "ray":
-        return [[*run, *options, "--overwrite", "--executor", "ray", "--ray-actors", str(workers)]]
+        return [[[*run, *options, "--overwrite", "--executor", "ray", "--ray-actors", str(workers)]]]
     raise ValueError(executor)
-
-
-LMEVAL = [sys.executable, "-m", "lmeval"]
 
 
 def free_port() -> int:
@@ -314,12 +300,12 @@ def _label(proc) -> str:
         words = proc.cmdline()
     except Exception:  # it exited meanwhile
         return "?"
-    title = " ".join(words)
+    title = " ".join(words).strip()  # Ray pads its workers' titles with spaces
     return title if title.startswith("ray::") else _words(words)
 
 
 def _words(command: list[str]) -> str:
-    return " ".join(w.rsplit("/", 1)[-1] for w in command[-4:])
+    return " ".join(w.rsplit("/", 1)[-1] if w.startswith("/") else w for w in command[-4:])  # paths: their last part
 
 
 def run_child(executor: str, config: Path, per_token: bool, out_dir: Path, env: dict, workers: int) -> dict:
@@ -334,7 +320,7 @@ def run_child(executor: str, config: Path, per_token: bool, out_dir: Path, env: 
     started = time.perf_counter()
     cpus = {min(os.sched_getaffinity(0))} if executor == PER_CORE else None
     for step in executor_commands(executor, config, per_token, out_dir, workers):
-        watch.run(step if isinstance(step[0], list) else [step], env, log_path, cpus)
+        watch.run(step, env, log_path, cpus)
     return {
         "peak_rss_mb": watch.peak_kib / 1024,
         "wall_s": time.perf_counter() - started,

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import OutputError, option
-from .schemas import schema_for, to_arrow
+from .schemas import schema_for, table_name, to_arrow
 
 # Every file `lmeval run` may write; --overwrite removes exactly these, nothing else.
 OUTPUT_FILES = (
@@ -123,10 +123,15 @@ def atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: could not be written ({exc.strerror or exc}). {write_fix(path, exc)}") from exc
+        raise write_failed(path, exc) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_failed(path: Path, exc: OSError) -> OutputError:
+    """The error of a write that failed, with its fix."""
+    return OutputError(f"{path}: could not be written ({exc.strerror or exc}). {write_fix(path, exc)}")
 
 
 def write_fix(path: Path, exc: OSError) -> str:
@@ -190,7 +195,7 @@ class TokenWriter:
 
     def __init__(self, path: Path, schema: pa.Schema | None = None, table: str | None = None):
         self.path = path
-        self.table = table or path.name  # the table whose schema the rows take (a part's file: its table's)
+        self.table = table or table_name(path)  # whose schema the rows take (a dataset's part file: its table's)
         self.schema = schema  # None: the file's schema, with the optional columns of the first rows
         self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self.writer: pq.ParquetWriter | None = None
@@ -204,9 +209,7 @@ class TokenWriter:
                 self.writer = pq.ParquetWriter(self.tmp, self.schema, use_dictionary=dictionary_columns(self.schema))
             self.writer.write_table(table)
         except OSError as exc:
-            raise OutputError(
-                f"{self.path}: could not be written ({exc.strerror or exc}). {write_fix(self.path, exc)}"
-            ) from exc
+            raise write_failed(self.path, exc) from exc
         self.n_rows += len(frame)
         return self.path, self.n_rows - len(frame), self.n_rows
 
@@ -247,7 +250,7 @@ class TokenDataset(TokenWriter):
     (readers skip names starting with a dot) and renamed into place on close."""
 
     def __init__(self, path: Path, schema: pa.Schema | None = None):
-        super().__init__(path, schema, table=f"{path.name}.parquet")
+        super().__init__(path, schema)
         self.n_files = 0
 
     def write(self, frame: pd.DataFrame) -> tuple[Path, int, int]:
@@ -257,9 +260,7 @@ class TokenDataset(TokenWriter):
             self.tmp.mkdir(exist_ok=True)
             write_parquet(table, self.tmp / name)
         except OSError as exc:
-            raise OutputError(
-                f"{self.path}: could not be written ({exc.strerror or exc}). {write_fix(self.path, exc)}"
-            ) from exc
+            raise write_failed(self.path, exc) from exc
         self.n_files += 1
         self.n_rows += len(frame)
         return self.path / name, 0, len(frame)
@@ -320,11 +321,9 @@ def rewrite_table(path: Path, transform) -> None:
     """Map ``transform`` over a streamed table's row groups (each a DataFrame with the file's
     attrs) into a new file renamed over it: an analysis's second pass, a row group in memory
     at a time. A dataset folder (`TokenDataset`) is rewritten file by file."""
-    if path.is_dir():
-        for file in sorted(path.glob("*.parquet")):
-            _rewrite_file(file, transform, f"{path.name}.parquet")
-    elif path.exists():
-        _rewrite_file(path, transform, path.name)
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path] if path.exists() else []
+    for file in files:
+        _rewrite_file(file, transform, table_name(path))
 
 
 def _rewrite_file(path: Path, transform, table_name: str) -> None:

@@ -53,9 +53,9 @@ class Merger:
         self.cursor = 0
         self.states = {model: {a.name: a.start(model) for a in analyses} for model in paths}
         self.protocols: dict[str, dict] = {}
-        files = {a.token_file for a in analyses if a.token_file} if out is not None else set()
+        files = sorted({a.token_file for a in analyses if a.token_file})
         self.layout = layout
-        self.writers = {name: token_writer(out, name, layout[0]) for name in sorted(files)} if out else {}
+        self.writers = {name: token_writer(out, name, layout[0]) for name in files} if out is not None else {}
         # table -> model -> each part's (file, first row, stop) in that table, for readers that pair parts
         self.row_ranges: dict[str, dict[str, list[tuple[Path, int, int]]]] = {name: {} for name in self.writers}
 

@@ -802,9 +802,16 @@ def to_arrow(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
     return table.cast(schema, safe=True).replace_schema_metadata(None)
 
 
+def table_name(path) -> str:
+    """The table a file holds, or a token table's dataset folder: tokens/ holds tokens.parquet."""
+    path = Path(path)
+    return path.name if path.suffix else f"{path.name}.parquet"
+
+
 def schema_for(path: Path, columns: list[str] | None = None) -> pa.Schema | None:
-    """The schema of a table file; with ``columns``, extended by the optional ones among them."""
-    name = Path(path).name
+    """The schema of a table file (or dataset folder); with ``columns``, extended by the
+    optional ones among them."""
+    name = table_name(path)
     schema = SCHEMAS.get(name)
     if schema is None or not columns:
         return schema
@@ -824,7 +831,7 @@ def read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     """A table lmeval wrote, read back under its schema (``doc_id`` stays a string); a token
     table's dataset folder (tokens/) is read as the one table its files make."""
     table = pq.read_table(path, columns=columns)
-    schema = schema_for(path.with_name(f"{path.name}.parquet") if path.is_dir() else path, table.column_names)
+    schema = schema_for(path, table.column_names)
     if schema is not None:
         table = table.cast(pa.schema([schema.field(n) for n in table.column_names]))
     return table.to_pandas()
