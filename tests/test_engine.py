@@ -310,6 +310,23 @@ def test_freed_memory_is_given_back_at_most_once_a_second(monkeypatch):
     assert memory.release_free_memory(force=True) and calls == [0, 0]
 
 
+def test_giving_memory_back_empties_arrows_heap_too(monkeypatch):
+    """Arrow allocates parts' reads and writes from a heap of its own that malloc_trim does not reach."""
+    import pyarrow as pa
+
+    from lmeval.engine import memory
+
+    released = []
+
+    class Pool:
+        def release_unused(self):
+            released.append(True)
+
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: lambda pad: None)
+    monkeypatch.setattr(pa, "default_memory_pool", Pool)
+    assert memory.release_free_memory(force=True) and released == [True]
+
+
 def test_a_slow_writer_holds_at_most_two_parts_back():
     """Scoring waits for the part writer once two writes are pending: parts never pile up in memory."""
     import time

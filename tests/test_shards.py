@@ -109,6 +109,39 @@ def test_rerunning_a_finished_shard_scores_nothing_and_the_last_shard_merges(tmp
     assert set(last.merged["summary"].model) == {"a", "b"}
 
 
+def test_merge_reads_each_part_once_and_a_damaged_part_is_named_removed_and_rescored_by_its_shard(
+    tmp_path, saved_gpt2, one_thread, monkeypatch
+):
+    """The merge checks each part's footer up front and its checksum as it folds it (one read
+    of the columns, not two): a part whose values changed under an intact footer is caught
+    then, named and removed, nothing is written, and a rerun of its shard redoes only it."""
+    import pyarrow.parquet as pq
+
+    from lmeval.engine import parts as parts_module
+
+    config = load_config(two_model_config(tmp_path, saved_gpt2, TEXTS, part_chars=600))
+    ref = reference(two_model_config(tmp_path, saved_gpt2, TEXTS, part_chars=600), tmp_path / "reference")
+    out = tmp_path / "out"
+    run_shard(config, 0, 2, show_progress=False)
+    second = run_shard(config, 1, 2, show_progress=False)
+    files = sorted((out / "parts").rglob("*.parquet"))
+    damaged = next(p for p in files if p.stem in second.scored_keys["b"])
+    table = pq.read_table(damaged)
+    nll = table.column("nll").to_numpy().copy()
+    nll[0] += 1.0  # a flipped value: the footer (identity, checksum field) is as written
+    pq.write_table(table.set_column(table.column_names.index("nll"), "nll", [nll]), damaged)
+    reads, read_table = [], pq.read_table
+    monkeypatch.setattr(parts_module.pq, "read_table", lambda path, **kw: reads.append(path) or read_table(path, **kw))
+    with pytest.raises(OutputError, match=f"result part {damaged} cannot be merged"):
+        merge(out)
+    assert not damaged.exists() and not (out / "summary.csv").exists() and not (out / "run.json").exists()
+    assert len(reads) <= len(files) and damaged in reads  # no part read twice
+    monkeypatch.undo()
+    assert run_shard(config, 1, 2, show_progress=False).scored == 1
+    merge(out)
+    assert_same_tables(read_tables(out), ref)
+
+
 @pytest.mark.parametrize("text", ["2/2", "1/0", "a/b", "1", "-1/2", "0/2/3"])
 def test_a_bad_shard_spelling_is_explained(text):
     with pytest.raises(ConfigError, match=r"--shard: must be I/N with 0 <= I < N"):

@@ -42,5 +42,13 @@ def release_free_memory(force: bool = False) -> bool:
     if trim is None or (not force and now - _last_trim[0] < MIN_INTERVAL_S):
         return False
     trim(0)
+    _release_arrow_pool()
     _last_trim[0] = now
     return True
+
+
+def _release_arrow_pool() -> None:
+    """Arrow's allocator's cached free pages, back to the OS."""
+    pyarrow = sys.modules.get("pyarrow")  # never the import's cost for a process that has not loaded it
+    if pyarrow is not None:
+        pyarrow.default_memory_pool().release_unused()

@@ -27,6 +27,7 @@ from .data import Corpus
 from .files import rewrite_table, token_layout, token_writer, write_figure, write_table
 from .memory import release_free_memory
 from .parts import PartError, read_part
+from .prefetch import prefetched
 from .provenance import fingerprint_model, versions
 
 
@@ -75,23 +76,35 @@ class Merger:
         self.fold_ready()
 
     def fold_ready(self, final: bool = False) -> None:
-        """Fold the parts already on disk that come next; with ``final``, every one must be there."""
+        """Fold the parts already on disk that come next; with ``final``, every one must be
+        there, and each is read while the one before it folds (a merge of finished shards)."""
+        if final:
+            rest = [(model, self._required(model, index)) for model, index in self.order[self.cursor :]]
+            for (model, _), read in prefetched(rest, lambda item: _read_checked(item[1])):
+                self._fold_read(model, *read)
+            return
         while self.cursor < len(self.order):
             model, index = self.order[self.cursor]
             path = self.paths[model][index]
             if path is None or not path.exists():
-                if not final:
-                    return
-                if path is None:  # a bug in the caller, not the user's: keeps its traceback
-                    raise RuntimeError(f"merge: in-memory part {index} of {model} was never added.")
-                raise OutputError(
-                    f"output.dir: every result part must be in {path.parent.parent} before the merge (parts of "
-                    f"{model} are missing). Every rank writes there: put `output.dir` on a file system all "
-                    "nodes share, then rerun to resume."
-                )
-            columns, meta = _read_checked(path)
-            self._fold(Part(model, [str(d) for d in meta["doc_ids"]], columns, meta))
-            self.cursor += 1
+                return
+            self._fold_read(model, *_read_checked(path))
+
+    def _required(self, model: str, index: int) -> Path:
+        path = self.paths[model][index]
+        if path is None:  # a bug in the caller, not the user's: keeps its traceback
+            raise RuntimeError(f"merge: in-memory part {index} of {model} was never added.")
+        if not path.exists():
+            raise OutputError(
+                f"output.dir: every result part must be in {path.parent.parent} before the merge (parts of "
+                f"{model} are missing). Every rank writes there: put `output.dir` on a file system all "
+                "nodes share, then rerun to resume."
+            )
+        return path
+
+    def _fold_read(self, model: str, columns: dict, meta: dict) -> None:
+        self._fold(Part(model, [str(d) for d in meta["doc_ids"]], columns, meta))
+        self.cursor += 1
 
     def _fold(self, part: Part) -> None:
         self.protocols.setdefault(part.model, part.meta["protocol"])

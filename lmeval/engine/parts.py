@@ -130,10 +130,11 @@ def read_part(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     return _stack(flat), meta
 
 
-def verify_part(path: Path, identity_hash: str) -> dict:
+def verify_part(path: Path, identity_hash: str, columns: bool = True) -> dict:
     """A part's metadata; `PartError` unless ``path`` is intact and was scored for this run
-    (``identity_hash``: the same config, models and data)."""
-    _, meta = read_part(path)
+    (``identity_hash``: the same config, models and data). ``columns`` False reads the
+    metadata alone (the file's footer) and leaves the checksum to whoever reads the columns."""
+    meta = read_part(path)[1] if columns else read_meta(path)
     if meta.get("identity") != identity_hash:
         raise PartError("it was scored for another run (another config, protocol, model or corpus)")
     return meta

@@ -271,6 +271,9 @@ def score_parts(
                 writer.submit(
                     own.merger.add, m.name, index, Part(m.name, [str(d) for d in meta["doc_ids"]], kept, meta)
                 )
+            # This part's arrays die now (the writer holds what it writes), not when the next part's
+            # scoring rebinds the names: else two parts' columns are alive through every batch.
+            out = texts = documents = ready = columns = kept = None  # type: ignore[assignment]
             release_free_memory()  # the batches' freed logits, before the next part allocates its own
 
 

@@ -20,8 +20,9 @@ from .parts import PartError, has_parts, roundtrip, verify_part
 log = logging.getLogger(__name__)
 
 
-def finished_plans(folder: Path, keys: list[str], idh: str) -> set[str]:
-    """Keys among ``keys`` whose part in ``folder`` is present and passes every check."""
+def finished_plans(folder: Path, keys: list[str], idh: str, columns: bool = True) -> set[str]:
+    """Keys among ``keys`` whose part in ``folder`` is present and passes every check
+    (``columns`` False: every check but the checksum, which the merge makes as it reads a part)."""
     if not folder.is_dir():
         return set()
     wanted = set(keys)
@@ -30,7 +31,7 @@ def finished_plans(folder: Path, keys: list[str], idh: str) -> set[str]:
         if path.stem not in wanted:
             continue  # not a part of this plan (the manifest check guards the plan itself)
         try:
-            verify_part(path, idh)
+            verify_part(path, idh, columns)
         except PartError as exc:
             log.warning("result part %s is not reused: %s. It will be scored again.", path, exc)
             path.unlink(missing_ok=True)

@@ -222,7 +222,8 @@ def merge(output_dir, *, config: Config | None = None, corpus: Corpus | None = N
         keys = [plan_key(corpus, p, config.scoring.documents) for p in plans]
         absent = {}
         for model in config.models:  # a damaged or foreign part is named and removed: its shard redoes it
-            done = finished_plans(parts / model_dirname(model.name), keys, idh)
+            # the footer alone: the merge reads every part once, and checks its checksum then
+            done = finished_plans(parts / model_dirname(model.name), keys, idh, columns=False)
             absent[model.name] = [i for i, key in enumerate(keys) if key not in done]
         if any(absent.values()):
             raise MissingPartsError(_missing_message(out, config, corpus, plans, absent, _sharding(parts)))
