@@ -224,13 +224,15 @@ def executor_commands(
     """The steps of one measurement, one after another; each step's commands run at once
     (the shards' step has several)."""
     run = [*LMEVAL, "run", str(config)]
-    options = [f"output.per_token={str(per_token).lower()}", f"output.dir={out_dir}", "-q"]
+
+    def options_into(folder: Path) -> list[str]:
+        return [f"output.per_token={str(per_token).lower()}", f"output.dir={folder}", "-q"]
+
+    options = options_into(out_dir)
     if executor in ("process", PER_CORE):
         return [[[*run, *options, "--overwrite"]]]
     if executor == PER_CORES:
-        return [
-            [[*run, *options[:1], f"output.dir={copy_dir(out_dir, i)}", "-q", "--overwrite"] for i in range(workers)]
-        ]
+        return [[[*run, *options_into(copy_dir(out_dir, i)), "--overwrite"] for i in range(workers)]]
     if executor == "shards":  # every share at once (a Slurm array), then the merge
         return [
             [[*run, *options, "--shard", f"{i}/{workers}"] for i in range(workers)],
@@ -265,15 +267,21 @@ class TreeWatch:
     exit. A process's VmHWM only rises, so polling misses at most its last ``interval``."""
 
     def __init__(self, interval: float = 0.25):
-        self.interval, self.peak_kib, self.seen = interval, 0, set()
-        self.largest = ""  # which process the peak is (a rank, a Ray actor, the driver, a merge)
+        self.interval, self.seen = interval, set()
         self.each: dict[int, tuple[int, str]] = {}  # pid -> (its own peak KiB, its label)
 
-    def _record(self, kib: int, label: str, pid: int | None = None) -> None:
-        if kib > self.peak_kib:
-            self.peak_kib, self.largest = kib, label
-        if pid is not None and kib > self.each.get(pid, (0, ""))[0]:
+    def _record(self, kib: int, label: str, pid: int) -> None:
+        if kib > self.each.get(pid, (0, ""))[0]:
             self.each[pid] = (kib, label)
+
+    @property
+    def peak_kib(self) -> int:
+        return max((kib for kib, _ in self.each.values()), default=0)
+
+    @property
+    def largest(self) -> str:
+        """Which process the peak is (a rank, a Ray actor, the driver, a merge)."""
+        return max(self.each.values(), default=(0, ""))[1]
 
     def peaks(self) -> str:
         """Every watched process's own peak, largest first: the ranks or actors side by side."""
@@ -313,7 +321,7 @@ class TreeWatch:
                     if done:
                         proc = pending.pop(pid)
                         proc.returncode = os.waitstatus_to_exitcode(status)
-                        self._record(usage.ru_maxrss, "at exit: " + _words(proc.args))  # KiB on Linux
+                        self._record(usage.ru_maxrss, "at exit: " + _words(proc.args), pid)  # KiB on Linux
                 time.sleep(self.interval)
         for proc, command in zip(procs, commands):
             if proc.returncode:

@@ -112,20 +112,35 @@ def _plain(value):
     raise TypeError(type(value).__name__)
 
 
+# What reading a damaged footer or its metadata raises: the part is unreadable.
+_FOOTER_ERRORS = (OSError, ValueError, KeyError, TypeError, pa.ArrowException)
+
+
 def read_meta(path: Path) -> dict:
     """A part's metadata; `PartError` when the file or its metadata cannot be read."""
     try:
-        return json.loads(pq.read_schema(path).metadata[META_KEY])
-    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
-        raise PartError(f"unreadable ({type(exc).__name__}: {exc})") from None
+        return _meta_of(pq.read_schema(path))
+    except _FOOTER_ERRORS as exc:
+        raise _unreadable(exc) from None
+
+
+def _meta_of(schema: pa.Schema) -> dict:
+    return json.loads(schema.metadata[META_KEY])
+
+
+def _unreadable(exc: Exception) -> PartError:
+    return PartError(f"unreadable ({type(exc).__name__}: {exc})")
 
 
 def read_part(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     """A part's columns (``name.k`` re-stacked into (N, K) arrays) and metadata, after checking
     its checksum; `PartError` when it is unreadable, truncated or corrupted."""
-    meta = read_meta(path)
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(path)  # its footer parsed once, for the metadata and the columns
+        meta = _meta_of(parquet.schema_arrow)
+    except _FOOTER_ERRORS as exc:
+        raise _unreadable(exc) from None
+    try:
         # A column at a time: one column's Arrow buffers beside the arrays, never the whole table's
         # (its row groups are copied into one array per column either way).
         flat = {
@@ -133,7 +148,7 @@ def read_part(path: Path) -> tuple[dict[str, np.ndarray], dict]:
             for name in parquet.schema_arrow.names
         }
     except (OSError, ValueError, pa.ArrowException) as exc:
-        raise PartError(f"unreadable ({type(exc).__name__}: {exc})") from None
+        raise _unreadable(exc) from None
     if part_checksum(flat, meta) != meta.get("checksum"):
         raise PartError("its checksum does not match its columns and metadata (corrupted)")
     return _stack(flat), meta
