@@ -182,6 +182,35 @@ def test_kernel_keeps_nan_and_zero_probabilities():
     assert torch.isinf(ours.mean_neg_logq[1:]).all()
 
 
+@pytest.mark.parametrize("scale", [0.01, 30.0, 200.0])
+def test_kernel_on_peaked_and_flat_rows_matches_float64(scale):
+    """The kernel's inlined exponential on rows from nearly flat (scale 0.01) to so peaked
+    (scale 200) that most of e^(z - max z) underflows, and around its cut at -87.3: every
+    statistic, the temperature grid and the variance included, against a float64 log-softmax.
+    (The rank is counted on the logits: at scale 200 float64's probabilities underflow too.)"""
+    from lmeval.core import kernels
+
+    if kernels.library() is None:
+        pytest.skip("no reductions kernel on this machine")
+    torch.manual_seed(int(scale * 100))
+    logits = torch.randn(40, 3001) * scale
+    logits[0, :] = torch.linspace(-100.0, 0.0, 3001)  # every d from 0 to -100: the cut and past it
+    logits[1, :] = torch.linspace(-87.5, -87.1, 3001)  # a flat row straddling -87.3 below its max
+    targets = torch.randint(0, 3001, (40,))
+    targets[0] = 1500  # d = -50: probability e^-50 of the max's, far above float32's smallest
+    workspace = Workspace()
+    ours = token_statistics(logits, targets, DEFAULT_GRID, workspace=workspace, moments=True)
+    assert workspace.calls["kernel"] == 1
+    ref = reference_stats(logits, targets, DEFAULT_GRID)
+    for key in ("nll", "entropy", "max_prob", "sum_q2", "mean_neg_logq", "nll_t", "max_prob_t"):
+        torch.testing.assert_close(getattr(ours, key).double(), ref[key], atol=1e-5, rtol=1e-5, msg=key)
+    assert torch.equal(ours.rank, 1 + (logits > logits.gather(1, targets[:, None])).sum(1))
+    log_q = torch.log_softmax(logits.double(), dim=1)
+    q = log_q.exp()
+    var = (q * (log_q - (q * log_q).sum(1, keepdim=True)) ** 2).sum(1)
+    torch.testing.assert_close(ours.var_logq.double(), var, atol=1e-5, rtol=1e-5)
+
+
 def test_kernel_is_built_once_per_machine(tmp_path, monkeypatch):
     """A second process finds the built file under the cache directory and never calls the
     compiler again; a cache directory per CPU and compiler (the file name is their hash)."""
