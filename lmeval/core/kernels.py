@@ -58,7 +58,8 @@ static inline float exp_le0(float x) {
   p = p * f + 1.6666665459E-1f;
   p = p * f + 5.0000001201E-1f;
   const float y = p * f * f + f + 1.0f;
-  union { int32_t i; float f; } scale = { .i = ((int32_t)n + 127) << 23 };
+  /* 2^n built in the exponent's bits; a NaN's n is replaced so that no NaN is cast to int (y is NaN) */
+  union { uint32_t i; float f; } scale = { .i = (uint32_t)((int32_t)(n == n ? n : 0.0f) + 127) << 23 };
   return x < -87.3f ? 0.0f : y * scale.f;
 }
 
