@@ -12,7 +12,7 @@ import os
 import sys
 
 from ..errors import LmevalError, on_command_line
-from . import compare, merge, pairs, run, surprisal
+from . import compare, merge, pairs, report, run, surprisal
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_parser(sub).set_defaults(func=compare.main)
     pairs.add_parser(sub).set_defaults(func=pairs.main)
     merge.add_parser(sub)
+    report.add_parser(sub)
     return parser
 
 

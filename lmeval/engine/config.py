@@ -88,6 +88,8 @@ class OutputConfig:
     # documents.parquet and summary.csv only (perplexity filtering, data selection): no calibration,
     # positions or token rows, and the cheapest reductions (no temperature grid)
     documents_only: bool = False
+    # report.html at the end of the run: one self-contained page of every table (`lmeval report`)
+    report: bool = True
 
 
 @dataclass(frozen=True)

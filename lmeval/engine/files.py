@@ -34,6 +34,7 @@ OUTPUT_FILES = (
     "compare_documents.csv",
     "reliability.png",
     "checkpoints.png",
+    "report.html",
     "run.json",
     "divergence.parquet",
     "divergence.csv",

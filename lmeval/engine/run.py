@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..analyses import analyses_for, plots
 from ..analyses.base import RunFacts
+from ..view.report import write_report
 from . import distributed
 from .config import Config, load_config
 from .data import SEPARATOR_ID, Corpus, join_documents, load_documents
@@ -325,6 +326,8 @@ def _finish(
         if timing.get("first_part") is not None:  # loading, planning, probes (absent: nothing was scored here)
             record["seconds_before_first_part"] = timing["first_part"] - timing["started"]
         write_json(record, out / "run.json")
+        if config.output.report:  # read back from the files just written: the page shows what they hold
+            write_report([out], out / "report.html", _run_facts(config, corpus).text_of)  # type: ignore[arg-type]
     if return_tokens and config.output.per_token and not config.output.documents_only:
         tables["tokens"] = read_table(merger.writers["tokens.parquet"].path)  # the file, or its folder
     shutil.rmtree(parts)  # run.json marks the run complete; the tables now hold every row

@@ -1,0 +1,381 @@
+"""One page to read a run (or several checkpoints' runs): ``report.html``, self-contained.
+
+Every number on the page is read from the run's own files (summary.csv, compare.csv,
+calibration.csv, temperature.csv, positions.csv, documents.parquet, tokens.parquet) and
+shown as text in a ``<table>``; the charts (inline SVG, `lmeval.view.svg`) draw the same
+rows. Nothing is fetched: inline CSS, one inline script allowed by its hash in the page's
+Content-Security-Policy, and data embedded as escaped JSON that the script only ever writes
+as ``textContent``, so a document's text cannot run anything.
+
+Sections appear when the run has their data: summary and protocol, comparison (paired deltas
+with intervals), checkpoints (a metric against the step, across run folders), calibration
+(reliability and temperature), loss by position, and documents (a sortable, filterable table;
+a click opens the document's token heat map where the run kept token rows). Above
+`TOKEN_BUDGET` token rows the token views are embedded for a stratified sample of documents
+(the best, the worst, the most changed, then a seeded random remainder), and the page says so.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .render import _template, script_hash, script_json, write_html
+from .run_tables import RunTables, read_run, read_tokens, token_rows
+from .svg import Series, line_chart
+
+HEADLINE = ("ppl", "bits_per_token", "bits_per_byte", "word_ppl", "ece", "brier", "top1_accuracy")
+DOCUMENT_METRICS = ("ppl", "bits_per_byte")
+TOKEN_BUDGET = 100_000  # token rows embedded for the drill-down (about 2 MB of the page)
+TOKEN_FILE_ROWS = 20_000_000  # above this, the token table is not read at all (its doc_id column alone is large)
+DOCUMENT_ROWS = 20_000  # rows of the documents table embedded (about 2 MB)
+CURVE_METRICS = ("bits_per_byte", "ppl", "ece")
+
+
+def _fmt(value) -> str:
+    """A number as the tables show it: 4 significant digits, a sign kept, NaN as an en dash."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "\u2013"  # an en dash
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    value = float(value)
+    if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+        return f"{value:.4g}"
+    return f"{value:.4f}".rstrip("0").rstrip(".") if abs(value) < 10 else f"{value:.2f}"
+
+
+def _signed(value) -> str:
+    text = _fmt(value)
+    return f"+{text}" if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else text
+
+
+def _table(frame: pd.DataFrame, caption: str, signed: Sequence[str] = ()) -> str:
+    head = "".join(f'<th scope="col">{html.escape(str(c))}</th>' for c in frame.columns)
+    rows = []
+    for record in frame.itertuples(index=False):
+        cells = []
+        for column, value in zip(frame.columns, record):
+            if isinstance(value, (float, int, np.floating, np.integer)) and not isinstance(value, bool):
+                number = value.item() if hasattr(value, "item") else value
+                text = _signed(number) if column in signed else _fmt(number)
+                cells.append(f'<td class="num">{html.escape(text)}</td>')
+            else:
+                cells.append(f"<td>{html.escape(str(value))}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{body}</section>'
+
+
+def summary_section(runs: list[RunTables]) -> str:
+    parts = []
+    for run in runs:
+        summary = run.tables["summary"]
+        columns = ["model", "n_documents", "n_tokens", *[c for c in HEADLINE if c in summary.columns]]
+        parts.append(_table(summary[columns], f"{run.name}: headline metrics (summary.csv)"))
+        parts.append(_protocol(run))
+    return _section("summary", "Summary", "".join(parts))
+
+
+def _protocol(run: RunTables) -> str:
+    protocol = run.record.get("protocol", {})
+    items = []
+    for key in ("windows", "aggregation", "log_base"):
+        if protocol.get(key):
+            items.append(f"<li><b>{key}</b>: {html.escape(str(protocol[key]))}</li>")
+    for unit, meaning in (protocol.get("normalisers") or {}).items():
+        items.append(f"<li><b>per {html.escape(unit)}</b>: {html.escape(str(meaning))}</li>")
+    for model, facts in (protocol.get("models") or {}).items():
+        words = (
+            f"window {facts.get('max_length')} ids, stride {facts.get('stride')}, BOS {facts.get('bos')}, "
+            f"documents {facts.get('documents')}, batching {facts.get('batching')}, reductions {facts.get('reductions')}"
+        )
+        items.append(f"<li><b>{html.escape(str(model))}</b>: {html.escape(words)}</li>")
+    return f"<details open><summary>Protocol of {html.escape(run.name)} (run.json)</summary><ul>{''.join(items)}</ul></details>"
+
+
+def comparison_section(runs: list[RunTables]) -> str:
+    parts = []
+    for run in runs:
+        if not run.has("compare"):
+            continue
+        compare = run.tables["compare"]
+        columns = [
+            c
+            for c in (
+                "model",
+                "baseline",
+                "metric",
+                "value",
+                "baseline_value",
+                "delta",
+                "ci_low",
+                "ci_high",
+                "p_value",
+                "n_documents",
+            )
+            if c in compare.columns
+        ]
+        parts.append(
+            _table(
+                compare[columns],
+                f"{run.name}: paired differences, model minus baseline, with 95% bootstrap intervals over documents (compare.csv)",
+                signed=("delta", "ci_low", "ci_high"),
+            )
+        )
+    return _section("comparison", "Comparison", "".join(parts)) if parts else ""
+
+
+def checkpoints_section(runs: list[RunTables]) -> str:
+    """Each metric against the checkpoint step (the folder name's last number), one line per model."""
+    if len(runs) < 2:
+        return ""
+    steps = [run.step if run.step is not None else k for k, run in enumerate(runs)]
+    rows = [
+        {"run": run.name, "step": step, **r}
+        for run, step in zip(runs, steps)
+        for r in run.tables["summary"].to_dict("records")
+    ]
+    frame = pd.DataFrame(rows).sort_values(["model", "step"], kind="stable")
+    metrics = [m for m in CURVE_METRICS if m in frame.columns]
+    charts = []
+    for metric in metrics:
+        series = [
+            Series(str(model), g["step"].astype(float).tolist(), g[metric].astype(float).tolist())
+            for model, g in frame.groupby("model", sort=False)
+        ]
+        charts.append(line_chart(series, title=f"{metric} against the step", x_label="step", y_label=metric))
+    table = _table(
+        frame[["run", "step", "model", *metrics]],
+        "Each run's headline metrics against its step (summary.csv of each run)",
+    )
+    return _section("checkpoints", "Checkpoints", "".join(charts) + table)
+
+
+def calibration_section(run: RunTables) -> str:
+    parts = []
+    if run.has("calibration"):
+        cal = run.tables["calibration"]
+        series = [
+            Series(str(m), g["confidence_mean"].tolist(), g["accuracy"].tolist())
+            for m, g in cal.groupby("model", sort=False)
+        ]
+        parts.append(
+            line_chart(
+                series,
+                title="Reliability diagram",
+                x_label="confidence (mean of the bin)",
+                y_label="accuracy",
+                diagonal=True,
+            )
+        )
+        parts.append(_table(cal, "Reliability bins (calibration.csv): top-1 confidence against accuracy"))
+    if run.has("temperature"):
+        temp = run.tables["temperature"]
+        series = [
+            Series(str(m), g["temperature"].tolist(), g["nll_mean"].tolist())
+            for m, g in temp.groupby("model", sort=False)
+        ]
+        parts.append(
+            line_chart(series, title="Mean nll against temperature", x_label="temperature", y_label="nll (nats/token)")
+        )
+        parts.append(_table(temp, "Temperature curve (temperature.csv)"))
+    return _section("calibration", f"Calibration ({run.name})", "".join(parts)) if parts else ""
+
+
+def positions_section(run: RunTables) -> str:
+    if not run.has("positions"):
+        return ""
+    pos = run.tables["positions"]
+    pos = pos[pos["axis"] == "position"] if "axis" in pos.columns else pos
+    series = [
+        Series(str(m), g["value_mean"].tolist(), g["nll_mean"].tolist(), g["ci_low"].tolist(), g["ci_high"].tolist())
+        for m, g in pos.groupby("model", sort=False)
+    ]
+    chart = line_chart(
+        series, title="Loss by position", x_label="token position (bin mean)", y_label="nll (nats/token)"
+    )
+    return _section(
+        "positions",
+        f"Loss by position ({run.name})",
+        chart + _table(pos, "Loss by position with 95% intervals (positions.csv)"),
+    )
+
+
+def document_rows(run: RunTables) -> tuple[list[str], list[list]]:
+    """The documents table: one row per document, each model's ppl and bits per byte, and each
+    compared model's delta in bits per byte against the baseline (compare_documents.csv)."""
+    docs = run.tables["documents"].assign(doc_id=lambda f: f["doc_id"].astype(str))
+    wide = docs.pivot_table(index="doc_id", columns="model", values=list(DOCUMENT_METRICS), aggfunc="first", sort=False)
+    table = pd.DataFrame({"doc_id": wide.index.astype(str)})
+    table["n_tokens"] = docs.groupby("doc_id", sort=False)["n_tokens"].first().reindex(wide.index).to_numpy()
+    for model in dict.fromkeys(docs["model"].astype(str)):
+        for metric in DOCUMENT_METRICS:
+            table[f"{metric} {model}"] = wide[(metric, model)].to_numpy()
+    if run.has("compare_documents"):
+        deltas = run.tables["compare_documents"]
+        for model, g in deltas.groupby("model", sort=False):
+            by_doc = g.set_index(g["doc_id"].astype(str))["delta_bits_per_byte"]
+            table["\u0394 bits_per_byte " + str(model)] = by_doc.reindex(table["doc_id"]).to_numpy()
+    rows = [[_json_value(v) for v in row] for row in table.itertuples(index=False)]
+    return list(table.columns), rows
+
+
+def _json_value(value):
+    """A cell as JSON takes it: a Python number (NaN as null) or the text."""
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    return str(value)
+
+
+def _stratified(ranked: list[list[str]], pool: list[str], seed: int, take) -> list[str]:
+    """``ranked`` lists first (each already in order: the best, the worst, the most changed), then
+    ``pool`` in a seeded random order; ``take(doc)`` says whether a document still fits."""
+    rest = np.random.default_rng(seed).permutation(np.asarray(pool, dtype=object)).tolist()
+    return [doc for doc in dict.fromkeys([d for r in ranked for d in r] + rest) if take(doc)]
+
+
+def _extremes(run: RunTables, n: int) -> list[list[str]]:
+    """The ``n`` best and worst documents by bits per byte, and the ``n`` most changed."""
+    docs = run.tables["documents"]
+    per_doc = docs.groupby(docs["doc_id"].astype(str))["bits_per_byte"].mean().sort_values()
+    ranked = [per_doc.index[:n].tolist(), per_doc.index[::-1][:n].tolist()]
+    if run.has("compare_documents"):
+        changed = run.tables["compare_documents"].assign(size=lambda f: f["delta_bits_per_byte"].abs())
+        ranked.append(changed.sort_values("size", ascending=False)["doc_id"].astype(str).head(n).tolist())
+    return ranked
+
+
+def sample_documents(run: RunTables, counts: pd.Series, budget: int = TOKEN_BUDGET, seed: int = 0) -> list[str]:
+    """Documents whose token views are embedded: every one if their token rows (``counts``, per
+    doc_id) fit ``budget``, else the best, the worst and the most changed (by bits per byte)
+    first, then a seeded random remainder, while the budget lasts."""
+    if counts.sum() <= budget:
+        return list(counts.index)
+    used = [0]
+
+    def take(doc: str) -> bool:
+        n = int(counts.get(doc, 0))
+        if not n or used[0] + n > budget:
+            return False
+        used[0] += n
+        return True
+
+    return _stratified(_extremes(run, 5), list(counts.index), seed, take)
+
+
+def token_views(run: RunTables, docs: list[str], text_of: Callable[[str], str] | None) -> dict:
+    """doc_id -> model -> [[piece, surprisal in bits, rank], ...] for the token heat maps; the
+    piece is the document's text under the token's span when the text is at hand, else the
+    token as the tokenizer spells it."""
+    assert run.tokens_path is not None
+    columns = ["doc_id", "model", "token", "char_start", "char_end", "surprisal_bits", "rank"]
+    tokens = read_tokens(run.tokens_path, docs, columns)
+    views: dict[str, dict[str, list]] = {}
+    for (doc, model), g in tokens.groupby([tokens["doc_id"].astype(str), "model"], sort=False):
+        doc = str(doc)
+        text = text_of(doc) if text_of is not None else None
+        if text is not None:
+            pieces = [text[int(a) : int(b)] for a, b in zip(g["char_start"], g["char_end"])]
+        else:
+            pieces = g["token"].astype(str).tolist()
+        views.setdefault(doc, {})[str(model)] = [
+            [p, round(float(b), 3), int(r)] for p, b, r in zip(pieces, g["surprisal_bits"], g["rank"])
+        ]
+    return views
+
+
+def documents_section(run: RunTables, text_of: Callable[[str], str] | None) -> tuple[str, dict]:
+    if not run.has("documents"):
+        return "", {}
+    columns, rows = document_rows(run)
+    notes = []
+    if len(rows) > DOCUMENT_ROWS:  # a stratified sample keeps the page within its size budget
+        keep = set(
+            _stratified(_extremes(run, DOCUMENT_ROWS // 20), [str(r[0]) for r in rows], 0, lambda d: True)[
+                :DOCUMENT_ROWS
+            ]
+        )
+        notes.append(
+            f"The table lists {DOCUMENT_ROWS:,} of the run's {len(rows):,} documents (the best, the worst, the most "
+            "changed, then a random sample); documents.parquet holds them all."
+        )
+        rows = [r for r in rows if str(r[0]) in keep]
+    data: dict = {"columns": columns, "rows": rows, "views": {}}
+    if run.tokens_path is None:
+        notes.append("This run kept no token rows in one file (tokens.parquet): documents have no token view.")
+    elif token_rows(run.tokens_path) > TOKEN_FILE_ROWS:
+        notes.append(f"tokens.parquet holds more than {TOKEN_FILE_ROWS:,} rows: no token view is embedded.")
+    else:
+        ids = read_tokens(run.tokens_path, columns=["doc_id"])["doc_id"].astype(str)
+        counts = ids.groupby(ids, sort=False).size()
+        counts = counts[counts.index.isin({str(r[0]) for r in rows})]
+        chosen = sample_documents(run, counts)
+        data["views"] = token_views(run, chosen, text_of)
+        notes.append(
+            "Click a document for its token heat map (surprisal in bits, green 0 to red 20+)."
+            if len(chosen) == len(counts)
+            else f"Token views are embedded for {len(chosen)} of {len(rows)} documents (the best, the worst, the most "
+            "changed, then a random sample), so that the page stays small; the others show no token view."
+        )
+    body = (
+        "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
+        + '<label>Filter documents <input id="doc-filter" type="search" placeholder="doc id contains"></label>'
+        f'<table id="documents" aria-label="documents"><caption>{len(rows)} documents (documents.parquet)</caption>'
+        "<thead></thead><tbody></tbody></table>"
+        '<div id="token-view" aria-live="polite"></div>'
+    )
+    return _section("documents", f"Documents ({run.name})", body), data
+
+
+def render_report(run_dirs: Sequence[str | Path], text_of: Callable[[str], str] | None = None) -> str:
+    """The report page of one or more finished run folders (several: checkpoints, in order)."""
+    runs = [read_run(d) for d in run_dirs]
+    last = runs[-1]
+    documents, data = documents_section(last, text_of)
+    sections = [
+        summary_section(runs),
+        comparison_section(runs),
+        checkpoints_section(runs),
+        calibration_section(last),
+        positions_section(last),
+        documents,
+    ]
+    body = "".join(s for s in sections if s)
+    nav = "".join(
+        f'<a href="#{anchor}">{label}</a>'
+        for anchor, label in (
+            ("summary", "Summary"),
+            ("comparison", "Comparison"),
+            ("checkpoints", "Checkpoints"),
+            ("calibration", "Calibration"),
+            ("positions", "Positions"),
+            ("documents", "Documents"),
+        )
+        if f'id="{anchor}"' in body
+    )
+    title = "lmeval report: " + ", ".join(run.name for run in runs)
+    page, css, js = (_template(name) for name in ("report.html", "report.css", "report.js"))
+    return page.format(
+        title=html.escape(title),
+        nav=nav,
+        body=body,
+        data=script_json(data),
+        css=css,
+        js=js,
+        script_hash=script_hash(js),
+    )
+
+
+def write_report(run_dirs: Sequence[str | Path], out: str | Path, text_of: Callable[[str], str] | None = None) -> Path:
+    """Write `render_report` of ``run_dirs`` to ``out`` atomically."""
+    return write_html(Path(out), render_report(run_dirs, text_of))

@@ -1,0 +1,99 @@
+"""A finished run folder's tables, read for the report (`lmeval.view.report`).
+
+Only what a run wrote is read, never recomputed: run.json marks a finished run, summary.csv
+is required, every other table is optional and its section is left out when it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import OutputError
+
+OPTIONAL_CSV = ("compare", "compare_documents", "compare_tokens", "calibration", "temperature", "positions")
+
+
+@dataclass
+class RunTables:
+    """One run folder: its name, run.json, and each table it has (absent tables are missing keys)."""
+
+    folder: Path
+    record: dict
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    tokens_path: Path | None = None  # tokens.parquet, when the run kept token rows in one file
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def step(self) -> int | None:
+        """The checkpoint step in the folder's name (its last run of digits: step-1000, ckpt_2000), if any."""
+        digits = re.findall(r"\d+", self.name)
+        return int(digits[-1]) if digits else None
+
+    def has(self, name: str) -> bool:
+        return name in self.tables and not self.tables[name].empty
+
+
+def read_run(folder: str | Path) -> RunTables:
+    """The tables of a finished run in ``folder``, with errors that name the file and the fix."""
+    folder = Path(folder)
+    record_path = folder / "run.json"
+    if not record_path.is_file():
+        raise OutputError(
+            f"report: {folder} must hold a finished run (got no run.json there). Point it at an `output.dir` "
+            "that `lmeval run` completed, or rerun that config to finish it."
+        )
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise OutputError(
+            f"report: {record_path} must be the JSON lmeval wrote (got {exc}). Rerun the config."
+        ) from exc
+    run = RunTables(folder, record)
+    run.tables["summary"] = _read(folder / "summary.csv")
+    for name in OPTIONAL_CSV:
+        if (folder / f"{name}.csv").exists():
+            run.tables[name] = _read(folder / f"{name}.csv")
+    if (folder / "documents.parquet").exists():
+        run.tables["documents"] = _read(folder / "documents.parquet")
+    tokens = folder / "tokens.parquet"
+    if tokens.is_file():  # read later, only the sampled documents' rows (a `tokens/` dataset is not read)
+        run.tokens_path = tokens
+    return run
+
+
+def read_tokens(path: Path, doc_ids: list[str] | None = None, columns: list[str] | None = None) -> pd.DataFrame:
+    """Rows of a token table: only ``doc_ids``' (read with a filter, so a large table is never
+    loaded whole) and only ``columns``."""
+    import pyarrow.parquet as pq
+
+    filters = [("doc_id", "in", doc_ids)] if doc_ids is not None else None
+    try:
+        return pq.read_table(path, columns=columns, filters=filters).to_pandas()
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"report: {path} must be the table lmeval wrote (got {exc}). Rerun the config.") from exc
+
+
+def token_rows(path: Path) -> int:
+    """How many rows a token table has, from its footer."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def _read(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise OutputError(
+            f"report: the run folder must hold {path.name} (got none in {path.parent}). Rerun the config."
+        )
+    try:
+        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"report: {path} must be the table lmeval wrote (got {exc}). Rerun the config.") from exc

@@ -1,0 +1,130 @@
+"""Inline SVG charts for the report: a line chart with optional interval bands, drawn from
+the run's tables (no library, no script). Each series has its own dash pattern and marker
+as well as its colour, so the lines stay apart in greyscale and in print. Every label is
+escaped; the numbers themselves are in the tables beside each chart."""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+
+WIDTH, HEIGHT = 560, 300
+LEFT, RIGHT, TOP, BOTTOM = 64, 150, 28, 44
+# colour-blind-safe (Okabe-Ito), each with a dash pattern and a marker of its own
+STYLES = (
+    ("#0072b2", "", "circle"),
+    ("#d55e00", "6 3", "square"),
+    ("#009e73", "2 2", "diamond"),
+    ("#cc79a7", "8 3 2 3", "triangle"),
+    ("#e69f00", "4 4", "circle"),
+    ("#56b4e9", "1 3", "square"),
+)
+
+
+@dataclass(frozen=True)
+class Series:
+    """One line: ``x`` and ``y`` values, and optionally an interval (``low``, ``high``) per point."""
+
+    name: str
+    x: list[float]
+    y: list[float]
+    low: list[float] | None = None
+    high: list[float] | None = None
+
+
+def _finite(values) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if hi <= lo:
+        return [lo]
+    step = 10 ** math.floor(math.log10((hi - lo) / n))
+    for mult in (1, 2, 5, 10):
+        if (hi - lo) / (step * mult) <= n:
+            step *= mult
+            break
+    first = math.ceil(lo / step) * step
+    return [first + k * step for k in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _marker(kind: str, x: float, y: float, colour: str) -> str:
+    if kind == "square":
+        return f'<rect x="{x - 3:.1f}" y="{y - 3:.1f}" width="6" height="6" fill="{colour}"/>'
+    if kind == "diamond":
+        return f'<path d="M{x:.1f} {y - 4:.1f}L{x + 4:.1f} {y:.1f}L{x:.1f} {y + 4:.1f}L{x - 4:.1f} {y:.1f}Z" fill="{colour}"/>'
+    if kind == "triangle":
+        return f'<path d="M{x:.1f} {y - 4:.1f}L{x + 4:.1f} {y + 3:.1f}L{x - 4:.1f} {y + 3:.1f}Z" fill="{colour}"/>'
+    return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colour}"/>'
+
+
+def line_chart(series: list[Series], *, title: str, x_label: str, y_label: str, diagonal: bool = False) -> str:
+    """An ``<svg role="img">`` line chart of ``series`` (bands where they have intervals);
+    ``diagonal`` draws y = x (a reliability diagram's perfect calibration)."""
+    xs = _finite(v for s in series for v in s.x)
+    ys = _finite(v for s in series for v in [*s.y, *(s.low or []), *(s.high or [])])
+    if not xs or not ys:
+        return ""
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    if diagonal:
+        x0, x1 = y0, y1 = min(x0, y0), max(x1, y1)
+    pad = (y1 - y0) * 0.05 or abs(y0) * 0.05 or 1.0
+    y0, y1 = y0 - pad, y1 + pad
+    if x1 == x0:
+        x0, x1 = x0 - 1, x1 + 1
+    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+
+    def px(x: float) -> float:
+        return LEFT + (x - x0) / (x1 - x0) * plot_w
+
+    def py(y: float) -> float:
+        return TOP + (1 - (y - y0) / (y1 - y0)) * plot_h
+
+    parts = [
+        (
+            f'<svg class="chart" role="img" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" '
+            f'xmlns="http://www.w3.org/2000/svg"><title>{html.escape(title)}</title>'
+        ),
+        f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#888"/>',
+        f'<text x="{LEFT}" y="{TOP - 10}" font-weight="bold">{html.escape(title)}</text>',
+    ]
+    for t in _ticks(y0, y1):
+        parts.append(
+            f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#ddd"/>'
+            f'<text x="{LEFT - 6}" y="{py(t) + 4:.1f}" text-anchor="end">{t:.4g}</text>'
+        )
+    for t in _ticks(x0, x1):
+        parts.append(f'<text x="{px(t):.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{t:.4g}</text>')
+    parts.append(
+        f'<text x="{LEFT + plot_w / 2:.1f}" y="{HEIGHT - 8}" text-anchor="middle">{html.escape(x_label)}</text>'
+        f'<text transform="translate(14 {TOP + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle">{html.escape(y_label)}</text>'
+    )
+    if diagonal:
+        parts.append(
+            f'<line x1="{px(x0):.1f}" y1="{py(x0):.1f}" x2="{px(x1):.1f}" y2="{py(x1):.1f}" stroke="#999" stroke-dasharray="3 3"/>'
+        )
+    for k, s in enumerate(series):
+        colour, dash, marker = STYLES[k % len(STYLES)]
+        points = [(px(x), py(y)) for x, y in zip(s.x, s.y) if math.isfinite(x) and math.isfinite(y)]
+        if s.low is not None and s.high is not None:
+            band = [(px(x), py(h)) for x, h in zip(s.x, s.high) if math.isfinite(h)]
+            band += [(px(x), py(lo)) for x, lo in reversed(list(zip(s.x, s.low))) if math.isfinite(lo)]
+            if band:
+                path = "M" + "L".join(f"{a:.1f} {b:.1f}" for a, b in band) + "Z"
+                parts.append(f'<path d="{path}" fill="{colour}" fill-opacity="0.15" stroke="none"/>')
+        if points:
+            line = "M" + "L".join(f"{a:.1f} {b:.1f}" for a, b in points)
+            dashes = f' stroke-dasharray="{dash}"' if dash else ""
+            parts.append(f'<path d="{line}" fill="none" stroke="{colour}" stroke-width="2"{dashes}/>')
+            parts.extend(_marker(marker, a, b, colour) for a, b in points)
+        legend_y = TOP + 14 + 18 * k
+        parts.append(
+            f'<line x1="{WIDTH - RIGHT + 10}" x2="{WIDTH - RIGHT + 34}" y1="{legend_y - 4}" y2="{legend_y - 4}" '
+            f'stroke="{colour}" stroke-width="2"{f" stroke-dasharray={chr(34)}{dash}{chr(34)}" if dash else ""}/>'
+            + _marker(marker, WIDTH - RIGHT + 22, legend_y - 4, colour)
+            + f'<text x="{WIDTH - RIGHT + 40}" y="{legend_y}">{html.escape(s.name)}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)

@@ -1,0 +1,116 @@
+(function () {
+  "use strict";
+  var data = JSON.parse(document.getElementById("lmeval-report").textContent);
+  var table = document.getElementById("documents");
+  if (!table || !data.columns) { return; }
+  var head = table.tHead, body = table.tBodies[0], filter = document.getElementById("doc-filter");
+  var view = document.getElementById("token-view");
+  var order = { column: -1, descending: false };
+
+  function fmt(v) {
+    if (v === null || v === undefined) { return "\u2013"; }
+    if (typeof v !== "number") { return String(v); }
+    if (Number.isInteger(v)) { return v.toLocaleString("en-US"); }
+    var a = Math.abs(v);
+    var s = (a !== 0 && (a >= 1e5 || a < 1e-3)) ? v.toPrecision(4) : (a < 10 ? v.toFixed(4).replace(/0+$/, "").replace(/\.$/, "") : v.toFixed(2));
+    return v > 0 && data.columns[currentColumn].indexOf("\u0394") === 0 ? "+" + s : s;
+  }
+  var currentColumn = 0;
+
+  function heat(bits) {
+    var t = Math.min(Math.max(bits, 0) / 20, 1);
+    return "hsl(" + Math.round(120 * (1 - t)) + ",85%," + Math.round(88 - 38 * t) + "%)";
+  }
+
+  function showDocument(doc, row) {
+    Array.prototype.forEach.call(body.rows, function (r) { r.classList.remove("selected"); });
+    row.classList.add("selected");
+    while (view.firstChild) { view.removeChild(view.firstChild); }
+    var models = data.views[doc];
+    var title = document.createElement("h3");
+    title.textContent = "Document " + doc;
+    view.appendChild(title);
+    if (!models) {
+      var none = document.createElement("p");
+      none.textContent = "No token view is embedded for this document.";
+      view.appendChild(none);
+      return;
+    }
+    Object.keys(models).forEach(function (model) {
+      var h = document.createElement("h3");
+      h.textContent = model + ": surprisal in bits per token";
+      view.appendChild(h);
+      var div = document.createElement("div");
+      div.className = "heat";
+      models[model].forEach(function (t) {
+        var span = document.createElement("span");
+        span.className = "tok";
+        span.textContent = t[0];
+        span.title = t[1].toFixed(3) + " bits, rank " + t[2];
+        span.style.background = heat(t[1]);
+        div.appendChild(span);
+      });
+      view.appendChild(div);
+    });
+    view.scrollIntoView({ block: "nearest" });
+  }
+
+  function render() {
+    var needle = filter ? filter.value.toLowerCase() : "";
+    var rows = data.rows.filter(function (r) { return String(r[0]).toLowerCase().indexOf(needle) !== -1; });
+    if (order.column >= 0) {
+      var c = order.column, sign = order.descending ? -1 : 1;
+      rows.sort(function (a, b) {
+        var x = a[c], y = b[c];
+        if (x === y) { return 0; }
+        if (x === null) { return 1; }
+        if (y === null) { return -1; }
+        return (x < y ? -1 : 1) * sign;
+      });
+    }
+    var fragment = document.createDocumentFragment();
+    rows.forEach(function (r) {
+      var tr = document.createElement("tr");
+      r.forEach(function (v, i) {
+        var td = document.createElement("td");
+        currentColumn = i;
+        if (i === 0) {
+          var button = document.createElement("button");
+          button.type = "button";
+          button.textContent = String(v);
+          button.addEventListener("click", function () { showDocument(String(v), tr); });
+          td.appendChild(button);
+        } else {
+          td.className = "num";
+          td.textContent = fmt(v);
+        }
+        tr.appendChild(td);
+      });
+      fragment.appendChild(tr);
+    });
+    while (body.firstChild) { body.removeChild(body.firstChild); }
+    body.appendChild(fragment);
+  }
+
+  var tr = document.createElement("tr");
+  data.columns.forEach(function (name, i) {
+    var th = document.createElement("th");
+    th.scope = "col";
+    th.setAttribute("aria-sort", "none");
+    var button = document.createElement("button");
+    button.type = "button";
+    button.textContent = name;
+    button.addEventListener("click", function () {
+      order.descending = order.column === i ? !order.descending : false;
+      order.column = i;
+      Array.prototype.forEach.call(tr.children, function (cell) { cell.setAttribute("aria-sort", "none"); });
+      th.setAttribute("aria-sort", order.descending ? "descending" : "ascending");
+      render();
+    });
+    th.appendChild(button);
+    tr.appendChild(th);
+  });
+  head.appendChild(tr);
+  if (filter) { filter.addEventListener("input", render); }
+  render();
+})();
