@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .render import _template, script_hash, script_json, write_html
-from .run_tables import RunTables, read_run, read_tokens, token_rows
+from .run_tables import RunTables, read_run, read_tokens, run_texts, token_rows
 from .svg import Series, line_chart
 
 HEADLINE = ("ppl", "bits_per_token", "bits_per_byte", "word_ppl", "ece", "brier", "top1_accuracy")
@@ -35,6 +35,7 @@ TOKEN_BUDGET = 100_000  # token rows embedded for the drill-down (about 2 MB of 
 TOKEN_FILE_ROWS = 20_000_000  # above this, the token table is not read at all (its doc_id column alone is large)
 DOCUMENT_ROWS = 20_000  # rows of the documents table embedded (about 2 MB)
 CURVE_METRICS = ("bits_per_byte", "ppl", "ece")
+FOLDED_ROWS = 20  # longer tables are folded (<details>) under their charts
 
 
 def _fmt(value) -> str:
@@ -67,7 +68,11 @@ def _table(frame: pd.DataFrame, caption: str, signed: Sequence[str] = ()) -> str
             else:
                 cells.append(f"<td>{html.escape(str(value))}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    table = f"<table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    if len(rows) <= FOLDED_ROWS:
+        return table
+    # a long table (bins, positions) folds under its chart; its rows stay in the page as text
+    return f"<details><summary>{html.escape(caption)}: {len(rows)} rows</summary>{table}</details>"
 
 
 def _section(anchor: str, title: str, body: str) -> str:
@@ -120,6 +125,7 @@ def comparison_section(runs: list[RunTables]) -> str:
                 "ci_high",
                 "p_value",
                 "n_documents",
+                "note",
             )
             if c in compare.columns
         ]
@@ -200,7 +206,11 @@ def positions_section(run: RunTables) -> str:
         for m, g in pos.groupby("model", sort=False)
     ]
     chart = line_chart(
-        series, title="Loss by position", x_label="token position (bin mean)", y_label="nll (nats/token)"
+        series,
+        title="Loss by position",
+        x_label="token position (bin mean, log scale)",
+        y_label="nll (nats/token)",
+        log_x=True,
     )
     return _section(
         "positions",
@@ -273,7 +283,7 @@ def sample_documents(run: RunTables, counts: pd.Series, budget: int = TOKEN_BUDG
     return _stratified(_extremes(run, 5), list(counts.index), seed, take)
 
 
-def token_views(run: RunTables, docs: list[str], text_of: Callable[[str], str] | None) -> dict:
+def token_views(run: RunTables, docs: list[str], text_of: Callable[[str], str | None] | None) -> dict:
     """doc_id -> model -> [[piece, surprisal in bits, rank], ...] for the token heat maps; the
     piece is the document's text under the token's span when the text is at hand, else the
     token as the tokenizer spells it."""
@@ -294,7 +304,7 @@ def token_views(run: RunTables, docs: list[str], text_of: Callable[[str], str] |
     return views
 
 
-def documents_section(run: RunTables, text_of: Callable[[str], str] | None) -> tuple[str, dict]:
+def documents_section(run: RunTables, text_of: Callable[[str], str | None] | None) -> tuple[str, dict]:
     if not run.has("documents"):
         return "", {}
     columns, rows = document_rows(run)
@@ -330,17 +340,21 @@ def documents_section(run: RunTables, text_of: Callable[[str], str] | None) -> t
     body = (
         "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
         + '<label>Filter documents <input id="doc-filter" type="search" placeholder="doc id contains"></label>'
-        f'<table id="documents" aria-label="documents"><caption>{len(rows)} documents (documents.parquet)</caption>'
+        f'<table id="documents-table" aria-label="documents"><caption>{len(rows)} documents (documents.parquet)</caption>'
         "<thead></thead><tbody></tbody></table>"
         '<div id="token-view" aria-live="polite"></div>'
     )
     return _section("documents", f"Documents ({run.name})", body), data
 
 
-def render_report(run_dirs: Sequence[str | Path], text_of: Callable[[str], str] | None = None) -> str:
-    """The report page of one or more finished run folders (several: checkpoints, in order)."""
+def render_report(run_dirs: Sequence[str | Path], text_of: Callable[[str], str | None] | None = None) -> str:
+    """The report page of one or more finished run folders (several: checkpoints, in order).
+    ``text_of`` (doc_id -> text) gives the token views their text; without it, the corpus the
+    last run's config names is read if it can be (`run_texts`)."""
     runs = [read_run(d) for d in run_dirs]
     last = runs[-1]
+    if text_of is None and last.tokens_path is not None:
+        text_of = run_texts(last)
     documents, data = documents_section(last, text_of)
     sections = [
         summary_section(runs),
@@ -376,6 +390,8 @@ def render_report(run_dirs: Sequence[str | Path], text_of: Callable[[str], str] 
     )
 
 
-def write_report(run_dirs: Sequence[str | Path], out: str | Path, text_of: Callable[[str], str] | None = None) -> Path:
+def write_report(
+    run_dirs: Sequence[str | Path], out: str | Path, text_of: Callable[[str], str | None] | None = None
+) -> Path:
     """Write `render_report` of ``run_dirs`` to ``out`` atomically."""
     return write_html(Path(out), render_report(run_dirs, text_of))

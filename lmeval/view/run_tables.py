@@ -7,13 +7,17 @@ is required, every other table is optional and its section is left out when it i
 from __future__ import annotations
 
 import json
+import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from ..errors import OutputError
+from ..errors import LmevalError, OutputError
+
+log = logging.getLogger(__name__)
 
 OPTIONAL_CSV = ("compare", "compare_documents", "compare_tokens", "calibration", "temperature", "positions")
 
@@ -97,3 +101,30 @@ def _read(path: Path) -> pd.DataFrame:
         return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     except (OSError, ValueError) as exc:
         raise OutputError(f"report: {path} must be the table lmeval wrote (got {exc}). Rerun the config.") from exc
+
+
+def run_texts(run: RunTables) -> Callable[[str], str | None] | None:
+    """doc_id -> text, read from the corpus the run's config (in run.json) names, so that a token
+    view shows the text under each token's span; None where the corpus cannot be read here (moved,
+    a hub dataset offline, a stream) or documents were concatenated (spans point into the stream):
+    the views then show each token as the tokenizer spells it."""
+    from ..engine.config import SECTIONS, build_config
+    from ..engine.data import load_documents
+
+    try:  # run.json's config also records where it came from (`source`): not a section
+        raw = {k: v for k, v in run.record["config"].items() if k in ("models", *SECTIONS)}
+        config = build_config(raw, run.folder)
+        if config.data.streaming or config.scoring.documents != "independent":
+            return None
+        corpus = load_documents(config.data)
+    except (LmevalError, OSError, KeyError, ValueError) as exc:
+        log.info("report: the corpus of %s is not readable here (%s); token views show the tokens.", run.folder, exc)
+        return None
+    texts: dict[str, str] = {}
+
+    def text_of(doc_id: str) -> str | None:
+        if not texts:
+            texts.update({str(d.doc_id): d.text for d in corpus.documents})
+        return texts.get(doc_id)
+
+    return text_of

@@ -59,9 +59,14 @@ def _marker(kind: str, x: float, y: float, colour: str) -> str:
     return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colour}"/>'
 
 
-def line_chart(series: list[Series], *, title: str, x_label: str, y_label: str, diagonal: bool = False) -> str:
+def line_chart(
+    series: list[Series], *, title: str, x_label: str, y_label: str, diagonal: bool = False, log_x: bool = False
+) -> str:
     """An ``<svg role="img">`` line chart of ``series`` (bands where they have intervals);
-    ``diagonal`` draws y = x (a reliability diagram's perfect calibration)."""
+    ``diagonal`` draws y = x (a reliability diagram's perfect calibration); ``log_x`` puts x on
+    a log scale (x below 1 drawn at 1: token positions from 0)."""
+    if log_x:
+        series = [Series(s.name, [math.log10(max(x, 1.0)) for x in s.x], s.y, s.low, s.high) for s in series]
     xs = _finite(v for s in series for v in s.x)
     ys = _finite(v for s in series for v in [*s.y, *(s.low or []), *(s.high or [])])
     if not xs or not ys:
@@ -95,8 +100,9 @@ def line_chart(series: list[Series], *, title: str, x_label: str, y_label: str, 
             f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#ddd"/>'
             f'<text x="{LEFT - 6}" y="{py(t) + 4:.1f}" text-anchor="end">{t:.4g}</text>'
         )
-    for t in _ticks(x0, x1):
-        parts.append(f'<text x="{px(t):.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{t:.4g}</text>')
+    for t in range(math.ceil(x0), math.floor(x1) + 1) if log_x else _ticks(x0, x1):
+        label = f"{10**t:,.0f}" if log_x else f"{t:.4g}"
+        parts.append(f'<text x="{px(t):.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{label}</text>')
     parts.append(
         f'<text x="{LEFT + plot_w / 2:.1f}" y="{HEIGHT - 8}" text-anchor="middle">{html.escape(x_label)}</text>'
         f'<text transform="translate(14 {TOP + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle">{html.escape(y_label)}</text>'

@@ -1,7 +1,7 @@
 (function () {
   "use strict";
   var data = JSON.parse(document.getElementById("lmeval-report").textContent);
-  var table = document.getElementById("documents");
+  var table = document.getElementById("documents-table");
   if (!table || !data.columns) { return; }
   var head = table.tHead, body = table.tBodies[0], filter = document.getElementById("doc-filter");
   var view = document.getElementById("token-view");
