@@ -152,3 +152,15 @@ def _figures_not_rendered(request, monkeypatch):
             Path(target).write_bytes(ONE_PIXEL_PNG)
 
     monkeypatch.setattr(Figure, "savefig", savefig)
+
+
+@pytest.fixture(autouse=True)
+def _report_not_written(request, monkeypatch):
+    """A run's report.html reads back every table it wrote, about a tenth of a tiny run's time,
+    and most tests never open it: their runs skip it. Tests marked ``report`` get the page
+    (tests/test_report.py; `lmeval report` itself is never skipped)."""
+    if request.node.get_closest_marker("report"):
+        return
+    import lmeval.engine.run
+
+    monkeypatch.setattr(lmeval.engine.run, "write_report", lambda *args, **kwargs: None)

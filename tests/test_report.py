@@ -19,6 +19,7 @@ from lmeval.cli import main
 from lmeval.errors import OutputError
 from lmeval.view.report import TOKEN_BUDGET, _fmt, _signed, render_report
 
+pytestmark = pytest.mark.report  # its runs write report.html (tests/conftest.py)
 INJECTION = "Before <script>document.title='PWNED'</script> and <img src=x onerror=\"alert(1)\"> after."
 
 
@@ -144,7 +145,9 @@ def synthetic_run(folder: Path, n_docs: int, tokens_per_doc: int) -> Path:
     folder.mkdir()
     (folder / "run.json").write_text(json.dumps({"protocol": {}}), encoding="utf-8")
     ids = [f"document-{i:06d}" for i in range(n_docs)]
-    summary = pd.DataFrame({"model": ["a", "b"], "n_documents": n_docs, "n_tokens": n_docs * tokens_per_doc, "ppl": [20.0, 18.0]})
+    summary = pd.DataFrame(
+        {"model": ["a", "b"], "n_documents": n_docs, "n_tokens": n_docs * tokens_per_doc, "ppl": [20.0, 18.0]}
+    )
     summary.to_csv(folder / "summary.csv", index=False)
     docs = pd.DataFrame(
         {

@@ -19,14 +19,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lmeval.view.report import _fmt, render_report
 from test_html_browser import CHROMIUM, FLAGS, dump_dom
 from test_report import embedded, page, synthetic_run, two_model_run  # noqa: F401  (fixtures)
 
-from lmeval.view.report import _fmt, render_report
-
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install -y chromium)"
-)
+pytestmark = [
+    pytest.mark.report,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install -y chromium)"
+    ),
+]
 
 DRIVER = """
 (function () {
@@ -62,7 +64,7 @@ def driven(page_text: str) -> str:
 
 def body_data(dom: str) -> dict:
     tag = re.search(r"<body([^>]*)>", dom).group(1)
-    return {k: v for k, v in re.findall(r'data-([a-z-]+)="([^"]*)"', tag)}
+    return dict(re.findall(r'data-([a-z-]+)="([^"]*)"', tag))
 
 
 def unescape(value: str) -> str:
@@ -107,7 +109,14 @@ def page_requests(page_text: str, tmp_path: Path, name: str, screenshot: Path | 
     netlog = tmp_path / f"{name}-net.json"
     shot = [f"--screenshot={screenshot}", "--window-size=1200,1600"] if screenshot else ["--dump-dom"]
     subprocess.run(
-        [str(CHROMIUM), *FLAGS, f"--user-data-dir={tmp_path / f'profile-{name}'}", f"--log-net-log={netlog}", *shot, path.as_uri()],
+        [
+            str(CHROMIUM),
+            *FLAGS,
+            f"--user-data-dir={tmp_path / f'profile-{name}'}",
+            f"--log-net-log={netlog}",
+            *shot,
+            path.as_uri(),
+        ],
         capture_output=True,
         timeout=60,
         check=True,
