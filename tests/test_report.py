@@ -32,16 +32,17 @@ def two_model_run(tmp_path_factory, gpt2_pair, tiny_models):
     for arch in ("gpt2", "llama"):
         tiny_models[arch].save_pretrained(folder / arch)
         tokenizer.save_pretrained(folder / arch)
-    rows = [{"id": f"doc-{i}", "text": t} for i, t in enumerate(CORPUS)]
-    rows.append({"id": "<script>alert(1)</script>", "text": INJECTION})
+    rows = [{"id": f"doc-{i}", "text": t, "source": "odd" if i % 2 else "even"} for i, t in enumerate(CORPUS)]
+    rows.append({"id": "<script>alert(1)</script>", "text": INJECTION, "source": "<b>markup</b>"})
     write_jsonl(folder / "docs.jsonl", rows)
     config = write_config(
         folder,
         f"""
 models: [{{name: base, path: {folder / "gpt2"}}}, {{name: other, path: {folder / "llama"}}}]
-data: {{path: docs.jsonl, id_field: id}}
+data: {{path: docs.jsonl, id_field: id, group_by: [source]}}
 scoring: {{max_length: 64}}
-compare: {{bootstrap: 200, min_documents: 3}}
+compare: {{bootstrap: 200, min_documents: 3, divergence: true}}
+analysis: {{membership: true}}
 output: {{dir: out}}
 """,
     )
@@ -189,3 +190,23 @@ def test_ten_thousand_documents_stay_under_five_megabytes_with_a_sampled_drill_d
     per_doc = docs.groupby("doc_id")["bits_per_byte"].mean().sort_values()
     assert {per_doc.index[0], per_doc.index[-1]} <= set(data["views"])  # the best and the worst are kept
     assert "Token views are embedded for" in page and html.escape("the best, the worst") in page
+
+
+def test_groups_divergence_and_membership_sections_show_their_files(two_model_run, page):
+    groups = pd.read_csv(two_model_run / "groups.csv")
+    section = page[page.index('<section id="groups"') :]
+    for row in groups.itertuples():
+        assert html.escape(f"{row.level}: {row.group} ({row.model})") in section  # the forest plot's row label
+        assert f'<td class="num">{_fmt(row.bits_per_byte)}</td>' in section
+    assert "&lt;b&gt;markup&lt;/b&gt;" in section and "<b>markup</b>" not in page
+    divergence = pd.read_csv(two_model_run / "divergence.csv")
+    section = page[page.index('<section id="divergence"') :]
+    for value in (*divergence["kl_mean"], *divergence["kl_p99"], *divergence["ln_ppl_ratio"]):
+        assert _fmt(value) in section
+    top = pd.read_csv(two_model_run / "divergence_tokens.csv", dtype={"context": str}, keep_default_na=False)
+    assert all(html.escape(c) in section for c in top["context"])  # the moved tokens with their text
+    data = embedded(page)
+    documents = pd.read_parquet(two_model_run / "documents.parquet")
+    rows = {r[0]: dict(zip(data["columns"], r)) for r in data["rows"]}
+    for row in documents.itertuples():
+        assert rows[str(row.doc_id)][f"zlib_ratio {row.model}"] == pytest.approx(row.zlib_ratio)

@@ -27,9 +27,29 @@ import pandas as pd
 
 from .render import _template, script_hash, script_json, write_html
 from .run_tables import RunTables, read_run, read_tokens, run_texts, token_rows
-from .svg import Series, line_chart
+from .svg import Interval, Series, forest_chart, line_chart
 
 HEADLINE = ("ppl", "bits_per_token", "bits_per_byte", "word_ppl", "ece", "brier", "top1_accuracy")
+ICL = ("icl_score", "icl_ci_low", "icl_ci_high", "icl_documents")  # summary.csv, from analysis.positions
+MEMBERSHIP_PREFIXES = ("mink_prob_", "mink_pp_", "zlib_ratio", "extractable_suffix")  # documents.parquet
+DIVERGENCE = (
+    "model",
+    "baseline",
+    "n_tokens",
+    "kl_mean",
+    "kl_mean_ci_low",
+    "kl_mean_ci_high",
+    "kl_median",
+    "kl_p90",
+    "kl_p99",
+    "kl_max",
+    "same_top1",
+    "ln_ppl_ratio",
+    "ln_ppl_ratio_ci_low",
+    "ln_ppl_ratio_ci_high",
+    "bits_per_weight",
+)
+KL_QUANTILES = (("median", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999))
 DOCUMENT_METRICS = ("ppl", "bits_per_byte")
 TOKEN_BUDGET = 100_000  # token rows embedded for the drill-down (about 2 MB of the page)
 TOKEN_FILE_ROWS = 20_000_000  # above this, the token table is not read at all (its doc_id column alone is large)
@@ -68,7 +88,10 @@ def _table(frame: pd.DataFrame, caption: str, signed: Sequence[str] = ()) -> str
             else:
                 cells.append(f"<td>{html.escape(str(value))}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    table = f"<table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    table = (
+        f'<div class="scroll"><table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
     if len(rows) <= FOLDED_ROWS:
         return table
     # a long table (bins, positions) folds under its chart; its rows stay in the page as text
@@ -104,6 +127,78 @@ def _protocol(run: RunTables) -> str:
         )
         items.append(f"<li><b>{html.escape(str(model))}</b>: {html.escape(words)}</li>")
     return f"<details open><summary>Protocol of {html.escape(run.name)} (run.json)</summary><ul>{''.join(items)}</ul></details>"
+
+
+def icl_section(run: RunTables) -> str:
+    """The in-context learning score (loss late in a document minus early, with its interval)."""
+    summary = run.tables["summary"]
+    if "icl_score" not in summary.columns:
+        return ""
+    columns = ["model", *[c for c in ICL if c in summary.columns]]
+    body = _table(
+        summary[columns],
+        "In-context learning score: mean nll late in a document minus early (summary.csv)",
+        signed=ICL[:3],
+    )
+    return body
+
+
+def groups_section(run: RunTables) -> str:
+    """A forest plot of bits per byte by group, with its intervals, and groups.csv."""
+    if not run.has("groups"):
+        return ""
+    groups = run.tables["groups"]
+    models = list(dict.fromkeys(groups["model"].astype(str)))
+    rows = [
+        Interval(
+            f"{r['level']}: {r['group']} ({r['model']})",
+            float(r["bits_per_byte"]),
+            float(r["bits_per_byte_ci_low"]),
+            float(r["bits_per_byte_ci_high"]),
+            models.index(str(r["model"])),
+        )
+        for r in groups.to_dict("records")
+    ]
+    chart = forest_chart(rows, models, title="Bits per byte by group, 95% intervals", x_label="bits per byte")
+    return _section("groups", f"Groups ({run.name})", chart + _table(groups, "Per-group metrics (groups.csv)"))
+
+
+def divergence_section(run: RunTables) -> str:
+    """The variants against the baseline, the distribution of per-token KL (its quantiles), and the
+    tokens that moved most, with their text."""
+    if not run.has("divergence"):
+        return ""
+    div = run.tables["divergence"]
+    parts = [
+        _table(
+            div[[c for c in DIVERGENCE if c in div.columns]],
+            "Each model against the baseline (divergence.csv)",
+            signed=("ln_ppl_ratio", "ln_ppl_ratio_ci_low", "ln_ppl_ratio_ci_high"),
+        )
+    ]
+    quantiles = [(q, f"kl_{name}") for name, q in KL_QUANTILES if f"kl_{name}" in div.columns]
+    series = [
+        Series(str(r["model"]), [q for q, _ in quantiles], [r[c] for _, c in quantiles]) for r in div.to_dict("records")
+    ]
+    parts.insert(
+        0,
+        line_chart(
+            series, title="Per-token KL(baseline || model), by quantile", x_label="quantile", y_label="KL (nats)"
+        ),
+    )
+    if run.has("divergence_tokens"):
+        top = run.tables["divergence_tokens"]
+        columns = [
+            c
+            for c in ("model", "doc_id", "position", "token_text", "context", "kl", "delta_p", "nll", "nll_baseline")
+            if c in top.columns
+        ]
+        parts.append(
+            _table(
+                top[columns], "The tokens that moved most, with their text (divergence_tokens.csv)", signed=("delta_p",)
+            )
+        )
+    return _section("divergence", f"Divergence ({run.name})", "".join(parts))
 
 
 def comparison_section(runs: list[RunTables]) -> str:
@@ -205,6 +300,7 @@ def positions_section(run: RunTables) -> str:
         Series(str(m), g["value_mean"].tolist(), g["nll_mean"].tolist(), g["ci_low"].tolist(), g["ci_high"].tolist())
         for m, g in pos.groupby("model", sort=False)
     ]
+    icl = icl_section(run)
     chart = line_chart(
         series,
         title="Loss by position",
@@ -215,7 +311,7 @@ def positions_section(run: RunTables) -> str:
     return _section(
         "positions",
         f"Loss by position ({run.name})",
-        chart + _table(pos, "Loss by position with 95% intervals (positions.csv)"),
+        icl + chart + _table(pos, "Loss by position with 95% intervals (positions.csv)"),
     )
 
 
@@ -229,6 +325,12 @@ def document_rows(run: RunTables) -> tuple[list[str], list[list]]:
     for model in dict.fromkeys(docs["model"].astype(str)):
         for metric in DOCUMENT_METRICS:
             table[f"{metric} {model}"] = wide[(metric, model)].to_numpy()
+    membership = [c for c in docs.columns if c.startswith(MEMBERSHIP_PREFIXES)]
+    if membership:  # analysis.membership: each model's scores, to rank documents by
+        scores = docs.pivot_table(index="doc_id", columns="model", values=membership, aggfunc="first", sort=False)
+        for column in membership:
+            for model in dict.fromkeys(docs["model"].astype(str)):
+                table[f"{column} {model}"] = scores[(column, model)].reindex(wide.index).to_numpy()
     if run.has("compare_documents"):
         deltas = run.tables["compare_documents"]
         for model, g in deltas.groupby("model", sort=False):
@@ -360,8 +462,10 @@ def render_report(run_dirs: Sequence[str | Path], text_of: Callable[[str], str |
         summary_section(runs),
         comparison_section(runs),
         checkpoints_section(runs),
+        groups_section(last),
         calibration_section(last),
         positions_section(last),
+        divergence_section(last),
         documents,
     ]
     body = "".join(s for s in sections if s)
@@ -371,8 +475,10 @@ def render_report(run_dirs: Sequence[str | Path], text_of: Callable[[str], str |
             ("summary", "Summary"),
             ("comparison", "Comparison"),
             ("checkpoints", "Checkpoints"),
+            ("groups", "Groups"),
             ("calibration", "Calibration"),
             ("positions", "Positions"),
+            ("divergence", "Divergence"),
             ("documents", "Documents"),
         )
         if f'id="{anchor}"' in body

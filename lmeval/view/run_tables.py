@@ -19,7 +19,17 @@ from ..errors import LmevalError, OutputError
 
 log = logging.getLogger(__name__)
 
-OPTIONAL_CSV = ("compare", "compare_documents", "compare_tokens", "calibration", "temperature", "positions")
+OPTIONAL_CSV = (
+    "compare",
+    "compare_documents",
+    "compare_tokens",
+    "calibration",
+    "temperature",
+    "positions",
+    "groups",
+    "divergence",
+    "divergence_tokens",
+)
 
 
 @dataclass
@@ -98,7 +108,15 @@ def _read(path: Path) -> pd.DataFrame:
             f"report: the run folder must hold {path.name} (got none in {path.parent}). Rerun the config."
         )
     try:
-        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        table = pd.read_csv(path)
+        # text columns as written: a token that is a space, or a doc id "NA", is not a missing value
+        text = pd.read_csv(path, dtype=str, keep_default_na=False)
+        for column in table.columns:
+            if not pd.api.types.is_numeric_dtype(table[column]):
+                table[column] = text[column]
+        return table
     except (OSError, ValueError) as exc:
         raise OutputError(f"report: {path} must be the table lmeval wrote (got {exc}). Rerun the config.") from exc
 

@@ -134,3 +134,60 @@ def line_chart(
         )
     parts.append("</svg>")
     return "".join(parts)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """One row of a forest plot: a label, the estimate and its interval, and the series (model)."""
+
+    label: str
+    value: float
+    low: float
+    high: float
+    series: int = 0
+
+
+def forest_chart(rows: list[Interval], names: list[str], *, title: str, x_label: str) -> str:
+    """A forest plot: one row per group, the estimate as a marker and its interval as a line."""
+    values = _finite(v for r in rows for v in (r.value, r.low, r.high))
+    if not rows or not values:
+        return ""
+    x0, x1 = min(values), max(values)
+    pad = (x1 - x0) * 0.05 or 1.0
+    x0, x1 = x0 - pad, x1 + pad
+    row_h, label_w = 18, 220
+    height = TOP + BOTTOM + row_h * len(rows)
+    plot_w = WIDTH - label_w - 20
+
+    def px(x: float) -> float:
+        return label_w + (x - x0) / (x1 - x0) * plot_w
+
+    parts = [
+        (
+            f'<svg class="chart" role="img" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" height="{height}" '
+            f'xmlns="http://www.w3.org/2000/svg"><title>{html.escape(title)}</title>'
+        ),
+        f'<text x="4" y="{TOP - 10}" font-weight="bold">{html.escape(title)}</text>',
+    ]
+    for t in _ticks(x0, x1):
+        parts.append(
+            f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{TOP}" y2="{height - BOTTOM}" stroke="#ddd"/>'
+            f'<text x="{px(t):.1f}" y="{height - BOTTOM + 16}" text-anchor="middle">{t:.4g}</text>'
+        )
+    parts.append(
+        f'<text x="{label_w + plot_w / 2:.1f}" y="{height - 8}" text-anchor="middle">{html.escape(x_label)}</text>'
+    )
+    for k, r in enumerate(rows):
+        colour, _, marker = STYLES[r.series % len(STYLES)]
+        y = TOP + row_h * k + row_h / 2
+        parts.append(f'<text x="{label_w - 6}" y="{y + 4:.1f}" text-anchor="end">{html.escape(r.label)}</text>')
+        if math.isfinite(r.low) and math.isfinite(r.high):
+            parts.append(
+                f'<line x1="{px(r.low):.1f}" x2="{px(r.high):.1f}" y1="{y:.1f}" y2="{y:.1f}" stroke="{colour}" stroke-width="2"/>'
+            )
+        if math.isfinite(r.value):
+            parts.append(_marker(marker, px(r.value), y, colour))
+    legend = " ".join(f"{STYLES[i % len(STYLES)][2]}: {n}" for i, n in enumerate(names))
+    parts.append(f'<text x="{label_w}" y="{TOP - 10}" dx="{plot_w - 4}" text-anchor="end">{html.escape(legend)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
