@@ -50,3 +50,20 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(list(globals()) + __all__)
+
+
+def _write_run_report(out, config, text_of) -> None:
+    """report.html of a finished run (`lmeval.view.report`), which the engine cannot import."""
+    from .view.report import write_run_report
+
+    write_run_report(out, config, text_of)
+
+
+def _wire_report() -> None:
+    from .engine import hooks
+
+    if _write_run_report not in hooks.RUN_PAGES:
+        hooks.RUN_PAGES.append(_write_run_report)
+
+
+_wire_report()

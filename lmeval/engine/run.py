@@ -18,8 +18,7 @@ from pathlib import Path
 
 from ..analyses import analyses_for, plots
 from ..analyses.base import RunFacts
-from ..view.report import write_report
-from . import distributed
+from . import distributed, hooks
 from .config import Config, load_config
 from .data import SEPARATOR_ID, Corpus, join_documents, load_documents
 from .files import clean_leftovers, prepare_output_dir, replace_outputs, write_json
@@ -326,8 +325,8 @@ def _finish(
         if timing.get("first_part") is not None:  # loading, planning, probes (absent: nothing was scored here)
             record["seconds_before_first_part"] = timing["first_part"] - timing["started"]
         write_json(record, out / "run.json")
-        if config.output.report:  # read back from the files just written: the page shows what they hold
-            write_report([out], out / "report.html", _run_facts(config, corpus).text_of)  # type: ignore[arg-type]
+        for write_page in hooks.RUN_PAGES:  # report.html, read back from the files just written
+            write_page(out, config, _run_facts(config, corpus).text_of)  # type: ignore[arg-type]
     if return_tokens and config.output.per_token and not config.output.documents_only:
         tables["tokens"] = read_table(merger.writers["tokens.parquet"].path)  # the file, or its folder
     shutil.rmtree(parts)  # run.json marks the run complete; the tables now hold every row

@@ -501,3 +501,9 @@ def write_report(
 ) -> Path:
     """Write `render_report` of ``run_dirs`` to ``out`` atomically."""
     return write_html(Path(out), render_report(run_dirs, text_of))
+
+
+def write_run_report(out: Path, config, text_of: Callable[[str], str | None] | None) -> None:
+    """The page a run writes at its end, as report.html in its folder, unless ``output.report`` is false."""
+    if config.output.report:
+        write_report([out], out / "report.html", text_of)
