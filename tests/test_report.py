@@ -100,8 +100,15 @@ def test_documents_table_holds_every_document_with_the_files_values(two_model_ru
     for (doc, model), g in tokens.groupby(["doc_id", "model"]):
         view = data["views"][doc][model]
         assert [t[0] for t in view] == [texts[doc][a:b] for a, b in zip(g["char_start"], g["char_end"])]
-        np.testing.assert_allclose([t[1] for t in view], g["surprisal_bits"], atol=5e-4)
+        np.testing.assert_allclose([t[1] for t in view], g["surprisal_bits"], atol=6e-5)
         assert [t[2] for t in view] == g["rank"].tolist()
+    # with a baseline, each variant's KL per token, on the same text
+    moved = pd.read_parquet(two_model_run / "divergence.parquet")
+    for (doc, model), g in moved.groupby(["doc_id", "model"]):
+        view = data["divergence"][doc][model]
+        assert [t[0] for t in view] == [texts[doc][a:b] for a, b in zip(g["char_start"], g["char_end"])]
+        np.testing.assert_allclose([t[1] for t in view], g["kl"], atol=6e-5)
+        np.testing.assert_allclose([t[2] for t in view], g["delta_p"], rtol=1e-6)
 
 
 def test_nothing_is_fetched_and_markup_from_data_is_never_markup(page):

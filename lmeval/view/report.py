@@ -385,13 +385,14 @@ def sample_documents(run: RunTables, counts: pd.Series, budget: int = TOKEN_BUDG
     return _stratified(_extremes(run, 5), list(counts.index), seed, take)
 
 
-def token_views(run: RunTables, docs: list[str], text_of: Callable[[str], str | None] | None) -> dict:
-    """doc_id -> model -> [[piece, surprisal in bits, rank], ...] for the token heat maps; the
-    piece is the document's text under the token's span when the text is at hand, else the
-    token as the tokenizer spells it."""
-    assert run.tokens_path is not None
-    columns = ["doc_id", "model", "token", "char_start", "char_end", "surprisal_bits", "rank"]
-    tokens = read_tokens(run.tokens_path, docs, columns)
+def token_views(
+    path: Path, docs: list[str], text_of: Callable[[str], str | None] | None, value: str, extra: str
+) -> dict:
+    """doc_id -> model -> [[piece, value, extra], ...] for the heat maps, from a token table at
+    ``path`` (tokens.parquet: surprisal in bits and rank; divergence.parquet: KL in nats and
+    Δp); the piece is the document's text under the token's span when the text is at hand, else
+    the token as the tokenizer spells it."""
+    tokens = read_tokens(path, docs, ["doc_id", "model", "token", "char_start", "char_end", value, extra])
     views: dict[str, dict[str, list]] = {}
     for (doc, model), g in tokens.groupby([tokens["doc_id"].astype(str), "model"], sort=False):
         doc = str(doc)
@@ -401,7 +402,7 @@ def token_views(run: RunTables, docs: list[str], text_of: Callable[[str], str | 
         else:
             pieces = g["token"].astype(str).tolist()
         views.setdefault(doc, {})[str(model)] = [
-            [p, round(float(b), 3), int(r)] for p, b, r in zip(pieces, g["surprisal_bits"], g["rank"])
+            [p, round(float(v), 4), _json_value(x)] for p, v, x in zip(pieces, g[value], g[extra])
         ]
     return views
 
@@ -422,7 +423,7 @@ def documents_section(run: RunTables, text_of: Callable[[str], str | None] | Non
             "changed, then a random sample); documents.parquet holds them all."
         )
         rows = [r for r in rows if str(r[0]) in keep]
-    data: dict = {"columns": columns, "rows": rows, "views": {}}
+    data: dict = {"columns": columns, "rows": rows, "views": {}, "divergence": {}}
     if run.tokens_path is None:
         notes.append("This run kept no token rows in one file (tokens.parquet): documents have no token view.")
     elif token_rows(run.tokens_path) > TOKEN_FILE_ROWS:
@@ -431,8 +432,11 @@ def documents_section(run: RunTables, text_of: Callable[[str], str | None] | Non
         ids = read_tokens(run.tokens_path, columns=["doc_id"])["doc_id"].astype(str)
         counts = ids.groupby(ids, sort=False).size()
         counts = counts[counts.index.isin({str(r[0]) for r in rows})]
-        chosen = sample_documents(run, counts)
-        data["views"] = token_views(run, chosen, text_of)
+        divergence = run.folder / "divergence.parquet"  # with a baseline: each variant's KL per token
+        chosen = sample_documents(run, counts, TOKEN_BUDGET // 2 if divergence.is_file() else TOKEN_BUDGET)
+        data["views"] = token_views(run.tokens_path, chosen, text_of, "surprisal_bits", "rank")
+        if divergence.is_file():
+            data["divergence"] = token_views(divergence, chosen, text_of, "kl", "delta_p")
         notes.append(
             "Click a document for its token heat map (surprisal in bits, green 0 to red 20+)."
             if len(chosen) == len(counts)

@@ -36,21 +36,31 @@
       view.appendChild(none);
       return;
     }
-    Object.keys(models).forEach(function (model) {
+    function map(rows, heading, bitsOf, describe) {
       var h = document.createElement("h3");
-      h.textContent = model + ": surprisal in bits per token";
+      h.textContent = heading;
       view.appendChild(h);
       var div = document.createElement("div");
       div.className = "heat";
-      models[model].forEach(function (t) {
+      rows.forEach(function (t) {
         var span = document.createElement("span");
         span.className = "tok";
         span.textContent = t[0];
-        span.title = t[1].toFixed(3) + " bits, rank " + t[2];
-        span.style.background = heat(t[1]);
+        span.title = describe(t);
+        span.style.background = heat(bitsOf(t));
         div.appendChild(span);
       });
       view.appendChild(div);
+    }
+    Object.keys(models).forEach(function (model) {
+      map(models[model], model + ": surprisal in bits per token", function (t) { return t[1]; },
+          function (t) { return t[1].toFixed(3) + " bits, rank " + t[2]; });
+    });
+    var moved = data.divergence[doc] || {};
+    Object.keys(moved).forEach(function (model) {
+      // KL on the colour scale of 0 to 5 nats (20 bits / 4): where the model moved from the baseline
+      map(moved[model], model + ": KL(baseline || model) in nats per token", function (t) { return 4 * t[1]; },
+          function (t) { return "KL " + t[1].toFixed(4) + " nats, \u0394p " + (t[2] === null ? "\u2013" : t[2].toFixed(4)); });
     });
     view.scrollIntoView({ block: "nearest" });
   }
