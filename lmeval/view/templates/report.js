@@ -7,15 +7,17 @@
   var view = document.getElementById("token-view");
   var order = { column: -1, descending: false };
 
-  function fmt(v) {
+  // the Python tables' format (lmeval.view.report._fmt): 4 decimals below 10, 2 above, 4
+  // significant digits beyond 1e5 or below 1e-3, thousands separated, a sign on deltas
+  var signed = data.columns.map(function (name) { return name.indexOf("\u0394") === 0; });
+  function fmt(v, column) {
     if (v === null || v === undefined) { return "\u2013"; }
     if (typeof v !== "number") { return String(v); }
-    if (Number.isInteger(v)) { return v.toLocaleString("en-US"); }
+    if (Number.isInteger(v)) { return String(v).replace(/\B(?=(\d{3})+(?!\d))/g, ","); }
     var a = Math.abs(v);
     var s = (a !== 0 && (a >= 1e5 || a < 1e-3)) ? v.toPrecision(4) : (a < 10 ? v.toFixed(4).replace(/0+$/, "").replace(/\.$/, "") : v.toFixed(2));
-    return v > 0 && data.columns[currentColumn].indexOf("\u0394") === 0 ? "+" + s : s;
+    return v > 0 && signed[column] ? "+" + s : s;
   }
-  var currentColumn = 0;
 
   function heat(bits) {
     var t = Math.min(Math.max(bits, 0) / 20, 1);
@@ -81,21 +83,18 @@
     var fragment = document.createDocumentFragment();
     rows.forEach(function (r) {
       var tr = document.createElement("tr");
-      r.forEach(function (v, i) {
-        var td = document.createElement("td");
-        currentColumn = i;
-        if (i === 0) {
-          var button = document.createElement("button");
-          button.type = "button";
-          button.textContent = String(v);
-          button.addEventListener("click", function () { showDocument(String(v), tr); });
-          td.appendChild(button);
-        } else {
-          td.className = "num";
-          td.textContent = fmt(v);
-        }
+      var td = document.createElement("td");
+      var button = document.createElement("button");
+      button.type = "button";
+      button.textContent = String(r[0]);
+      td.appendChild(button);
+      tr.appendChild(td);
+      for (var i = 1; i < r.length; i++) {
+        td = document.createElement("td");
+        td.className = "num";
+        td.textContent = fmt(r[i], i);
         tr.appendChild(td);
-      });
+      }
       fragment.appendChild(tr);
     });
     while (body.firstChild) { body.removeChild(body.firstChild); }
@@ -122,5 +121,10 @@
   });
   head.appendChild(tr);
   if (filter) { filter.addEventListener("input", render); }
+  // one listener for every document's button (the table is rebuilt on each sort and filter)
+  body.addEventListener("click", function (event) {
+    var button = event.target.closest("button");
+    if (button) { showDocument(button.textContent, button.closest("tr")); }
+  });
   render();
 })();
