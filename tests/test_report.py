@@ -186,7 +186,7 @@ def synthetic_run(folder: Path, n_docs: int, tokens_per_doc: int) -> Path:
 
 
 def test_ten_thousand_documents_stay_under_five_megabytes_with_a_sampled_drill_down(tmp_path):
-    run = synthetic_run(tmp_path / "big", n_docs=10_000, tokens_per_doc=200)
+    run = synthetic_run(tmp_path / "big", n_docs=10_000, tokens_per_doc=50)
     page = render_report([run])
     assert len(page.encode("utf-8")) < 5 * 2**20
     data = embedded(page)

@@ -150,6 +150,6 @@ def test_no_request_leaves_the_page_and_the_screenshot_is_not_blank(page, tmp_pa
 def test_ten_thousand_documents_all_listed_in_the_browser(tmp_path):
     """The table the script builds for 10,000 documents (its load time is measured by
     scripts/bench_report.py, not here: a timed test fails on a busy machine)."""
-    page_text = render_report([synthetic_run(tmp_path / "big", n_docs=10_000, tokens_per_doc=200)])
+    page_text = render_report([synthetic_run(tmp_path / "big", n_docs=10_000, tokens_per_doc=50)])
     data = body_data(dump_dom(driven(page_text), tmp_path, "big"))
     assert int(data["rows"]) == 10_000 == len(embedded(page_text)["rows"])

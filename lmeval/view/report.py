@@ -55,6 +55,7 @@ TOKEN_BUDGET = 100_000  # token rows embedded for the drill-down (about 2 MB of 
 TOKEN_FILE_ROWS = 20_000_000  # above this, the token table is not read at all (its doc_id column alone is large)
 DOCUMENT_ROWS = 20_000  # rows of the documents table embedded (about 2 MB)
 CURVE_METRICS = ("bits_per_byte", "ppl", "ece")
+COMPARE_HIDDEN = ("n_resamples",)  # compare.csv's columns the page leaves out
 FOLDED_ROWS = 20  # longer tables are folded (<details>) under their charts
 
 
@@ -207,23 +208,7 @@ def comparison_section(runs: list[RunTables]) -> str:
         if not run.has("compare"):
             continue
         compare = run.tables["compare"]
-        columns = [
-            c
-            for c in (
-                "model",
-                "baseline",
-                "metric",
-                "value",
-                "baseline_value",
-                "delta",
-                "ci_low",
-                "ci_high",
-                "p_value",
-                "n_documents",
-                "note",
-            )
-            if c in compare.columns
-        ]
+        columns = [c for c in compare.columns if c not in COMPARE_HIDDEN]
         parts.append(
             _table(
                 compare[columns],
@@ -260,34 +245,54 @@ def checkpoints_section(runs: list[RunTables]) -> str:
     return _section("checkpoints", "Checkpoints", "".join(charts) + table)
 
 
+def _per_model(frame: pd.DataFrame, x: str, y: str, low: str | None = None, high: str | None = None) -> list[Series]:
+    """One chart line per model of a long table (its rows in file order)."""
+    return [
+        Series(
+            str(m),
+            g[x].tolist(),
+            g[y].tolist(),
+            g[low].tolist() if low else None,
+            g[high].tolist() if high else None,
+        )
+        for m, g in frame.groupby("model", sort=False)
+    ]
+
+
+# (table, x, y, title, x label, y label, y = x drawn, caption) of the calibration section's charts
+CALIBRATION_CHARTS = (
+    (
+        "calibration",
+        "confidence_mean",
+        "accuracy",
+        "Reliability diagram",
+        "confidence (mean of the bin)",
+        "accuracy",
+        True,
+        "Reliability bins (calibration.csv): top-1 confidence against accuracy",
+    ),
+    (
+        "temperature",
+        "temperature",
+        "nll_mean",
+        "Mean nll against temperature",
+        "temperature",
+        "nll (nats/token)",
+        False,
+        "Temperature curve (temperature.csv)",
+    ),
+)
+
+
 def calibration_section(run: RunTables) -> str:
     parts = []
-    if run.has("calibration"):
-        cal = run.tables["calibration"]
-        series = [
-            Series(str(m), g["confidence_mean"].tolist(), g["accuracy"].tolist())
-            for m, g in cal.groupby("model", sort=False)
-        ]
-        parts.append(
-            line_chart(
-                series,
-                title="Reliability diagram",
-                x_label="confidence (mean of the bin)",
-                y_label="accuracy",
-                diagonal=True,
+    for name, x, y, title, x_label, y_label, diagonal, caption in CALIBRATION_CHARTS:
+        if run.has(name):
+            frame = run.tables[name]
+            chart = line_chart(
+                _per_model(frame, x, y), title=title, x_label=x_label, y_label=y_label, diagonal=diagonal
             )
-        )
-        parts.append(_table(cal, "Reliability bins (calibration.csv): top-1 confidence against accuracy"))
-    if run.has("temperature"):
-        temp = run.tables["temperature"]
-        series = [
-            Series(str(m), g["temperature"].tolist(), g["nll_mean"].tolist())
-            for m, g in temp.groupby("model", sort=False)
-        ]
-        parts.append(
-            line_chart(series, title="Mean nll against temperature", x_label="temperature", y_label="nll (nats/token)")
-        )
-        parts.append(_table(temp, "Temperature curve (temperature.csv)"))
+            parts += [chart, _table(frame, caption)]
     return _section("calibration", f"Calibration ({run.name})", "".join(parts)) if parts else ""
 
 
@@ -296,10 +301,7 @@ def positions_section(run: RunTables) -> str:
         return ""
     pos = run.tables["positions"]
     pos = pos[pos["axis"] == "position"] if "axis" in pos.columns else pos
-    series = [
-        Series(str(m), g["value_mean"].tolist(), g["nll_mean"].tolist(), g["ci_low"].tolist(), g["ci_high"].tolist())
-        for m, g in pos.groupby("model", sort=False)
-    ]
+    series = _per_model(pos, "value_mean", "nll_mean", "ci_low", "ci_high")
     icl = icl_section(run)
     chart = line_chart(
         series,
