@@ -12,8 +12,6 @@ script, allowed by its hash, reads it), the median of ``--repeat`` loads in a fr
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
 import json
 import re
 import statistics
@@ -24,6 +22,7 @@ from pathlib import Path
 
 import lmeval
 from lmeval.engine.demo import PACKAGE
+from lmeval.view.render import with_script
 from lmeval.view.report import render_report
 
 DEMO_DIR = PACKAGE / "assets" / "demo"
@@ -42,12 +41,8 @@ def corpus(path: Path, n_docs: int, words: int) -> None:
 
 
 def load_ms(page: str, folder: Path, k: int) -> tuple[float, int]:
-    digest = base64.b64encode(hashlib.sha256(PROBE.encode()).digest()).decode()
-    probed = page.replace("script-src '", f"script-src 'sha256-{digest}' '", 1).replace(
-        "</body>", f"<script>{PROBE}</script></body>"
-    )
     path = folder / f"probe-{k}.html"
-    path.write_text(probed, encoding="utf-8")
+    path.write_text(with_script(page, PROBE), encoding="utf-8")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
     dom = subprocess.run(
         [CHROMIUM, *flags, f"--user-data-dir={folder / f'profile-{k}'}", "--dump-dom", path.as_uri()],

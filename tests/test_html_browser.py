@@ -8,8 +8,6 @@ DOM is read back with ``--dump-dom`` after the scripts ran."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
 import subprocess
@@ -20,7 +18,7 @@ import numpy as np
 import pytest
 
 from lmeval.model.loading import prepare_model
-from lmeval.view.render import render_html
+from lmeval.view.render import render_html, with_script
 from lmeval.view.surprisal import surprisal_table
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -195,10 +193,7 @@ DRIVER = """
 
 def test_sorting_and_hover_tooltip(rendered, tmp_path):
     tables, page = rendered
-    digest = base64.b64encode(hashlib.sha256(DRIVER.encode()).digest()).decode()
-    driven = page.replace("script-src '", f"script-src 'sha256-{digest}' '", 1)
-    driven = driven.replace("</body>", f"<script>{DRIVER}</script></body>")
-    body = Dom(dump_dom(driven, tmp_path, "driven")).body
+    body = Dom(dump_dom(with_script(page, DRIVER), tmp_path, "driven")).body
     bits = tables[0]["surprisal_bits"].to_numpy()
     ascending = np.argsort(bits, kind="stable")
     assert body["data-ascending"] == ",".join(map(str, ascending))

@@ -8,8 +8,6 @@ its own hash beside the page's in the Content-Security-Policy."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import re
 import subprocess
@@ -19,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lmeval.view.render import with_script
 from lmeval.view.report import _fmt, render_report
 from test_html_browser import CHROMIUM, FLAGS, dump_dom
 from test_report import embedded, page, synthetic_run, two_model_run  # noqa: F401  (fixtures)
@@ -57,9 +56,7 @@ DRIVER = """
 
 
 def driven(page_text: str) -> str:
-    digest = base64.b64encode(hashlib.sha256(DRIVER.encode()).digest()).decode()
-    text = page_text.replace("script-src '", f"script-src 'sha256-{digest}' '", 1)
-    return text.replace("</body>", f"<script>{DRIVER}</script></body>")
+    return with_script(page_text, DRIVER)
 
 
 def body_data(dom: str) -> dict:

@@ -307,8 +307,9 @@ def _finish(
 
     The previous results of the folder (under --overwrite) are replaced here, file by file,
     atomically; files of theirs this run does not write are removed after run.json."""
+    facts = _run_facts(config, corpus)  # its texts, once loaded, serve the merge and the pages
     with replace_outputs(out):
-        files, tables, extra = merger.finish(_run_facts(config, corpus))
+        files, tables, extra = merger.finish(facts)
         write_outputs(out, files)
         record = run_record(config, corpus, merger.protocols, tables["summary"], time.time() - timing["started"])
         record.update(extra)
@@ -326,7 +327,7 @@ def _finish(
             record["seconds_before_first_part"] = timing["first_part"] - timing["started"]
         write_json(record, out / "run.json")
         for write_page in hooks.RUN_PAGES:  # report.html, read back from the files just written
-            write_page(out, config, _run_facts(config, corpus).text_of)  # type: ignore[arg-type]
+            write_page(out, config, facts.text_of)  # type: ignore[arg-type]
     if return_tokens and config.output.per_token and not config.output.documents_only:
         tables["tokens"] = read_table(merger.writers["tokens.parquet"].path)  # the file, or its folder
     shutil.rmtree(parts)  # run.json marks the run complete; the tables now hold every row

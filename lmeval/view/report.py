@@ -8,9 +8,11 @@ Content-Security-Policy, and data embedded as escaped JSON that the script only 
 as ``textContent``, so a document's text cannot run anything.
 
 Sections appear when the run has their data: summary and protocol, comparison (paired deltas
-with intervals), checkpoints (a metric against the step, across run folders), calibration
-(reliability and temperature), loss by position, and documents (a sortable, filterable table;
-a click opens the document's token heat map where the run kept token rows). Above
+with intervals), checkpoints (a metric against the step, across run folders), groups (a forest
+plot), calibration (reliability and temperature), loss by position with the ICL score,
+divergence (KL quantiles, the tokens that moved most), and documents (a sortable, filterable
+table; a click opens the document's token heat map where the run kept token rows, and each
+variant's KL per token with a baseline). Above
 `TOKEN_BUDGET` token rows the token views are embedded for a stratified sample of documents
 (the best, the worst, the most changed, then a seeded random remainder), and the page says so.
 """
@@ -19,13 +21,14 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .render import _template, script_hash, script_json, write_html
+from .render import SCALE_BITS, _template, script_hash, script_json, write_html
 from .run_tables import RunTables, read_run, read_tokens, run_texts, token_rows
 from .svg import Interval, Series, forest_chart, line_chart
 
@@ -136,12 +139,11 @@ def icl_section(run: RunTables) -> str:
     if "icl_score" not in summary.columns:
         return ""
     columns = ["model", *[c for c in ICL if c in summary.columns]]
-    body = _table(
+    return _table(
         summary[columns],
         "In-context learning score: mean nll late in a document minus early (summary.csv)",
         signed=ICL[:3],
     )
-    return body
 
 
 def groups_section(run: RunTables) -> str:
@@ -231,13 +233,12 @@ def checkpoints_section(runs: list[RunTables]) -> str:
     ]
     frame = pd.DataFrame(rows).sort_values(["model", "step"], kind="stable")
     metrics = [m for m in CURVE_METRICS if m in frame.columns]
-    charts = []
-    for metric in metrics:
-        series = [
-            Series(str(model), g["step"].astype(float).tolist(), g[metric].astype(float).tolist())
-            for model, g in frame.groupby("model", sort=False)
-        ]
-        charts.append(line_chart(series, title=f"{metric} against the step", x_label="step", y_label=metric))
+    charts = [
+        line_chart(
+            _per_model(frame, "step", metric), title=f"{metric} against the step", x_label="step", y_label=metric
+        )
+        for metric in metrics
+    ]
     table = _table(
         frame[["run", "step", "model", *metrics]],
         "Each run's headline metrics against its step (summary.csv of each run)",
@@ -321,18 +322,19 @@ def document_rows(run: RunTables) -> tuple[list[str], list[list]]:
     """The documents table: one row per document, each model's ppl and bits per byte, and each
     compared model's delta in bits per byte against the baseline (compare_documents.csv)."""
     docs = run.tables["documents"].assign(doc_id=lambda f: f["doc_id"].astype(str))
-    wide = docs.pivot_table(index="doc_id", columns="model", values=list(DOCUMENT_METRICS), aggfunc="first", sort=False)
+    # with analysis.membership, each model's membership scores too, to rank documents by
+    membership = [c for c in docs.columns if c.startswith(MEMBERSHIP_PREFIXES)]
+    values = [*DOCUMENT_METRICS, *membership]
+    wide = docs.pivot_table(index="doc_id", columns="model", values=values, aggfunc="first", sort=False)
     table = pd.DataFrame({"doc_id": wide.index.astype(str)})
     table["n_tokens"] = docs.groupby("doc_id", sort=False)["n_tokens"].first().reindex(wide.index).to_numpy()
-    for model in dict.fromkeys(docs["model"].astype(str)):
+    models = list(dict.fromkeys(docs["model"].astype(str)))
+    for model in models:
         for metric in DOCUMENT_METRICS:
             table[f"{metric} {model}"] = wide[(metric, model)].to_numpy()
-    membership = [c for c in docs.columns if c.startswith(MEMBERSHIP_PREFIXES)]
-    if membership:  # analysis.membership: each model's scores, to rank documents by
-        scores = docs.pivot_table(index="doc_id", columns="model", values=membership, aggfunc="first", sort=False)
-        for column in membership:
-            for model in dict.fromkeys(docs["model"].astype(str)):
-                table[f"{column} {model}"] = scores[(column, model)].reindex(wide.index).to_numpy()
+    for column in membership:
+        for model in models:
+            table[f"{column} {model}"] = wide[(column, model)].to_numpy()
     if run.has("compare_documents"):
         deltas = run.tables["compare_documents"]
         for model, g in deltas.groupby("model", sort=False):
@@ -425,7 +427,7 @@ def documents_section(run: RunTables, text_of: Callable[[str], str | None] | Non
             "changed, then a random sample); documents.parquet holds them all."
         )
         rows = [r for r in rows if str(r[0]) in keep]
-    data: dict = {"columns": columns, "rows": rows, "views": {}, "divergence": {}}
+    data: dict = {"columns": columns, "rows": rows, "views": {}, "divergence": {}, "scale_bits": SCALE_BITS}
     if run.tokens_path is None:
         notes.append("This run kept no token rows in one file (tokens.parquet): documents have no token view.")
     elif token_rows(run.tokens_path) > TOKEN_FILE_ROWS:
@@ -475,19 +477,9 @@ def render_report(run_dirs: Sequence[str | Path], text_of: Callable[[str], str |
         documents,
     ]
     body = "".join(s for s in sections if s)
-    nav = "".join(
-        f'<a href="#{anchor}">{label}</a>'
-        for anchor, label in (
-            ("summary", "Summary"),
-            ("comparison", "Comparison"),
-            ("checkpoints", "Checkpoints"),
-            ("groups", "Groups"),
-            ("calibration", "Calibration"),
-            ("positions", "Positions"),
-            ("divergence", "Divergence"),
-            ("documents", "Documents"),
-        )
-        if f'id="{anchor}"' in body
+    nav = "".join(  # each section's heading, without its run's name
+        f'<a href="#{anchor}">{heading.split(" (")[0]}</a>'
+        for anchor, heading in re.findall(r'<section id="([a-z]+)"><h2>([^<]*)</h2>', body)
     )
     title = "lmeval report: " + ", ".join(run.name for run in runs)
     page, css, js = (_template(name) for name in ("report.html", "report.css", "report.js"))

@@ -6,6 +6,7 @@ is required, every other table is optional and its section is left out when it i
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -123,26 +124,32 @@ def _read(path: Path) -> pd.DataFrame:
 
 def run_texts(run: RunTables) -> Callable[[str], str | None] | None:
     """doc_id -> text, read from the corpus the run's config (in run.json) names, so that a token
-    view shows the text under each token's span; None where the corpus cannot be read here (moved,
-    a hub dataset offline, a stream) or documents were concatenated (spans point into the stream):
-    the views then show each token as the tokenizer spells it."""
+    view shows the text under each token's span; None where documents were concatenated (spans
+    point into the stream) or streamed. The corpus is read on the first call only (a run whose
+    page embeds no token view never reads it); where it cannot be read here (moved, a hub dataset
+    offline), every text is None and the views show each token as the tokenizer spells it."""
     from ..engine.config import SECTIONS, build_config
     from ..engine.data import load_documents
 
     try:  # run.json's config also records where it came from (`source`): not a section
-        raw = {k: v for k, v in run.record["config"].items() if k in ("models", *SECTIONS)}
-        config = build_config(raw, run.folder)
-        if config.data.streaming or config.scoring.documents != "independent":
-            return None
-        corpus = load_documents(config.data)
-    except (LmevalError, OSError, KeyError, ValueError) as exc:
-        log.info("report: the corpus of %s is not readable here (%s); token views show the tokens.", run.folder, exc)
+        config = build_config({k: v for k, v in run.record["config"].items() if k in ("models", *SECTIONS)}, run.folder)
+    except (LmevalError, KeyError, ValueError) as exc:
+        log.info(
+            "report: the config in %s/run.json is not readable here (%s); token views show the tokens.", run.folder, exc
+        )
         return None
-    texts: dict[str, str] = {}
+    if config.data.streaming or config.scoring.documents != "independent":
+        return None
 
-    def text_of(doc_id: str) -> str | None:
-        if not texts:
-            texts.update({str(d.doc_id): d.text for d in corpus.documents})
-        return texts.get(doc_id)
+    @functools.cache
+    def texts() -> dict[str, str]:
+        try:
+            corpus = load_documents(config.data)
+        except (LmevalError, OSError, ValueError) as exc:
+            log.info(
+                "report: the corpus of %s is not readable here (%s); token views show the tokens.", run.folder, exc
+            )
+            return {}
+        return {str(d.doc_id): d.text for d in corpus.documents}
 
-    return text_of
+    return lambda doc_id: texts().get(doc_id)

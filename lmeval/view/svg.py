@@ -59,6 +59,15 @@ def _marker(kind: str, x: float, y: float, colour: str) -> str:
     return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colour}"/>'
 
 
+def _open(height: int, title: str, title_x: int) -> str:
+    """An ``<svg>`` of the charts' width, its title for screen readers and drawn above the plot."""
+    return (
+        f'<svg class="chart" role="img" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" height="{height}" '
+        f'xmlns="http://www.w3.org/2000/svg"><title>{html.escape(title)}</title>'
+        f'<text x="{title_x}" y="{TOP - 10}" font-weight="bold">{html.escape(title)}</text>'
+    )
+
+
 def line_chart(
     series: list[Series], *, title: str, x_label: str, y_label: str, diagonal: bool = False, log_x: bool = False
 ) -> str:
@@ -88,12 +97,8 @@ def line_chart(
         return TOP + (1 - (y - y0) / (y1 - y0)) * plot_h
 
     parts = [
-        (
-            f'<svg class="chart" role="img" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" '
-            f'xmlns="http://www.w3.org/2000/svg"><title>{html.escape(title)}</title>'
-        ),
+        _open(HEIGHT, title, LEFT),
         f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#888"/>',
-        f'<text x="{LEFT}" y="{TOP - 10}" font-weight="bold">{html.escape(title)}</text>',
     ]
     for t in _ticks(y0, y1):
         parts.append(
@@ -113,6 +118,7 @@ def line_chart(
         )
     for k, s in enumerate(series):
         colour, dash, marker = STYLES[k % len(STYLES)]
+        dashes = f' stroke-dasharray="{dash}"' if dash else ""
         points = [(px(x), py(y)) for x, y in zip(s.x, s.y) if math.isfinite(x) and math.isfinite(y)]
         if s.low is not None and s.high is not None:
             band = [(px(x), py(h)) for x, h in zip(s.x, s.high) if math.isfinite(h)]
@@ -122,13 +128,12 @@ def line_chart(
                 parts.append(f'<path d="{path}" fill="{colour}" fill-opacity="0.15" stroke="none"/>')
         if points:
             line = "M" + "L".join(f"{a:.1f} {b:.1f}" for a, b in points)
-            dashes = f' stroke-dasharray="{dash}"' if dash else ""
             parts.append(f'<path d="{line}" fill="none" stroke="{colour}" stroke-width="2"{dashes}/>')
             parts.extend(_marker(marker, a, b, colour) for a, b in points)
         legend_y = TOP + 14 + 18 * k
         parts.append(
             f'<line x1="{WIDTH - RIGHT + 10}" x2="{WIDTH - RIGHT + 34}" y1="{legend_y - 4}" y2="{legend_y - 4}" '
-            f'stroke="{colour}" stroke-width="2"{f" stroke-dasharray={chr(34)}{dash}{chr(34)}" if dash else ""}/>'
+            f'stroke="{colour}" stroke-width="2"{dashes}/>'
             + _marker(marker, WIDTH - RIGHT + 22, legend_y - 4, colour)
             + f'<text x="{WIDTH - RIGHT + 40}" y="{legend_y}">{html.escape(s.name)}</text>'
         )
@@ -162,13 +167,7 @@ def forest_chart(rows: list[Interval], names: list[str], *, title: str, x_label:
     def px(x: float) -> float:
         return label_w + (x - x0) / (x1 - x0) * plot_w
 
-    parts = [
-        (
-            f'<svg class="chart" role="img" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" height="{height}" '
-            f'xmlns="http://www.w3.org/2000/svg"><title>{html.escape(title)}</title>'
-        ),
-        f'<text x="4" y="{TOP - 10}" font-weight="bold">{html.escape(title)}</text>',
-    ]
+    parts = [_open(height, title, 4)]
     for t in _ticks(x0, x1):
         parts.append(
             f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{TOP}" y2="{height - BOTTOM}" stroke="#ddd"/>'

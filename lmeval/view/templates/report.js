@@ -19,8 +19,9 @@
     return v > 0 && signed[column] ? "+" + s : s;
   }
 
+  // lmeval.view.render.heat_colour, on its scale (SCALE_BITS): the terminal and HTML views' colours
   function heat(bits) {
-    var t = Math.min(Math.max(bits, 0) / 20, 1);
+    var t = Math.min(Math.max(bits, 0) / data.scale_bits, 1);
     return "hsl(" + Math.round(120 * (1 - t)) + ",85%," + Math.round(88 - 38 * t) + "%)";
   }
 
