@@ -72,6 +72,12 @@ def test_headline_numbers_and_deltas_are_the_files_numbers_as_text(two_model_run
     for row in summary.itertuples():
         for metric in ("ppl", "bits_per_token", "bits_per_byte", "ece", "brier"):
             assert f'<td class="num">{_fmt(getattr(row, metric))}</td>' in page, (row.model, metric)
+        summary_part = page[page.index('id="summary"') : page.index("</section>", page.index('id="summary"'))]
+        for metric in ("ppl", "bits_per_token", "bits_per_byte", "word_ppl"):  # each with its interval
+            low, high = getattr(row, f"{metric}_ci_low"), getattr(row, f"{metric}_ci_high")
+            assert low < getattr(row, metric) < high
+            assert f'<td class="num">{_fmt(low)}</td><td class="num">{_fmt(high)}</td>' in summary_part
+    assert "Bits per byte by model, 95% intervals" in page  # the forest plot of the two models
     compare = pd.read_csv(two_model_run / "compare.csv")
     for row in compare.itertuples():
         for value in (row.delta, row.ci_low, row.ci_high):
@@ -132,6 +138,13 @@ def test_several_runs_make_a_checkpoint_curve(two_model_run, tmp_path):
     assert 'id="checkpoints"' in page and "bits_per_byte against the step" in page
     section = page[page.index('id="checkpoints"') :]
     assert "<td>step-100</td>" in section and '<td class="num">2,000</td>' in section
+    # each model's line carries its interval as a shaded band, and the table its ends as text
+    assert "bits_per_byte against the step, 95% intervals shaded" in section
+    chart = section[section.index("bits_per_byte against the step") : section.index("</svg>")]
+    assert chart.count('fill-opacity="0.15"') == 2  # one band per model
+    summary = pd.read_csv(two_model_run / "summary.csv")
+    for value in [*summary["bits_per_byte_ci_low"], *summary["ppl_ci_high"]]:
+        assert f'<td class="num">{_fmt(value)}</td>' in section
 
 
 def test_cli_writes_the_page_and_names_a_folder_that_is_not_a_finished_run(two_model_run, tmp_path, capsys):

@@ -7,6 +7,8 @@ and document columns appear; there is no registry and no import magic.
 
 from __future__ import annotations
 
+import dataclasses
+
 
 def analyses_for(config) -> tuple:
     """The analyses a config asks for. ``documents`` comes first: it owns the summary and the
@@ -21,11 +23,15 @@ def analyses_for(config) -> tuple:
 
     a = config.analysis
     if config.output.documents_only:  # per-document sums only (the config refuses the analyses that need more)
-        only: list = [DocumentsAnalysis(False, a.reference)]
+        # no summary intervals (NaN): a filtering run's 10^7-10^8 documents would cost B x D draws, 8 ns each
+        only: list = [DocumentsAnalysis(False, a.reference, dataclasses.replace(config.compare, bootstrap=0))]
         if config.data.group_by:
             only.append(GroupsAnalysis(config.data, config.compare, None))
         return tuple(only)
-    chosen = [DocumentsAnalysis(config.output.per_token, a.reference), CalibrationAnalysis(config.calibration)]
+    chosen = [
+        DocumentsAnalysis(config.output.per_token, a.reference, config.compare),
+        CalibrationAnalysis(config.calibration, config.compare),
+    ]
     if a.positions:
         chosen.append(PositionsAnalysis(a))
     if a.membership:

@@ -6,6 +6,10 @@ sum by the UTF-8 bytes and lm-eval's word count of the scored text. Each part re
 documents' sums (``n_tokens``, ``nll_sum`` in nats, ``n_bytes``, ``n_words``); this analysis
 adds them up per document (the pieces of a long document are one document) and pools once.
 Owns ``documents.parquet``, ``summary.csv`` and, with ``output.per_token``, ``tokens.parquet``.
+
+Each pooled metric of the summary gets a 95% document-bootstrap percentile interval
+(``ppl_ci_low``, ``ppl_ci_high``, ...): documents, not tokens, are the independent units, and a
+resample pools its documents' sums exactly as the point estimate does (`summary_intervals`).
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ import numpy as np
 import pandas as pd
 
 from ..core import memorization as mem
+from ..core.bootstrap import bootstrap_interval, resampled_sums
 from ..core.units import bits_per, perplexity, scored_count
 from ..producers.tables import normalisers, tokens_frame
 from .base import TOKEN_PLACE, Analysis, ModelResult, Needs, Outputs, Part, RunFacts
+from ..engine.config import CompareConfig
+from .compare import METRICS
 
 DOCUMENT_COLUMNS = [
     "model",
@@ -52,8 +59,9 @@ class DocumentsAnalysis(Analysis):
 
     name = "documents"
 
-    def __init__(self, per_token: bool, reference: str | None = None):
+    def __init__(self, per_token: bool, reference: str | None = None, compare=None):
         self.per_token, self.reference = per_token, reference
+        self.compare = compare  # the config's `compare` section: the intervals' resamples, seed and min_documents
         self.token_file = "tokens.parquet" if per_token else None
 
     def needs(self) -> Needs:
@@ -81,6 +89,8 @@ class DocumentsAnalysis(Analysis):
         documents = documents_frame(model, *_document_sums(state["rows"]))
         summary = summary_row(model, documents, n_skipped=run.n_skipped, seconds=state["seconds"])
         summary["n_documents"] = run.n_documents
+        c = self.compare or CompareConfig()
+        summary.update(summary_intervals(documents, c.bootstrap, c.seed, c.min_documents))
         return ModelResult(summary=summary, tables={"documents": documents})
 
     def outputs(self, results: dict, run: RunFacts) -> Outputs:
@@ -161,6 +171,31 @@ def summary_row(model_name: str, documents: pd.DataFrame, n_skipped: int = 0, se
     }
     if seconds is not None:
         row["tokens_per_second"] = n_tokens / seconds if seconds > 0 else math.nan
+    return row
+
+
+INTERVAL_METRICS = ("ppl", "bits_per_token", "bits_per_byte", "word_ppl")
+
+
+def summary_intervals(documents: pd.DataFrame, n_resamples: int, seed: int, min_documents: int) -> dict:
+    """``{metric}_ci_low``, ``{metric}_ci_high`` for each of `INTERVAL_METRICS`, and
+    ``n_resamples``: the 95% percentile interval of the pooled metric over ``n_resamples``
+    bootstrap resamples of the documents (`resampled_sums`: each resample's nll and count sums,
+    pooled with one division, as the point estimate). Documents are drawn in doc_id order, so
+    the interval does not depend on the corpus's order. NaN with fewer than ``min_documents``
+    documents, where a percentile interval is far too narrow, and with ``n_resamples`` 0."""
+    specs = [METRICS[name] for name in INTERVAL_METRICS]
+    names = ["nll_sum", *dict.fromkeys(s.count for s in specs)]
+    enough = len(documents) >= max(min_documents, 1) and n_resamples > 0
+    ordered = documents.sort_values("doc_id", kind="stable")
+    columns = np.column_stack([ordered[c].to_numpy(np.float64) for c in names])  # (D, k)
+    boot = resampled_sums(columns, n_resamples if enough else 0, seed)  # (B, k)
+    row: dict = {}
+    for spec in specs:
+        draws = spec.pooled(boot[:, 0], boot[:, names.index(spec.count)])  # (B,)
+        low, high, _ = bootstrap_interval(draws[np.isfinite(draws)]) if enough else (math.nan,) * 3
+        row[f"{spec.name}_ci_low"], row[f"{spec.name}_ci_high"] = low, high
+    row["n_resamples"] = n_resamples if enough else 0
     return row
 
 

@@ -8,6 +8,8 @@ point estimate is pooled.
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 
 # Elements of the (n_resamples, n_docs) index matrix drawn at a time: 2 MB of int64, and as
@@ -72,3 +74,59 @@ def bootstrap_interval(deltas: np.ndarray) -> tuple[float, float, float]:
     below = (1 + np.count_nonzero(deltas <= 0)) / (b + 1)
     above = (1 + np.count_nonzero(deltas >= 0)) / (b + 1)
     return float(low), float(high), float(min(1.0, 2 * min(below, above)))
+
+
+class DocumentRows:
+    """Per-document float64 rows of ``width`` sums, for a document bootstrap at a run's end.
+
+    A part's rows stay in memory (`add`); the running state moves them to an unnamed temporary
+    file (`absorb`), so the resident set does not grow with the corpus (48 columns are 384 bytes
+    a document). `canonical` reads them back once, the pieces of a document summed into one
+    row, in doc_id order: the order every lmeval bootstrap draws documents in, so intervals do
+    not depend on the order of the corpus and figures resampled together stay paired.
+    """
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.doc_ids: list[str] = []
+        self.pending: list[np.ndarray] = []  # rows not yet on disk: (n, width) each
+        self.file = None
+
+    def add(self, doc_ids, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.float64).reshape(-1, self.width)
+        if len(rows) != len(doc_ids):
+            raise ValueError(f"DocumentRows.add: {len(rows)} rows for {len(doc_ids)} documents")
+        self.doc_ids.extend(map(str, doc_ids))
+        self.pending.append(rows)
+
+    def absorb(self, later: DocumentRows) -> DocumentRows:
+        """``later``'s rows after this one's, written to this one's file; returns self."""
+        if self.file is None:
+            self.file = tempfile.TemporaryFile(prefix="lmeval-documents-")  # noqa: SIM115 (closed by canonical)
+        for rows in [*self.pending, *later._read_all()]:
+            self.file.write(np.ascontiguousarray(rows).tobytes())
+        self.pending = []
+        self.doc_ids += later.doc_ids
+        return self
+
+    def _read_all(self) -> list[np.ndarray]:
+        """Every row, file first, then pending; the file is closed: a last use."""
+        rows = list(self.pending)
+        if self.file is not None:
+            self.file.seek(0)
+            rows.insert(0, np.frombuffer(self.file.read(), dtype=np.float64).reshape(-1, self.width))
+            self.file.close()
+            self.file = None
+        return rows
+
+    def canonical(self) -> tuple[np.ndarray, np.ndarray]:
+        """(doc ids sorted, their rows ``(D, width)`` with pieces summed). A last use."""
+        rows = self._read_all()
+        stacked = np.concatenate(rows) if rows else np.zeros((0, self.width))
+        ids, inverse = np.unique(np.array(self.doc_ids, dtype=object).astype(str), return_inverse=True)
+        out = np.zeros((len(ids), self.width))
+        if len(ids) == len(stacked):  # no pieces: a permutation, exactly the rows
+            out[inverse.ravel()] = stacked
+        else:
+            np.add.at(out, inverse.ravel(), stacked)
+        return ids, out

@@ -196,9 +196,14 @@ def _mass_edges(confidence: np.ndarray, n_bins: int) -> np.ndarray:
     return np.append(np.unique(ordered[starts]), ordered[-1])
 
 
+def _bin_index(confidence: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Each confidence's bin: [edges[i], edges[i+1]), the last bin closed."""
+    return np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, len(edges) - 2)
+
+
 def _bin_by_edges(confidence: np.ndarray, correct: np.ndarray, edges: np.ndarray) -> ReliabilityBins:
     k = len(edges) - 1
-    index = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, k - 1)
+    index = _bin_index(confidence, edges)
     return ReliabilityBins(
         lo=edges[:-1].copy(),
         hi=edges[1:].copy(),
@@ -465,3 +470,54 @@ def temperature_table(sums: CalibrationSums, temperatures):
     return pd.DataFrame(
         {"temperature": list(temps), "nll_mean": nll_mean, "ece": [expected_calibration_error(b) for b in sums.bins_t]}
     )
+
+
+# --------------------------------------------------------------------------------------
+# Document bootstrap of the calibration figures
+# --------------------------------------------------------------------------------------
+
+INTERVAL_FIGURES = ("ece", "mce", "brier", "top1_accuracy")
+
+
+def width_edges(n_bins: int) -> np.ndarray:
+    """The edges of ``n_bins`` equal-width bins on [0, 1] (`reliability_bins`' ``width``)."""
+    return np.linspace(0.0, 1.0, int(n_bins) + 1)
+
+
+def document_rows(doc_index, n_docs: int, max_prob, is_top1, brier, edges: np.ndarray) -> np.ndarray:
+    """Per document, the sums behind ECE, MCE, Brier and accuracy: ``(n_docs, 2 + 3K)`` float64,
+    columns ``brier_sum, top1_sum``, then `binned_rows`. A resample of documents adds rows and
+    recomputes each figure from the sums (`resampled_figures`), as `summarize` does."""
+    doc = np.asarray(doc_index, dtype=np.int64)
+    per_doc = [np.bincount(doc, weights=np.asarray(w, dtype=np.float64), minlength=n_docs) for w in (brier, is_top1)]
+    return np.column_stack([*per_doc, binned_rows(doc, n_docs, max_prob, is_top1, edges)])
+
+
+def binned_rows(doc_index, n_docs: int, max_prob, is_top1, edges: np.ndarray) -> np.ndarray:
+    """``(n_docs, 3K)`` float64: for each of the K bins of ``edges``, each document's token
+    count, then its confidence sums, then its correct counts."""
+    doc = np.asarray(doc_index, dtype=np.int64)
+    conf = np.asarray(max_prob, dtype=np.float64)
+    k = len(edges) - 1
+    cell = doc * k + _bin_index(conf, edges)  # (N,) one (document, bin) cell per token
+    weights = (None, conf, np.asarray(is_top1, dtype=np.float64))
+    return np.column_stack([np.bincount(cell, weights=w, minlength=n_docs * k).reshape(n_docs, k) for w in weights])
+
+
+def resampled_figures(sums: np.ndarray, n_bins: int) -> dict[str, np.ndarray]:
+    """ECE, MCE, Brier and top-1 accuracy of each row of ``sums``, shape ``(B, 2 + 3K)``: the
+    column sums of `document_rows` over one resample each. NaN where a resample has no token."""
+    brier, top1 = sums[:, 0], sums[:, 1]
+    count, conf, correct = (sums[:, 2 + i * n_bins : 2 + (i + 1) * n_bins] for i in range(3))  # (B, K) each
+    n = count.sum(axis=1)
+    safe = np.where(n > 0, n, np.nan)
+    gap = np.abs(correct - conf)  # (B, K): |correct_sum - confidence_sum| per bin
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bin_gap = np.where(count > 0, gap / np.where(count > 0, count, 1.0), -np.inf)
+    mce = bin_gap.max(axis=1, initial=-np.inf)
+    return {
+        "ece": gap.sum(axis=1) / safe,
+        "mce": np.where(np.isfinite(mce), mce, np.nan),
+        "brier": brier / safe,
+        "top1_accuracy": top1 / safe,
+    }

@@ -166,6 +166,8 @@ FAMILIES = {
     "mean": r"kl_mean|kl_reverse_mean|same_top1|delta_p_mean|delta_p_rms|ln_ppl_ratio|ppl_ratio|acceptance_mean"
     r"|topk_overlap_mean|kl_topk_mean",
     "tested": r"delta_p_mean|ln_ppl_ratio",
+    # summary.csv's intervals (bits_per_byte has its own row, shared with groups.csv)
+    "pooled": r"ppl|bits_per_token|word_ppl|ece|mce|brier|top1_accuracy",
     "level": r".+",  # a column of data.group_by
     "average": r"bits_per_byte_micro|bits_per_byte_doc_mean|bits_per_byte_macro_.+|ppl_micro|ppl_macro_.+|ppl_doc_mean",
 }
@@ -414,11 +416,21 @@ COLUMNS: dict[str, Column] = {
     ),
     "bits_per_byte_ci_low": Column(
         "bits/byte",
-        "lower end of the group's bits_per_byte 95% document-bootstrap percentile interval (documents resampled "
-        "within the group; a parent's within each child); NaN with fewer than `compare.min_documents` documents",
-        (_GR,),
+        "lower end of bits_per_byte's 95% document-bootstrap percentile interval over `compare.bootstrap` "
+        "resamples (groups.csv: documents resampled within the group, a parent's within each child); NaN with "
+        "fewer than `compare.min_documents` documents, and in summary.csv of `output.documents_only` runs",
+        (_S, _GR),
     ),
-    "bits_per_byte_ci_high": Column("bits/byte", "upper end of that interval", (_GR,)),
+    "bits_per_byte_ci_high": Column("bits/byte", "upper end of that interval", (_S, _GR)),
+    "{pooled}_ci_low": Column(
+        "the metric's unit",
+        "lower end of the figure's 95% percentile interval over `compare.bootstrap` resamples of the documents "
+        "(drawn in doc_id order), each resample pooled like the figure from its documents' sums (ECE and MCE in "
+        "the point estimate's bins); NaN with fewer than `compare.min_documents` documents, and in "
+        "`output.documents_only` runs (no resamples)",
+        (_S,),
+    ),
+    "{pooled}_ci_high": Column("the metric's unit", "upper end of that interval", (_S,)),
     "bits_per_byte_macro_children": Column(
         "bits/byte",
         "the unweighted mean of the bits_per_byte of the group's children one level down (Paloma's macro over the "
@@ -607,7 +619,12 @@ COLUMNS: dict[str, Column] = {
     "ratio": Column("—", "value / baseline_value", (_CMP,)),
     "ratio_ci_low": Column("—", "lower end of ratio's 95% paired bootstrap interval", (_CMP,)),
     "ratio_ci_high": Column("—", "upper end of that interval", (_CMP,)),
-    "n_resamples": Column("resamples", "bootstrap resamples of documents (`compare.bootstrap`)", (_CMP, _DS, _DG)),
+    "n_resamples": Column(
+        "resamples",
+        "bootstrap resamples of documents (`compare.bootstrap`); summary.csv: those behind its intervals, 0 where "
+        "it has none (too few documents, `output.documents_only`)",
+        (_CMP, _DS, _DG, _S),
+    ),
     "note": Column(
         "—",
         "why a metric is absent or what to keep in mind (tokenizers differ, the protocol differs, "

@@ -107,13 +107,33 @@ def _section(anchor: str, title: str, body: str) -> str:
 
 
 def summary_section(runs: list[RunTables]) -> str:
+    """Each run's headline metrics, each followed by its 95% interval where summary.csv has one,
+    a forest plot of bits per byte by model where there are several, and the protocol."""
     parts = []
     for run in runs:
         summary = run.tables["summary"]
-        columns = ["model", "n_documents", "n_tokens", *[c for c in HEADLINE if c in summary.columns]]
-        parts.append(_table(summary[columns], f"{run.name}: headline metrics (summary.csv)"))
+        columns = ["model", "n_documents", "n_tokens", *_with_intervals(HEADLINE, summary.columns)]
+        caption = f"{run.name}: headline metrics with 95% document-bootstrap intervals (summary.csv)"
+        if len(summary) > 1 and {"bits_per_byte_ci_low", "bits_per_byte_ci_high"} <= set(summary.columns):
+            parts.append(_model_forest(summary))
+        parts.append(_table(summary[columns], caption))
         parts.append(_protocol(run))
     return _section("summary", "Summary", "".join(parts))
+
+
+def _with_intervals(metrics: Sequence[str], columns) -> list[str]:
+    """The metrics present in ``columns``, each followed by its ``_ci_low`` and ``_ci_high``."""
+    present = set(columns)
+    return [c for m in metrics if m in present for c in (m, f"{m}_ci_low", f"{m}_ci_high") if c in present]
+
+
+def _model_forest(summary: pd.DataFrame) -> str:
+    models = summary["model"].astype(str).tolist()
+    rows = [
+        Interval(m, float(r["bits_per_byte"]), float(r["bits_per_byte_ci_low"]), float(r["bits_per_byte_ci_high"]), k)
+        for k, (m, r) in enumerate(zip(models, summary.to_dict("records")))
+    ]
+    return forest_chart(rows, models, title="Bits per byte by model, 95% intervals", x_label="bits per byte")
 
 
 def _protocol(run: RunTables) -> str:
@@ -233,15 +253,21 @@ def checkpoints_section(runs: list[RunTables]) -> str:
     ]
     frame = pd.DataFrame(rows).sort_values(["model", "step"], kind="stable")
     metrics = [m for m in CURVE_METRICS if m in frame.columns]
-    charts = [
-        line_chart(
-            _per_model(frame, "step", metric), title=f"{metric} against the step", x_label="step", y_label=metric
+    charts = []
+    for metric in metrics:
+        low, high = (f"{metric}_ci_low", f"{metric}_ci_high") if f"{metric}_ci_low" in frame.columns else (None, None)
+        band = ", 95% intervals shaded" if low else ""
+        charts.append(
+            line_chart(
+                _per_model(frame, "step", metric, low, high),
+                title=f"{metric} against the step{band}",
+                x_label="step",
+                y_label=metric,
+            )
         )
-        for metric in metrics
-    ]
     table = _table(
-        frame[["run", "step", "model", *metrics]],
-        "Each run's headline metrics against its step (summary.csv of each run)",
+        frame[["run", "step", "model", *_with_intervals(metrics, frame.columns)]],
+        "Each run's headline metrics against its step, with 95% document-bootstrap intervals (summary.csv of each run)",
     )
     return _section("checkpoints", "Checkpoints", "".join(charts) + table)
 
