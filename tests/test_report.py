@@ -147,6 +147,37 @@ def test_several_runs_make_a_checkpoint_curve(two_model_run, tmp_path):
         assert f'<td class="num">{_fmt(value)}</td>' in section
 
 
+def test_one_run_over_a_glob_of_steps_makes_a_checkpoint_curve_with_intervals(gpt2_pair, tmp_path):
+    from helpers import finetuned
+
+    model, tokenizer = gpt2_pair
+    for k, step in enumerate((400, 100, 2000)):  # saved out of order: the curve follows the step
+        target = tmp_path / "ckpt" / f"step-{step}"
+        (finetuned(model, seed=k) if k else model).save_pretrained(target)
+        tokenizer.save_pretrained(target)
+    write_jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(CORPUS * 2)])
+    config = write_config(
+        tmp_path,
+        "models: [{glob: ckpt/step-*}]\ndata: {path: docs.jsonl, id_field: id}\nscoring: {max_length: 64}\n"
+        "compare: {bootstrap: 100}\nanalysis: {positions: false}\noutput: {dir: out}\n",
+    )
+    lmeval.run(str(config), show_progress=False)
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    section = page[page.index('id="checkpoints"') : page.index("</section>", page.index('id="checkpoints"'))]
+    assert "bits_per_byte against the step, 95% intervals shaded" in section
+    chart = section[section.index("bits_per_byte against the step") : section.index("</svg>")]
+    assert chart.count('fill-opacity="0.15"') == 1  # one line: the run, over its checkpoints
+    table = section[section.index("<table>") :]
+    assert table.index("<td>step-100</td>") < table.index("<td>step-400</td>") < table.index("<td>step-2000</td>")
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    for value in [*summary["bits_per_byte_ci_low"], *summary["ece_ci_high"]]:
+        assert f'<td class="num">{_fmt(value)}</td>' in table
+
+
+def test_models_without_steps_make_no_checkpoint_curve(page):
+    assert 'id="checkpoints"' not in page  # "base" and "other" are two models, not a series
+
+
 def test_cli_writes_the_page_and_names_a_folder_that_is_not_a_finished_run(two_model_run, tmp_path, capsys):
     out = tmp_path / "page.html"
     assert main(["report", str(two_model_run), "-o", str(out)]) == 0

@@ -80,7 +80,7 @@ def resampled_calibration(tokens: pd.DataFrame, n_resamples: int, edges=None) ->
     """Each figure over ``n_resamples`` resamples of documents (the documented draw, documents
     in doc_id order), each resample's tokens gathered with repetition."""
     ids = sorted(tokens["doc_id"].unique())
-    by_doc = {d: g for d, g in tokens.groupby("doc_id")}
+    by_doc = dict(list(tokens.groupby("doc_id")))  # a GroupBy has a `keys` attribute: dict() misreads it
     draws = np.random.default_rng(SEED).integers(0, len(ids), size=(n_resamples, len(ids)))
     values = [calibration_figures(pd.concat([by_doc[ids[i]] for i in d]), edges=edges) for d in draws]
     return {k: np.array([v[k] for v in values]) for k in INTERVAL_FIGURES}
@@ -159,7 +159,6 @@ def test_too_few_documents_and_documents_only_give_nan(run_folder, tmp_path):
     path = write_run(tmp_path, run_folder / "m", extra=", per_token: false, documents_only: true")
     row = lmeval.run(str(path), show_progress=False)["summary"].iloc[0]
     assert row["n_resamples"] == 0 and math.isnan(row["ppl_ci_low"]) and math.isfinite(row["ppl"])
-
 
 
 def test_calibration_intervals_equal_a_loop_over_resampled_tokens(run_folder):

@@ -23,9 +23,9 @@ import pandas as pd
 from ..core import memorization as mem
 from ..core.bootstrap import bootstrap_interval, resampled_sums
 from ..core.units import bits_per, perplexity, scored_count
+from ..engine.config import CompareConfig
 from ..producers.tables import normalisers, tokens_frame
 from .base import TOKEN_PLACE, Analysis, ModelResult, Needs, Outputs, Part, RunFacts
-from ..engine.config import CompareConfig
 from .compare import METRICS
 
 DOCUMENT_COLUMNS = [

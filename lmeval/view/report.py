@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..engine.config import step_number
 from .render import SCALE_BITS, _template, script_hash, script_json, write_html
 from .run_tables import RunTables, read_run, read_tokens, run_texts, token_rows
 from .svg import Interval, Series, forest_chart, line_chart
@@ -242,16 +243,12 @@ def comparison_section(runs: list[RunTables]) -> str:
 
 
 def checkpoints_section(runs: list[RunTables]) -> str:
-    """Each metric against the checkpoint step (the folder name's last number), one line per model."""
-    if len(runs) < 2:
+    """Each metric against the checkpoint step, with its interval: across run folders (the step
+    is the folder name's last number, one line per model), or within one run whose models are
+    checkpoints (a ``glob`` of steps: every model's name carries its step, one line)."""
+    frame = _checkpoint_rows(runs)
+    if frame is None:
         return ""
-    steps = [run.step if run.step is not None else k for k, run in enumerate(runs)]
-    rows = [
-        {"run": run.name, "step": step, **r}
-        for run, step in zip(runs, steps)
-        for r in run.tables["summary"].to_dict("records")
-    ]
-    frame = pd.DataFrame(rows).sort_values(["model", "step"], kind="stable")
     metrics = [m for m in CURVE_METRICS if m in frame.columns]
     charts = []
     for metric in metrics:
@@ -259,7 +256,7 @@ def checkpoints_section(runs: list[RunTables]) -> str:
         band = ", 95% intervals shaded" if low else ""
         charts.append(
             line_chart(
-                _per_model(frame, "step", metric, low, high),
+                _per_model(frame, "step", metric, low, high, by="line"),
                 title=f"{metric} against the step{band}",
                 x_label="step",
                 y_label=metric,
@@ -267,13 +264,37 @@ def checkpoints_section(runs: list[RunTables]) -> str:
         )
     table = _table(
         frame[["run", "step", "model", *_with_intervals(metrics, frame.columns)]],
-        "Each run's headline metrics against its step, with 95% document-bootstrap intervals (summary.csv of each run)",
+        "Each checkpoint's headline metrics against its step, with 95% document-bootstrap intervals (summary.csv)",
     )
     return _section("checkpoints", "Checkpoints", "".join(charts) + table)
 
 
-def _per_model(frame: pd.DataFrame, x: str, y: str, low: str | None = None, high: str | None = None) -> list[Series]:
-    """One chart line per model of a long table (its rows in file order)."""
+def _checkpoint_rows(runs: list[RunTables]) -> pd.DataFrame | None:
+    """Summary rows with ``run``, ``step`` and ``line`` (a chart line), sorted by line and step;
+    None when there is no checkpoint series."""
+    if len(runs) >= 2:
+        steps = [run.step if run.step is not None else k for k, run in enumerate(runs)]
+        rows = [
+            {"run": run.name, "step": step, "line": str(r["model"]), **r}
+            for run, step in zip(runs, steps)
+            for r in run.tables["summary"].to_dict("records")
+        ]
+    else:
+        summary = runs[0].tables["summary"]
+        steps = [step_number(str(m))[0] for m in summary["model"]]
+        if len(summary) < 2 or min(steps) < 0:  # one model, or names without a step: not a series
+            return None
+        rows = [
+            {"run": runs[0].name, "step": step, "line": runs[0].name, **r}
+            for step, r in zip(steps, summary.to_dict("records"))
+        ]
+    return pd.DataFrame(rows).sort_values(["line", "step"], kind="stable")
+
+
+def _per_model(
+    frame: pd.DataFrame, x: str, y: str, low: str | None = None, high: str | None = None, by: str = "model"
+) -> list[Series]:
+    """One chart line per model (or other ``by`` column) of a long table (its rows in file order)."""
     return [
         Series(
             str(m),
@@ -282,7 +303,7 @@ def _per_model(frame: pd.DataFrame, x: str, y: str, low: str | None = None, high
             g[low].tolist() if low else None,
             g[high].tolist() if high else None,
         )
-        for m, g in frame.groupby("model", sort=False)
+        for m, g in frame.groupby(by, sort=False)
     ]
 
 

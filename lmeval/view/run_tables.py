@@ -9,13 +9,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from ..engine.config import step_number
 from ..errors import LmevalError, OutputError
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,8 @@ class RunTables:
     @property
     def step(self) -> int | None:
         """The checkpoint step in the folder's name (its last run of digits: step-1000, ckpt_2000), if any."""
-        digits = re.findall(r"\d+", self.name)
-        return int(digits[-1]) if digits else None
+        step = step_number(self.name)[0]
+        return step if step >= 0 else None
 
     def has(self, name: str) -> bool:
         return name in self.tables and not self.tables[name].empty
