@@ -36,6 +36,20 @@ def write_config(folder: Path, body: str) -> Path:
     return path
 
 
+def write_tiny_run(folder: Path, model_path, docs, scoring: str, sections: str, output: str = "") -> Path:
+    """docs.jsonl and run.yaml in ``folder``: one model named ``tiny``, ids from the ``id``
+    field, parts of 300 characters (several per corpus), and the config's other ``sections``
+    as YAML lines."""
+    write_jsonl(folder / "docs.jsonl", docs)
+    return write_config(
+        folder,
+        f"models: [{{name: tiny, path: {model_path}}}]\n"
+        "data: {path: docs.jsonl, id_field: id}\n"
+        f"scoring: {{{scoring}}}\n"
+        f"output: {{dir: out, part_chars: 300{output}}}\n" + sections,
+    )
+
+
 def read_tables(out):
     tables = {
         "tokens": pd.read_parquet(token_table(out, "tokens.parquet")),  # the file, or its dataset folder

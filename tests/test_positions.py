@@ -1,7 +1,6 @@
 """The position curve (positions.csv, positions.png) and icl_score, against pandas over the
 token table and an independent document bootstrap (numpy, and scipy.stats.bootstrap)."""
 
-import json
 import math
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 
 import lmeval
 from conftest import CORPUS
+from helpers import write_tiny_run
 from lmeval.core.positions import BinnedSums, Bins, SpilledSums, binned_sums, icl_window, log_edges, pooled_bins
 from lmeval.engine.config import load_config
 from lmeval.errors import ConfigError
@@ -20,19 +20,8 @@ DOCS = [{"id": f"doc-{i}", "text": " ".join([t] * 3)} for i, t in enumerate(CORP
 
 
 def write_run(folder, model_path, docs=DOCS, analysis="", scoring="max_length: 16, stride: 8, batch_tokens: 128"):
-    (folder / "docs.jsonl").write_text(
-        "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8"
-    )
-    path = folder / "run.yaml"
-    path.write_text(
-        f"models: [{{name: tiny, path: {model_path}}}]\n"
-        "data: {path: docs.jsonl, id_field: id}\n"
-        f"scoring: {{{scoring}}}\n"
-        "output: {dir: out, part_chars: 300}\n"
-        f"analysis: {{bootstrap: {B}, seed: {SEED}, icl_context: [4, 12]{analysis}}}\n",
-        encoding="utf-8",
-    )
-    return path
+    sections = f"analysis: {{bootstrap: {B}, seed: {SEED}, icl_context: [4, 12]{analysis}}}\n"
+    return write_tiny_run(folder, model_path, docs, scoring, sections)
 
 
 @pytest.fixture(scope="module")

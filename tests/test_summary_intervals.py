@@ -3,7 +3,6 @@ document bootstrap of each pooled figure, checked against a plain numpy loop ove
 (fed documents.parquet, or for calibration the token rows of each resample's documents) and
 scipy.stats.bootstrap; and independent of document order, batching and parts."""
 
-import json
 import math
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 
 import lmeval
 from conftest import CORPUS
+from helpers import write_tiny_run
 from lmeval.analyses.documents import INTERVAL_METRICS, summary_intervals
 from lmeval.core.calibration import INTERVAL_FIGURES
 from lmeval.core.units import LN2
@@ -31,18 +31,8 @@ def pooled(metric: str, nll_sum, count):
 
 
 def write_run(folder, model_path, docs=DOCS, scoring="max_length: 16, stride: 8, batch_tokens: 128", extra=""):
-    (folder / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
-    path = folder / "run.yaml"
-    path.write_text(
-        f"models: [{{name: tiny, path: {model_path}}}]\n"
-        "data: {path: docs.jsonl, id_field: id}\n"
-        f"scoring: {{{scoring}}}\n"
-        f"output: {{dir: out, part_chars: 300{extra}}}\n"
-        f"compare: {{bootstrap: {B}, seed: {SEED}}}\n"
-        "analysis: {positions: false}\n",
-        encoding="utf-8",
-    )
-    return path
+    sections = f"compare: {{bootstrap: {B}, seed: {SEED}}}\nanalysis: {{positions: false}}\n"
+    return write_tiny_run(folder, model_path, docs, scoring, sections, output=extra)
 
 
 @pytest.fixture(scope="module")
