@@ -13,6 +13,7 @@ import lmeval
 from conftest import CORPUS
 from helpers import write_tiny_run
 from lmeval.analyses.documents import INTERVAL_METRICS, summary_intervals
+from lmeval.core.bootstrap import DocumentRows
 from lmeval.core.calibration import INTERVAL_FIGURES
 from lmeval.core.units import LN2
 
@@ -107,9 +108,10 @@ def test_intervals_equal_a_loop_over_resamples_and_scipy(run_folder, metric):
     assert row[f"{metric}_ci_high"] == pytest.approx(res.confidence_interval.high, rel=1e-12)
 
 
-def test_independent_of_document_order_batching_and_parts(run_folder, tmp_path):
+@pytest.mark.parametrize("part_chars", [5000, 60])  # one part; documents cut into window-aligned pieces
+def test_independent_of_document_order_batching_and_parts(run_folder, tmp_path, part_chars):
     path = write_run(tmp_path, run_folder / "m", docs=DOCS[::-1], scoring="max_length: 16, stride: 8, batch_tokens: 40")
-    theirs = lmeval.run(str(path), ["output.part_chars=5000"], show_progress=False)["summary"].iloc[0]
+    theirs = lmeval.run(str(path), [f"output.part_chars={part_chars}"], show_progress=False)["summary"].iloc[0]
     ours = pd.read_csv(run_folder / "out" / "summary.csv").iloc[0]
     for metric in (*INTERVAL_METRICS, *INTERVAL_FIGURES):
         for end in ("ci_low", "ci_high"):
@@ -173,3 +175,18 @@ def test_equal_mass_bins_keep_the_point_estimates_edges(run_folder, tmp_path):
     draws = {k: np.percentile(v, [2.5, 97.5]) for k, v in resampled_calibration(tokens, 60, edges).items()}
     for name in ("ece", "mce"):
         assert [row[f"{name}_ci_low"], row[f"{name}_ci_high"]] == pytest.approx(draws[name], rel=1e-9), name
+
+
+def test_document_rows_sum_pieces_in_doc_id_order_across_spills():
+    rows = DocumentRows(2)
+    first, later, last = DocumentRows(2), DocumentRows(2), DocumentRows(2)
+    first.add(["b", "a"], [[1.0, 2.0], [3.0, 4.0]])
+    later.add(["b", "c"], [[10.0, 20.0], [5.0, 6.0]])  # a second piece of "b"
+    last.add([], np.zeros((0, 2)))
+    for state in (first, later, last):
+        rows = rows.absorb(state)
+    ids, sums = rows.canonical()
+    assert ids.tolist() == ["a", "b", "c"]
+    assert sums.tolist() == [[3.0, 4.0], [11.0, 22.0], [5.0, 6.0]]
+    with pytest.raises(ValueError, match="3 rows for 2 documents"):
+        DocumentRows(1).add(["x", "y"], [[1.0], [2.0], [3.0]])

@@ -9,6 +9,7 @@ point estimate is pooled.
 from __future__ import annotations
 
 import tempfile
+from typing import IO
 
 import numpy as np
 
@@ -90,7 +91,7 @@ class DocumentRows:
         self.width = width
         self.doc_ids: list[str] = []
         self.pending: list[np.ndarray] = []  # rows not yet on disk: (n, width) each
-        self.file = None
+        self.file: IO[bytes] | None = None
 
     def add(self, doc_ids, rows: np.ndarray) -> None:
         rows = np.asarray(rows, dtype=np.float64).reshape(-1, self.width)
