@@ -3,11 +3,14 @@ temperature curves and label-smoothed cross-entropy, pooled from per-part sums.
 
 Every figure comes from `lmeval.core.calibration` sums (float64), merged part by part, and
 divided once at the end. Owns ``calibration.csv``, ``temperature.csv`` and ``reliability.png``,
-and adds ``ece, mce, brier, top1_accuracy, entropy_mean, ce_eps*, kl_eps*`` to the summary.
+and adds ``ece, mce, brier, top1_accuracy, entropy_mean, ce_eps*, kl_eps*`` to the summary,
+with document-bootstrap intervals of the first four (``ece_ci_low``, ...): each document's
+per-bin sums wait on disk until the end (`DocumentRows`), 384 bytes a document at 15 bins.
 
 ``calibration.binning: mass`` (equal-mass bins) needs the quantiles of every token's
-confidence, so in that mode the state keeps each token's (max_prob, is_top1), 9 bytes a
-token: the one analysis state that grows with the corpus, and only on request.
+confidence, so in that mode the state keeps each token's (max_prob, is_top1) and its document
+(float32, bool, int32: 9 bytes a token): the one analysis state that grows with the corpus,
+and only on request.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ class CalibrationAnalysis(Analysis):
             )
             state["sums"] = sums if state["sums"] is None else cal.merge_sums(state["sums"], sums)
         if c.binning == "mass":  # the bins come from every token's confidence: documents binned at the end
-            state["confidences"].append((part.doc_ids, columns["doc_index"], columns["max_prob"], columns["is_top1"]))
+            doc_index = columns["doc_index"].astype(np.int32)  # a part's documents, far below 2^31
+            state["confidences"].append((part.doc_ids, doc_index, columns["max_prob"], columns["is_top1"]))
         state["documents"].add(part.doc_ids, per_document)
         state["vocab_size"] = part.meta["protocol"]["vocab_size"]
         return state
