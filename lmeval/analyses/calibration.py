@@ -15,8 +15,6 @@ and only on request.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 
@@ -122,7 +120,7 @@ class CalibrationAnalysis(Analysis):
         out = {}
         for name in cal.INTERVAL_FIGURES:
             draws = figures[name][np.isfinite(figures[name])]
-            low, high, _ = bootstrap_interval(draws) if enough else (math.nan,) * 3
+            low, high, _ = bootstrap_interval(draws)  # NaN from no resamples
             out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
         return out
 

@@ -111,6 +111,13 @@ TOKEN_FREE_METRICS = tuple(name for name, m in METRICS.items() if not m.per_toke
 # --------------------------------------------------------------------------------------
 
 
+def metric_columns(documents: pd.DataFrame, specs) -> tuple[list[str], np.ndarray]:
+    """The per-document sums the ``specs`` pool: their names (``nll_sum``, then each count
+    column once) and the ``(D, k)`` float64 columns, in the rows' order."""
+    names = ["nll_sum", *dict.fromkeys(s.count for s in specs)]
+    return names, np.column_stack([documents[c].to_numpy(np.float64) for c in names])
+
+
 def paired_bootstrap(
     model: pd.DataFrame, baseline: pd.DataFrame, metrics=tuple(METRICS), n_resamples: int = 1000, seed: int = 0
 ) -> pd.DataFrame:
@@ -125,11 +132,9 @@ def paired_bootstrap(
     percentile interval ratio_ci_low, ratio_ci_high from the same resamples.
     """
     specs = [METRICS[name] for name in metrics]
-    names = ["nll_sum", *dict.fromkeys(s.count for s in specs)]
+    names, mine_columns = metric_columns(model, specs)
     k = len(names)
-    columns = np.column_stack(
-        [model[c].to_numpy(np.float64) for c in names] + [baseline[c].to_numpy(np.float64) for c in names]
-    )  # (D, 2k)
+    columns = np.column_stack([mine_columns, metric_columns(baseline, specs)[1]])  # (D, 2k)
     total = columns.sum(axis=0)[None]  # (1, 2k)
     boot = resampled_sums(columns, n_resamples, seed)  # (B, 2k)
     rows = []

@@ -26,7 +26,7 @@ from ..core.units import bits_per, perplexity, scored_count
 from ..engine.config import CompareConfig
 from ..producers.tables import normalisers, tokens_frame
 from .base import TOKEN_PLACE, Analysis, ModelResult, Needs, Outputs, Part, RunFacts
-from .compare import METRICS
+from .compare import METRICS, metric_columns
 
 DOCUMENT_COLUMNS = [
     "model",
@@ -185,15 +185,13 @@ def summary_intervals(documents: pd.DataFrame, n_resamples: int, seed: int, min_
     the interval does not depend on the corpus's order. NaN with fewer than ``min_documents``
     documents, where a percentile interval is far too narrow, and with ``n_resamples`` 0."""
     specs = [METRICS[name] for name in INTERVAL_METRICS]
-    names = ["nll_sum", *dict.fromkeys(s.count for s in specs)]
     enough = len(documents) >= max(min_documents, 1) and n_resamples > 0
-    ordered = documents.sort_values("doc_id", kind="stable")
-    columns = np.column_stack([ordered[c].to_numpy(np.float64) for c in names])  # (D, k)
+    names, columns = metric_columns(documents.sort_values("doc_id", kind="stable"), specs)  # (D, k)
     boot = resampled_sums(columns, n_resamples if enough else 0, seed)  # (B, k)
     row: dict = {}
     for spec in specs:
         draws = spec.pooled(boot[:, 0], boot[:, names.index(spec.count)])  # (B,)
-        low, high, _ = bootstrap_interval(draws[np.isfinite(draws)]) if enough else (math.nan,) * 3
+        low, high, _ = bootstrap_interval(draws[np.isfinite(draws)])  # NaN from no resamples
         row[f"{spec.name}_ci_low"], row[f"{spec.name}_ci_high"] = low, high
     row["n_resamples"] = n_resamples if enough else 0
     return row

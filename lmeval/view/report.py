@@ -116,7 +116,7 @@ def summary_section(runs: list[RunTables]) -> str:
         columns = ["model", "n_documents", "n_tokens", *_with_intervals(HEADLINE, summary.columns)]
         caption = f"{run.name}: headline metrics with 95% document-bootstrap intervals (summary.csv)"
         if len(summary) > 1 and {"bits_per_byte_ci_low", "bits_per_byte_ci_high"} <= set(summary.columns):
-            parts.append(_model_forest(summary))
+            parts.append(_bits_per_byte_forest(summary, summary["model"].astype(str), "model"))
         parts.append(_table(summary[columns], caption))
         parts.append(_protocol(run))
     return _section("summary", "Summary", "".join(parts))
@@ -128,13 +128,21 @@ def _with_intervals(metrics: Sequence[str], columns) -> list[str]:
     return [c for m in metrics if m in present for c in (m, f"{m}_ci_low", f"{m}_ci_high") if c in present]
 
 
-def _model_forest(summary: pd.DataFrame) -> str:
-    models = summary["model"].astype(str).tolist()
+def _bits_per_byte_forest(frame: pd.DataFrame, labels, by: str) -> str:
+    """A forest plot of each row's bits_per_byte and its interval, labelled ``labels``, one
+    marker style per model."""
+    models = list(dict.fromkeys(frame["model"].astype(str)))
     rows = [
-        Interval(m, float(r["bits_per_byte"]), float(r["bits_per_byte_ci_low"]), float(r["bits_per_byte_ci_high"]), k)
-        for k, (m, r) in enumerate(zip(models, summary.to_dict("records")))
+        Interval(
+            str(label),
+            float(r["bits_per_byte"]),
+            float(r["bits_per_byte_ci_low"]),
+            float(r["bits_per_byte_ci_high"]),
+            models.index(str(r["model"])),
+        )
+        for label, r in zip(labels, frame.to_dict("records"))
     ]
-    return forest_chart(rows, models, title="Bits per byte by model, 95% intervals", x_label="bits per byte")
+    return forest_chart(rows, models, title=f"Bits per byte by {by}, 95% intervals", x_label="bits per byte")
 
 
 def _protocol(run: RunTables) -> str:
@@ -172,18 +180,8 @@ def groups_section(run: RunTables) -> str:
     if not run.has("groups"):
         return ""
     groups = run.tables["groups"]
-    models = list(dict.fromkeys(groups["model"].astype(str)))
-    rows = [
-        Interval(
-            f"{r['level']}: {r['group']} ({r['model']})",
-            float(r["bits_per_byte"]),
-            float(r["bits_per_byte_ci_low"]),
-            float(r["bits_per_byte_ci_high"]),
-            models.index(str(r["model"])),
-        )
-        for r in groups.to_dict("records")
-    ]
-    chart = forest_chart(rows, models, title="Bits per byte by group, 95% intervals", x_label="bits per byte")
+    labels = [f"{r['level']}: {r['group']} ({r['model']})" for r in groups.to_dict("records")]
+    chart = _bits_per_byte_forest(groups, labels, "group")
     return _section("groups", f"Groups ({run.name})", chart + _table(groups, "Per-group metrics (groups.csv)"))
 
 
